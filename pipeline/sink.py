@@ -1,0 +1,92 @@
+"""The sink contract (DESIGN.md, "Contracts"), shared by built-in sinks and plugins.
+
+A sink gets ``open(context)`` once, then ``write(batch)`` with one shard's events in sequence
+order (never concurrently for the same shard, but possibly from several shard threads, so a sink
+that keeps per-shard state keys it by ``batch.shard_id``), ``flush()`` before every checkpoint,
+and ``close()`` at shutdown.
+
+Returning from ``flush`` means everything written so far is durable. Delivery is
+at-least-once, so a sink must be idempotent: the same event twice gives the same end state.
+Errors are typed (:mod:`pipeline.errors`): ``RetriableSinkError`` (retry with backoff),
+``PartialSinkError`` (these events failed), ``PermanentSinkError`` (dead-letter),
+``FatalSinkError`` (stop the shard).
+
+A sink declares its options as a pydantic model in the class attribute ``Options``; the registry
+validates the ``options`` mapping of the configuration against it before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.events import Batch
+
+
+class SinkOptions(BaseModel):
+    """Base for a sink's options model: unknown keys are errors, so typos are caught at start-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class SinkContext:
+    """What a sink gets at ``open``: its configured name, the worker id and a bound logger.
+
+    ``dead_letter`` is the worker's dead-letter destination (a :class:`pipeline.deadletter.DeadLetterQueue`),
+    for sinks that want to report events themselves; most sinks just raise typed errors.
+    """
+
+    sink_name: str
+    worker_id: str
+    logger: Any
+    dead_letter: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class SinkProtocol(Protocol):
+    """Structural type of a sink; :class:`Sink` is the convenient base class."""
+
+    name: str
+
+    def open(self, context: SinkContext) -> None: ...
+
+    def write(self, batch: Batch) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Sink:
+    """Base class with no-op defaults. Subclasses set ``Options`` and override ``write``.
+
+    ``name`` is the configured sink name (unique in a configuration), ``options`` the validated
+    instance of ``Options``.
+    """
+
+    Options: ClassVar[type[SinkOptions]] = SinkOptions
+
+    def __init__(self, name: str, options: SinkOptions | None = None):
+        self.name = name
+        self.options = options if options is not None else self.Options()
+        self.context: SinkContext | None = None
+
+    def open(self, context: SinkContext) -> None:
+        """Connect to the destination. Raise FatalSinkError if it cannot be used at all."""
+        self.context = context
+
+    def write(self, batch: Batch) -> None:  # pragma: no cover - overridden
+        """Deliver (or buffer) one shard's batch of events, in order."""
+
+    def flush(self) -> None:
+        """Make everything written so far durable; return only when it is."""
+
+    def close(self) -> None:
+        """Release connections. Called once, after the last flush."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
