@@ -35,13 +35,15 @@ class SinkOptions(BaseModel):
 class SinkContext:
     """What a sink gets at ``open``: its configured name, the worker id and a bound logger.
 
-    ``dead_letter`` is the worker's dead-letter destination (a :class:`pipeline.deadletter.DeadLetterQueue`),
+    ``aws`` is the worker's :class:`pipeline.awsconfig.AwsConfig` (region, credentials,
+    endpoints) for sinks that talk to AWS. ``dead_letter`` is the worker's dead-letter destination (a :class:`pipeline.deadletter.DeadLetterQueue`),
     for sinks that want to report events themselves; most sinks just raise typed errors.
     """
 
     sink_name: str
     worker_id: str
     logger: Any
+    aws: Any = None
     dead_letter: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 

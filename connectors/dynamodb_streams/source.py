@@ -1,0 +1,142 @@
+"""DynamoDB Streams source: stream resolution, shard discovery and GetRecords, via boto3.
+
+Facts used (DynamoDB / DynamoDB Streams API references):
+
+- DescribeTable returns ``LatestStreamArn`` and ``StreamSpecification`` for a table with a stream;
+- DescribeStream returns up to 100 shards per call; further pages are asked for with
+  ``ExclusiveStartShardId`` = ``LastEvaluatedShardId``;
+- GetRecords returns at most 1,000 records (``Limit`` 1–1,000), and no ``NextShardIterator``
+  once a closed shard is fully read;
+- ExpiredIteratorException: the iterator is older than 15 minutes;
+- TrimmedDataAccessException: the position is behind the 24-hour trim horizon;
+- throttling (LimitExceededException, ProvisionedThroughputExceededException) and 5xx
+  (InternalServerError) are retried by botocore's ``standard`` retry mode with jittered
+  exponential backoff (configured in :mod:`connectors.aws`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from connectors.aws import make_client
+from pipeline.awsconfig import AwsConfig
+from pipeline.errors import SourceError
+from pipeline.source import (
+    IteratorExpiredError,
+    ReadResult,
+    ShardInfo,
+    ShardNotFoundError,
+    TrimmedDataError,
+)
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+def table_from_stream_arn(stream_arn: str) -> str:
+    """``arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL`` → ``NAME``."""
+    try:
+        return stream_arn.split(":table/", 1)[1].split("/stream/", 1)[0]
+    except IndexError:
+        raise SourceError(f"{stream_arn!r} is not a DynamoDB stream ARN "
+                          "(arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL)") from None
+
+
+class DynamoDBStreamSource:
+    """A table's stream, named by table (→ LatestStreamArn) or by stream ARN.
+
+    ``dynamodb`` / ``streams`` clients may be passed in (tests); otherwise they are built from
+    ``aws``. Raises SourceError with a one-line fix when the table has no stream or cannot be
+    described.
+    """
+
+    def __init__(self, aws: AwsConfig, *, table: str | None = None, stream_arn: str | None = None,
+                 dynamodb: Any = None, streams: Any = None):
+        self.aws = aws
+        self.streams = streams or make_client("dynamodbstreams", aws, max_pool_connections=50)
+        if stream_arn:
+            self.stream_arn = stream_arn
+            self.table = table or table_from_stream_arn(stream_arn)
+        elif table:
+            client = dynamodb or make_client("dynamodb", aws)
+            self.table = table
+            self.stream_arn = self._latest_stream_arn(client, table)
+        else:
+            raise SourceError("no stream named: set source.table or source.stream_arn")
+
+    @staticmethod
+    def _latest_stream_arn(client: Any, table: str) -> str:
+        try:
+            desc = client.describe_table(TableName=table)["Table"]
+        except ClientError as exc:
+            if _code(exc) == "ResourceNotFoundException":
+                raise SourceError(f"table {table!r} not found at {client.meta.endpoint_url}: "
+                                  "check source.table and aws.region / aws.endpoint_url") from None
+            raise SourceError(f"cannot describe table {table!r}: {_code(exc)}: {exc}") from None
+        except BotoCoreError as exc:
+            raise SourceError(f"cannot reach DynamoDB at {client.meta.endpoint_url}: {exc}") from None
+        arn = desc.get("LatestStreamArn")
+        spec = desc.get("StreamSpecification") or {}
+        if not arn or not spec.get("StreamEnabled", True):
+            raise SourceError(f"table {table!r} has no stream: enable DynamoDB Streams with "
+                              "StreamViewType NEW_AND_OLD_IMAGES")
+        return arn
+
+    def list_shards(self) -> list[ShardInfo]:
+        """Every shard of the stream, following ``LastEvaluatedShardId`` pagination."""
+        shards: list[ShardInfo] = []
+        start: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"StreamArn": self.stream_arn}
+            if start:
+                kwargs["ExclusiveStartShardId"] = start
+            try:
+                desc = self.streams.describe_stream(**kwargs)["StreamDescription"]
+            except ClientError as exc:
+                raise SourceError(f"DescribeStream {self.stream_arn}: {_code(exc)}: {exc}") from None
+            except BotoCoreError as exc:
+                raise SourceError(f"cannot reach DynamoDB Streams: {exc}") from None
+            for shard in desc.get("Shards", []):
+                rng = shard.get("SequenceNumberRange") or {}
+                shards.append(ShardInfo(
+                    shard_id=shard["ShardId"],
+                    parent_shard_id=shard.get("ParentShardId"),
+                    starting_sequence_number=rng.get("StartingSequenceNumber"),
+                    ending_sequence_number=rng.get("EndingSequenceNumber"),
+                ))
+            start = desc.get("LastEvaluatedShardId")
+            if not start:
+                return shards
+
+    def get_iterator(self, shard_id: str, iterator_type: str, sequence_number: str | None = None) -> str:
+        """GetShardIterator. Raises TrimmedDataError, ShardNotFoundError, SourceError."""
+        kwargs: dict[str, Any] = {"StreamArn": self.stream_arn, "ShardId": shard_id,
+                                  "ShardIteratorType": iterator_type}
+        if sequence_number is not None:
+            kwargs["SequenceNumber"] = sequence_number
+        try:
+            return self.streams.get_shard_iterator(**kwargs)["ShardIterator"]
+        except ClientError as exc:
+            raise self._map(exc, shard_id) from None
+
+    def get_records(self, iterator: str, limit: int) -> ReadResult:
+        """GetRecords. Raises IteratorExpiredError, TrimmedDataError, ShardNotFoundError, SourceError."""
+        try:
+            response = self.streams.get_records(ShardIterator=iterator, Limit=limit)
+        except ClientError as exc:
+            raise self._map(exc, None) from None
+        return ReadResult(records=response.get("Records", []), next_iterator=response.get("NextShardIterator"))
+
+    def _map(self, exc: ClientError, shard_id: str | None) -> Exception:
+        code = _code(exc)
+        where = f"shard {shard_id}" if shard_id else "shard"
+        if code == "ExpiredIteratorException":
+            return IteratorExpiredError(f"{where}: shard iterator expired")
+        if code == "TrimmedDataAccessException":
+            return TrimmedDataError(f"{where}: position is behind the trim horizon: {exc}")
+        if code == "ResourceNotFoundException":
+            return ShardNotFoundError(f"{where} of {self.stream_arn} not found: {exc}")
+        return SourceError(f"{where}: {code}: {exc}")

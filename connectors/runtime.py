@@ -1,0 +1,71 @@
+"""Builds the worker's connectors from :class:`pipeline.config.Settings` (the composition root).
+
+Kept in ``connectors`` so that ``pipeline`` never imports boto3; the CLI calls
+:func:`build_worker`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import Settings
+from pipeline.deadletter import DirectoryDeadLetterQueue
+from pipeline.fanout import FailurePolicy
+from pipeline.registry import build_sinks
+from pipeline.shard_consumer import ShardSettings
+from pipeline.worker import Worker
+
+
+def build_source(settings: Settings) -> Any:
+    """The DynamoDB Streams source for ``settings.source``. Raises SourceError."""
+    from connectors.dynamodb_streams.source import DynamoDBStreamSource
+
+    return DynamoDBStreamSource(settings.aws, table=settings.source.table, stream_arn=settings.source.stream_arn)
+
+
+def build_lease_store(settings: Settings) -> Any:
+    """The configured lease / checkpoint store (DynamoDB table or SQLite file)."""
+    cfg = settings.checkpoints
+    if cfg.store == "sqlite":
+        from connectors.sqlite_store import SQLiteLeaseStore
+
+        return SQLiteLeaseStore(cfg.sqlite_path)
+    from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
+
+    return DynamoDBLeaseStore(settings.aws, cfg.table_name)
+
+
+def build_dead_letter(settings: Settings) -> Any:
+    """The dead-letter destination: S3 when ``dead_letter.s3_uri`` is set, else the directory."""
+    if settings.dead_letter.s3_uri:
+        from connectors.deadletter_s3 import S3DeadLetterQueue
+
+        return S3DeadLetterQueue(settings.aws, settings.dead_letter.s3_uri)
+    return DirectoryDeadLetterQueue(settings.dead_letter.directory or "dead-letter")
+
+
+def build_worker(settings: Settings, *, logger: Any, where: str = "config", sinks: list | None = None,
+                 exit_when_idle: bool = False) -> Worker:
+    """A ready-to-run :class:`Worker`. Raises ConfigError (sinks) or SourceError (stream)."""
+    sinks = sinks if sinks is not None else build_sinks(settings.sinks, where)
+    policies = {c.name: FailurePolicy(on_failure=c.on_failure, retry_budget_s=c.retry_budget_s)
+                for c in settings.sinks}
+    src = settings.source
+    return Worker(
+        source=build_source(settings),
+        lease_store=build_lease_store(settings),
+        sinks=sinks,
+        dead_letter=build_dead_letter(settings),
+        worker_id=settings.worker.id,
+        logger=logger,
+        start_position=src.start_position,
+        shard_settings=ShardSettings(max_records_per_call=src.max_records_per_call,
+                                     idle_interval_ms=src.idle_interval_ms,
+                                     checkpoint_interval_s=src.checkpoint_interval_s),
+        discovery_interval_s=src.discovery_interval_s,
+        failover_time_s=settings.checkpoints.failover_time_s,
+        shutdown_grace_s=settings.worker.shutdown_grace_s,
+        policies=policies,
+        aws=settings.aws,
+        exit_when_idle=exit_when_idle,
+    )

@@ -1,0 +1,120 @@
+"""Lease / checkpoint store in a SQLite file, for single-machine runs without AWS.
+
+Same protocol as the DynamoDB lease table (KCL column names, conditional writes on
+``leaseOwner`` + ``leaseCounter``): every conditional write is one ``UPDATE … WHERE`` whose
+row count tells whether the condition held, inside SQLite's own locking, so several processes
+on one machine can share one file (WAL mode, busy timeout 10 s).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from pipeline.checkpoint import Lease
+from pipeline.errors import CheckpointStoreError, LeaseLostError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    leaseKey TEXT PRIMARY KEY,
+    leaseOwner TEXT,
+    leaseCounter INTEGER NOT NULL DEFAULT 0,
+    checkpoint TEXT NOT NULL,
+    checkpointSubSequenceNumber INTEGER NOT NULL DEFAULT 0,
+    ownerSwitchesSinceCheckpoint INTEGER NOT NULL DEFAULT 0,
+    parentShardId TEXT,
+    streamArn TEXT NOT NULL,
+    shardId TEXT NOT NULL,
+    tableName TEXT NOT NULL
+)
+"""
+
+_COLUMNS = ("leaseKey, leaseOwner, leaseCounter, checkpoint, checkpointSubSequenceNumber, "
+            "ownerSwitchesSinceCheckpoint, parentShardId, streamArn, shardId, tableName")
+
+
+class SQLiteLeaseStore:
+    """:class:`pipeline.checkpoint.LeaseStore` in the SQLite file ``path``."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                if self.path != ":memory:":
+                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                raise CheckpointStoreError(f"cannot open checkpoint file {self.path}: {exc}; "
+                                           "check checkpoints.sqlite_path") from None
+            self._local.conn = conn
+        return conn
+
+    def ensure_table(self) -> None:
+        self._conn().execute(_SCHEMA)
+
+    @staticmethod
+    def _row_to_lease(row) -> Lease:
+        parents = tuple(p for p in (row[6] or "").split(",") if p)
+        return Lease(lease_key=row[0], owner=row[1], counter=row[2], checkpoint=row[3],
+                     sub_sequence_number=row[4], owner_switches_since_checkpoint=row[5],
+                     parent_shard_ids=parents, stream_arn=row[7], shard_id=row[8], table=row[9])
+
+    def list_leases(self) -> list[Lease]:
+        rows = self._conn().execute(f"SELECT {_COLUMNS} FROM leases ORDER BY leaseKey").fetchall()
+        return [self._row_to_lease(r) for r in rows]
+
+    def get_lease(self, lease_key: str) -> Lease | None:
+        row = self._conn().execute(f"SELECT {_COLUMNS} FROM leases WHERE leaseKey = ?", (lease_key,)).fetchone()
+        return self._row_to_lease(row) if row else None
+
+    def create_lease_if_absent(self, lease: Lease) -> bool:
+        cur = self._conn().execute(
+            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (lease.lease_key, lease.owner, lease.counter, lease.checkpoint, lease.sub_sequence_number,
+             lease.owner_switches_since_checkpoint, ",".join(lease.parent_shard_ids) or None,
+             lease.stream_arn, lease.shard_id, lease.table))
+        return cur.rowcount == 1
+
+    def _update(self, old: Lease, new: Lease) -> Lease:
+        owner_clause = "leaseOwner IS NULL" if old.owner is None else "leaseOwner = ?"
+        params = [new.owner, new.counter, new.checkpoint, new.sub_sequence_number,
+                  new.owner_switches_since_checkpoint, old.lease_key, old.counter]
+        if old.owner is not None:
+            params.append(old.owner)
+        cur = self._conn().execute(
+            "UPDATE leases SET leaseOwner = ?, leaseCounter = ?, checkpoint = ?, checkpointSubSequenceNumber = ?, "
+            f"ownerSwitchesSinceCheckpoint = ? WHERE leaseKey = ? AND leaseCounter = ? AND {owner_clause}",
+            params)
+        if cur.rowcount != 1:
+            raise LeaseLostError(f"lease {old.lease_key} was changed by another worker "
+                                 f"(expected owner {old.owner!r}, counter {old.counter})")
+        return new
+
+    def take_lease(self, lease: Lease, owner: str) -> Lease:
+        switches = lease.owner_switches_since_checkpoint + (1 if lease.owner != owner else 0)
+        return self._update(lease, lease.with_(owner=owner, counter=lease.counter + 1,
+                                               owner_switches_since_checkpoint=switches))
+
+    def renew_lease(self, lease: Lease) -> Lease:
+        return self._update(lease, lease.with_(counter=lease.counter + 1))
+
+    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0) -> Lease:
+        return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=checkpoint,
+                                               sub_sequence_number=sub_sequence_number,
+                                               owner_switches_since_checkpoint=0))
+
+    def release_lease(self, lease: Lease) -> Lease:
+        return self._update(lease, lease.with_(owner=None, counter=lease.counter + 1))
+
+    def delete_lease(self, lease: Lease) -> None:
+        cur = self._conn().execute("DELETE FROM leases WHERE leaseKey = ? AND leaseCounter = ?",
+                                   (lease.lease_key, lease.counter))
+        if cur.rowcount != 1:
+            raise LeaseLostError(f"lease {lease.lease_key} changed; not deleted")

@@ -1,0 +1,104 @@
+"""Lease / checkpoint store protocol (DESIGN.md, "Contracts").
+
+One lease per shard, with KCL's attribute names so operators who know the KCL can read the
+table: ``leaseKey``, ``leaseOwner``, ``leaseCounter``, ``checkpoint``,
+``checkpointSubSequenceNumber``, ``ownerSwitchesSinceCheckpoint``, ``parentShardId``.
+
+Every write that matters is conditional: taking a lease is conditional on the counter (and owner)
+this worker observed; renewing, checkpointing and releasing are conditional on ``leaseOwner`` and
+``leaseCounter``, so a worker that lost its lease can never move a checkpoint. Each successful
+write increments ``leaseCounter`` (as KCL's ``updateLease`` does).
+
+The checkpoint is a sequence number or one of the sentinels TRIM_HORIZON, LATEST, SHARD_END.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence
+
+from pipeline.events import SHARD_END
+
+
+def lease_key_for(table: str, stream_arn: str, shard_id: str) -> str:
+    """The lease key of one shard: ``{table}:{stream label}:{shard id}``.
+
+    The stream label (the last part of the stream ARN, a timestamp) keeps the leases of a
+    re-created stream apart from the old one's, as KCL's multi-stream lease keys do
+    (``account:stream:creation-epoch:shardId``).
+    """
+    label = stream_arn.rsplit("/", 1)[-1]
+    return f"{table}:{label}:{shard_id}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One shard's lease record as the store holds it.
+
+    ``counter`` is KCL's ``leaseCounter`` (incremented by every write), ``owner`` None when
+    free, ``checkpoint`` a sequence number or a sentinel, ``parent_shard_ids`` the shard's parents
+    (DynamoDB Streams gives at most one; KCL stores a set).
+    """
+
+    lease_key: str
+    table: str
+    stream_arn: str
+    shard_id: str
+    owner: str | None = None
+    counter: int = 0
+    checkpoint: str = "TRIM_HORIZON"
+    sub_sequence_number: int = 0
+    owner_switches_since_checkpoint: int = 0
+    parent_shard_ids: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        """True once the shard was read to its end (checkpoint SHARD_END)."""
+        return self.checkpoint == SHARD_END
+
+    def with_(self, **changes) -> "Lease":
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+class LeaseStore(Protocol):
+    """Where leases and checkpoints live: a DynamoDB table (KCL layout) or a SQLite file.
+
+    Methods that change a lease return the lease as stored afterwards and raise
+    :class:`pipeline.errors.LeaseLostError` when the condition fails (someone else wrote the
+    lease since it was read), :class:`pipeline.errors.CheckpointStoreError` when the store
+    cannot be reached.
+    """
+
+    def ensure_table(self) -> None:
+        """Create the table if absent and wait until it is usable."""
+
+    def create_lease_if_absent(self, lease: Lease) -> bool:
+        """Create ``lease`` unless one with its key exists; True if created."""
+
+    def list_leases(self) -> list[Lease]:
+        """Every lease in the store."""
+
+    def get_lease(self, lease_key: str) -> Lease | None:
+        """One lease, or None."""
+
+    def take_lease(self, lease: Lease, owner: str) -> Lease:
+        """Become the owner of ``lease``, conditional on the counter and owner in ``lease``."""
+
+    def renew_lease(self, lease: Lease) -> Lease:
+        """Increment the counter, conditional on owner and counter."""
+
+    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0) -> Lease:
+        """Record a checkpoint, conditional on owner and counter; resets ownerSwitchesSinceCheckpoint."""
+
+    def release_lease(self, lease: Lease) -> Lease:
+        """Clear the owner, conditional on owner and counter, so another worker takes it at once."""
+
+    def delete_lease(self, lease: Lease) -> None:
+        """Remove a finished lease (conditional on counter)."""
+
+
+def leases_by_shard(leases: Sequence[Lease]) -> dict[tuple[str, str], Lease]:
+    """Index leases by (stream ARN, shard id)."""
+    return {(lease.stream_arn, lease.shard_id): lease for lease in leases}

@@ -1,0 +1,161 @@
+"""``ddb-cdc`` command line.
+
+Commands::
+
+    ddb-cdc run --config FILE            run the worker until SIGTERM / SIGINT
+    ddb-cdc config check --config FILE   validate configuration and sink options, start nothing
+    ddb-cdc sinks                        list the sink types (built-in and plugins)
+    ddb-cdc demo                         the whole pipeline on embedded stand-in servers
+    ddb-cdc dlq list|show ID             inspect the dead-letter destination
+
+Exit codes: 0 success; 1 runtime failure (a shard failed, a check did not hold); 2 invalid
+configuration or usage (one line per problem on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Sequence
+
+from pipeline.errors import CdcError, ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _err(line: str) -> None:
+    print(f"ddb-cdc: {line}", file=sys.stderr)
+
+
+def _load(path: str | None):
+    from pipeline.config import load_settings
+    from pipeline.registry import build_sinks
+
+    settings = load_settings(path)
+    sinks = build_sinks(settings.sinks, str(path) if path else "environment")
+    return settings, sinks
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings, sinks = _load(args.config)
+    print(f"configuration OK: stream {settings.source.table or settings.source.stream_arn}, "
+          f"{len(sinks)} sink(s): " + ", ".join(f"{s.name} ({c.type})" for s, c in zip(sinks, settings.sinks)) +
+          f"; checkpoints in {settings.checkpoints.store}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.logs import configure_logging, get_logger
+
+    settings, sinks = _load(args.config)
+    configure_logging(settings.log.level, settings.log.format)
+    from connectors.runtime import build_worker
+
+    worker = build_worker(settings, logger=get_logger(), where=str(args.config), sinks=sinks,
+                          exit_when_idle=args.exit_when_idle)
+
+    def on_signal(signum, _frame):
+        worker.log.info("shutdown_requested", signal=signal.Signals(signum).name,
+                        grace_s=settings.worker.shutdown_grace_s)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return worker.run()
+
+
+def cmd_sinks(_args: argparse.Namespace) -> int:
+    from pipeline.registry import available_sink_types
+
+    for name, target in sorted(available_sink_types().items()):
+        print(f"{name}\t{target}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from connectors.demo import run_demo
+
+    return run_demo(changes=args.changes, seed=args.seed)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from pipeline.config import load_settings
+
+    settings = load_settings(args.config)
+    from connectors.runtime import build_dead_letter
+
+    dlq = build_dead_letter(settings)
+    if args.dlq_command == "list":
+        count = 0
+        for entry in dlq.list():
+            count += 1
+            print(f"{entry.id}\t{entry.kind}\t{entry.sink or '-'}\t{entry.shard_id}\t"
+                  f"{entry.sequence_number}\t{entry.error[:120]}")
+        print(f"{count} entr{'y' if count == 1 else 'ies'}", file=sys.stderr)
+        return EXIT_OK
+    entry = dlq.get(args.id)
+    if entry is None:
+        _err(f"no dead-letter entry {args.id!r}; `ddb-cdc dlq list --config FILE` lists them")
+        return EXIT_FAILED
+    import orjson
+
+    print(orjson.dumps(entry.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="ddb-cdc", description="DynamoDB Streams change-data-capture worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
+    run.add_argument("--config", "-c", help="YAML configuration file (DDB_CDC_* env vars override it)")
+    run.add_argument("--exit-when-idle", action="store_true",
+                     help="exit 0 once every shard reached SHARD_END (for finite streams and tests)")
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="configuration commands")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate the configuration without starting")
+    check.add_argument("--config", "-c", help="YAML configuration file")
+    check.set_defaults(func=cmd_config_check)
+
+    sinks = sub.add_parser("sinks", help="list sink types (built-in and plugins)")
+    sinks.set_defaults(func=cmd_sinks)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on embedded stand-in servers, then check it")
+    demo.add_argument("--changes", type=int, default=600, help="number of changes to write (default 600)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the workload")
+    demo.set_defaults(func=cmd_demo)
+
+    dlq = sub.add_parser("dlq", help="inspect the dead-letter destination")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="list entries")
+    dlq_list.add_argument("--config", "-c")
+    dlq_show = dlq_sub.add_parser("show", help="print one entry in full")
+    dlq_show.add_argument("id")
+    dlq_show.add_argument("--config", "-c")
+    dlq.set_defaults(func=cmd_dlq)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ddb-cdc`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            _err(f"config error: {line}")
+        return EXIT_CONFIG
+    except CdcError as exc:
+        _err(f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

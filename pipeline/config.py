@@ -1,0 +1,202 @@
+"""Configuration: one pydantic-settings model from a YAML file, overridable by ``DDB_CDC_*`` env vars.
+
+Environment variables use ``__`` for nesting: ``DDB_CDC_SOURCE__TABLE=orders``,
+``DDB_CDC_AWS__ENDPOINT_URL=http://127.0.0.1:8000``, ``DDB_CDC_CHECKPOINTS__STORE=sqlite``.
+Lists and objects take JSON: ``DDB_CDC_SINKS='[{"name": "search", "type": "opensearch", ...}]'``.
+An environment variable wins over the file.
+
+:func:`load_settings` raises :class:`pipeline.errors.ConfigError` with one line per problem
+(where, what, how to fix); the CLI prints them and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipeline.awsconfig import AwsConfig
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "DDB_CDC_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Strict):
+    """The stream to read: by ``table`` (its LatestStreamArn) or by ``stream_arn``.
+
+    - ``start_position``: where a shard with no checkpoint starts, TRIM_HORIZON (oldest record
+      still in the stream, default) or LATEST (only new records). Shards that appear later
+      (children of a split) always start at TRIM_HORIZON so nothing is missed.
+    - ``max_records_per_call``: GetRecords ``Limit``, 1–1,000 (DynamoDB Streams API reference).
+    - ``idle_interval_ms``: wait after an empty GetRecords before the next (default 250 ms);
+      while records flow there is no wait.
+    - ``discovery_interval_s``: how often DescribeStream is re-run to find new shards (default 30 s).
+    - ``checkpoint_interval_s``: how often a shard flushes every sink and checkpoints while
+      records flow (default 5 s); also at SHARD_END and at shutdown.
+    """
+
+    table: str | None = None
+    stream_arn: str | None = None
+    start_position: Literal["TRIM_HORIZON", "LATEST"] = "TRIM_HORIZON"
+    max_records_per_call: int = Field(1000, ge=1, le=1000)
+    idle_interval_ms: int = Field(250, ge=0, le=60_000)
+    discovery_interval_s: float = Field(30.0, gt=0)
+    checkpoint_interval_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_stream(self) -> "SourceConfig":
+        if not self.table and not self.stream_arn:
+            raise ValueError("set source.table (the table name) or source.stream_arn")
+        if self.table and self.stream_arn:
+            raise ValueError("set only one of source.table and source.stream_arn")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    """Where leases and checkpoints live.
+
+    ``store: dynamodb`` (default) uses the DynamoDB table ``table_name`` (created on first start,
+    on-demand billing, KCL's attribute names); ``store: sqlite`` uses the file ``sqlite_path`` for
+    single-machine runs without AWS. ``failover_time_s``: a lease not renewed for this long is
+    taken over by another worker (renewal every failover_time_s / 3).
+    """
+
+    store: Literal["dynamodb", "sqlite"] = "dynamodb"
+    table_name: str = "ddb-cdc-leases"
+    sqlite_path: str = "ddb-cdc-checkpoints.sqlite"
+    failover_time_s: float = Field(10.0, gt=0)
+
+
+class DeadLetterConfig(_Strict):
+    """Dead-letter destination: a local ``directory`` (default ``./dead-letter``) or ``s3_uri``
+    (``s3://bucket/prefix``, uses the ``aws`` settings)."""
+
+    directory: str | None = "dead-letter"
+    s3_uri: str | None = None
+
+    @field_validator("s3_uri")
+    @classmethod
+    def _s3(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("s3://"):
+            raise ValueError("must look like s3://bucket/prefix")
+        return value
+
+
+class SinkConfig(_Strict):
+    """One sink: a unique ``name``, its ``type`` (built-in or a plugin's entry-point name),
+    its ``options`` (validated by the sink's own model), and its failure policy."""
+
+    name: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    on_failure: Literal["block", "dead_letter"] = "block"
+    retry_budget_s: float = Field(300.0, gt=0)
+
+
+class WorkerConfig(_Strict):
+    """The worker process: ``id`` (lease owner name; default host:pid:random) and the shutdown
+    grace period in seconds (SIGTERM/SIGINT → flush, checkpoint, exit within this)."""
+
+    id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    shutdown_grace_s: float = Field(30.0, gt=0)
+
+
+class LogConfig(_Strict):
+    """Logging: level, and format ``auto`` (JSON unless stderr is a TTY), ``json`` or ``console``."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration (see README, "Configuration")."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    source: SourceConfig
+    aws: AwsConfig = Field(default_factory=AwsConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    dead_letter: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    sinks: list[SinkConfig] = Field(min_length=1)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _unique_sink_names(self) -> "Settings":
+        seen: set[str] = set()
+        for sink in self.sinks:
+            if sink.name in seen:
+                raise ValueError(f"sink name {sink.name!r} is used twice; give each sink its own name")
+            seen.add(sink.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: it overrides what the YAML file (passed as init values) says.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: str | os.PathLike | None, *, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load the YAML file at ``path`` (optional), apply ``DDB_CDC_*`` env vars, validate.
+
+    Raises ConfigError with one line per problem, e.g.
+    ``config.yaml: sinks.0.options: Input should be a valid dictionary``.
+    """
+    where = str(path) if path else "environment"
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"{where}: file not found; pass an existing YAML file with --config"])
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError([f"{where}:{line}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{where}: the top level must be a mapping of sections (source, sinks, ...)"])
+        data = loaded
+    if overrides:
+        data = {**data, **overrides}
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(validation_lines(exc, where)) from None
+
+
+def validation_lines(exc: ValidationError, where: str, prefix: str = "") -> list[str]:
+    """One ``where: field.path: message`` line per pydantic error."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err.get("loc", ()) if part != "__root__")
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".")
+        msg = err.get("msg", "invalid")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{where}: {loc or '(top level)'}: {msg}")
+    return lines

@@ -1,0 +1,258 @@
+"""Deliver one shard's batch to every sink, in order, with retries and dead-lettering.
+
+Per sink, per batch (DESIGN.md, "Contracts", Sink):
+
+- ``RetriableSinkError`` (or any unexpected exception from a sink): retry the whole remaining
+  batch with exponential backoff and jitter (tenacity), within ``retry_budget_s``;
+- ``PartialSinkError``: dead-letter its permanent events, retry only its retriable ones;
+- ``PermanentSinkError``: dead-letter every event of the remaining batch;
+- ``FatalSinkError``: re-raised; the shard stops.
+
+When the budget is used up, ``on_failure`` decides: ``block`` (default) keeps retrying and so
+holds the shard's checkpoint, logging every attempt; ``dead_letter`` dead-letters what is left and
+goes on. A shutdown request ends the retries with :class:`DeliveryAborted`, so the checkpoint does
+not move past undelivered events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Callable, Sequence
+
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
+
+from pipeline.deadletter import DeadLetterQueue, delivery_entry, utc_now
+from pipeline.errors import (
+    CdcError,
+    FatalSinkError,
+    PartialSinkError,
+    PermanentSinkError,
+    RetriableSinkError,
+    SinkError,
+)
+from pipeline.events import Batch, ChangeEvent
+
+
+class DeliveryAborted(CdcError):
+    """Delivery stopped before every sink had the batch (shutdown during retries); do not checkpoint."""
+
+
+@dataclass
+class FailurePolicy:
+    """How one sink's failures are handled.
+
+    ``on_failure``: ``block`` (retry until delivered, holding the checkpoint) or ``dead_letter``
+    (after ``retry_budget_s`` seconds, dead-letter what is left). Backoff grows from
+    ``initial_backoff_s`` to at most ``max_backoff_s`` seconds, with jitter.
+    """
+
+    on_failure: str = "block"
+    retry_budget_s: float = 300.0
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 20.0
+
+
+@dataclass
+class SinkStats:
+    """Counters for one sink (exported as metrics by the worker)."""
+
+    delivered: int = 0
+    batches: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    flushes: int = 0
+
+
+@dataclass
+class SinkRunner:
+    """One configured sink with its failure policy and a lock.
+
+    Unless the sink class sets ``thread_safe = True``, calls from different shard threads are
+    serialised by ``lock``, so a plugin never sees concurrent calls at all.
+    """
+
+    sink: Any
+    policy: FailurePolicy = field(default_factory=FailurePolicy)
+    stats: SinkStats = field(default_factory=SinkStats)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.sink.name
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        if getattr(self.sink, "thread_safe", False):
+            return fn()
+        with self.lock:
+            return fn()
+
+
+class _Remaining(RetriableSinkError):
+    """Internal: some events are still to be delivered after this attempt."""
+
+
+class FanOut:
+    """Delivers batches to every sink and flushes them; see the module doc for the rules.
+
+    ``stop_event`` set → retries end with :class:`DeliveryAborted`. ``logger`` is a structlog
+    logger.
+    """
+
+    def __init__(self, runners: Sequence[SinkRunner], dead_letter: DeadLetterQueue, *,
+                 stop_event: threading.Event, logger: Any):
+        self.runners = list(runners)
+        self.dead_letter = dead_letter
+        self.stop_event = stop_event
+        self.log = logger
+
+    def deliver(self, batch: Batch) -> None:
+        """Give ``batch`` to every sink (each in turn). Raises FatalSinkError or DeliveryAborted."""
+        if not batch.events:
+            return
+        for runner in self.runners:
+            self._deliver_to(runner, batch)
+
+    def flush(self) -> None:
+        """Flush every sink; returns when all written events are durable everywhere.
+
+        Raises FatalSinkError or DeliveryAborted.
+        """
+        for runner in self.runners:
+            self._retry(runner, None, lambda r=runner: r.call(r.sink.flush), what="flush")
+            runner.stats.flushes += 1
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+        pending: list[ChangeEvent] = list(batch.events)
+        state = {"first_failure": None, "attempts": 0, "last_error": ""}
+
+        def attempt() -> None:
+            nonlocal pending
+            if not pending:
+                return
+            state["attempts"] += 1
+            sub = replace(batch, events=tuple(pending))
+            try:
+                runner.call(lambda: runner.sink.write(sub))
+            except PartialSinkError as exc:
+                self._note_failure(state, exc)
+                failed_ids = {id(ev) for ev, _ in exc.retriable}
+                for ev, reason in exc.permanent:
+                    self._dead_letter(runner, ev, reason, state)
+                delivered = len(pending) - len(exc.retriable) - len(exc.permanent)
+                runner.stats.delivered += max(0, delivered)
+                pending = [ev for ev in pending if id(ev) in failed_ids]
+                if pending:
+                    raise _Remaining(f"{len(pending)} events to retry: {exc}") from exc
+                return
+            except PermanentSinkError as exc:
+                self._note_failure(state, exc)
+                for ev in pending:
+                    self._dead_letter(runner, ev, str(exc), state)
+                pending = []
+                return
+            except FatalSinkError:
+                raise
+            except RetriableSinkError as exc:
+                self._note_failure(state, exc)
+                raise
+            except Exception as exc:  # a plugin bug or an unexpected library error: retry, never drop
+                self._note_failure(state, exc)
+                raise RetriableSinkError(f"unexpected {type(exc).__name__}: {exc}") from exc
+            runner.stats.delivered += len(pending)
+            pending = []
+
+        try:
+            self._retry(runner, batch, attempt, what="write")
+        except _BudgetSpent:
+            for ev in pending:
+                self._dead_letter(runner, ev, f"retry budget spent: {state['last_error']}", state)
+            pending = []
+        runner.stats.batches += 1
+
+    def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str) -> None:
+        policy = runner.policy
+        started = time.monotonic()
+        stop = stop_when_event_set(self.stop_event)
+        if policy.on_failure == "dead_letter" and batch is not None:
+            stop = stop | stop_after_delay(policy.retry_budget_s)
+        else:
+            stop = stop | stop_never
+
+        def before_sleep(retry_state) -> None:
+            runner.stats.retries += 1
+            exc = retry_state.outcome.exception() if retry_state.outcome else None
+            self.log.warning(
+                "sink_retry",
+                sink=runner.name,
+                operation=what,
+                shard_id=batch.shard_id if batch else None,
+                attempt=retry_state.attempt_number,
+                stalled_s=round(time.monotonic() - started, 3),
+                error=str(exc)[:500] if exc else None,
+                on_failure=policy.on_failure,
+            )
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(RetriableSinkError),
+            stop=stop,
+            wait=wait_exponential_jitter(initial=policy.initial_backoff_s, max=policy.max_backoff_s),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=False,
+        )
+        try:
+            retrying(fn)
+        except RetryError as exc:
+            if self.stop_event.is_set():
+                raise DeliveryAborted(f"sink {runner.name!r}: {what} interrupted by shutdown") from exc
+            raise _BudgetSpent() from exc
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop_event.wait(seconds)
+
+    def _note_failure(self, state: dict, exc: BaseException) -> None:
+        now = utc_now()
+        if state["first_failure"] is None:
+            state["first_failure"] = now
+        state["last_failure"] = now
+        state["last_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+
+    def _dead_letter(self, runner: SinkRunner, event: ChangeEvent, reason: str, state: dict) -> None:
+        now = utc_now()
+        first: datetime = state.get("first_failure") or now
+        entry = delivery_entry(
+            event,
+            sink=runner.name,
+            error=str(reason)[:4000],
+            attempts=max(1, state.get("attempts", 1)),
+            first_failure=first,
+            last_failure=state.get("last_failure") or now,
+        )
+        entry_id = self.dead_letter.put(entry)
+        runner.stats.dead_lettered += 1
+        self.log.error(
+            "event_dead_lettered",
+            sink=runner.name,
+            shard_id=event.source.shard_id,
+            sequence_number=event.sequence_number,
+            key_id=event.key_id,
+            error=str(reason)[:500],
+            dead_letter_id=entry_id,
+        )
+
+
+class _BudgetSpent(SinkError):
+    """Internal: the retry budget of an ``on_failure: dead_letter`` sink is used up."""

@@ -1,0 +1,210 @@
+"""The worker: discovers shards, holds leases, runs one :class:`ShardConsumer` per shard.
+
+Lifecycle: ``open`` every sink → ensure the lease table → loop { re-discover shards every
+``discovery_interval_s``; renew leases every ``failover_time_s / 3``; take free or expired
+leases; start a consumer for every held shard whose parents reached SHARD_END } → on stop
+(SIGTERM/SIGINT or :meth:`Worker.stop`): consumers stop reading, flush every sink and checkpoint;
+leases are released; sinks closed.
+
+A child shard is read only after its parent reached SHARD_END; a parent that is absent from the
+stream and from the lease table (trimmed, or never seen) counts as done.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from pipeline.checkpoint import Lease, LeaseStore
+from pipeline.deadletter import DeadLetterQueue
+from pipeline.errors import CdcError, FatalSinkError, LeaseLostError
+from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.leases import LeaseCoordinator
+from pipeline.shard_consumer import ShardConsumer, ShardSettings
+from pipeline.sink import SinkContext
+from pipeline.source import ShardInfo, StreamSource
+
+
+class Worker:
+    """One worker process's run loop.
+
+    ``sinks`` are sink instances (already validated), ``policies`` their failure policies by
+    sink name. :meth:`run` returns the process exit code: 0 after a clean stop, 1 when a shard
+    failed fatally or shutdown did not finish within ``shutdown_grace_s``.
+    """
+
+    def __init__(self, *, source: StreamSource, lease_store: LeaseStore, sinks: Sequence[Any],
+                 dead_letter: DeadLetterQueue, worker_id: str, logger: Any,
+                 start_position: str = "TRIM_HORIZON", shard_settings: ShardSettings | None = None,
+                 discovery_interval_s: float = 30.0, failover_time_s: float = 10.0,
+                 shutdown_grace_s: float = 30.0, policies: dict[str, FailurePolicy] | None = None,
+                 aws: Any = None, clock: Callable[[], float] = time.monotonic,
+                 exit_when_idle: bool = False):
+        self.source = source
+        self.lease_store = lease_store
+        self.sinks = list(sinks)
+        self.dead_letter = dead_letter
+        self.worker_id = worker_id
+        self.log = logger.bind(worker_id=worker_id)
+        self.start_position = start_position
+        self.shard_settings = shard_settings or ShardSettings()
+        self.discovery_interval_s = discovery_interval_s
+        self.failover_time_s = failover_time_s
+        self.shutdown_grace_s = shutdown_grace_s
+        self.aws = aws
+        self.clock = clock
+        self.exit_when_idle = exit_when_idle
+        self.stop_event = threading.Event()
+        policies = policies or {}
+        self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
+        self.fanout = FanOut(self.runners, dead_letter, stop_event=self.stop_event, logger=self.log)
+        self.coordinator = LeaseCoordinator(
+            lease_store, worker_id=worker_id, table=source.table, stream_arn=source.stream_arn,
+            failover_time_s=failover_time_s, logger=self.log, clock=clock)
+        self.consumers: dict[str, ShardConsumer] = {}
+        self.failed: list[tuple[str, str]] = []
+        self._stopped_keys: set[str] = set()
+        self._opened: list[Any] = []
+
+    # -- control -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to stop (safe from signal handlers and other threads)."""
+        self.stop_event.set()
+
+    def run(self) -> int:
+        """Run until stopped. Returns the exit code (see class doc)."""
+        try:
+            self._open_sinks()
+            self.lease_store.ensure_table()
+            self.log.info("worker_started", table=self.source.table, stream_arn=self.source.stream_arn,
+                          sinks=[s.name for s in self.sinks])
+            self._loop()
+        except FatalSinkError as exc:
+            self.log.error("worker_failed", error=str(exc))
+            self.failed.append(("*", str(exc)))
+            self.stop_event.set()
+        finally:
+            clean = self._shutdown()
+        code = 0 if clean and not self.failed else 1
+        self.log.info("worker_stopped", exit_code=code, failed_shards=[s for s, _ in self.failed])
+        return code
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _open_sinks(self) -> None:
+        for sink in self.sinks:
+            ctx = SinkContext(sink_name=sink.name, worker_id=self.worker_id, logger=self.log.bind(sink=sink.name),
+                              aws=self.aws, dead_letter=self.dead_letter)
+            try:
+                sink.open(ctx)
+            except FatalSinkError:
+                raise
+            except CdcError as exc:
+                raise FatalSinkError(f"sink {sink.name!r} could not open: {exc}") from exc
+            except Exception as exc:
+                raise FatalSinkError(f"sink {sink.name!r} could not open: {type(exc).__name__}: {exc}") from exc
+            self._opened.append(sink)
+
+    def _loop(self) -> None:
+        next_discovery = 0.0
+        next_renewal = 0.0
+        renew_every = self.failover_time_s / 3.0
+        shards: list[ShardInfo] = []
+        while not self.stop_event.is_set():
+            now = self.clock()
+            if now >= next_discovery:
+                shards = self.source.list_shards()
+                self.coordinator.sync_shards(shards, self.start_position)
+                next_discovery = now + self.discovery_interval_s
+            if now >= next_renewal:
+                self.coordinator.renew()
+                self.coordinator.acquire()
+                next_renewal = now + renew_every
+            self._reap()
+            if self.failed and any(o == "failed" for _, o in self.failed):
+                self.stop_event.set()
+                break
+            self._start_ready_consumers(shards)
+            if self.exit_when_idle and not self.consumers and self._all_done():
+                self.log.info("worker_idle_exit")
+                break
+            self.stop_event.wait(min(0.2, renew_every))
+
+    def _start_ready_consumers(self, shards: Sequence[ShardInfo]) -> None:
+        in_stream = {s.shard_id for s in shards}
+        leases = {lease.shard_id: lease for lease in self.lease_store.list_leases()
+                  if lease.stream_arn == self.source.stream_arn}
+        for lease in self.coordinator.held():
+            if lease.lease_key in self.consumers or lease.lease_key in self._stopped_keys:
+                continue
+            if lease.finished:
+                self.coordinator.release(lease.lease_key)
+                continue
+            if not self._parents_done(lease, leases, in_stream):
+                continue
+            try:
+                consumer = ShardConsumer(lease.lease_key, source=self.source, coordinator=self.coordinator,
+                                         fanout=self.fanout, dead_letter=self.dead_letter,
+                                         settings=self.shard_settings, stop_event=self.stop_event,
+                                         logger=self.log, clock=self.clock)
+            except LeaseLostError:
+                continue
+            self.consumers[lease.lease_key] = consumer
+            consumer.start()
+            self.log.info("shard_consumer_started", shard_id=lease.shard_id, checkpoint=lease.checkpoint)
+
+    @staticmethod
+    def _parents_done(lease: Lease, leases: dict[str, Lease], in_stream: set[str]) -> bool:
+        for parent in lease.parent_shard_ids:
+            parent_lease = leases.get(parent)
+            if parent_lease is None:
+                if parent in in_stream:
+                    return False  # its lease is about to be created
+                continue  # trimmed away or never seen: counts as done
+            if not parent_lease.finished:
+                return False
+        return True
+
+    def _all_done(self) -> bool:
+        leases = [lease for lease in self.lease_store.list_leases() if lease.stream_arn == self.source.stream_arn]
+        return bool(leases) and all(lease.finished for lease in leases)
+
+    def _reap(self) -> None:
+        for key, consumer in list(self.consumers.items()):
+            if consumer.is_alive():
+                continue
+            del self.consumers[key]
+            outcome = consumer.outcome or "failed"
+            if outcome == "shard_end":
+                self.coordinator.release(key)
+            elif outcome in ("failed", "trimmed"):
+                self._stopped_keys.add(key)
+                self.failed.append((consumer.shard_id, outcome))
+                self.log.error("shard_stopped", shard_id=consumer.shard_id, outcome=outcome,
+                               error=str(consumer.error))
+            elif outcome == "lease_lost":
+                self.coordinator.drop(key)
+
+    def _shutdown(self) -> bool:
+        self.stop_event.set()
+        deadline = self.clock() + self.shutdown_grace_s
+        clean = True
+        for consumer in list(self.consumers.values()):
+            consumer.join(max(0.0, deadline - self.clock()))
+            if consumer.is_alive():
+                clean = False
+                self.log.error("shutdown_grace_exceeded", shard_id=consumer.shard_id,
+                               grace_s=self.shutdown_grace_s)
+        if clean:
+            try:
+                self.coordinator.release_all()
+            except CdcError as exc:
+                self.log.warning("lease_release_failed", error=str(exc))
+        for sink in self._opened:
+            try:
+                sink.close()
+            except Exception as exc:
+                self.log.warning("sink_close_failed", sink=sink.name, error=str(exc))
+        return clean
