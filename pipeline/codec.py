@@ -50,9 +50,12 @@ def decode_number(text: str) -> Decimal:
     if not isinstance(text, str):
         raise DecodeError(f"N value must be a string, got {type(text).__name__}")
     try:
-        return DYNAMODB_CONTEXT.create_decimal(text)
+        value = DYNAMODB_CONTEXT.create_decimal(text)
     except (InvalidOperation, ArithmeticError) as exc:
         raise DecodeError(f"N value {text[:60]!r} is not a DynamoDB number ({type(exc).__name__})") from None
+    if not value.is_finite():
+        raise DecodeError(f"N value {text[:60]!r} is not a DynamoDB number (not finite)")
+    return value
 
 
 def decode_binary(value: Any) -> bytes:

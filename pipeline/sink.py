@@ -26,9 +26,10 @@ from pipeline.events import Batch
 
 
 class SinkOptions(BaseModel):
-    """Base for a sink's options model: unknown keys are errors, so typos are caught at start-up."""
+    """Base for a sink's options model: unknown keys are errors, so typos are caught at start-up;
+    error messages never echo the input (it may hold passwords)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 @dataclass

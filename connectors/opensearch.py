@@ -1,0 +1,623 @@
+"""OpenSearch sink: one document per DynamoDB item, written with bulk index/delete and external versioning.
+
+What it writes
+--------------
+- INSERT / MODIFY / SNAPSHOT → a bulk ``index`` action whose ``_source`` is the new image
+  (``event.after``) in :mod:`pipeline.render`'s *plain* rendering (numbers exact and never
+  converted through float: 64-bit integers as JSON integers, float-exact decimals as JSON numbers,
+  anything else — e.g. a 38-digit number — as a JSON string; binary as base64; sets as sorted
+  arrays), plus a ``_cdc`` object::
+
+      "_cdc": {"sequence_number": "4000…" (string), "shard_id": "shardId-…", "stream_arn": "arn:…",
+               "table": "Orders", "event_time": "2024-05-01T12:00:00Z" (ISO 8601 UTC, the record's
+               ApproximateCreationDateTime) | null, "operation": "INSERT" | "MODIFY" | "SNAPSHOT",
+               "version": 123 (the external version)}
+
+  An item attribute named ``_cdc`` is replaced by this object.
+- REMOVE → a bulk ``delete`` action.
+- Index name: ``Options.index`` with ``{table}`` replaced by the table name, then lower-cased.
+- ``_id``: ``event.key_id`` (see :func:`pipeline.codec.key_id`). OpenSearch refuses ids longer
+  than 512 bytes, so a key id whose UTF-8 encoding is longer than 512 bytes is replaced by
+  ``"sha256:" + hex SHA-256 of its UTF-8 bytes`` (71 characters); see :func:`document_id`.
+
+Ordering and idempotency
+------------------------
+Every action carries ``version=event.version, version_type="external"``. The version is
+:func:`pipeline.codec.record_version`: ``(seconds since 2012-01-01 of ApproximateCreationDateTime)
+<< 32 | (sequence number mod 2**32)``, which never decreases along the successive changes of one
+item and is computed from the record alone, so it is the same after restarts, lease hand-offs and
+replays. OpenSearch applies an external-versioned write only when its version is *higher* than the
+stored one and answers 409 ``version_conflict_engine_exception`` otherwise; this sink counts that
+409 as success. Hence:
+
+- an older change never overwrites a newer one (a stale or replayed INSERT/MODIFY is ignored);
+- the same event delivered twice gives the same end state (the second write is a 409 no-op);
+- a delete of a document that is not there (404 ``not_found``) counts as success.
+
+Honest limit: after a delete, OpenSearch remembers the deleted version (a tombstone) only for
+``index.gc_deletes`` (60 s by default). A replay of an *older* INSERT/MODIFY that arrives more
+than ``gc_deletes`` after the delete finds no tombstone and re-creates ("resurrects") the
+document. Replays that reach back past deletes should raise ``index.gc_deletes`` on the index for
+the replay window, or be followed by a replay of the deletes (the stream's own order does that).
+The in-memory test server keeps tombstones for as long as it runs.
+
+Errors
+------
+Per item (the bulk response): 409 version conflict and delete 404 → success; 429 and 5xx →
+retriable (re-sent by this sink up to ``max_retries`` times with backoff, then reported);
+any other 4xx (``mapper_parsing_exception``, invalid index name, …) → permanent. Failed items are
+reported together as one :class:`pipeline.errors.PartialSinkError` listing only the failed events.
+Whole request: connection errors, timeouts, 429 and 5xx → :class:`~pipeline.errors.RetriableSinkError`;
+401/403 → :class:`~pipeline.errors.FatalSinkError` (check credentials); 413 → FatalSinkError (lower
+``max_bulk_bytes``); a 400 for a whole request (e.g. OpenSearch's request validation) makes the
+sink re-send that request's actions one by one, so only the offending events become permanent.
+
+``write`` sends immediately (a bulk request that OpenSearch acknowledged is durable in its
+translog), so ``flush`` has nothing to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Iterator, Literal, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from pipeline.errors import FatalSinkError, PartialSinkError, RetriableSinkError
+from pipeline.events import Batch, ChangeEvent, Operation
+from pipeline.render import plain_json_bytes
+from pipeline.sink import Sink, SinkContext, SinkOptions
+
+__all__ = [
+    "OpenSearchSink",
+    "OpenSearchOptions",
+    "NoAuth",
+    "BasicAuth",
+    "AwsSigV4Auth",
+    "document_id",
+    "MAX_ID_BYTES",
+]
+
+#: OpenSearch's limit on ``_id`` length, in UTF-8 bytes.
+MAX_ID_BYTES = 512
+
+_MIB = 1024 * 1024
+_INVALID_INDEX_CHARS = set(' "*\\<|,>/?#:')
+_MAX_BACKOFF_S = 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+
+class NoAuth(BaseModel):
+    """No authentication (``{"type": "none"}``), e.g. a local cluster or one behind a proxy."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["none"] = "none"
+
+
+class BasicAuth(BaseModel):
+    """HTTP basic authentication: ``{"type": "basic", "username": "...", "password": "..."}``."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    type: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: SecretStr
+
+    @field_validator("password")
+    @classmethod
+    def _password_not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("password must not be empty")
+        return value
+
+
+class AwsSigV4Auth(BaseModel):
+    """AWS Signature V4 (Amazon OpenSearch Service ``es`` or Serverless ``aoss``).
+
+    ``{"type": "aws_sigv4", "region": "eu-west-1", "service": "es"}``. Credentials come from a
+    boto3 session: the worker's AWS settings (``SinkContext.aws``: profile, static keys) when
+    given, else botocore's default chain (environment, profile, container or instance role);
+    they are refreshed by botocore as they expire. ``region`` falls back to the worker's AWS
+    region, then the session's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["aws_sigv4"]
+    region: str | None = Field(default=None, min_length=1)
+    service: Literal["es", "aoss"] = "es"
+
+
+Auth = Annotated[NoAuth | BasicAuth | AwsSigV4Auth, Field(discriminator="type")]
+
+
+class OpenSearchOptions(SinkOptions):
+    """Options of the ``opensearch`` sink.
+
+    - ``hosts``: one or more ``http(s)://host[:port]`` URLs (required, non-empty).
+    - ``index``: index name template; ``{table}`` is the DynamoDB table name; the result is
+      lower-cased. Default ``"{table}"``.
+    - ``auth``: ``{"type": "none"}`` (default) | ``{"type": "basic", "username", "password"}`` |
+      ``{"type": "aws_sigv4", "region", "service": "es" | "aoss"}``.
+    - ``verify_certs`` (default True) / ``ca_certs`` (path to a PEM bundle, default None = system).
+    - ``timeout_s``: per-request timeout in seconds (default 30).
+    - ``max_bulk_docs`` (default 500) / ``max_bulk_bytes`` (default 5 MiB): bounds of one bulk
+      request (action + source lines). A single action larger than ``max_bulk_bytes`` is sent alone.
+    - ``refresh``: ask for a refresh after each bulk request (default False; tests set True —
+      it is expensive on a real cluster).
+    - ``max_retries``: how many times retriable items (429, 5xx) are re-sent inside one ``write``
+      before they are reported as retriable in a PartialSinkError; also the client's retries of a
+      whole request on connection errors, timeouts and 502/503/504 (default 3).
+    - ``retry_backoff_s``: first backoff between item retries in seconds, doubled each time with
+      jitter, at most 10 s (default 0.5).
+    """
+
+    # Inputs may hold passwords (auth, user:password@ in a host URL): keep them out of messages.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    hosts: list[str] = Field(min_length=1)
+    index: str = "{table}"
+    auth: Auth = Field(default_factory=NoAuth)
+    verify_certs: bool = True
+    ca_certs: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_bulk_docs: int = Field(default=500, ge=1)
+    max_bulk_bytes: int = Field(default=5 * _MIB, ge=1)
+    refresh: bool = False
+    max_retries: int = Field(default=3, ge=0)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, hosts: list[str]) -> list[str]:
+        for i, host in enumerate(hosts):
+            parts = urlsplit(host) if isinstance(host, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"hosts[{i}] {_redact_url(str(host))!r} is not an http(s) URL like https://search.example.com:443"
+                )
+            try:
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError:
+                raise ValueError(f"hosts[{i}] {_redact_url(host)!r} has an invalid port") from None
+        return hosts
+
+    @field_validator("index")
+    @classmethod
+    def _check_index(cls, template: str) -> str:
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"index template {template!r} is malformed ({exc})") from None
+        unknown = sorted({f for f in fields if f != "table"})
+        if unknown:
+            raise ValueError(f"index template {template!r} uses unknown placeholder(s) {unknown}; only {{table}} is allowed")
+        problem = index_name_problem(template.format(table="table").lower())
+        if problem:
+            raise ValueError(f"index template {template!r} gives an invalid index name: {problem}")
+        return template
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def document_id(key_id: str) -> str:
+    """The OpenSearch ``_id`` for an item: ``key_id`` itself, or ``"sha256:" + hexdigest`` of its
+    UTF-8 bytes when that encoding is longer than :data:`MAX_ID_BYTES` (512) bytes.
+
+    Hashed ids are 71 ASCII characters; a collision would need a SHA-256 collision.
+    """
+    raw = key_id.encode("utf-8")
+    if len(raw) <= MAX_ID_BYTES:
+        return key_id
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def index_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid OpenSearch index name (None when it is).
+
+    Rules: non-empty, lower case, at most 255 UTF-8 bytes, none of ``space " * \\ < | , > / ? # :``,
+    not starting with ``_``, ``-`` or ``+``, not ``.`` or ``..``.
+    """
+    if not name:
+        return "it is empty"
+    if name != name.lower():
+        return f"{name!r} is not lower case"
+    if len(name.encode("utf-8")) > 255:
+        return f"{name[:40]!r}… is longer than 255 bytes"
+    bad = sorted(set(name) & _INVALID_INDEX_CHARS)
+    if bad:
+        return f"{name!r} contains {''.join(bad)!r}"
+    if name[0] in "_-+":
+        return f"{name!r} starts with {name[0]!r}"
+    if name in (".", ".."):
+        return f"{name!r} is reserved"
+    return None
+
+
+def _redact_url(url: str) -> str:
+    """``url`` without any ``user:password@`` part, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    try:
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        pass
+    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+@dataclass(slots=True)
+class _Action:
+    """One bulk action: the event, its NDJSON lines (action + optional source) and their size."""
+
+    event: ChangeEvent
+    kind: str  # "index" | "delete"
+    lines: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The sink
+# --------------------------------------------------------------------------------------------
+
+
+class OpenSearchSink(Sink):
+    """Writes change events to OpenSearch with bulk requests and external versioning.
+
+    ``OpenSearchSink(name, OpenSearchSink.Options(hosts=["https://..."]))``; see the module
+    docstring for the document shape, ids, versioning and error mapping. ``client`` is the
+    ``opensearchpy.OpenSearch`` client once :meth:`open` has run (None before and after
+    :meth:`close`).
+    """
+
+    Options = OpenSearchOptions
+    options: OpenSearchOptions
+
+    def __init__(self, name: str, options: OpenSearchOptions | None = None):
+        if options is None:
+            raise TypeError("OpenSearchSink needs options (at least hosts)")
+        super().__init__(name, options)
+        self.client: Any = None
+        self._index_cache: dict[str, str] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self, context: SinkContext) -> None:
+        """Create the client and check the cluster answers (``GET /``).
+
+        Raises FatalSinkError (one line, naming the host(s)) when the cluster cannot be reached,
+        refuses the credentials, or the TLS handshake fails.
+        """
+        super().open(context)
+        self.client = self._make_client(context)
+        try:
+            self.client.info()
+        except Exception as exc:  # classified below, always re-raised as FatalSinkError
+            err = self._classify_request_error(exc, request="GET /")
+            self.client.close()
+            self.client = None
+            if isinstance(err, FatalSinkError):
+                raise err from None
+            raise FatalSinkError(f"{err}; check options.hosts and that the cluster is up") from None
+
+    def write(self, batch: Batch) -> None:
+        """Index / delete the batch's events now, in order, in bulk requests.
+
+        Returns when every event is applied or ignored as stale (409) / already deleted (404).
+        Raises PartialSinkError listing only the failed events (retriable: 429/5xx after
+        ``max_retries`` re-sends; permanent: other 4xx, or an event that cannot be rendered),
+        RetriableSinkError for a whole-request failure that may pass (connection, timeout,
+        429, 5xx), FatalSinkError for one that will not (401/403, 413, a template giving an
+        invalid index name, a stream without new images).
+        """
+        client = self._require_client()
+        permanent: list[tuple[ChangeEvent, str]] = []
+        pending: list[_Action] = []
+        for event in batch.events:
+            try:
+                pending.append(self._build_action(event))
+            except _EventProblem as problem:
+                permanent.append((event, str(problem)))
+
+        retriable: list[tuple[_Action, str]] = []
+        attempt = 0
+        while pending:
+            retriable = []
+            for chunk in self._chunks(pending):
+                for action, outcome, reason in self._send(client, chunk):
+                    if outcome == "retriable":
+                        retriable.append((action, reason))
+                    elif outcome == "permanent":
+                        permanent.append((action.event, reason))
+            if not retriable or attempt >= self.options.max_retries:
+                break
+            self._sleep_backoff(attempt)
+            attempt += 1
+            pending = [action for action, _ in retriable]
+
+        if retriable or permanent:
+            failed_retriable = [(a.event, reason) for a, reason in retriable]
+            first = (failed_retriable or permanent)[0][1]
+            raise PartialSinkError(
+                f"{self._prefix()}: {len(failed_retriable) + len(permanent)} of {len(batch.events)} events failed "
+                f"({len(failed_retriable)} retriable, {len(permanent)} permanent); first: {first}",
+                retriable=failed_retriable,
+                permanent=permanent,
+            )
+
+    def flush(self) -> None:
+        """Nothing to do: ``write`` returns only after OpenSearch acknowledged the bulk requests."""
+
+    def close(self) -> None:
+        """Close the client's connections (idempotent)."""
+        if self.client is not None:
+            try:
+                self.client.close()
+            finally:
+                self.client = None
+
+    # -- building requests -----------------------------------------------------------------------
+
+    def index_for(self, table: str) -> str:
+        """The index name for ``table``: the template with ``{table}`` filled in, lower-cased.
+
+        Raises FatalSinkError when the result is not a valid index name.
+        """
+        name = self._index_cache.get(table)
+        if name is None:
+            name = self.options.index.format(table=table).lower()
+            problem = index_name_problem(name)
+            if problem:
+                raise FatalSinkError(
+                    f"{self._prefix()}: options.index {self.options.index!r} gives an invalid index name "
+                    f"for table {table!r}: {problem}; change the template"
+                )
+            self._index_cache[table] = name
+        return name
+
+    def _build_action(self, event: ChangeEvent) -> _Action:
+        meta = {
+            "_index": self.index_for(event.source.table),
+            "_id": document_id(event.key_id),
+            "version": event.version,
+            "version_type": "external",
+        }
+        if event.operation is Operation.REMOVE:
+            return _Action(event, "delete", orjson.dumps({"delete": meta}) + b"\n")
+        if event.after is None:
+            view = event.source.stream_view_type or "unknown"
+            if view in ("KEYS_ONLY", "OLD_IMAGE"):
+                raise FatalSinkError(
+                    f"{self._prefix()}: stream view type {view} has no new images; "
+                    "set the table's stream to NEW_IMAGE or NEW_AND_OLD_IMAGES"
+                )
+            raise _EventProblem(f"{event.operation.value} event has no new image (stream view type {view})")
+        document = dict(event.after)
+        document["_cdc"] = {
+            "sequence_number": event.source.sequence_number,
+            "shard_id": event.source.shard_id,
+            "stream_arn": event.source.stream_arn,
+            "table": event.source.table,
+            "event_time": _iso(event.source.approximate_creation_time),
+            "operation": event.operation.value,
+            "version": event.version,
+        }
+        try:
+            source = plain_json_bytes(document)
+        except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+            raise _EventProblem(f"cannot render the item as JSON: {_one_line(exc)}") from None
+        return _Action(event, "index", orjson.dumps({"index": meta}) + b"\n" + source + b"\n")
+
+    def _chunks(self, actions: Sequence[_Action]) -> Iterator[list[_Action]]:
+        """Consecutive runs of ``actions`` bounded by max_bulk_docs and max_bulk_bytes, in order."""
+        chunk: list[_Action] = []
+        size = 0
+        for action in actions:
+            if chunk and (len(chunk) >= self.options.max_bulk_docs or size + action.size > self.options.max_bulk_bytes):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(action)
+            size += action.size
+        if chunk:
+            yield chunk
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _send(self, client: Any, chunk: list[_Action]) -> list[tuple[_Action, str, str]]:
+        """Send one bulk request; ``(action, "ok" | "retriable" | "permanent", reason)`` per action."""
+        body = b"".join(a.lines for a in chunk)
+        params = {"refresh": "true"} if self.options.refresh else None
+        try:
+            response = client.bulk(body=body, params=params)
+        except Exception as exc:
+            status = getattr(exc, "status_code", None)
+            if status == 400 and len(chunk) > 1:
+                # The whole request was refused (e.g. request validation): find the culprits.
+                results: list[tuple[_Action, str, str]] = []
+                for action in chunk:
+                    results.extend(self._send(client, [action]))
+                return results
+            if status == 400:
+                return [(chunk[0], "permanent", f"400 {_transport_reason(exc)}")]
+            raise self._classify_request_error(exc, request="bulk") from None
+        items = response.get("items") if isinstance(response, dict) else None
+        if not isinstance(items, list) or len(items) != len(chunk):
+            got = len(items) if isinstance(items, list) else "no"
+            raise RetriableSinkError(
+                f"{self._prefix()}: bulk response from {self._hosts_text()} has {got} items for {len(chunk)} actions"
+            )
+        if isinstance(response, dict) and response.get("errors") is False:
+            return [(a, "ok", "") for a in chunk]
+        return [(a, *_item_outcome(a.kind, item)) for a, item in zip(chunk, items)]
+
+    def _sleep_backoff(self, attempt: int) -> None:
+        base = self.options.retry_backoff_s
+        if base <= 0:
+            return
+        delay = min(_MAX_BACKOFF_S, base * (2**attempt))
+        time.sleep(delay * random.uniform(0.5, 1.0))
+
+    # -- client and errors -----------------------------------------------------------------------
+
+    def _make_client(self, context: SinkContext) -> Any:
+        from opensearchpy import OpenSearch
+
+        opts = self.options
+        kwargs: dict[str, Any] = {
+            "hosts": list(opts.hosts),
+            "timeout": opts.timeout_s,
+            "max_retries": opts.max_retries,
+            "retry_on_timeout": True,  # safe: every write is versioned, so a re-send is a no-op
+            "verify_certs": opts.verify_certs,
+        }
+        if opts.ca_certs:
+            kwargs["ca_certs"] = opts.ca_certs
+        if not opts.verify_certs:
+            kwargs["ssl_show_warn"] = False
+        auth = opts.auth
+        if isinstance(auth, BasicAuth):
+            kwargs["http_auth"] = (auth.username, auth.password.get_secret_value())
+        elif isinstance(auth, AwsSigV4Auth):
+            from opensearchpy import AWSV4SignerAuth, RequestsHttpConnection
+
+            kwargs["http_auth"] = AWSV4SignerAuth(*self._aws_credentials(auth, context), auth.service)
+            kwargs["connection_class"] = RequestsHttpConnection
+        return OpenSearch(**kwargs)
+
+    def _aws_credentials(self, auth: AwsSigV4Auth, context: SinkContext) -> tuple[Any, str]:
+        """(botocore credentials, region) for SigV4; FatalSinkError when either is missing."""
+        aws = getattr(context, "aws", None)
+        if aws is not None:
+            from connectors.aws import make_session  # imports boto3
+
+            session = make_session(aws)
+        else:
+            import boto3
+
+            session = boto3.session.Session()
+        credentials = session.get_credentials()
+        if credentials is None:
+            raise FatalSinkError(
+                f"{self._prefix()}: auth aws_sigv4 found no AWS credentials; configure a profile, "
+                "environment variables or an instance/container role"
+            )
+        region = auth.region or (getattr(aws, "region", None) if aws is not None else None) or session.region_name
+        if not region:
+            raise FatalSinkError(f"{self._prefix()}: auth aws_sigv4 needs a region; set options.auth.region")
+        return credentials, region
+
+    def _classify_request_error(self, exc: Exception, *, request: str) -> Exception:
+        """Map an opensearch-py exception of a whole request to Retriable/FatalSinkError.
+
+        ``request`` names the request in the message (``"GET /"``, ``"bulk"``).
+        """
+        from opensearchpy.exceptions import ConnectionError as OSConnectionError
+        from opensearchpy.exceptions import ConnectionTimeout, SSLError, TransportError
+
+        at = f"OpenSearch at {self._hosts_text()} ({request})"
+        if isinstance(exc, SSLError):
+            return FatalSinkError(
+                f"{self._prefix()}: TLS error from {at}: {_one_line(exc.info or exc)}; check verify_certs / ca_certs"
+            )
+        if isinstance(exc, ConnectionTimeout):
+            return RetriableSinkError(f"{self._prefix()}: timeout after {self.options.timeout_s:g} s from {at}")
+        if isinstance(exc, OSConnectionError):
+            return RetriableSinkError(f"{self._prefix()}: cannot connect to {at}: {_one_line(exc.info or exc)}")
+        if isinstance(exc, TransportError):
+            status = exc.status_code
+            reason = _transport_reason(exc)
+            if status in (401, 403):
+                return FatalSinkError(
+                    f"{self._prefix()}: {status} {reason} from {at}; check the credentials (options.auth) "
+                    "and the user's permissions on the index"
+                )
+            if status == 413:
+                return FatalSinkError(
+                    f"{self._prefix()}: 413 request too large for {at}; lower options.max_bulk_bytes "
+                    f"(now {self.options.max_bulk_bytes}) below the cluster's http.max_content_length"
+                )
+            if isinstance(status, int) and (status == 429 or status >= 500):
+                return RetriableSinkError(f"{self._prefix()}: {status} {reason} from {at}")
+            return FatalSinkError(f"{self._prefix()}: unexpected {status} {reason} from {at}")
+        return RetriableSinkError(f"{self._prefix()}: {type(exc).__name__} from {at}: {_one_line(exc)}")
+
+    def _require_client(self) -> Any:
+        if self.client is None:
+            raise FatalSinkError(f"{self._prefix()}: write called before open (or after close)")
+        return self.client
+
+    def _hosts_text(self) -> str:
+        return ", ".join(_redact_url(h) for h in self.options.hosts)
+
+    def _prefix(self) -> str:
+        return f"sink {self.name!r} (opensearch)"
+
+
+class _EventProblem(Exception):
+    """An event that cannot become a bulk action (reported as permanent)."""
+
+
+def _transport_reason(exc: Exception) -> str:
+    """``type: reason`` of an opensearch-py TransportError, one line."""
+    info = getattr(exc, "info", None)
+    if isinstance(info, dict) and isinstance(info.get("error"), dict):
+        err = info["error"]
+        return _one_line(f"{err.get('type', '')}: {err.get('reason', '')}")
+    return _one_line(getattr(exc, "error", None) or exc)
+
+
+def _item_outcome(kind: str, item: Any) -> tuple[str, str]:
+    """("ok" | "retriable" | "permanent", reason) for one bulk response item."""
+    result = item.get(kind) if isinstance(item, dict) else None
+    if not isinstance(result, dict) and isinstance(item, dict) and len(item) == 1:
+        result = next(iter(item.values()))
+    if not isinstance(result, dict):
+        return "retriable", f"malformed bulk response item {_one_line(item, 100)}"
+    status = result.get("status")
+    error = result.get("error")
+    err_type = error.get("type", "") if isinstance(error, dict) else (str(error) if error else "")
+    err_reason = error.get("reason", "") if isinstance(error, dict) else ""
+    reason = _one_line(f"{status} {err_type}: {err_reason}" if err_type else f"{status} {result.get('result', '')}")
+    if not isinstance(status, int):
+        return "retriable", f"bulk response item without status: {_one_line(item, 100)}"
+    if 200 <= status < 300:
+        return "ok", ""
+    if status == 409 and err_type == "version_conflict_engine_exception":
+        return "ok", ""  # a newer (or the same) version is already there
+    if status == 404 and kind == "delete":
+        return "ok", ""  # nothing to delete (document or index missing)
+    if status == 429 or status >= 500:
+        return "retriable", reason
+    return "permanent", reason
