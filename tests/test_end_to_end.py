@@ -1,0 +1,248 @@
+"""End to end: the worker in a subprocess against DynamoDB Local, fanning out to osmem-server
+(OpenSearch API), moto server (S3) and redis-server; plus SIGTERM mid-stream and restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+import yaml
+
+from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
+from connectors.s3_audit import read_audit_objects
+from connectors.redis_cache import RedisCacheSink
+from connectors.verify import check_opensearch, check_redis, check_s3_audit, read_stream_events
+from connectors.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, create_table, scan_items
+from pipeline.awsconfig import AwsConfig
+from pipeline.codec import key_id
+from pipeline.events import Operation
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+INDEX = "orders-e2e"
+BUCKET = "audit-e2e"
+SECRET = "e2e-secret-must-never-be-logged"
+
+
+class Stack:
+    """Servers, clients and the worker's config for one test."""
+
+    def __init__(self, tmp_path, dynamodb_local, moto_server, opensearch_url, redis_server, name):
+        creds = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.ddb = boto3.client("dynamodb", endpoint_url=dynamodb_local.endpoint, **creds)
+        self.streams = boto3.client("dynamodbstreams", endpoint_url=dynamodb_local.endpoint, **creds)
+        self.s3 = boto3.client("s3", endpoint_url=moto_server.endpoint, **creds)
+        self.table = f"{name}-{os.urandom(4).hex()}"
+        self.lease_table = f"{self.table}-leases"
+        self.stream_arn = create_table(self.ddb, self.table)
+        self.bucket = f"{BUCKET}-{os.urandom(3).hex()}"
+        self.s3.create_bucket(Bucket=self.bucket)
+        self.os_url = opensearch_url
+        self.redis_url = redis_server.url
+        self.redis = redis.Redis.from_url(redis_server.url)
+        self.dead_letter = tmp_path / "dead-letter"
+        self.aws = AwsConfig(region="us-east-1", dynamodb_endpoint_url=dynamodb_local.endpoint,
+                             s3_endpoint_url=moto_server.endpoint)
+        self.config_path = tmp_path / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump({
+            "source": {"table": self.table, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
+                       "discovery_interval_s": 5},
+            "aws": {"region": "us-east-1", "dynamodb_endpoint_url": dynamodb_local.endpoint,
+                    "s3_endpoint_url": moto_server.endpoint},
+            "checkpoints": {"store": "dynamodb", "table_name": self.lease_table, "failover_time_s": 3},
+            "dead_letter": {"directory": str(self.dead_letter)},
+            "worker": {"shutdown_grace_s": 30},
+            "log": {"format": "json"},
+            "sinks": [
+                {"name": "search", "type": "opensearch", "options": {"hosts": [opensearch_url], "index": INDEX}},
+                {"name": "audit", "type": "s3_audit",
+                 "options": {"bucket": self.bucket, "prefix": "audit", "max_buffer_age_s": 2}},
+                {"name": "cache", "type": "redis_cache",
+                 "options": {"url": redis_server.url, "key_templates": CACHE_KEY_TEMPLATES}},
+            ],
+        }))
+        self.logs: list[Path] = []
+
+    def start_worker(self) -> subprocess.Popen:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIAE2ETESTKEY", "AWS_SECRET_ACCESS_KEY": SECRET,
+               "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
+        log = self.config_path.parent / f"worker-{len(self.logs)}.log"
+        self.logs.append(log)
+        fh = open(log, "wb")
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config_path)],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+
+    def stop_worker(self, proc: subprocess.Popen, timeout: float = 45) -> int:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"worker did not exit within {timeout} s of SIGTERM; log: {self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def checkpoint(self) -> str | None:
+        store = DynamoDBLeaseStore(self.aws, self.lease_table, client=self.ddb)
+        try:
+            leases = store.list_leases()
+        except Exception:
+            return None
+        return leases[0].checkpoint if leases else None
+
+    def wait_caught_up(self, proc: subprocess.Popen, timeout: float = 240) -> list:
+        events = read_stream_events(self.streams, self.stream_arn, self.table)
+        last = events[-1].sequence_number
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited early with {proc.returncode}; log: {self.log_text()[-3000:]}")
+            if self.checkpoint() == last:
+                return events
+            time.sleep(0.5)
+        pytest.fail(f"worker did not reach {last} within {timeout} s (checkpoint {self.checkpoint()}); "
+                    f"log: {self.log_text()[-3000:]}")
+
+    def preload_cache(self, workload_items: int) -> list[str]:
+        """Set every cache key the workload can invalidate, plus a sentinel; return the sentinel."""
+        wl = Workload(items=workload_items)
+        pipe = self.redis.pipeline(transaction=False)
+        for index in range(workload_items):
+            key = wl.key(index)
+            pipe.set(f"item:{key['pk']}:{key['sk']}", "cached")
+            pipe.set(f"user:{key['pk']}", "cached")
+            for n in range(10):
+                pipe.set(f"email:u{index}.{n}@example.com", "cached")
+        pipe.set("unrelated:sentinel", "keep me")
+        pipe.execute()
+        return ["unrelated:sentinel"]
+
+    def verify(self, events) -> None:
+        items = scan_items(self.ddb, self.table)
+        results = [
+            check_opensearch(self.os_url, INDEX, items, lambda it: key_id({"pk": it["pk"], "sk": it["sk"]})),
+            check_s3_audit(read_audit_objects(self.s3, self.bucket, "audit"), events),
+        ]
+        cache = RedisCacheSink("cache", RedisCacheSink.Options(url=self.redis_url, key_templates=CACHE_KEY_TEMPLATES))
+        keys = [k for ev in events for k in cache.keys_for(ev)]
+        results.append(check_redis(self.redis, keys, "unrelated:sentinel"))
+        failed = [r for r in results if not r.ok]
+        assert not failed, "; ".join(f"{r.name}: {r.summary}: {r.problems[:5]}" for r in failed)
+        assert not list(self.dead_letter.glob("*.json")), "nothing should be dead-lettered"
+
+
+@pytest.fixture
+def stack(request, tmp_path, aws_env, dynamodb_local, moto_server, opensearch_url, redis_server):
+    return Stack(tmp_path, dynamodb_local, moto_server, opensearch_url, redis_server, request.node.name[:20])
+
+
+def _types_seen(events) -> set[str]:
+    """DynamoDB types present in the new images of ``events``."""
+    seen: set[str] = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            seen.add("M")
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            seen.add("L")
+            for v in value:
+                walk(v)
+        elif isinstance(value, (set, frozenset)):
+            member = next(iter(value))
+            seen.add({str: "SS", bytes: "BS"}.get(type(member), "NS"))
+        elif isinstance(value, bool):
+            seen.add("BOOL")
+        elif value is None:
+            seen.add("NULL")
+        elif isinstance(value, str):
+            seen.add("S")
+        elif isinstance(value, bytes):
+            seen.add("B")
+        elif isinstance(value, Decimal):
+            seen.add("N")
+
+    for ev in events:
+        for image in (ev.before, ev.after):
+            if image:
+                for v in image.values():
+                    walk(v)
+    return seen
+
+
+def test_two_thousand_mixed_changes_reach_every_sink(stack):
+    items = 150
+    stack.preload_cache(items)
+    worker = stack.start_worker()
+    try:
+        workload = Workload(seed=11, items=items)
+        for change in workload.changes(2000):
+            apply_change(stack.ddb, stack.table, change)
+        events = stack.wait_caught_up(worker)
+    finally:
+        code = stack.stop_worker(worker)
+    assert code == 0, stack.log_text()[-3000:]
+    assert len(events) == 2000
+    ops = {ev.operation for ev in events}
+    assert ops == {Operation.INSERT, Operation.MODIFY, Operation.REMOVE}
+    assert _types_seen(events) >= {"S", "N", "B", "SS", "NS", "BS", "L", "M", "NULL", "BOOL"}
+    assert any(len(str(v)) >= 38 for ev in events if ev.after for v in [ev.after.get("big")] if v is not None)
+    stack.verify(events)
+    # the lease table uses KCL's attribute names and the final checkpoint
+    item = stack.ddb.scan(TableName=stack.lease_table)["Items"][0]
+    assert {"leaseKey", "leaseCounter", "checkpoint", "checkpointSubSequenceNumber",
+            "ownerSwitchesSinceCheckpoint"} <= set(item)
+    assert item["checkpoint"]["S"] == events[-1].sequence_number
+    assert "leaseOwner" not in item, "a graceful stop releases the lease"
+    assert SECRET not in stack.log_text(), "credentials must not be logged"
+
+
+def test_sigterm_mid_stream_then_restart_loses_nothing(stack):
+    items = 120
+    stack.preload_cache(items)
+    workload = Workload(seed=23, items=items)
+    changes = list(workload.changes(1500))
+    first = stack.start_worker()
+    stopped_at = None
+    try:
+        for n, change in enumerate(changes[:1000], start=1):
+            apply_change(stack.ddb, stack.table, change)
+            if n == 700:
+                # let the worker make progress, then stop it while it is still reading
+                deadline = time.monotonic() + 60
+                while stack.checkpoint() in (None, "TRIM_HORIZON") and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                code = stack.stop_worker(first)
+                stopped_at = stack.checkpoint()
+    finally:
+        if first.poll() is None:
+            stack.stop_worker(first)
+    assert code == 0, stack.log_text()[-3000:]
+    assert stopped_at not in (None, "TRIM_HORIZON"), "the first run checkpointed some progress"
+    all_so_far = read_stream_events(stack.streams, stack.stream_arn, stack.table)
+    assert int(stopped_at) < int(all_so_far[-1].sequence_number), "stopped mid-stream"
+
+    second = stack.start_worker()
+    try:
+        for change in changes[1000:]:
+            apply_change(stack.ddb, stack.table, change)
+        events = stack.wait_caught_up(second)
+    finally:
+        code2 = stack.stop_worker(second)
+    assert code2 == 0, stack.log_text()[-3000:]
+    assert len(events) == 1500
+    stack.verify(events)  # every sequence number audited, index equal to table, keys gone
+    # the second run resumed after the checkpoint: its first batch starts right after it
+    log = stack.logs[1].read_text()
+    assert f'"checkpoint": "{stopped_at}"' in log or f'"checkpoint":"{stopped_at}"' in log
