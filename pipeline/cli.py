@@ -62,7 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return worker.run()
+    code = worker.run()
+    if code != EXIT_OK:
+        reasons = "; ".join(f"shard {shard} {outcome}: {error}" for shard, outcome, error in worker.failed) or "shutdown did not finish in time"
+        _err(f"worker stopped with failures ({reasons}); see the log lines above for each shard's error")
+    return code
 
 
 def cmd_sinks(_args: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ class Worker:
             lease_store, worker_id=worker_id, table=source.table, stream_arn=source.stream_arn,
             failover_time_s=failover_time_s, logger=self.log, clock=clock)
         self.consumers: dict[str, ShardConsumer] = {}
-        self.failed: list[tuple[str, str]] = []
+        self.failed: list[tuple[str, str, str]] = []  # (shard id or "*", outcome, error)
         self._stopped_keys: set[str] = set()
         self._opened: list[Any] = []
 
@@ -83,12 +83,12 @@ class Worker:
             self._loop()
         except FatalSinkError as exc:
             self.log.error("worker_failed", error=str(exc))
-            self.failed.append(("*", str(exc)))
+            self.failed.append(("*", "failed", str(exc)))
             self.stop_event.set()
         finally:
             clean = self._shutdown()
         code = 0 if clean and not self.failed else 1
-        self.log.info("worker_stopped", exit_code=code, failed_shards=[s for s, _ in self.failed])
+        self.log.info("worker_stopped", exit_code=code, failed_shards=[s for s, _, _ in self.failed])
         return code
 
     # -- internals -----------------------------------------------------------------------------
@@ -112,18 +112,28 @@ class Worker:
         next_renewal = 0.0
         renew_every = self.failover_time_s / 3.0
         shards: list[ShardInfo] = []
+        first_discovery = True
         while not self.stop_event.is_set():
             now = self.clock()
             if now >= next_discovery:
-                shards = self.source.list_shards()
-                self.coordinator.sync_shards(shards, self.start_position)
+                try:
+                    shards = self.source.list_shards()
+                    self.coordinator.sync_shards(shards, self.start_position)
+                except CdcError as exc:
+                    if first_discovery:
+                        raise  # a stream or lease table that cannot be used at start is a set-up problem
+                    self.log.warning("shard_discovery_failed", error=str(exc))
+                first_discovery = False
                 next_discovery = now + self.discovery_interval_s
             if now >= next_renewal:
-                self.coordinator.renew()
-                self.coordinator.acquire()
+                try:
+                    self.coordinator.renew()
+                    self.coordinator.acquire()
+                except CdcError as exc:
+                    self.log.warning("lease_renewal_failed", error=str(exc))
                 next_renewal = now + renew_every
             self._reap()
-            if self.failed and any(o == "failed" for _, o in self.failed):
+            if self.failed and any(o == "failed" for _, o, _ in self.failed):
                 self.stop_event.set()
                 break
             self._start_ready_consumers(shards)
@@ -181,7 +191,7 @@ class Worker:
                 self.coordinator.release(key)
             elif outcome in ("failed", "trimmed"):
                 self._stopped_keys.add(key)
-                self.failed.append((consumer.shard_id, outcome))
+                self.failed.append((consumer.shard_id, outcome, str(consumer.error)))
                 self.log.error("shard_stopped", shard_id=consumer.shard_id, outcome=outcome,
                                error=str(consumer.error))
             elif outcome == "lease_lost":
