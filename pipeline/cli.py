@@ -15,6 +15,7 @@ configuration or usage (one line per problem on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Sequence
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
-    run.add_argument("--config", "-c", help="YAML configuration file (DDB_CDC_* env vars override it)")
+    run.add_argument("--config", "-c", default=os.environ.get("DDB_CDC_CONFIG"),
+                     help="YAML configuration file (default: $DDB_CDC_CONFIG; DDB_CDC_* env vars override it)")
     run.add_argument("--exit-when-idle", action="store_true",
                      help="exit 0 once every shard reached SHARD_END (for finite streams and tests)")
     run.set_defaults(func=cmd_run)
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="configuration commands")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate the configuration without starting")
-    check.add_argument("--config", "-c", help="YAML configuration file")
+    check.add_argument("--config", "-c", default=os.environ.get("DDB_CDC_CONFIG"),
+                       help="YAML configuration file (default: $DDB_CDC_CONFIG)")
     check.set_defaults(func=cmd_config_check)
 
     sinks = sub.add_parser("sinks", help="list sink types (built-in and plugins)")
