@@ -68,9 +68,12 @@ class Stack:
                  "options": {"bucket": self.bucket, "prefix": "audit", "max_buffer_age_s": 2}},
                 {"name": "cache", "type": "redis_cache",
                  "options": {"url": redis_server.url, "key_templates": CACHE_KEY_TEMPLATES}},
+                # the example plugin, installed from examples/custom_sink, selected by its entry point
+                {"name": "files", "type": "jsonl_file", "options": {"directory": str(tmp_path / "jsonl")}},
             ],
         }))
         self.logs: list[Path] = []
+        self.jsonl_dir = tmp_path / "jsonl"
 
     def start_worker(self) -> subprocess.Popen:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIAE2ETESTKEY", "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -139,10 +142,22 @@ class Stack:
         failed = [r for r in results if not r.ok]
         assert not failed, "; ".join(f"{r.name}: {r.summary}: {r.problems[:5]}" for r in failed)
         assert not list(self.dead_letter.glob("*.json")), "nothing should be dead-lettered"
+        # the plugin sink got every change exactly once, in stream order
+        from ddb_cdc_jsonl_sink.sink import read_events
+
+        got = [ev.sequence_number for ev in read_events(self.jsonl_dir, self.table)]
+        assert got == [ev.sequence_number for ev in events]
+
+
+@pytest.fixture(scope="module")
+def plugin_installed():
+    from tests.test_plugin import ensure_plugin_installed
+
+    return ensure_plugin_installed()
 
 
 @pytest.fixture
-def stack(request, tmp_path, aws_env, dynamodb_local, moto_server, opensearch_url, redis_server):
+def stack(request, tmp_path, aws_env, dynamodb_local, moto_server, opensearch_url, redis_server, plugin_installed):
     return Stack(tmp_path, dynamodb_local, moto_server, opensearch_url, redis_server, request.node.name[:20])
 
 
