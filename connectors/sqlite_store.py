@@ -56,8 +56,16 @@ class SQLiteLeaseStore:
             self._local.conn = conn
         return conn
 
+    def _execute(self, sql: str, params=()) -> sqlite3.Cursor:
+        """Run one statement; SQLite errors (locked file, missing table) become CheckpointStoreError."""
+        try:
+            return self._conn().execute(sql, params)
+        except sqlite3.Error as exc:
+            raise CheckpointStoreError(f"checkpoint file {self.path}: {exc}; check that no other program "
+                                       "holds it locked and that checkpoints.sqlite_path is writable") from None
+
     def ensure_table(self) -> None:
-        self._conn().execute(_SCHEMA)
+        self._execute(_SCHEMA)
 
     @staticmethod
     def _row_to_lease(row) -> Lease:
@@ -67,15 +75,15 @@ class SQLiteLeaseStore:
                      parent_shard_ids=parents, stream_arn=row[7], shard_id=row[8], table=row[9])
 
     def list_leases(self) -> list[Lease]:
-        rows = self._conn().execute(f"SELECT {_COLUMNS} FROM leases ORDER BY leaseKey").fetchall()
+        rows = self._execute(f"SELECT {_COLUMNS} FROM leases ORDER BY leaseKey").fetchall()
         return [self._row_to_lease(r) for r in rows]
 
     def get_lease(self, lease_key: str) -> Lease | None:
-        row = self._conn().execute(f"SELECT {_COLUMNS} FROM leases WHERE leaseKey = ?", (lease_key,)).fetchone()
+        row = self._execute(f"SELECT {_COLUMNS} FROM leases WHERE leaseKey = ?", (lease_key,)).fetchone()
         return self._row_to_lease(row) if row else None
 
     def create_lease_if_absent(self, lease: Lease) -> bool:
-        cur = self._conn().execute(
+        cur = self._execute(
             f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (lease.lease_key, lease.owner, lease.counter, lease.checkpoint, lease.sub_sequence_number,
              lease.owner_switches_since_checkpoint, ",".join(lease.parent_shard_ids) or None,
@@ -88,7 +96,7 @@ class SQLiteLeaseStore:
                   new.owner_switches_since_checkpoint, old.lease_key, old.counter]
         if old.owner is not None:
             params.append(old.owner)
-        cur = self._conn().execute(
+        cur = self._execute(
             "UPDATE leases SET leaseOwner = ?, leaseCounter = ?, checkpoint = ?, checkpointSubSequenceNumber = ?, "
             f"ownerSwitchesSinceCheckpoint = ? WHERE leaseKey = ? AND leaseCounter = ? AND {owner_clause}",
             params)
@@ -98,7 +106,8 @@ class SQLiteLeaseStore:
         return new
 
     def take_lease(self, lease: Lease, owner: str) -> Lease:
-        switches = lease.owner_switches_since_checkpoint + (1 if lease.owner != owner else 0)
+        # KCL counts a switch only when another worker owned it (DynamoDBLeaseRefresher.takeLease)
+        switches = lease.owner_switches_since_checkpoint + (1 if lease.owner is not None and lease.owner != owner else 0)
         return self._update(lease, lease.with_(owner=owner, counter=lease.counter + 1,
                                                owner_switches_since_checkpoint=switches))
 
@@ -114,7 +123,7 @@ class SQLiteLeaseStore:
         return self._update(lease, lease.with_(owner=None, counter=lease.counter + 1))
 
     def delete_lease(self, lease: Lease) -> None:
-        cur = self._conn().execute("DELETE FROM leases WHERE leaseKey = ? AND leaseCounter = ?",
+        cur = self._execute("DELETE FROM leases WHERE leaseKey = ? AND leaseCounter = ?",
                                    (lease.lease_key, lease.counter))
         if cur.rowcount != 1:
             raise LeaseLostError(f"lease {lease.lease_key} changed; not deleted")

@@ -149,9 +149,12 @@ class DynamoDBLeaseStore:
             if self._code(exc) == "ConditionalCheckFailedException":
                 return False
             raise CheckpointStoreError(f"cannot create lease {lease.lease_key}: {exc}") from None
+        except BotoCoreError as exc:
+            raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
 
     def take_lease(self, lease: Lease, owner: str) -> Lease:
-        switches = lease.owner_switches_since_checkpoint + (1 if lease.owner != owner else 0)
+        # KCL counts a switch only when another worker owned it (DynamoDBLeaseRefresher.takeLease)
+        switches = lease.owner_switches_since_checkpoint + (1 if lease.owner is not None and lease.owner != owner else 0)
         new = lease.with_(owner=owner, counter=lease.counter + 1, owner_switches_since_checkpoint=switches)
         self._update(lease, new, "SET leaseOwner = :owner, leaseCounter = :next, "
                                  "ownerSwitchesSinceCheckpoint = :switches",
@@ -186,6 +189,8 @@ class DynamoDBLeaseStore:
             if self._code(exc) == "ConditionalCheckFailedException":
                 raise LeaseLostError(f"lease {lease.lease_key} changed; not deleted") from None
             raise CheckpointStoreError(f"cannot delete lease {lease.lease_key}: {exc}") from None
+        except BotoCoreError as exc:
+            raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
 
     def _update(self, old: Lease, new: Lease, update: str, values: dict[str, Any], *, check_owner: bool = True) -> None:
         condition = "leaseCounter = :counter"
