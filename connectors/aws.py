@@ -40,7 +40,8 @@ def make_client(service: str, aws: AwsConfig, *, endpoint_url: str | None = None
     session = make_session(aws)
     region = aws.region or session.region_name or "us-east-1"
     config = Config(
-        retries={"mode": "standard", "max_attempts": aws.max_attempts},
+        # total_max_attempts counts the first request too (botocore's max_attempts counts retries only)
+        retries={"mode": "standard", "total_max_attempts": aws.max_attempts},
         connect_timeout=aws.connect_timeout_s,
         read_timeout=aws.read_timeout_s,
         max_pool_connections=max_pool_connections,

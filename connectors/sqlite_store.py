@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from pipeline.checkpoint import Lease
@@ -48,13 +49,30 @@ class SQLiteLeaseStore:
                 if self.path != ":memory:":
                     Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._enable_wal(conn)
                 conn.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 raise CheckpointStoreError(f"cannot open checkpoint file {self.path}: {exc}; "
                                            "check checkpoints.sqlite_path") from None
             self._local.conn = conn
         return conn
+
+    @staticmethod
+    def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 10.0) -> None:
+        """Switch to WAL mode. Several processes opening a brand-new file at once can get
+        "database is locked" at once (the busy timeout does not cover this pragma), so retry with
+        a short backoff until ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _execute(self, sql: str, params=()) -> sqlite3.Cursor:
         """Run one statement; SQLite errors (locked file, missing table) become CheckpointStoreError."""

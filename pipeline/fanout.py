@@ -129,8 +129,21 @@ class FanOut:
         Raises FatalSinkError or DeliveryAborted.
         """
         for runner in self.runners:
-            self._retry(runner, None, lambda r=runner: r.call(r.sink.flush), what="flush")
+            self._retry(runner, None, lambda r=runner: self._flush_once(r), what="flush")
             runner.stats.flushes += 1
+
+    @staticmethod
+    def _flush_once(runner: SinkRunner) -> None:
+        """One flush attempt: retriable and unexpected errors are retried; a sink that reports a
+        permanent error from flush cannot make written events durable, which is fatal."""
+        try:
+            runner.call(runner.sink.flush)
+        except (FatalSinkError, RetriableSinkError):
+            raise
+        except PermanentSinkError as exc:
+            raise FatalSinkError(f"sink {runner.name!r} cannot flush: {exc}") from exc
+        except Exception as exc:
+            raise RetriableSinkError(f"flush: unexpected {type(exc).__name__}: {exc}") from exc
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -148,12 +161,13 @@ class FanOut:
                 runner.call(lambda: runner.sink.write(sub))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
-                failed_ids = {id(ev) for ev, _ in exc.retriable}
+                # match by position, not object identity, so a sink may report copies of events
+                retry_positions = {(ev.source.shard_id, ev.sequence_number) for ev, _ in exc.retriable}
                 for ev, reason in exc.permanent:
                     self._dead_letter(runner, ev, reason, state)
                 delivered = len(pending) - len(exc.retriable) - len(exc.permanent)
                 runner.stats.delivered += max(0, delivered)
-                pending = [ev for ev in pending if id(ev) in failed_ids]
+                pending = [ev for ev in pending if (ev.source.shard_id, ev.sequence_number) in retry_positions]
                 if pending:
                     raise _Remaining(f"{len(pending)} events to retry: {exc}") from exc
                 return
@@ -208,7 +222,8 @@ class FanOut:
         retrying = Retrying(
             retry=retry_if_exception_type(RetriableSinkError),
             stop=stop,
-            wait=wait_exponential_jitter(initial=policy.initial_backoff_s, max=policy.max_backoff_s),
+            wait=wait_exponential_jitter(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s,
+                                         jitter=policy.initial_backoff_s),
             sleep=self._sleep,
             before_sleep=before_sleep,
             reraise=False,

@@ -177,6 +177,10 @@ class ShardConsumer(threading.Thread):
         return self._done_position or self._checkpointed
 
     def _iterator_for(self, position: str) -> str:
-        if position in (TRIM_HORIZON, LATEST):
-            return self.source.get_iterator(self.shard_id, position)
-        return self.source.get_iterator(self.shard_id, "AFTER_SEQUENCE_NUMBER", position)
+        try:
+            if position in (TRIM_HORIZON, LATEST):
+                return self.source.get_iterator(self.shard_id, position)
+            return self.source.get_iterator(self.shard_id, "AFTER_SEQUENCE_NUMBER", position)
+        except ShardNotFoundError as exc:
+            raise TrimmedDataError(f"shard {self.shard_id} is no longer in the stream "
+                                   f"(checkpoint {position}): {exc}") from exc

@@ -178,8 +178,21 @@ class Worker:
         return True
 
     def _all_done(self) -> bool:
-        leases = [lease for lease in self.lease_store.list_leases() if lease.stream_arn == self.source.stream_arn]
-        return bool(leases) and all(lease.finished for lease in leases)
+        """True when nothing is left to read: every lease finished, stopped (trimmed/failed), or
+        a descendant of a stopped shard (which can never start)."""
+        leases = {lease.shard_id: lease for lease in self.lease_store.list_leases()
+                  if lease.stream_arn == self.source.stream_arn}
+        stopped = {lease.shard_id for lease in leases.values() if lease.lease_key in self._stopped_keys}
+
+        def blocked(shard_id: str, depth: int = 0) -> bool:
+            for parent in leases[shard_id].parent_shard_ids:
+                if parent in stopped:
+                    return True
+                if parent in leases and not leases[parent].finished and depth < 1000 and blocked(parent, depth + 1):
+                    return True
+            return False
+
+        return bool(leases) and all(lease.finished or sid in stopped or blocked(sid) for sid, lease in leases.items())
 
     def _reap(self) -> None:
         for key, consumer in list(self.consumers.items()):

@@ -1,0 +1,448 @@
+"""pipeline.fanout.FanOut: order, retries, partial failures, dead-lettering, failure policies,
+shutdown during retries, serialisation of non-thread-safe sinks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+import structlog
+
+from pipeline.codec import decode_item
+from pipeline.deadletter import DirectoryDeadLetterQueue
+from pipeline.errors import (
+    FatalSinkError,
+    PartialSinkError,
+    PermanentSinkError,
+    RetriableSinkError,
+)
+from pipeline.events import Batch
+from pipeline.fanout import DeliveryAborted, FailurePolicy, FanOut, SinkRunner
+from pipeline.sink import Sink
+from pipeline.testing import RecordingSink, make_batch, make_stream_record
+
+SHARD = "shardId-00000001700000000000-aaaaaaaa"
+
+
+def fast(on_failure: str = "block", budget: float = 300.0) -> FailurePolicy:
+    return FailurePolicy(on_failure=on_failure, retry_budget_s=budget, initial_backoff_s=0.001, max_backoff_s=0.01)
+
+
+def batch_of(n: int, *, start: int = 1, shard_id: str = SHARD) -> Batch:
+    records = []
+    for i in range(start, start + n):
+        k = {"pk": f"item#{i}"}
+        records.append(make_stream_record(
+            event_name="MODIFY", keys=k,
+            old_image={**k, "n": Decimal(i), "state": "old"},
+            new_image={**k, "n": Decimal(i + 1), "state": "new", "blob": b"\x00\xff"},
+            sequence_number=f"{i:021d}"))
+    return make_batch(records, shard_id=shard_id)
+
+
+def seqs(events) -> list[str]:
+    return [e.sequence_number for e in events]
+
+
+@pytest.fixture
+def stop() -> threading.Event:
+    return threading.Event()
+
+
+@pytest.fixture
+def dlq(tmp_path) -> DirectoryDeadLetterQueue:
+    return DirectoryDeadLetterQueue(tmp_path / "dlq")
+
+
+def make_fanout(runners, dlq, stop) -> FanOut:
+    return FanOut(runners, dlq, stop_event=stop, logger=structlog.get_logger("test_fanout"))
+
+
+class ScriptedSink(Sink):
+    """Calls ``script(sink, batch, call_no)`` on every write; records every batch it was given."""
+
+    def __init__(self, name: str, script):
+        super().__init__(name)
+        self.script = script
+        self.calls: list[tuple[str, ...]] = []
+        self.delivered: list = []
+
+    def write(self, batch: Batch) -> None:
+        self.calls.append(tuple(seqs(batch.events)))
+        self.script(self, batch, len(self.calls))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_sink_receives_the_batch_in_order(dlq, stop):
+    sinks = [RecordingSink("a"), RecordingSink("b"), RecordingSink("c")]
+    fanout = make_fanout([SinkRunner(s, fast()) for s in sinks], dlq, stop)
+    b1, b2 = batch_of(5, start=1), batch_of(3, start=6)
+    fanout.deliver(b1)
+    fanout.deliver(b2)
+    fanout.flush()
+    expected = [f"{i:021d}" for i in range(1, 9)]
+    for sink in sinks:
+        assert seqs(sink.written) == expected
+        assert seqs(sink.flushed) == expected
+        assert sink.written[0] is b1.events[0]  # the events themselves, not copies
+    assert [r.stats.delivered for r in fanout.runners] == [8, 8, 8]
+    assert [r.stats.flushes for r in fanout.runners] == [1, 1, 1]
+    assert list(dlq.list()) == []
+
+
+def test_retriable_error_twice_then_success_delivers_once(dlq, stop):
+    sink = RecordingSink("rec")
+    sink.fail_next = [RetriableSinkError("timeout 1"), RetriableSinkError("timeout 2")]
+    runner = SinkRunner(sink, fast())
+    fanout = make_fanout([runner], dlq, stop)
+    batch = batch_of(4)
+    fanout.deliver(batch)
+    assert seqs(sink.written) == seqs(batch.events)  # once, not three times
+    assert runner.stats.retries == 2
+    assert runner.stats.delivered == 4
+    assert runner.stats.dead_lettered == 0
+    assert list(dlq.list()) == []
+
+
+def test_partial_error_dead_letters_permanent_and_resends_only_retriable(dlq, stop):
+    batch = batch_of(5)
+    perm_ev, retry_ev = batch.events[1], batch.events[3]
+
+    def script(sink, b, call_no):
+        if call_no == 1:
+            raise PartialSinkError("2 of 5 failed",
+                                   permanent=[(perm_ev, "mapper_parsing_exception: bad field")],
+                                   retriable=[(retry_ev, "es_rejected_execution_exception")])
+        sink.delivered.extend(b.events)
+
+    sink = ScriptedSink("search", script)
+    runner = SinkRunner(sink, fast())
+    make_fanout([runner], dlq, stop).deliver(batch)
+
+    # first call got everything; the retry got the retriable event alone
+    assert sink.calls == [tuple(seqs(batch.events)), (retry_ev.sequence_number,)]
+    assert sink.delivered == [retry_ev]
+    assert runner.stats.dead_lettered == 1
+    assert runner.stats.delivered == 4  # 3 on the first call + the retried one
+    entries = list(dlq.list())
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry.kind == "delivery"
+    assert entry.sink == "search"
+    assert "mapper_parsing_exception: bad field" in entry.error
+    assert entry.shard_id == SHARD
+    assert entry.sequence_number == perm_ev.sequence_number
+    assert entry.stream_arn == perm_ev.source.stream_arn
+    assert entry.attempts >= 1
+    assert entry.first_failure and entry.last_failure
+    # the full event, images included, decodable back to the same values
+    assert entry.event["source"]["sequence_number"] == perm_ev.sequence_number
+    assert entry.event["source"]["shard_id"] == SHARD
+    assert decode_item(entry.event["before"]) == dict(perm_ev.before)
+    assert decode_item(entry.event["after"]) == dict(perm_ev.after)
+    assert decode_item(entry.event["after"])["blob"] == b"\x00\xff"
+    assert entry.event["operation"] == "MODIFY"
+    # and its JSON form carries the position too
+    assert entry.to_dict()["position"] == {"stream_arn": perm_ev.source.stream_arn, "shard_id": SHARD,
+                                           "sequence_number": perm_ev.sequence_number}
+
+
+def test_permanent_error_dead_letters_every_event_with_deterministic_ids(dlq, stop):
+    def script(sink, b, call_no):
+        raise PermanentSinkError("403 index is read-only")
+
+    sink = ScriptedSink("search", script)
+    runner = SinkRunner(sink, fast())
+    fanout = make_fanout([runner], dlq, stop)
+    batch = batch_of(3)
+    fanout.deliver(batch)
+    assert len(sink.calls) == 1  # permanent: not retried
+    entries = sorted(dlq.list(), key=lambda e: e.sequence_number)
+    assert [e.sequence_number for e in entries] == seqs(batch.events)
+    assert runner.stats.dead_lettered == 3
+    for entry, event in zip(entries, batch.events):
+        again = dlq.get(entry.id)
+        assert again is not None and again.to_dict() == entry.to_dict()
+        assert again.sink == "search" and "403 index is read-only" in again.error
+        assert decode_item(again.event["after"]) == dict(event.after)
+        assert decode_item(again.event["before"]) == dict(event.before)
+    assert dlq.get("no-such-entry") is None
+
+    # the same events dead-lettered again (e.g. replay after restart): same ids, no new entries
+    ids = {e.id for e in entries}
+    fanout.deliver(batch)
+    assert {e.id for e in dlq.list()} == ids
+    assert len(list(dlq.list())) == 3
+    # another sink's failure for the same event is a different entry
+    other = ScriptedSink("audit", script)
+    make_fanout([SinkRunner(other, fast())], dlq, stop).deliver(batch_of(1))
+    assert len(list(dlq.list())) == 4
+
+
+def test_fatal_error_propagates_and_nothing_is_dead_lettered(dlq, stop):
+    def script(sink, b, call_no):
+        raise FatalSinkError("bucket does not exist")
+
+    first, second = RecordingSink("first"), RecordingSink("second")
+    fatal = ScriptedSink("fatal", script)
+    fanout = make_fanout([SinkRunner(first, fast()), SinkRunner(fatal, fast()), SinkRunner(second, fast())],
+                         dlq, stop)
+    with pytest.raises(FatalSinkError, match="bucket does not exist"):
+        fanout.deliver(batch_of(2))
+    assert len(fatal.calls) == 1
+    assert second.written == []  # the shard stops at the fatal sink
+    assert list(dlq.list()) == []
+
+
+def test_block_policy_retries_past_the_budget_and_dead_letters_nothing(dlq, stop):
+    failures = 10
+    timeline = []
+
+    def script(sink, b, call_no):
+        timeline.append(time.monotonic())
+        if call_no <= failures:
+            if call_no == 1:
+                time.sleep(0.06)  # the budget (0.05 s) is spent already after the first attempt
+            raise RetriableSinkError(f"unavailable #{call_no}")
+        sink.delivered.extend(b.events)
+
+    sink = ScriptedSink("blocky", script)
+    runner = SinkRunner(sink, fast("block", budget=0.05))
+    batch = batch_of(3)
+    make_fanout([runner], dlq, stop).deliver(batch)
+    assert len(sink.calls) == failures + 1
+    assert timeline[-1] - timeline[0] > 0.05
+    assert sink.delivered == list(batch.events)
+    assert runner.stats.retries == failures
+    assert runner.stats.dead_lettered == 0
+    assert list(dlq.list()) == []
+
+
+def test_dead_letter_policy_dead_letters_the_rest_after_the_budget(dlq, stop):
+    batch = batch_of(4)
+    delivered_ev = batch.events[0]
+
+    def script(sink, b, call_no):
+        if call_no == 1:  # first event goes through, the rest is to be retried
+            raise PartialSinkError("3 failed", retriable=[(ev, "429") for ev in b.events[1:]])
+        raise RetriableSinkError("still unavailable")
+
+    sink = ScriptedSink("lossy", script)
+    runner = SinkRunner(sink, fast("dead_letter", budget=0.05))
+    started = time.monotonic()
+    make_fanout([runner], dlq, stop).deliver(batch)  # returns
+    elapsed = time.monotonic() - started
+    assert 0.05 <= elapsed < 2.0
+    assert len(sink.calls) >= 2
+    assert all(call == tuple(seqs(batch.events[1:])) for call in sink.calls[1:])
+    entries = list(dlq.list())
+    assert sorted(e.sequence_number for e in entries) == seqs(batch.events[1:])
+    assert delivered_ev.sequence_number not in {e.sequence_number for e in entries}
+    for entry in entries:
+        assert entry.sink == "lossy"
+        assert "retry budget" in entry.error and "still unavailable" in entry.error
+        assert entry.attempts == len(sink.calls)
+    assert runner.stats.dead_lettered == 3
+
+
+def test_stop_event_during_retries_aborts_delivery(dlq, stop):
+    def script(sink, b, call_no):
+        if call_no == 3:
+            stop.set()
+        raise RetriableSinkError("down")
+
+    sink = ScriptedSink("down", script)
+    after = RecordingSink("after")
+    fanout = make_fanout([SinkRunner(sink, fast("dead_letter", budget=60)), SinkRunner(after, fast())], dlq, stop)
+    with pytest.raises(DeliveryAborted):
+        fanout.deliver(batch_of(2))
+    assert len(sink.calls) == 3
+    assert after.written == []
+    assert list(dlq.list()) == []  # aborted events are not dead-lettered: they are read again
+
+
+def test_stop_event_from_another_thread_aborts_a_blocked_delivery(dlq, stop):
+    def script(sink, b, call_no):
+        raise RetriableSinkError("down")
+
+    sink = ScriptedSink("down", script)
+    fanout = make_fanout([SinkRunner(sink, fast("block"))], dlq, stop)
+    timer = threading.Timer(0.1, stop.set)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(DeliveryAborted):
+        fanout.deliver(batch_of(2))
+    assert time.monotonic() - started < 2.0
+    assert len(sink.calls) > 1
+    assert list(dlq.list()) == []
+
+
+def test_unexpected_exception_from_write_is_retried_not_dropped(dlq, stop):
+    def script(sink, b, call_no):
+        if call_no <= 2:
+            raise ValueError("plugin bug")
+        sink.delivered.extend(b.events)
+
+    sink = ScriptedSink("plugin", script)
+    runner = SinkRunner(sink, fast())
+    batch = batch_of(3)
+    make_fanout([runner], dlq, stop).deliver(batch)
+    assert sink.delivered == list(batch.events)
+    assert len(sink.calls) == 3
+    assert runner.stats.retries == 2
+    assert list(dlq.list()) == []
+
+
+def test_unexpected_exception_from_write_under_dead_letter_policy_keeps_the_error_text(dlq, stop):
+    def script(sink, b, call_no):
+        raise ValueError("plugin bug 42")
+
+    sink = ScriptedSink("plugin", script)
+    make_fanout([SinkRunner(sink, fast("dead_letter", budget=0.03))], dlq, stop).deliver(batch_of(1))
+    [entry] = list(dlq.list())
+    assert "plugin bug 42" in entry.error and "ValueError" in entry.error
+
+
+def test_unexpected_exception_from_flush_is_retried(dlq, stop):
+    class FlakyFlush(RecordingSink):
+        def __init__(self):
+            super().__init__("flaky-flush")
+            self.flush_calls = 0
+
+        def flush(self):
+            self.flush_calls += 1
+            if self.flush_calls <= 2:
+                raise ConnectionError("connection reset")
+            super().flush()
+
+    sink = FlakyFlush()
+    fanout = make_fanout([SinkRunner(sink, fast())], dlq, stop)
+    batch = batch_of(2)
+    fanout.deliver(batch)
+    fanout.flush()
+    assert sink.flush_calls == 3
+    assert seqs(sink.flushed) == seqs(batch.events)
+
+
+def test_retriable_error_from_flush_is_retried(dlq, stop):
+    class FlakyFlush(RecordingSink):
+        def __init__(self):
+            super().__init__("flaky-flush")
+            self.flush_calls = 0
+
+        def flush(self):
+            self.flush_calls += 1
+            if self.flush_calls <= 2:
+                raise RetriableSinkError("503")
+            super().flush()
+
+    sink = FlakyFlush()
+    runner = SinkRunner(sink, fast())
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch_of(2))
+    fanout.flush()
+    assert sink.flush_calls == 3
+    assert len(sink.flushed) == 2
+    assert runner.stats.retries == 2
+
+
+def test_non_thread_safe_sink_is_never_called_concurrently(dlq, stop):
+    class OverlapDetector(Sink):
+        def __init__(self):
+            super().__init__("detector")
+            self.active = 0
+            self.max_active = 0
+            self.overlaps = 0
+            self.seen: list[str] = []
+            self.counter_lock = threading.Lock()
+
+        def write(self, batch):
+            with self.counter_lock:
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+                if self.active > 1:
+                    self.overlaps += 1
+            time.sleep(0.002)  # widen the window
+            self.seen.extend(seqs(batch.events))
+            with self.counter_lock:
+                self.active -= 1
+
+        def flush(self):
+            self.write(Batch(table="t", stream_arn="a", shard_id="s", events=(), checkpoint_sequence_number=None))
+
+    sink = OverlapDetector()
+    assert not getattr(sink, "thread_safe", False)
+    fanout = make_fanout([SinkRunner(sink, fast())], dlq, stop)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def shard_thread(t: int) -> None:
+        try:
+            barrier.wait()
+            for j in range(10):
+                fanout.deliver(batch_of(2, start=t * 1000 + j * 2 + 1, shard_id=f"shardId-{t}"))
+                if j % 3 == 0:
+                    fanout.flush()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=shard_thread, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert errors == []
+    assert sink.overlaps == 0 and sink.max_active == 1
+    assert len(sink.seen) == 4 * 10 * 2
+    assert len(set(sink.seen)) == 80
+
+
+def test_thread_safe_sink_is_called_concurrently(dlq, stop):
+    """The counterpart: the overlap detector above can see overlaps (so its assertion means something)."""
+
+    class ThreadSafeDetector(Sink):
+        thread_safe = True
+
+        def __init__(self):
+            super().__init__("ts")
+            self.active = 0
+            self.max_active = 0
+            self.lock = threading.Lock()
+
+        def write(self, batch):
+            with self.lock:
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+            time.sleep(0.01)
+            with self.lock:
+                self.active -= 1
+
+    sink = ThreadSafeDetector()
+    fanout = make_fanout([SinkRunner(sink, fast())], dlq, stop)
+    barrier = threading.Barrier(4)
+
+    def shard_thread(t: int) -> None:
+        barrier.wait()
+        for j in range(5):
+            fanout.deliver(batch_of(1, start=t * 100 + j + 1, shard_id=f"shardId-{t}"))
+
+    threads = [threading.Thread(target=shard_thread, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert sink.max_active > 1
+
+
+def test_empty_batch_calls_no_sink(dlq, stop):
+    def script(sink, b, call_no):  # pragma: no cover - must not be called
+        raise AssertionError("called")
+
+    sink = ScriptedSink("x", script)
+    make_fanout([SinkRunner(sink, fast())], dlq, stop).deliver(
+        Batch(table="t", stream_arn="a", shard_id="s", events=(), checkpoint_sequence_number="1"))
+    assert sink.calls == []
