@@ -16,11 +16,18 @@ from pipeline.shard_consumer import ShardSettings
 from pipeline.worker import Worker
 
 
-def build_source(settings: Settings) -> Any:
-    """The DynamoDB Streams source for ``settings.source``. Raises SourceError."""
+def build_sources(settings: Settings) -> list[Any]:
+    """One DynamoDB Streams source per configured table / stream ARN. Raises SourceError."""
+    from connectors.aws import make_client
     from connectors.dynamodb_streams.source import DynamoDBStreamSource
 
-    return DynamoDBStreamSource(settings.aws, table=settings.source.table, stream_arn=settings.source.stream_arn)
+    streams = make_client("dynamodbstreams", settings.aws, max_pool_connections=50)
+    dynamodb = make_client("dynamodb", settings.aws)
+    sources = []
+    for kind, value in settings.source.stream_specs():
+        kwargs = {kind: value}
+        sources.append(DynamoDBStreamSource(settings.aws, dynamodb=dynamodb, streams=streams, **kwargs))
+    return sources
 
 
 def build_lease_store(settings: Settings) -> Any:
@@ -52,7 +59,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
                 for c in settings.sinks}
     src = settings.source
     return Worker(
-        source=build_source(settings),
+        sources=build_sources(settings),
         lease_store=build_lease_store(settings),
         sinks=sinks,
         dead_letter=build_dead_letter(settings),

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import Lease
+from pipeline.checkpoint import Lease, WorkerInfo
 from pipeline.errors import CheckpointStoreError, LeaseLostError
 
 _SCHEMA = """
@@ -27,12 +27,24 @@ CREATE TABLE IF NOT EXISTS leases (
     parentShardId TEXT,
     streamArn TEXT NOT NULL,
     shardId TEXT NOT NULL,
-    tableName TEXT NOT NULL
+    tableName TEXT NOT NULL,
+    millisBehindLatest INTEGER
+)
+"""
+
+_WORKERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workers (
+    workerId TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    startedAt TEXT NOT NULL,
+    heartbeatAt TEXT NOT NULL,
+    leases INTEGER NOT NULL DEFAULT 0
 )
 """
 
 _COLUMNS = ("leaseKey, leaseOwner, leaseCounter, checkpoint, checkpointSubSequenceNumber, "
-            "ownerSwitchesSinceCheckpoint, parentShardId, streamArn, shardId, tableName")
+            "ownerSwitchesSinceCheckpoint, parentShardId, streamArn, shardId, tableName, millisBehindLatest")
 
 
 class SQLiteLeaseStore:
@@ -84,13 +96,15 @@ class SQLiteLeaseStore:
 
     def ensure_table(self) -> None:
         self._execute(_SCHEMA)
+        self._execute(_WORKERS_SCHEMA)
 
     @staticmethod
     def _row_to_lease(row) -> Lease:
         parents = tuple(p for p in (row[6] or "").split(",") if p)
         return Lease(lease_key=row[0], owner=row[1], counter=row[2], checkpoint=row[3],
                      sub_sequence_number=row[4], owner_switches_since_checkpoint=row[5],
-                     parent_shard_ids=parents, stream_arn=row[7], shard_id=row[8], table=row[9])
+                     parent_shard_ids=parents, stream_arn=row[7], shard_id=row[8], table=row[9],
+                     behind_ms=row[10])
 
     def list_leases(self) -> list[Lease]:
         rows = self._execute(f"SELECT {_COLUMNS} FROM leases ORDER BY leaseKey").fetchall()
@@ -102,21 +116,22 @@ class SQLiteLeaseStore:
 
     def create_lease_if_absent(self, lease: Lease) -> bool:
         cur = self._execute(
-            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (lease.lease_key, lease.owner, lease.counter, lease.checkpoint, lease.sub_sequence_number,
              lease.owner_switches_since_checkpoint, ",".join(lease.parent_shard_ids) or None,
-             lease.stream_arn, lease.shard_id, lease.table))
+             lease.stream_arn, lease.shard_id, lease.table, lease.behind_ms))
         return cur.rowcount == 1
 
     def _update(self, old: Lease, new: Lease) -> Lease:
         owner_clause = "leaseOwner IS NULL" if old.owner is None else "leaseOwner = ?"
         params = [new.owner, new.counter, new.checkpoint, new.sub_sequence_number,
-                  new.owner_switches_since_checkpoint, old.lease_key, old.counter]
+                  new.owner_switches_since_checkpoint, new.behind_ms, old.lease_key, old.counter]
         if old.owner is not None:
             params.append(old.owner)
         cur = self._execute(
             "UPDATE leases SET leaseOwner = ?, leaseCounter = ?, checkpoint = ?, checkpointSubSequenceNumber = ?, "
-            f"ownerSwitchesSinceCheckpoint = ? WHERE leaseKey = ? AND leaseCounter = ? AND {owner_clause}",
+            f"ownerSwitchesSinceCheckpoint = ?, millisBehindLatest = ? "
+            f"WHERE leaseKey = ? AND leaseCounter = ? AND {owner_clause}",
             params)
         if cur.rowcount != 1:
             raise LeaseLostError(f"lease {old.lease_key} was changed by another worker "
@@ -129,13 +144,16 @@ class SQLiteLeaseStore:
         return self._update(lease, lease.with_(owner=owner, counter=lease.counter + 1,
                                                owner_switches_since_checkpoint=switches))
 
-    def renew_lease(self, lease: Lease) -> Lease:
-        return self._update(lease, lease.with_(counter=lease.counter + 1))
+    def renew_lease(self, lease: Lease, *, behind_ms: int | None = None) -> Lease:
+        behind = lease.behind_ms if behind_ms is None else behind_ms
+        return self._update(lease, lease.with_(counter=lease.counter + 1, behind_ms=behind))
 
-    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0) -> Lease:
+    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0, *,
+                   behind_ms: int | None = None) -> Lease:
+        behind = lease.behind_ms if behind_ms is None else behind_ms
         return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=checkpoint,
                                                sub_sequence_number=sub_sequence_number,
-                                               owner_switches_since_checkpoint=0))
+                                               owner_switches_since_checkpoint=0, behind_ms=behind))
 
     def release_lease(self, lease: Lease) -> Lease:
         return self._update(lease, lease.with_(owner=None, counter=lease.counter + 1))
@@ -145,3 +163,19 @@ class SQLiteLeaseStore:
                                    (lease.lease_key, lease.counter))
         if cur.rowcount != 1:
             raise LeaseLostError(f"lease {lease.lease_key} changed; not deleted")
+
+    # -- worker announcements -------------------------------------------------------------------
+
+    def announce_worker(self, info: WorkerInfo) -> None:
+        self._execute(
+            "INSERT INTO workers (workerId, host, pid, startedAt, heartbeatAt, leases) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(workerId) DO UPDATE SET heartbeatAt = excluded.heartbeatAt, leases = excluded.leases",
+            (info.worker_id, info.host, info.pid, info.started_at, info.heartbeat_at, info.leases))
+
+    def list_workers(self) -> list[WorkerInfo]:
+        rows = self._execute("SELECT workerId, host, pid, startedAt, heartbeatAt, leases FROM workers "
+                             "ORDER BY workerId").fetchall()
+        return [WorkerInfo(*row) for row in rows]
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._execute("DELETE FROM workers WHERE workerId = ?", (worker_id,))

@@ -50,6 +50,10 @@ class Lease:
     sub_sequence_number: int = 0
     owner_switches_since_checkpoint: int = 0
     parent_shard_ids: tuple[str, ...] = ()
+    #: how far the owner's reader is behind the stream, in ms (KCL's MillisBehindLatest idea):
+    #: now − ApproximateCreationDateTime of the last record read, 0 when the last read was empty;
+    #: written with every renewal and checkpoint, None until the first.
+    behind_ms: int | None = field(default=None, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -86,10 +90,11 @@ class LeaseStore(Protocol):
     def take_lease(self, lease: Lease, owner: str) -> Lease:
         """Become the owner of ``lease``, conditional on the counter and owner in ``lease``."""
 
-    def renew_lease(self, lease: Lease) -> Lease:
-        """Increment the counter, conditional on owner and counter."""
+    def renew_lease(self, lease: Lease, *, behind_ms: int | None = None) -> Lease:
+        """Increment the counter (and record ``behind_ms``), conditional on owner and counter."""
 
-    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0) -> Lease:
+    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0, *,
+                   behind_ms: int | None = None) -> Lease:
         """Record a checkpoint, conditional on owner and counter; resets ownerSwitchesSinceCheckpoint."""
 
     def release_lease(self, lease: Lease) -> Lease:
@@ -97,6 +102,28 @@ class LeaseStore(Protocol):
 
     def delete_lease(self, lease: Lease) -> None:
         """Remove a finished lease (conditional on counter)."""
+
+    def announce_worker(self, info: "WorkerInfo") -> None:
+        """Create or refresh this worker's record (id, host, pid, start time, heartbeat)."""
+
+    def list_workers(self) -> list["WorkerInfo"]:
+        """Every announced worker (live or not: compare ``heartbeat_at`` with the failover time)."""
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Remove a worker's record (graceful shutdown)."""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker's announcement: id, host, pid, start and last heartbeat as ISO 8601 UTC text,
+    and how many leases it held at that heartbeat."""
+
+    worker_id: str
+    host: str
+    pid: int
+    started_at: str
+    heartbeat_at: str
+    leases: int = 0
 
 
 def leases_by_shard(leases: Sequence[Lease]) -> dict[tuple[str, str], Lease]:

@@ -3,6 +3,8 @@
 Commands::
 
     ddb-cdc run --config FILE            run the worker until SIGTERM / SIGINT
+    ddb-cdc run --processes N|auto       N workers under one supervisor
+    ddb-cdc status --config FILE         streams, shards, lease owners, checkpoints, lag, workers
     ddb-cdc config check --config FILE   validate configuration and sink options, start nothing
     ddb-cdc sinks                        list the sink types (built-in and plugins)
     ddb-cdc demo                         the whole pipeline on embedded stand-in servers
@@ -51,6 +53,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings, sinks = _load(args.config)
     configure_logging(settings.log.level, settings.log.format)
+    if args.processes is not None:
+        from pipeline.supervisor import resolve_processes, run_supervised
+
+        processes = resolve_processes(args.processes)
+        if processes > 1:
+            child = [sys.executable, "-m", "pipeline.cli", "run"]
+            if args.config:
+                child += ["--config", os.path.abspath(args.config)]
+            if args.exit_when_idle:
+                child.append("--exit-when-idle")
+            return run_supervised(child, processes, logger=get_logger(supervisor_pid=os.getpid()),
+                                  shutdown_grace_s=settings.worker.shutdown_grace_s,
+                                  restart_clean_exits=not args.exit_when_idle)
     from connectors.runtime import build_worker
 
     worker = build_worker(settings, logger=get_logger(), where=str(args.config), sinks=sinks,
@@ -117,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
     run.add_argument("--config", "-c", default=os.environ.get("DDB_CDC_CONFIG"),
                      help="YAML configuration file (default: $DDB_CDC_CONFIG; DDB_CDC_* env vars override it)")
+    run.add_argument("--processes", "-p", default=None,
+                     help="run N lease-holding worker processes under one supervisor (N or 'auto' = usable "
+                          "CPUs); it forwards SIGTERM/SIGINT and restarts a crashed worker with backoff")
     run.add_argument("--exit-when-idle", action="store_true",
                      help="exit 0 once every shard reached SHARD_END (for finite streams and tests)")
     run.set_defaults(func=cmd_run)

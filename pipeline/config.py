@@ -32,7 +32,9 @@ class _Strict(BaseModel):
 
 
 class SourceConfig(_Strict):
-    """The stream to read: by ``table`` (its LatestStreamArn) or by ``stream_arn``.
+    """The streams to read: by ``table`` (its LatestStreamArn) or by ``stream_arn``; several with
+    the lists ``tables`` / ``stream_arns`` (every shard of every stream is a lease in one lease
+    table; events carry their table, so index names and key templates can depend on it).
 
     - ``start_position``: where a shard with no checkpoint starts, TRIM_HORIZON (oldest record
       still in the stream, default) or LATEST (only new records). Shards that appear later
@@ -47,6 +49,8 @@ class SourceConfig(_Strict):
 
     table: str | None = None
     stream_arn: str | None = None
+    tables: list[str] = Field(default_factory=list)
+    stream_arns: list[str] = Field(default_factory=list)
     start_position: Literal["TRIM_HORIZON", "LATEST"] = "TRIM_HORIZON"
     max_records_per_call: int = Field(1000, ge=1, le=1000)
     idle_interval_ms: int = Field(250, ge=0, le=60_000)
@@ -54,12 +58,20 @@ class SourceConfig(_Strict):
     checkpoint_interval_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
-    def _one_stream(self) -> "SourceConfig":
-        if not self.table and not self.stream_arn:
-            raise ValueError("set source.table (the table name) or source.stream_arn")
-        if self.table and self.stream_arn:
-            raise ValueError("set only one of source.table and source.stream_arn")
+    def _some_stream(self) -> "SourceConfig":
+        specs = self.stream_specs()
+        if not specs:
+            raise ValueError("set source.table (the table name), source.stream_arn, "
+                             "or the lists source.tables / source.stream_arns")
+        if len(set(specs)) != len(specs):
+            raise ValueError("a table or stream ARN is named twice in source")
         return self
+
+    def stream_specs(self) -> list[tuple[str, str]]:
+        """Every configured stream as ``("table", name)`` or ``("stream_arn", arn)``, in order."""
+        specs = [("table", t) for t in ([self.table] if self.table else []) + list(self.tables)]
+        specs += [("stream_arn", a) for a in ([self.stream_arn] if self.stream_arn else []) + list(self.stream_arns)]
+        return specs
 
 
 class CheckpointConfig(_Strict):

@@ -7,13 +7,21 @@ The owner renews every ``failover_time_s / 3`` seconds by incrementing the count
 are conditional on owner and counter, so a worker that lost a lease can never move its
 checkpoint (:class:`pipeline.errors.LeaseLostError`).
 
+Load balancing (KCL's algorithm): the live workers are this one plus the owners of leases that
+are not expired; the fair share is ``ceil(unfinished leases / live workers)``. A worker below its
+share takes free and expired leases first; if still below, it steals from the most loaded worker,
+at most ``max_steal`` lease per renewal interval and only while that worker holds more than the
+share, so counts converge to differ by at most one.
+
 All methods are thread-safe: shard threads checkpoint while the main loop renews.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable, Iterable
 
 from pipeline.checkpoint import Lease, LeaseStore, lease_key_for
@@ -23,28 +31,32 @@ from pipeline.source import ShardInfo
 
 
 class LeaseCoordinator:
-    """Owns this worker's view of the lease table.
+    """Owns this worker's view of the lease table, for every stream in ``stream_arns``.
 
-    ``clock`` returns monotonic seconds (injectable for tests).
+    ``clock`` returns monotonic seconds (injectable for tests). ``max_steal``: leases taken from
+    other workers per :meth:`acquire` call (default 1).
     """
 
-    def __init__(self, store: LeaseStore, *, worker_id: str, table: str, stream_arn: str,
-                 failover_time_s: float, logger: Any, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, store: LeaseStore, *, worker_id: str, stream_arns: Iterable[str],
+                 failover_time_s: float, logger: Any, clock: Callable[[], float] = time.monotonic,
+                 max_steal: int = 1):
         self.store = store
         self.worker_id = worker_id
-        self.table = table
-        self.stream_arn = stream_arn
+        self.stream_arns = set(stream_arns)
         self.failover_time_s = failover_time_s
         self.log = logger
         self.clock = clock
+        self.max_steal = max_steal
         self._lock = threading.RLock()
         self._held: dict[str, Lease] = {}
         self._observed: dict[str, tuple[int, float]] = {}
+        self._behind: dict[str, int] = {}
+        self.takeovers = 0
 
     # -- shards → leases -----------------------------------------------------------------------
 
-    def sync_shards(self, shards: Iterable[ShardInfo], start_position: str) -> list[Lease]:
-        """Create a lease for every shard that has none yet.
+    def sync_shards(self, table: str, stream_arn: str, shards: Iterable[ShardInfo], start_position: str) -> list[Lease]:
+        """Create a lease for every shard of ``stream_arn`` that has none yet.
 
         On the first sync of a stream (no lease of it exists) shards start at ``start_position``;
         with LATEST, closed shards are created as SHARD_END (their data is older than "now").
@@ -52,7 +64,7 @@ class LeaseCoordinator:
         Returns the leases created.
         """
         shards = list(shards)
-        existing = {lease.shard_id for lease in self.store.list_leases() if lease.stream_arn == self.stream_arn}
+        existing = {lease.shard_id for lease in self.store.list_leases() if lease.stream_arn == stream_arn}
         first_sync = not existing
         created = []
         for shard in shards:
@@ -63,57 +75,104 @@ class LeaseCoordinator:
             else:
                 checkpoint = TRIM_HORIZON
             lease = Lease(
-                lease_key=lease_key_for(self.table, self.stream_arn, shard.shard_id),
-                table=self.table,
-                stream_arn=self.stream_arn,
+                lease_key=lease_key_for(table, stream_arn, shard.shard_id),
+                table=table,
+                stream_arn=stream_arn,
                 shard_id=shard.shard_id,
                 checkpoint=checkpoint,
                 parent_shard_ids=(shard.parent_shard_id,) if shard.parent_shard_id else (),
             )
             if self.store.create_lease_if_absent(lease):
                 created.append(lease)
-                self.log.info("lease_created", shard_id=shard.shard_id, checkpoint=checkpoint,
+                self.log.info("lease_created", table=table, shard_id=shard.shard_id, checkpoint=checkpoint,
                               parent_shard_id=shard.parent_shard_id)
         return created
 
+    def remove_finished_parents(self, stream_arn: str, shards_in_stream: Iterable[str]) -> list[Lease]:
+        """Delete finished leases of shards that have left the stream and whose children all started.
+
+        A child has started once its checkpoint is past its start (a sequence number or
+        SHARD_END). A finished shard with no children yet is kept (it is re-checked every
+        discovery), and so is one still listed by DescribeStream. Returns the leases deleted.
+        """
+        in_stream = set(shards_in_stream)
+        leases = [lease for lease in self.store.list_leases() if lease.stream_arn == stream_arn]
+        deleted = []
+        for lease in leases:
+            if not lease.finished or lease.shard_id in in_stream:
+                continue
+            children = [c for c in leases if lease.shard_id in c.parent_shard_ids]
+            if not children or not all(c.checkpoint not in (TRIM_HORIZON, LATEST) for c in children):
+                continue
+            try:
+                self.store.delete_lease(lease)
+            except LeaseLostError:
+                continue
+            deleted.append(lease)
+            self.log.info("parent_lease_removed", shard_id=lease.shard_id,
+                          children=[c.shard_id for c in children])
+        return deleted
+
     # -- taking and renewing -------------------------------------------------------------------
 
-    def acquire(self, max_leases: int | None = None) -> list[Lease]:
-        """Take free and expired leases of this stream (free first), up to ``max_leases`` held.
+    def _is_expired(self, lease: Lease, now: float) -> bool:
+        seen = self._observed.get(lease.lease_key)
+        return seen is not None and seen[0] == lease.counter and now - seen[1] >= self.failover_time_s
 
-        Finished (SHARD_END) leases are not taken. Returns the leases newly taken.
+    def acquire(self) -> list[Lease]:
+        """Take leases up to this worker's fair share: free and expired first, then steal.
+
+        Finished (SHARD_END) leases are never taken. Returns the leases newly taken.
         """
         now = self.clock()
-        taken = []
-        leases = [lease for lease in self.store.list_leases() if lease.stream_arn == self.stream_arn]
-        candidates = []
+        leases = [lease for lease in self.store.list_leases() if lease.stream_arn in self.stream_arns]
         for lease in leases:
             seen = self._observed.get(lease.lease_key)
             if seen is None or seen[0] != lease.counter:
                 self._observed[lease.lease_key] = (lease.counter, now)
-                seen = self._observed[lease.lease_key]
-            if lease.finished or lease.lease_key in self._held:
-                continue
-            if lease.owner is None:
-                candidates.append((0, lease))
-            elif lease.owner == self.worker_id:
-                candidates.append((0, lease))  # ours from before (e.g. a failed release); counter check protects
-            elif now - seen[1] >= self.failover_time_s:
-                candidates.append((1, lease))
-        candidates.sort(key=lambda pair: pair[0])
-        for _, lease in candidates:
-            if max_leases is not None and len(self._held) >= max_leases:
-                break
+        active = [lease for lease in leases if not lease.finished]
+        with self._lock:
+            held_keys = set(self._held)
+        owners = Counter(lease.owner for lease in active
+                         if lease.owner and lease.owner != self.worker_id and not self._is_expired(lease, now))
+        live_workers = len(owners) + 1
+        target = math.ceil(len(active) / live_workers) if active else 0
+        taken: list[Lease] = []
+
+        def take(lease: Lease, why: str) -> bool:
             try:
                 new = self.store.take_lease(lease, self.worker_id)
             except LeaseLostError:
-                continue
+                return False
             with self._lock:
                 self._held[new.lease_key] = new
             self._observed[new.lease_key] = (new.counter, now)
-            self.log.info("lease_taken", shard_id=new.shard_id, previous_owner=lease.owner,
-                          checkpoint=new.checkpoint, lease_counter=new.counter)
+            if lease.owner and lease.owner != self.worker_id:
+                self.takeovers += 1
+            self.log.info("lease_taken", shard_id=new.shard_id, table=new.table, reason=why,
+                          previous_owner=lease.owner, checkpoint=new.checkpoint, lease_counter=new.counter,
+                          held=len(held_keys) + len(taken) + 1, target=target)
             taken.append(new)
+            return True
+
+        # ours from before (e.g. a failed release): the counter check protects the take
+        candidates = [lease for lease in active if lease.lease_key not in held_keys and (
+            lease.owner is None or lease.owner == self.worker_id or self._is_expired(lease, now))]
+        candidates.sort(key=lambda lease: (lease.owner is not None and lease.owner != self.worker_id, lease.lease_key))
+        for lease in candidates:
+            if len(held_keys) + len(taken) >= target:
+                break
+            take(lease, "free" if lease.owner is None else "own" if lease.owner == self.worker_id else "expired")
+        stolen = 0
+        while len(held_keys) + len(taken) < target and stolen < self.max_steal and owners:
+            victim, count = owners.most_common(1)[0]
+            if count <= target and count <= len(held_keys) + len(taken) + 1:
+                break  # counts already differ by at most one
+            theirs = sorted((lease for lease in active if lease.owner == victim), key=lambda lease: lease.lease_key)
+            if not theirs or not take(theirs[0], "balance"):
+                break
+            owners[victim] -= 1
+            stolen += 1
         return taken
 
     def renew(self) -> list[Lease]:
@@ -125,7 +184,7 @@ class LeaseCoordinator:
                 if lease is None:
                     continue
                 try:
-                    self._held[key] = self.store.renew_lease(lease)
+                    self._held[key] = self.store.renew_lease(lease, behind_ms=self._behind.get(key))
                 except LeaseLostError:
                     self._held.pop(key, None)
                     lost.append(lease)
@@ -149,6 +208,10 @@ class LeaseCoordinator:
         with self._lock:
             return lease_key in self._held
 
+    def report_behind(self, lease_key: str, behind_ms: int) -> None:
+        """A consumer's current lag (ms); written with the next renewal or checkpoint."""
+        self._behind[lease_key] = int(behind_ms)
+
     def checkpoint(self, lease_key: str, checkpoint: str) -> Lease:
         """Record ``checkpoint`` (sequence number or SHARD_END) for a held lease.
 
@@ -160,7 +223,7 @@ class LeaseCoordinator:
             if lease is None:
                 raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id}")
             try:
-                new = self.store.checkpoint(lease, checkpoint)
+                new = self.store.checkpoint(lease, checkpoint, behind_ms=self._behind.get(lease_key))
             except LeaseLostError:
                 self._held.pop(lease_key, None)
                 raise
@@ -185,6 +248,6 @@ class LeaseCoordinator:
             self.release(key)
 
     def drop(self, lease_key: str) -> None:
-        """Forget a lease without writing (after SHARD_END the lease stays as the finished record)."""
+        """Forget a lease without writing (it was lost to another worker)."""
         with self._lock:
             self._held.pop(lease_key, None)

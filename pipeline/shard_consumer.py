@@ -126,6 +126,8 @@ class ShardConsumer(threading.Thread):
             self.stats.get_records_calls += 1
             if result.records:
                 self._process(result.records, shard_end=result.next_iterator is None)
+            else:
+                self.coordinator.report_behind(self.lease_key, 0)  # caught up
             if result.next_iterator is None:
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("shard_end_reached", records_read=self.stats.records_read)
@@ -158,6 +160,10 @@ class ShardConsumer(threading.Thread):
         batch = Batch(table=table, stream_arn=arn, shard_id=self.shard_id, events=tuple(events),
                       checkpoint_sequence_number=last_seq, shard_end=shard_end)
         self.fanout.deliver(batch)
+        created = next((ev.source.approximate_creation_time for ev in reversed(events)
+                        if ev.source.approximate_creation_time is not None), None)
+        if created is not None:
+            self.coordinator.report_behind(self.lease_key, max(0, int((time.time() - created.timestamp()) * 1000)))
         if last_seq is not None:
             self._done_position = last_seq
             self.stats.last_sequence_number = last_seq

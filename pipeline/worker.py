@@ -1,22 +1,28 @@
-"""The worker: discovers shards, holds leases, runs one :class:`ShardConsumer` per shard.
+"""The worker: discovers shards of every configured stream, holds leases, runs one
+:class:`ShardConsumer` per held shard.
 
-Lifecycle: ``open`` every sink → ensure the lease table → loop { re-discover shards every
-``discovery_interval_s``; renew leases every ``failover_time_s / 3``; take free or expired
-leases; start a consumer for every held shard whose parents reached SHARD_END } → on stop
+Lifecycle: ``open`` every sink → ensure the lease table → announce this worker → loop {
+re-discover shards every ``discovery_interval_s`` (create leases for new shards, remove finished
+parents that left the stream once their children started); every ``failover_time_s / 3`` renew
+held leases, refresh the announcement and take leases up to the fair share; start a consumer for
+every held shard whose parents reached SHARD_END; stop consumers of lost leases } → on stop
 (SIGTERM/SIGINT or :meth:`Worker.stop`): consumers stop reading, flush every sink and checkpoint;
-leases are released; sinks closed.
+leases are released (owner cleared) so other workers take them at once; sinks closed.
 
 A child shard is read only after its parent reached SHARD_END; a parent that is absent from the
-stream and from the lease table (trimmed, or never seen) counts as done.
+stream and from the lease table (trimmed, or removed after its children started) counts as done.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from pipeline.checkpoint import Lease, LeaseStore
+from pipeline.checkpoint import Lease, LeaseStore, WorkerInfo
 from pipeline.deadletter import DeadLetterQueue
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError
 from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
@@ -27,21 +33,25 @@ from pipeline.source import ShardInfo, StreamSource
 
 
 class Worker:
-    """One worker process's run loop.
+    """One worker process's run loop over one or more streams (``sources``).
 
     ``sinks`` are sink instances (already validated), ``policies`` their failure policies by
     sink name. :meth:`run` returns the process exit code: 0 after a clean stop, 1 when a shard
-    failed fatally or shutdown did not finish within ``shutdown_grace_s``.
+    failed or was stopped (trimmed data) or shutdown did not finish within ``shutdown_grace_s``.
     """
 
-    def __init__(self, *, source: StreamSource, lease_store: LeaseStore, sinks: Sequence[Any],
+    def __init__(self, *, sources: Sequence[StreamSource] | None = None, source: StreamSource | None = None,
+                 lease_store: LeaseStore, sinks: Sequence[Any],
                  dead_letter: DeadLetterQueue, worker_id: str, logger: Any,
                  start_position: str = "TRIM_HORIZON", shard_settings: ShardSettings | None = None,
                  discovery_interval_s: float = 30.0, failover_time_s: float = 10.0,
                  shutdown_grace_s: float = 30.0, policies: dict[str, FailurePolicy] | None = None,
                  aws: Any = None, clock: Callable[[], float] = time.monotonic,
                  exit_when_idle: bool = False):
-        self.source = source
+        self.sources = list(sources or []) + ([source] if source is not None else [])
+        if not self.sources:
+            raise ValueError("a worker needs at least one stream source")
+        self.by_arn = {s.stream_arn: s for s in self.sources}
         self.lease_store = lease_store
         self.sinks = list(sinks)
         self.dead_letter = dead_letter
@@ -60,12 +70,19 @@ class Worker:
         self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
         self.fanout = FanOut(self.runners, dead_letter, stop_event=self.stop_event, logger=self.log)
         self.coordinator = LeaseCoordinator(
-            lease_store, worker_id=worker_id, table=source.table, stream_arn=source.stream_arn,
+            lease_store, worker_id=worker_id, stream_arns=list(self.by_arn),
             failover_time_s=failover_time_s, logger=self.log, clock=clock)
         self.consumers: dict[str, ShardConsumer] = {}
         self.failed: list[tuple[str, str, str]] = []  # (shard id or "*", outcome, error)
         self._stopped_keys: set[str] = set()
         self._opened: list[Any] = []
+        self._shards: dict[str, list[ShardInfo]] = {}
+        self._started_at = datetime.now(timezone.utc).isoformat()
+
+    @property
+    def source(self) -> StreamSource:
+        """The first stream's source (convenience for single-stream callers)."""
+        return self.sources[0]
 
     # -- control -------------------------------------------------------------------------------
 
@@ -78,8 +95,8 @@ class Worker:
         try:
             self._open_sinks()
             self.lease_store.ensure_table()
-            self.log.info("worker_started", table=self.source.table, stream_arn=self.source.stream_arn,
-                          sinks=[s.name for s in self.sinks])
+            self.log.info("worker_started", tables=[s.table for s in self.sources],
+                          stream_arns=[s.stream_arn for s in self.sources], sinks=[s.name for s in self.sinks])
             self._loop()
         except FatalSinkError as exc:
             self.log.error("worker_failed", error=str(exc))
@@ -107,63 +124,79 @@ class Worker:
                 raise FatalSinkError(f"sink {sink.name!r} could not open: {type(exc).__name__}: {exc}") from exc
             self._opened.append(sink)
 
+    def _discover(self, first: bool) -> None:
+        for source in self.sources:
+            try:
+                shards = source.list_shards()
+                self._shards[source.stream_arn] = shards
+                self.coordinator.sync_shards(source.table, source.stream_arn, shards, self.start_position)
+                self.coordinator.remove_finished_parents(source.stream_arn, [s.shard_id for s in shards])
+            except CdcError as exc:
+                if first:
+                    raise  # a stream or lease table that cannot be used at start is a set-up problem
+                self.log.warning("shard_discovery_failed", table=source.table, error=str(exc))
+
+    def _announce(self) -> None:
+        info = WorkerInfo(worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
+                          started_at=self._started_at, heartbeat_at=datetime.now(timezone.utc).isoformat(),
+                          leases=len(self.coordinator.held()))
+        self.lease_store.announce_worker(info)
+
     def _loop(self) -> None:
         next_discovery = 0.0
         next_renewal = 0.0
         renew_every = self.failover_time_s / 3.0
-        shards: list[ShardInfo] = []
         first_discovery = True
         while not self.stop_event.is_set():
             now = self.clock()
             if now >= next_discovery:
-                try:
-                    shards = self.source.list_shards()
-                    self.coordinator.sync_shards(shards, self.start_position)
-                except CdcError as exc:
-                    if first_discovery:
-                        raise  # a stream or lease table that cannot be used at start is a set-up problem
-                    self.log.warning("shard_discovery_failed", error=str(exc))
+                self._discover(first_discovery)
                 first_discovery = False
                 next_discovery = now + self.discovery_interval_s
             if now >= next_renewal:
                 try:
                     self.coordinator.renew()
                     self.coordinator.acquire()
+                    self._announce()
                 except CdcError as exc:
                     self.log.warning("lease_renewal_failed", error=str(exc))
                 next_renewal = now + renew_every
             self._reap()
-            if self.failed and any(o == "failed" for _, o, _ in self.failed):
+            if any(outcome == "failed" for _, outcome, _ in self.failed):
                 self.stop_event.set()
                 break
-            self._start_ready_consumers(shards)
+            self._start_ready_consumers()
             if self.exit_when_idle and not self.consumers and self._all_done():
                 self.log.info("worker_idle_exit")
                 break
             self.stop_event.wait(min(0.2, renew_every))
 
-    def _start_ready_consumers(self, shards: Sequence[ShardInfo]) -> None:
-        in_stream = {s.shard_id for s in shards}
-        leases = {lease.shard_id: lease for lease in self.lease_store.list_leases()
-                  if lease.stream_arn == self.source.stream_arn}
+    def _start_ready_consumers(self) -> None:
+        all_leases = self.lease_store.list_leases()
         for lease in self.coordinator.held():
             if lease.lease_key in self.consumers or lease.lease_key in self._stopped_keys:
                 continue
             if lease.finished:
                 self.coordinator.release(lease.lease_key)
                 continue
+            source = self.by_arn.get(lease.stream_arn)
+            if source is None:
+                continue
+            leases = {other.shard_id: other for other in all_leases if other.stream_arn == lease.stream_arn}
+            in_stream = {s.shard_id for s in self._shards.get(lease.stream_arn, [])}
             if not self._parents_done(lease, leases, in_stream):
                 continue
             try:
-                consumer = ShardConsumer(lease.lease_key, source=self.source, coordinator=self.coordinator,
+                consumer = ShardConsumer(lease.lease_key, source=source, coordinator=self.coordinator,
                                          fanout=self.fanout, dead_letter=self.dead_letter,
                                          settings=self.shard_settings, stop_event=self.stop_event,
-                                         logger=self.log, clock=self.clock)
+                                         logger=self.log.bind(table=source.table), clock=self.clock)
             except LeaseLostError:
                 continue
             self.consumers[lease.lease_key] = consumer
             consumer.start()
-            self.log.info("shard_consumer_started", shard_id=lease.shard_id, checkpoint=lease.checkpoint)
+            self.log.info("shard_consumer_started", table=source.table, shard_id=lease.shard_id,
+                          checkpoint=lease.checkpoint)
 
     @staticmethod
     def _parents_done(lease: Lease, leases: dict[str, Lease], in_stream: set[str]) -> bool:
@@ -172,7 +205,7 @@ class Worker:
             if parent_lease is None:
                 if parent in in_stream:
                     return False  # its lease is about to be created
-                continue  # trimmed away or never seen: counts as done
+                continue  # trimmed away, removed after its children started, or never seen: done
             if not parent_lease.finished:
                 return False
         return True
@@ -180,24 +213,30 @@ class Worker:
     def _all_done(self) -> bool:
         """True when nothing is left to read: every lease finished, stopped (trimmed/failed), or
         a descendant of a stopped shard (which can never start)."""
-        leases = {lease.shard_id: lease for lease in self.lease_store.list_leases()
-                  if lease.stream_arn == self.source.stream_arn}
-        stopped = {lease.shard_id for lease in leases.values() if lease.lease_key in self._stopped_keys}
+        done = True
+        any_lease = False
+        all_leases = self.lease_store.list_leases()
+        for arn in self.by_arn:
+            leases = {lease.shard_id: lease for lease in all_leases if lease.stream_arn == arn}
+            any_lease = any_lease or bool(leases)
+            stopped = {lease.shard_id for lease in leases.values() if lease.lease_key in self._stopped_keys}
 
-        def blocked(shard_id: str, depth: int = 0) -> bool:
-            for parent in leases[shard_id].parent_shard_ids:
-                if parent in stopped:
-                    return True
-                if parent in leases and not leases[parent].finished and depth < 1000 and blocked(parent, depth + 1):
-                    return True
-            return False
+            def blocked(shard_id: str, depth: int = 0) -> bool:
+                for parent in leases[shard_id].parent_shard_ids:
+                    if parent in stopped:
+                        return True
+                    if (parent in leases and not leases[parent].finished and depth < 1000
+                            and blocked(parent, depth + 1)):
+                        return True
+                return False
 
-        return bool(leases) and all(lease.finished or sid in stopped or blocked(sid) for sid, lease in leases.items())
+            done = done and all(lease.finished or sid in stopped or blocked(sid) for sid, lease in leases.items())
+        return any_lease and done
 
     def _reap(self) -> None:
         for key, consumer in list(self.consumers.items()):
             if consumer.is_alive():
-                continue
+                continue  # a consumer whose lease was lost stops at its next read (owns() check)
             del self.consumers[key]
             outcome = consumer.outcome or "failed"
             if outcome == "shard_end":
@@ -225,6 +264,10 @@ class Worker:
                 self.coordinator.release_all()
             except CdcError as exc:
                 self.log.warning("lease_release_failed", error=str(exc))
+            try:
+                self.lease_store.remove_worker(self.worker_id)
+            except (CdcError, AttributeError) as exc:
+                self.log.warning("worker_deregister_failed", error=str(exc))
         for sink in self._opened:
             try:
                 sink.close()

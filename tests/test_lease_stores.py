@@ -522,9 +522,20 @@ class FakeClock:
 FAILOVER_S = 10.0
 
 
+class _OneStream(LeaseCoordinator):
+    """The multi-stream coordinator bound to one stream, as these tests use it."""
+
+    def __init__(self, *args, stream_arn: str, **kwargs):
+        super().__init__(*args, stream_arns=[stream_arn], **kwargs)
+        self.one_stream_arn = stream_arn
+
+    def sync_shards(self, shards, start_position):  # type: ignore[override]
+        return super().sync_shards(TABLE, self.one_stream_arn, shards, start_position)
+
+
 def coordinator(case: StoreCase, worker_id: str, clock: FakeClock, *, stream_arn: str = STREAM_ARN) -> LeaseCoordinator:
-    return LeaseCoordinator(case.store, worker_id=worker_id, table=TABLE, stream_arn=stream_arn,
-                            failover_time_s=FAILOVER_S, logger=log.bind(worker=worker_id), clock=clock)
+    return _OneStream(case.store, worker_id=worker_id, stream_arn=stream_arn,
+                      failover_time_s=FAILOVER_S, logger=log.bind(worker=worker_id), clock=clock)
 
 
 OPEN_SHARD = ShardInfo("shardId-00000001", None, "100", None)

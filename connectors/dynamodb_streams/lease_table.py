@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
-from pipeline.checkpoint import Lease
+from pipeline.checkpoint import Lease, WorkerInfo
 from pipeline.errors import CheckpointStoreError, LeaseLostError
 
 
@@ -53,6 +53,8 @@ def lease_to_item(lease: Lease) -> dict[str, Any]:
         item["leaseOwner"] = _s(lease.owner)
     if lease.parent_shard_ids:
         item["parentShardId"] = {"SS": sorted(lease.parent_shard_ids)}
+    if lease.behind_ms is not None:
+        item["millisBehindLatest"] = _n(lease.behind_ms)
     return item
 
 
@@ -75,7 +77,12 @@ def item_to_lease(item: dict[str, Any]) -> Lease:
         sub_sequence_number=n("checkpointSubSequenceNumber"),
         owner_switches_since_checkpoint=n("ownerSwitchesSinceCheckpoint"),
         parent_shard_ids=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
+        behind_ms=int(item["millisBehindLatest"]["N"]) if "millisBehindLatest" in item else None,
     )
+
+
+#: Worker announcements share the lease table, under lease keys with this prefix (never a shard).
+WORKER_KEY_PREFIX = "__worker__:"
 
 
 class DynamoDBLeaseStore:
@@ -125,7 +132,8 @@ class DynamoDBLeaseStore:
                 page = self.client.scan(**kwargs)
             except (ClientError, BotoCoreError) as exc:
                 raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
-            leases.extend(item_to_lease(item) for item in page.get("Items", []))
+            leases.extend(item_to_lease(item) for item in page.get("Items", [])
+                          if not item["leaseKey"]["S"].startswith(WORKER_KEY_PREFIX))
             if "LastEvaluatedKey" not in page:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
@@ -161,17 +169,28 @@ class DynamoDBLeaseStore:
                      {":owner": _s(owner), ":switches": _n(switches)}, check_owner=False)
         return new
 
-    def renew_lease(self, lease: Lease) -> Lease:
-        new = lease.with_(counter=lease.counter + 1)
-        self._update(lease, new, "SET leaseCounter = :next", {})
+    def renew_lease(self, lease: Lease, *, behind_ms: int | None = None) -> Lease:
+        if behind_ms is None:
+            new = lease.with_(counter=lease.counter + 1)
+            self._update(lease, new, "SET leaseCounter = :next", {})
+        else:
+            new = lease.with_(counter=lease.counter + 1, behind_ms=behind_ms)
+            self._update(lease, new, "SET leaseCounter = :next, millisBehindLatest = :behind",
+                         {":behind": _n(behind_ms)})
         return new
 
-    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0) -> Lease:
+    def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0, *,
+                   behind_ms: int | None = None) -> Lease:
         new = lease.with_(counter=lease.counter + 1, checkpoint=checkpoint,
-                          sub_sequence_number=sub_sequence_number, owner_switches_since_checkpoint=0)
-        self._update(lease, new, "SET leaseCounter = :next, checkpoint = :cp, "
-                                 "checkpointSubSequenceNumber = :sub, ownerSwitchesSinceCheckpoint = :zero",
-                     {":cp": _s(checkpoint), ":sub": _n(sub_sequence_number), ":zero": _n(0)})
+                          sub_sequence_number=sub_sequence_number, owner_switches_since_checkpoint=0,
+                          behind_ms=lease.behind_ms if behind_ms is None else behind_ms)
+        update = ("SET leaseCounter = :next, checkpoint = :cp, "
+                  "checkpointSubSequenceNumber = :sub, ownerSwitchesSinceCheckpoint = :zero")
+        values = {":cp": _s(checkpoint), ":sub": _n(sub_sequence_number), ":zero": _n(0)}
+        if behind_ms is not None:
+            update += ", millisBehindLatest = :behind"
+            values[":behind"] = _n(behind_ms)
+        self._update(lease, new, update, values)
         return new
 
     def release_lease(self, lease: Lease) -> Lease:
@@ -191,6 +210,41 @@ class DynamoDBLeaseStore:
             raise CheckpointStoreError(f"cannot delete lease {lease.lease_key}: {exc}") from None
         except BotoCoreError as exc:
             raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
+
+    # -- worker announcements (items under WORKER_KEY_PREFIX) ----------------------------------
+
+    def announce_worker(self, info: WorkerInfo) -> None:
+        try:
+            self.client.put_item(TableName=self.table_name, Item={
+                "leaseKey": _s(WORKER_KEY_PREFIX + info.worker_id), "workerId": _s(info.worker_id),
+                "host": _s(info.host), "pid": _n(info.pid), "startedAt": _s(info.started_at),
+                "heartbeatAt": _s(info.heartbeat_at), "leases": _n(info.leases)})
+        except (ClientError, BotoCoreError) as exc:
+            raise CheckpointStoreError(f"cannot announce worker {info.worker_id}: {exc}") from None
+
+    def list_workers(self) -> list[WorkerInfo]:
+        workers = []
+        kwargs: dict[str, Any] = {"TableName": self.table_name, "ConsistentRead": True,
+                                  "FilterExpression": "begins_with(leaseKey, :p)",
+                                  "ExpressionAttributeValues": {":p": _s(WORKER_KEY_PREFIX)}}
+        while True:
+            try:
+                page = self.client.scan(**kwargs)
+            except (ClientError, BotoCoreError) as exc:
+                raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
+            for item in page.get("Items", []):
+                workers.append(WorkerInfo(worker_id=item["workerId"]["S"], host=item["host"]["S"],
+                                          pid=int(item["pid"]["N"]), started_at=item["startedAt"]["S"],
+                                          heartbeat_at=item["heartbeatAt"]["S"], leases=int(item["leases"]["N"])))
+            if "LastEvaluatedKey" not in page:
+                return sorted(workers, key=lambda w: w.worker_id)
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def remove_worker(self, worker_id: str) -> None:
+        try:
+            self.client.delete_item(TableName=self.table_name, Key={"leaseKey": _s(WORKER_KEY_PREFIX + worker_id)})
+        except (ClientError, BotoCoreError) as exc:
+            raise CheckpointStoreError(f"cannot remove worker {worker_id}: {exc}") from None
 
     def _update(self, old: Lease, new: Lease, update: str, values: dict[str, Any], *, check_owner: bool = True) -> None:
         condition = "leaseCounter = :counter"
