@@ -174,13 +174,16 @@ class RedisCacheOptions(SinkOptions):
       shown in messages.
     - ``key_templates``: non-empty list of templates with ``{attribute}`` placeholders, e.g.
       ``["user:{pk}", "order:{pk}:{sk}", "email:{email}"]`` (checked by
-      :func:`parse_key_template`; a bad template is a validation error naming it).
+      :func:`parse_key_template`; a bad template is a validation error naming it) — or, when the
+      worker reads several tables, a mapping from table name to such a list, with ``"*"`` for
+      every other table: ``{"users": ["user:{pk}"], "orders": ["order:{pk}:{sk}"]}``. A table
+      with no entry and no ``"*"`` invalidates nothing.
     - ``channel``: when set, ``PUBLISH channel <key>`` for every deleted key.
     - ``socket_timeout_s``: connect and command timeout in seconds (default 5).
     """
 
     url: str = Field(min_length=1)
-    key_templates: list[str] = Field(min_length=1)
+    key_templates: list[str] | dict[str, list[str]] = Field(min_length=1)
     channel: str | None = None
     socket_timeout_s: float = Field(default=5.0, gt=0)
 
@@ -193,9 +196,11 @@ class RedisCacheOptions(SinkOptions):
 
     @field_validator("key_templates")
     @classmethod
-    def _valid_templates(cls, value: list[str]) -> list[str]:
-        for template in value:
-            parse_key_template(template)
+    def _valid_templates(cls, value: list[str] | dict[str, list[str]]) -> list[str] | dict[str, list[str]]:
+        lists = value.values() if isinstance(value, dict) else [value]
+        for templates in lists:
+            for template in templates:
+                parse_key_template(template)
         return value
 
     @field_validator("channel")
@@ -223,9 +228,12 @@ class RedisCacheSink(Sink):
 
     def __init__(self, name: str, options: RedisCacheOptions | None = None):
         super().__init__(name, options)  # options=None → validation error for the required fields
-        self.templates: tuple[KeyTemplate, ...] = tuple(
-            parse_key_template(t) for t in self.options.key_templates
-        )
+        configured = self.options.key_templates
+        by_table = configured if isinstance(configured, dict) else {"*": configured}
+        self.templates_by_table: dict[str, tuple[KeyTemplate, ...]] = {
+            table: tuple(parse_key_template(t) for t in templates) for table, templates in by_table.items()
+        }
+        self.templates: tuple[KeyTemplate, ...] = self.templates_by_table.get("*", ())
         self._client: redis.Redis | None = None
         self.invalidated = 0  # keys deleted so far (for metrics and tests)
 
@@ -277,7 +285,8 @@ class RedisCacheSink(Sink):
         merged = [{**img, **event.keys} for img in images]
         keys: list[str] = []
         seen: set[str] = set()
-        for template in self.templates:
+        templates = self.templates_by_table.get(event.source.table, self.templates)
+        for template in templates:
             for values in merged:
                 key = template.render(values)
                 if key is not None and key not in seen:

@@ -286,3 +286,20 @@ def test_wrong_password_is_fatal_and_hidden():
         sink.close()
     finally:
         server.stop()
+
+
+def test_key_templates_per_table():
+    from pipeline.testing import make_batch, make_stream_record
+
+    sink = RedisCacheSink("cache", RedisCacheSink.Options(
+        url="redis://127.0.0.1:1/0", key_templates={"users": ["user:{pk}"], "*": ["any:{pk}"]}))
+    rec = make_stream_record(keys={"pk": "a"}, new_image={"pk": "a"})
+    users = make_batch([rec], table="users").events[0]
+    orders = make_batch([rec], table="orders").events[0]
+    assert sink.keys_for(users) == ["user:a"]
+    assert sink.keys_for(orders) == ["any:a"]
+    only_users = RedisCacheSink("c2", RedisCacheSink.Options(url="redis://127.0.0.1:1/0",
+                                                             key_templates={"users": ["user:{pk}"]}))
+    assert only_users.keys_for(orders) == []
+    with pytest.raises(Exception, match="key_templates"):
+        RedisCacheSink.Options(url="redis://x", key_templates={"users": ["bad:{"]})
