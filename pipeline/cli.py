@@ -124,6 +124,47 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Read the lease store (never write to it, never take a lease) and print leases, workers
+    and a summary (``--json``: the same data as JSON). Streams that cannot be described show
+    "in stream ?"; an unreadable lease store is exit 1 (CheckpointStoreError, one line)."""
+    from pipeline.config import load_settings
+    from pipeline.errors import CheckpointStoreError
+    from pipeline.status import SourceUnavailable, gather_status, render_status, status_to_dict
+
+    settings = load_settings(args.config)
+    cfg = settings.checkpoints
+    if cfg.store == "sqlite" and not os.path.isfile(cfg.sqlite_path):
+        # opening a missing SQLite file would create it: status never writes
+        raise CheckpointStoreError(f"no checkpoint file at {cfg.sqlite_path}: check checkpoints.sqlite_path "
+                                   "(a worker creates it on its first start)")
+    from connectors.runtime import build_lease_store
+
+    store = build_lease_store(settings)
+
+    def describe_sources() -> list:
+        from connectors.runtime import build_sources
+
+        empty = {"table": None, "stream_arn": None, "tables": [], "stream_arns": []}
+        sources: list = []
+        for kind, value in settings.source.stream_specs():  # one at a time: one bad stream hides no other
+            one = settings.model_copy(update={"source": settings.source.model_copy(update={**empty, kind: value})})
+            try:
+                sources.extend(build_sources(one))
+            except Exception as exc:
+                sources.append(SourceUnavailable(value, f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
+        return sources
+
+    report = gather_status(store, describe_sources, failover_time_s=cfg.failover_time_s)
+    if args.json:
+        import orjson
+
+        print(orjson.dumps(status_to_dict(report), option=orjson.OPT_INDENT_2).decode())
+    else:
+        render_status(report)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="ddb-cdc", description="DynamoDB Streams change-data-capture worker")
@@ -148,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sinks = sub.add_parser("sinks", help="list sink types (built-in and plugins)")
     sinks.set_defaults(func=cmd_sinks)
+
+    status = sub.add_parser("status", help="leases, checkpoints, lag and workers, read from the lease store")
+    status.add_argument("--config", "-c", default=os.environ.get("DDB_CDC_CONFIG"),
+                        help="YAML configuration file (default: $DDB_CDC_CONFIG; DDB_CDC_* env vars override it)")
+    status.add_argument("--json", action="store_true", help="print the same data as JSON (stable keys)")
+    status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded stand-in servers, then check it")
     demo.add_argument("--changes", type=int, default=600, help="number of changes to write (default 600)")
