@@ -72,9 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           exit_when_idle=args.exit_when_idle)
 
     def on_signal(signum, _frame):
-        worker.log.info("shutdown_requested", signal=signal.Signals(signum).name,
-                        grace_s=settings.worker.shutdown_grace_s)
-        worker.stop()
+        worker.stop_from_signal(signum)  # assigns an attribute only: safe when signals repeat
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -51,6 +51,8 @@ class LeaseCoordinator:
         self._held: dict[str, Lease] = {}
         self._observed: dict[str, tuple[int, float]] = {}
         self._behind: dict[str, int] = {}
+        self._tokens: dict[str, int] = {}
+        self._next_token = 0
         self.takeovers = 0
 
     # -- shards → leases -----------------------------------------------------------------------
@@ -130,9 +132,14 @@ class LeaseCoordinator:
             seen = self._observed.get(lease.lease_key)
             if seen is None or seen[0] != lease.counter:
                 self._observed[lease.lease_key] = (lease.counter, now)
-        active = [lease for lease in leases if not lease.finished]
         with self._lock:
+            # a lease the table shows with another owner is lost, whatever we still believe
+            for lease in leases:
+                if lease.lease_key in self._held and lease.owner != self.worker_id:
+                    self._forget(lease.lease_key)
+                    self.log.warning("lease_lost", shard_id=lease.shard_id, new_owner=lease.owner)
             held_keys = set(self._held)
+        active = [lease for lease in leases if not lease.finished]
         owners = Counter(lease.owner for lease in active
                          if lease.owner and lease.owner != self.worker_id and not self._is_expired(lease, now))
         live_workers = len(owners) + 1
@@ -146,6 +153,8 @@ class LeaseCoordinator:
                 return False
             with self._lock:
                 self._held[new.lease_key] = new
+                self._next_token += 1
+                self._tokens[new.lease_key] = self._next_token  # a new period of ownership
             self._observed[new.lease_key] = (new.counter, now)
             if lease.owner and lease.owner != self.worker_id:
                 self.takeovers += 1
@@ -168,7 +177,8 @@ class LeaseCoordinator:
             victim, count = owners.most_common(1)[0]
             if count <= target and count <= len(held_keys) + len(taken) + 1:
                 break  # counts already differ by at most one
-            theirs = sorted((lease for lease in active if lease.owner == victim), key=lambda lease: lease.lease_key)
+            theirs = sorted((lease for lease in active if lease.owner == victim and lease.lease_key not in held_keys),
+                            key=lambda lease: lease.lease_key)
             if not theirs or not take(theirs[0], "balance"):
                 break
             owners[victim] -= 1
@@ -186,7 +196,7 @@ class LeaseCoordinator:
                 try:
                     self._held[key] = self.store.renew_lease(lease, behind_ms=self._behind.get(key))
                 except LeaseLostError:
-                    self._held.pop(key, None)
+                    self._forget(key)
                     lost.append(lease)
                     self.log.warning("lease_lost", shard_id=lease.shard_id, lease_counter=lease.counter)
         return lost
@@ -203,29 +213,41 @@ class LeaseCoordinator:
         with self._lock:
             return self._held.get(lease_key)
 
-    def owns(self, lease_key: str) -> bool:
-        """True while this worker holds ``lease_key``."""
+    def token(self, lease_key: str) -> int | None:
+        """The ownership token of a held lease: it changes every time the lease is taken, so a
+        consumer started in an earlier period of ownership can tell that it is stale."""
         with self._lock:
-            return lease_key in self._held
+            return self._tokens.get(lease_key) if lease_key in self._held else None
+
+    def owns(self, lease_key: str, token: int | None = None) -> bool:
+        """True while this worker holds ``lease_key`` (in the period of ownership ``token``, if given)."""
+        with self._lock:
+            return lease_key in self._held and (token is None or self._tokens.get(lease_key) == token)
+
+    def _forget(self, lease_key: str) -> None:
+        self._held.pop(lease_key, None)
+        self._tokens.pop(lease_key, None)
 
     def report_behind(self, lease_key: str, behind_ms: int) -> None:
         """A consumer's current lag (ms); written with the next renewal or checkpoint."""
         self._behind[lease_key] = int(behind_ms)
 
-    def checkpoint(self, lease_key: str, checkpoint: str) -> Lease:
+    def checkpoint(self, lease_key: str, checkpoint: str, token: int | None = None) -> Lease:
         """Record ``checkpoint`` (sequence number or SHARD_END) for a held lease.
 
-        Raises LeaseLostError if the lease is not held or the conditional write fails (the lease
-        is then dropped from this worker).
+        With ``token``, only in that period of ownership. Raises LeaseLostError if the lease is
+        not held (or was re-taken since ``token``) or the conditional write fails (the lease is
+        then dropped from this worker).
         """
         with self._lock:
             lease = self._held.get(lease_key)
-            if lease is None:
-                raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id}")
+            if lease is None or (token is not None and self._tokens.get(lease_key) != token):
+                raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id} "
+                                     "(lost, or re-taken since this reader started)")
             try:
                 new = self.store.checkpoint(lease, checkpoint, behind_ms=self._behind.get(lease_key))
             except LeaseLostError:
-                self._held.pop(lease_key, None)
+                self._forget(lease_key)
                 raise
             self._held[lease_key] = new
             return new
@@ -233,7 +255,8 @@ class LeaseCoordinator:
     def release(self, lease_key: str) -> None:
         """Give a lease up (owner cleared) so another worker can take it at once."""
         with self._lock:
-            lease = self._held.pop(lease_key, None)
+            lease = self._held.get(lease_key)
+            self._forget(lease_key)
             if lease is None:
                 return
             try:
@@ -247,7 +270,9 @@ class LeaseCoordinator:
         for key in list(self._held):
             self.release(key)
 
-    def drop(self, lease_key: str) -> None:
-        """Forget a lease without writing (it was lost to another worker)."""
+    def drop(self, lease_key: str, token: int | None = None) -> None:
+        """Forget a lease without writing (it was lost to another worker); with ``token``, only if
+        it is still that period of ownership (a lease taken back since is kept)."""
         with self._lock:
-            self._held.pop(lease_key, None)
+            if token is None or self._tokens.get(lease_key) == token:
+                self._forget(lease_key)

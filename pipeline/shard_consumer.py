@@ -59,6 +59,7 @@ class ShardConsumer(threading.Thread):
             raise LeaseLostError(f"lease {lease_key} is not held")
         super().__init__(name=f"shard-{lease.shard_id}", daemon=True)
         self.lease_key = lease_key
+        self.token = coordinator.token(lease_key)  # this reader's period of ownership
         self.shard_id = lease.shard_id
         self.source = source
         self.coordinator = coordinator
@@ -113,7 +114,7 @@ class ShardConsumer(threading.Thread):
             if self.stop_event.is_set():
                 self._flush_and_checkpoint()
                 return "stopped"
-            if not self.coordinator.owns(self.lease_key):
+            if not self.coordinator.owns(self.lease_key, self.token):
                 raise LeaseLostError(f"lease {self.lease_key} was lost")
             try:
                 result = self.source.get_records(iterator, self.settings.max_records_per_call)
@@ -174,7 +175,7 @@ class ShardConsumer(threading.Thread):
         if target is None or target == self._checkpointed:
             return
         self.fanout.flush()
-        self.coordinator.checkpoint(self.lease_key, target)
+        self.coordinator.checkpoint(self.lease_key, target, token=self.token)
         self.stats.checkpoints += 1
         self._checkpointed = target
         self.log.debug("checkpointed", checkpoint=target)

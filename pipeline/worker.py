@@ -78,6 +78,7 @@ class Worker:
         self._opened: list[Any] = []
         self._shards: dict[str, list[ShardInfo]] = {}
         self._started_at = datetime.now(timezone.utc).isoformat()
+        self._signal: int | None = None
 
     @property
     def source(self) -> StreamSource:
@@ -87,8 +88,14 @@ class Worker:
     # -- control -------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the worker to stop (safe from signal handlers and other threads)."""
+        """Ask the worker to stop (from another thread; signal handlers use :meth:`stop_from_signal`)."""
         self.stop_event.set()
+
+    def stop_from_signal(self, signum: int) -> None:
+        """Record a stop request from a signal handler. Only an attribute is assigned here — no
+        lock is taken (logging and ``Event.set`` take locks, and a handler that runs while the
+        main thread holds one would deadlock); the run loop acts on it within 0.2 s."""
+        self._signal = signum
 
     def run(self) -> int:
         """Run until stopped. Returns the exit code (see class doc)."""
@@ -148,6 +155,9 @@ class Worker:
         renew_every = self.failover_time_s / 3.0
         first_discovery = True
         while not self.stop_event.is_set():
+            if self._signal is not None:
+                self._on_stop_signal()
+                break
             now = self.clock()
             if now >= next_discovery:
                 self._discover(first_discovery)
@@ -170,6 +180,16 @@ class Worker:
                 self.log.info("worker_idle_exit")
                 break
             self.stop_event.wait(min(0.2, renew_every))
+
+    def _on_stop_signal(self) -> None:
+        import signal as _signal
+
+        try:
+            name = _signal.Signals(self._signal).name
+        except ValueError:
+            name = str(self._signal)
+        self.log.info("shutdown_requested", signal=name, grace_s=self.shutdown_grace_s)
+        self.stop_event.set()
 
     def _start_ready_consumers(self) -> None:
         all_leases = self.lease_store.list_leases()
@@ -247,7 +267,7 @@ class Worker:
                 self.log.error("shard_stopped", shard_id=consumer.shard_id, outcome=outcome,
                                error=str(consumer.error))
             elif outcome == "lease_lost":
-                self.coordinator.drop(key)
+                self.coordinator.drop(key, token=consumer.token)  # keeps a lease taken back since
 
     def _shutdown(self) -> bool:
         self.stop_event.set()
