@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import Lease, WorkerInfo
+from pipeline.checkpoint import Gap, Lease, WorkerInfo
 from pipeline.errors import CheckpointStoreError, LeaseLostError
 
 _SCHEMA = """
@@ -40,6 +40,20 @@ CREATE TABLE IF NOT EXISTS workers (
     startedAt TEXT NOT NULL,
     heartbeatAt TEXT NOT NULL,
     leases INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+_GAPS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gaps (
+    gapId TEXT PRIMARY KEY,
+    streamArn TEXT NOT NULL,
+    tableName TEXT NOT NULL,
+    shardId TEXT NOT NULL,
+    lastCheckpoint TEXT NOT NULL,
+    firstPositionAfter TEXT,
+    detectedAt TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT ''
 )
 """
 
@@ -97,6 +111,7 @@ class SQLiteLeaseStore:
     def ensure_table(self) -> None:
         self._execute(_SCHEMA)
         self._execute(_WORKERS_SCHEMA)
+        self._execute(_GAPS_SCHEMA)
 
     @staticmethod
     def _row_to_lease(row) -> Lease:
@@ -179,3 +194,18 @@ class SQLiteLeaseStore:
 
     def remove_worker(self, worker_id: str) -> None:
         self._execute("DELETE FROM workers WHERE workerId = ?", (worker_id,))
+
+    # -- recorded gaps --------------------------------------------------------------------------
+
+    def record_gap(self, gap: Gap) -> None:
+        self._execute(
+            "INSERT INTO gaps (gapId, streamArn, tableName, shardId, lastCheckpoint, firstPositionAfter, detectedAt, "
+            "policy, error) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(gapId) DO UPDATE SET "
+            "firstPositionAfter = excluded.firstPositionAfter, policy = excluded.policy, error = excluded.error",
+            (gap.gap_id, gap.stream_arn, gap.table, gap.shard_id, gap.last_checkpoint, gap.first_position_after,
+             gap.detected_at, gap.policy, gap.error))
+
+    def list_gaps(self) -> list[Gap]:
+        rows = self._execute("SELECT streamArn, tableName, shardId, lastCheckpoint, firstPositionAfter, detectedAt, "
+                             "policy, error FROM gaps ORDER BY detectedAt").fetchall()
+        return [Gap(*row) for row in rows]

@@ -112,6 +112,39 @@ class LeaseStore(Protocol):
     def remove_worker(self, worker_id: str) -> None:
         """Remove a worker's record (graceful shutdown)."""
 
+    def record_gap(self, gap: "Gap") -> None:
+        """Store (or update, same ``gap.gap_id``) a recorded gap."""
+
+    def list_gaps(self) -> list["Gap"]:
+        """Every recorded gap, oldest first."""
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Records lost before this worker read them: the shard's checkpoint lay behind the stream's
+    24-hour trim horizon (TrimmedDataAccessException) or the shard left the stream before it was
+    read to SHARD_END.
+
+    ``last_checkpoint``: the shard's checkpoint when the gap was found; ``first_position_after``:
+    the sequence number of the first record read after it (``None`` while unknown, or when the
+    shard was stopped / had vanished); ``detected_at``: ISO 8601 UTC; ``policy``: ``fail``
+    (the shard stopped) or ``skip`` (reading went on from TRIM_HORIZON).
+    """
+
+    stream_arn: str
+    table: str
+    shard_id: str
+    last_checkpoint: str
+    first_position_after: str | None
+    detected_at: str
+    policy: str
+    error: str = ""
+
+    @property
+    def gap_id(self) -> str:
+        """Stable id of the gap: stream label, shard id and the checkpoint it starts from."""
+        return f"{self.stream_arn.rsplit('/', 1)[-1]}:{self.shard_id}:{self.last_checkpoint}"
+
 
 @dataclass(frozen=True)
 class WorkerInfo:

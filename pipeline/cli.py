@@ -9,6 +9,7 @@ Commands::
     ddb-cdc sinks                        list the sink types (built-in and plugins)
     ddb-cdc demo                         the whole pipeline on embedded stand-in servers
     ddb-cdc dlq list|show ID             inspect the dead-letter destination
+    ddb-cdc dlq redrive [--sink NAME] [--id ID] [--dry-run]   re-deliver entries, remove those delivered
 
 Exit codes: 0 success; 1 runtime failure (a shard failed, a check did not hold); 2 invalid
 configuration or usage (one line per problem on stderr, no traceback).
@@ -112,6 +113,26 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                   f"{entry.sequence_number}\t{entry.error[:120]}")
         print(f"{count} entr{'y' if count == 1 else 'ies'}", file=sys.stderr)
         return EXIT_OK
+    if args.dlq_command == "redrive":
+        from pipeline.logs import configure_logging, get_logger
+        from pipeline.redrive import redrive, render_report
+        from pipeline.registry import build_sinks
+
+        names = [c.name for c in settings.sinks]
+        unknown = [n for n in (args.sink or []) if n not in names]
+        if unknown:
+            raise ConfigError([f"--sink {n!r} is not a configured sink; configured: {', '.join(names)}"
+                               for n in unknown])
+        wanted = set(args.sink) if args.sink else None
+        configure_logging(settings.log.level, settings.log.format)
+        sinks = build_sinks([c for c in settings.sinks if wanted is None or c.name in wanted],
+                            str(args.config) if args.config else "environment")
+        report = redrive(dlq, {s.name: s for s in sinks}, sink_filter=wanted,
+                         ids=set(args.id) if args.id else None, logger=get_logger(command="dlq redrive"),
+                         dry_run=args.dry_run, aws=settings.aws, worker_id=settings.worker.id,
+                         configured_sinks=names)
+        render_report(report)
+        return EXIT_OK if report.ok else EXIT_FAILED
     entry = dlq.get(args.id)
     if entry is None:
         _err(f"no dead-letter entry {args.id!r}; `ddb-cdc dlq list --config FILE` lists them")
@@ -199,13 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="random seed of the workload")
     demo.set_defaults(func=cmd_demo)
 
-    dlq = sub.add_parser("dlq", help="inspect the dead-letter destination")
+    dlq = sub.add_parser("dlq", help="inspect and redrive the dead-letter destination")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", help="list entries")
     dlq_list.add_argument("--config", "-c")
     dlq_show = dlq_sub.add_parser("show", help="print one entry in full")
     dlq_show.add_argument("id")
     dlq_show.add_argument("--config", "-c")
+    dlq_redrive = dlq_sub.add_parser(
+        "redrive", help="re-deliver entries (idempotently, in sequence order per sink and shard) and remove "
+                        "those delivered; exit 1 if some are still failing")
+    dlq_redrive.add_argument("--config", "-c")
+    dlq_redrive.add_argument("--sink", action="append", metavar="NAME",
+                             help="only entries of this sink (repeatable); decode entries go only to these sinks")
+    dlq_redrive.add_argument("--id", action="append", metavar="ID", help="only this entry (repeatable)")
+    dlq_redrive.add_argument("--dry-run", action="store_true", help="show what would be redriven; change nothing")
     dlq.set_defaults(func=cmd_dlq)
     return parser
 

@@ -45,6 +45,9 @@ class SourceConfig(_Strict):
     - ``discovery_interval_s``: how often DescribeStream is re-run to find new shards (default 30 s).
     - ``checkpoint_interval_s``: how often a shard flushes every sink and checkpoints while
       records flow (default 5 s); also at SHARD_END and at shutdown.
+    - ``on_trimmed``: when a checkpoint lies behind the 24-hour trim horizon (or the shard left
+      the stream unread): ``fail`` (default) stops the shard, ``skip`` goes on from TRIM_HORIZON;
+      either way a gap is recorded in the lease table, logged as an error and shown by status.
     """
 
     table: str | None = None
@@ -56,6 +59,7 @@ class SourceConfig(_Strict):
     idle_interval_ms: int = Field(250, ge=0, le=60_000)
     discovery_interval_s: float = Field(30.0, gt=0)
     checkpoint_interval_s: float = Field(5.0, ge=0)
+    on_trimmed: Literal["fail", "skip"] = "fail"
 
     @model_validator(mode="after")
     def _some_stream(self) -> "SourceConfig":

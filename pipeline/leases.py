@@ -228,6 +228,10 @@ class LeaseCoordinator:
         self._held.pop(lease_key, None)
         self._tokens.pop(lease_key, None)
 
+    def record_gap(self, gap) -> None:
+        """Store (or update) a :class:`pipeline.checkpoint.Gap` in the lease table."""
+        self.store.record_gap(gap)
+
     def report_behind(self, lease_key: str, behind_ms: int) -> None:
         """A consumer's current lag (ms); written with the next renewal or checkpoint."""
         self._behind[lease_key] = int(behind_ms)

@@ -19,7 +19,14 @@ from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON, Batch, ChangeEvent
 from pipeline.fanout import DeliveryAborted, FanOut
 from pipeline.leases import LeaseCoordinator
-from pipeline.source import IteratorExpiredError, ShardNotFoundError, StreamSource, TrimmedDataError
+from pipeline.checkpoint import Gap
+from pipeline.source import (
+    IteratorExpiredError,
+    ShardNotFoundError,
+    ShardVanishedError,
+    StreamSource,
+    TrimmedDataError,
+)
 
 
 @dataclass
@@ -30,6 +37,7 @@ class ShardSettings:
     max_records_per_call: int = 1000
     idle_interval_ms: int = 250
     checkpoint_interval_s: float = 5.0
+    on_trimmed: str = "fail"  # fail: stop the shard; skip: go on from TRIM_HORIZON (gap recorded either way)
 
 
 @dataclass
@@ -42,6 +50,7 @@ class ShardStats:
     last_sequence_number: str | None = None
     last_record_time: float | None = None
     checkpoints: int = 0
+    gaps: int = 0
 
 
 class ShardConsumer(threading.Thread):
@@ -74,6 +83,7 @@ class ShardConsumer(threading.Thread):
         self.error: BaseException | None = None
         self._done_position: str | None = None  # last sequence number given to every sink
         self._checkpointed: str = lease.checkpoint
+        self._pending_gap: Gap | None = None  # a skipped gap whose first position after is not known yet
 
     # -- thread entry --------------------------------------------------------------------------
 
@@ -107,7 +117,12 @@ class ShardConsumer(threading.Thread):
             raise LeaseLostError(f"lease {self.lease_key} is not held")
         if lease.finished:
             return "shard_end"
-        iterator = self._iterator_for(lease.checkpoint)
+        try:
+            iterator = self._iterator_for(lease.checkpoint)
+        except TrimmedDataError as exc:
+            iterator = self._handle_gap(exc)
+            if iterator is None:
+                return "shard_end"
         last_checkpoint_at = self.clock()
         idle_s = self.settings.idle_interval_ms / 1000.0
         while True:
@@ -117,13 +132,19 @@ class ShardConsumer(threading.Thread):
             if not self.coordinator.owns(self.lease_key, self.token):
                 raise LeaseLostError(f"lease {self.lease_key} was lost")
             try:
-                result = self.source.get_records(iterator, self.settings.max_records_per_call)
-            except IteratorExpiredError:
-                self.log.info("shard_iterator_expired", after_sequence_number=self._resume_position())
-                iterator = self._iterator_for(self._resume_position())
+                try:
+                    result = self.source.get_records(iterator, self.settings.max_records_per_call)
+                except IteratorExpiredError:
+                    self.log.info("shard_iterator_expired", after_sequence_number=self._resume_position())
+                    iterator = self._iterator_for(self._resume_position())
+                    continue
+                except ShardNotFoundError as exc:
+                    raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream: {exc}") from exc
+            except TrimmedDataError as exc:
+                iterator = self._handle_gap(exc)
+                if iterator is None:
+                    return "shard_end"
                 continue
-            except ShardNotFoundError as exc:
-                raise TrimmedDataError(f"shard {self.shard_id} is no longer in the stream: {exc}") from exc
             self.stats.get_records_calls += 1
             if result.records:
                 self._process(result.records, shard_end=result.next_iterator is None)
@@ -139,6 +160,35 @@ class ShardConsumer(threading.Thread):
                 last_checkpoint_at = self.clock()
             if not result.records:
                 self.stop_event.wait(idle_s)
+
+    def _handle_gap(self, exc: TrimmedDataError) -> str | None:
+        """Record the gap, log it, count it; then stop (``on_trimmed: fail``: re-raise) or go on.
+
+        With ``skip``: a trimmed position goes on from TRIM_HORIZON (returns that iterator); a
+        vanished shard is checkpointed as SHARD_END so its children can start (returns None).
+        Nothing is ever skipped without a recorded gap.
+        """
+        from datetime import datetime, timezone
+
+        policy = self.settings.on_trimmed
+        vanished = isinstance(exc, ShardVanishedError)
+        gap = Gap(stream_arn=self.source.stream_arn, table=self.source.table, shard_id=self.shard_id,
+                  last_checkpoint=self._resume_position(), first_position_after=None,
+                  detected_at=datetime.now(timezone.utc).isoformat(), policy=policy,
+                  error=f"{type(exc).__name__}: {exc}"[:1000])
+        self.coordinator.record_gap(gap)
+        self.stats.gaps += 1
+        self.log.error("trimmed_data_gap", last_checkpoint=gap.last_checkpoint, policy=policy,
+                       shard_vanished=vanished, error=gap.error,
+                       hint="records between the last checkpoint and the stream's trim horizon were lost "
+                            "before this worker read them; the gap is recorded in the lease table")
+        if policy != "skip":
+            raise exc
+        if vanished:
+            self._flush_and_checkpoint(shard_end=True)
+            return None
+        self._pending_gap = gap
+        return self.source.get_iterator(self.shard_id, TRIM_HORIZON)
 
     def _process(self, records, *, shard_end: bool) -> None:
         events: list[ChangeEvent] = []
@@ -158,6 +208,11 @@ class ShardConsumer(threading.Thread):
             if seq is not None:
                 last_seq = seq
         self.stats.records_read += len(records)
+        if self._pending_gap is not None:
+            first = record_sequence_number(records[0])
+            gap = Gap(**{**self._pending_gap.__dict__, "first_position_after": first})
+            self.coordinator.record_gap(gap)
+            self._pending_gap = None
         batch = Batch(table=table, stream_arn=arn, shard_id=self.shard_id, events=tuple(events),
                       checkpoint_sequence_number=last_seq, shard_end=shard_end)
         self.fanout.deliver(batch)
@@ -189,5 +244,5 @@ class ShardConsumer(threading.Thread):
                 return self.source.get_iterator(self.shard_id, position)
             return self.source.get_iterator(self.shard_id, "AFTER_SEQUENCE_NUMBER", position)
         except ShardNotFoundError as exc:
-            raise TrimmedDataError(f"shard {self.shard_id} is no longer in the stream "
-                                   f"(checkpoint {position}): {exc}") from exc
+            raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream "
+                                     f"(checkpoint {position}): {exc}") from exc

@@ -53,6 +53,10 @@ class ShardNotFoundError(SourceError):
     """The shard is no longer in the stream (trimmed away or the stream was deleted)."""
 
 
+class ShardVanishedError(TrimmedDataError):
+    """A shard left the stream before it was read to SHARD_END: its unread records are lost."""
+
+
 class StreamSource(Protocol):
     """A table's stream. ``table`` and ``stream_arn`` are resolved at construction."""
 

@@ -121,6 +121,7 @@ class Summary:
     workers: int
     live_workers: int
     max_behind_ms: int | None
+    gaps: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class StatusReport:
     workers: list[WorkerRow]
     streams: list[StreamRow]
     summary: Summary = field(compare=False)
+    gaps: list[dict] = field(default_factory=list)
 
 
 # -- gathering ----------------------------------------------------------------------------------
@@ -177,6 +179,8 @@ def gather_status(store: LeaseStore, sources: Sources = None, *, failover_time_s
     stale_after_s = STALE_AFTER_FAILOVER_TIMES * failover_time_s
     leases: list[Lease] = list(store.list_leases())
     infos: list[WorkerInfo] = list(store.list_workers())
+    list_gaps = getattr(store, "list_gaps", None)
+    gaps = [dict(g.__dict__) for g in list_gaps()] if list_gaps else []
 
     # -- streams ------------------------------------------------------------------------------
     shards_by_arn: dict[str, set[str] | None] = {}
@@ -273,10 +277,10 @@ def gather_status(store: LeaseStore, sources: Sources = None, *, failover_time_s
     summary = Summary(streams=n_streams, shards=len(rows), finished=finished,
                       free=len(rows) - finished - owned, owned=owned, workers=len(workers),
                       live_workers=sum(1 for w in workers if w.live),
-                      max_behind_ms=max(lags) if lags else None)
+                      max_behind_ms=max(lags) if lags else None, gaps=len(gaps))
     return StatusReport(generated_at=now.isoformat(), failover_time_s=failover_time_s,
                         stale_after_s=stale_after_s, leases=rows, workers=workers, streams=streams,
-                        summary=summary)
+                        summary=summary, gaps=gaps)
 
 
 def status_to_dict(report: StatusReport) -> dict[str, Any]:
@@ -336,7 +340,8 @@ def summary_text(summary: Summary) -> str:
     """E.g. ``2 streams, 4 shards (1 finished, 1 free, 2 owned), 1 live worker, max behind 3.2 s``."""
     return (f"{_plural(summary.streams, 'stream')}, {_plural(summary.shards, 'shard')} "
             f"({summary.finished} finished, {summary.free} free, {summary.owned} owned), "
-            f"{_plural(summary.live_workers, 'live worker')}, max behind {format_duration_ms(summary.max_behind_ms)}")
+            f"{_plural(summary.live_workers, 'live worker')}, max behind {format_duration_ms(summary.max_behind_ms)}"
+            + (f", {_plural(summary.gaps, 'recorded gap')}" if summary.gaps else ""))
 
 
 def _utc_text(iso: str | None) -> str:
@@ -405,6 +410,16 @@ def render_status(report: StatusReport, console: Any = None) -> None:
     else:
         console.print("no workers announced")
 
+    if report.gaps:
+        gaps = Table(title="Recorded gaps (records lost before they were read)", box=box.SIMPLE_HEAD,
+                     title_justify="left")
+        for name in ("table", "shard", "last checkpoint", "first position after", "detected", "policy", "error"):
+            gaps.add_column(name, no_wrap=name != "error")
+        for g in report.gaps:
+            gaps.add_row(*(Text(str(cell)) for cell in (
+                g["table"], g["shard_id"], g["last_checkpoint"], g["first_position_after"] or "-",
+                _utc_text(g["detected_at"]), g["policy"], (g["error"] or "")[:120])))
+        console.print(gaps)
     console.print(Text(summary_text(report.summary)))
     for stream in report.streams:
         if stream.error:

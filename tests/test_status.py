@@ -146,9 +146,10 @@ def test_status_json_from_sqlite(sqlite_config):
     result = run_cli("status", "--config", str(sqlite_config), "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data) == {"generated_at", "failover_time_s", "stale_after_s", "leases", "workers", "streams", "summary"}
+    assert set(data) == {"generated_at", "failover_time_s", "stale_after_s", "leases", "workers", "streams", "summary",
+                         "gaps"}
     assert data["summary"] == {"streams": 1, "shards": 4, "finished": 1, "free": 1, "owned": 2, "workers": 2,
-                               "live_workers": 1, "max_behind_ms": 3_900_000}
+                               "live_workers": 1, "max_behind_ms": 3_900_000, "gaps": 0}
     assert data["stale_after_s"] == 30.0
     by_shard = {row["shard_id"]: row for row in data["leases"]}
     assert by_shard[CHILD]["checkpoint"] == SEQ  # full text in JSON

@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
-from pipeline.checkpoint import Lease, WorkerInfo
+from pipeline.checkpoint import Gap, Lease, WorkerInfo
 from pipeline.errors import CheckpointStoreError, LeaseLostError
 
 
@@ -83,6 +83,8 @@ def item_to_lease(item: dict[str, Any]) -> Lease:
 
 #: Worker announcements share the lease table, under lease keys with this prefix (never a shard).
 WORKER_KEY_PREFIX = "__worker__:"
+#: Recorded gaps (trimmed data) share the lease table too, under this prefix.
+GAP_KEY_PREFIX = "__gap__:"
 
 
 class DynamoDBLeaseStore:
@@ -133,7 +135,7 @@ class DynamoDBLeaseStore:
             except (ClientError, BotoCoreError) as exc:
                 raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
             leases.extend(item_to_lease(item) for item in page.get("Items", [])
-                          if not item["leaseKey"]["S"].startswith(WORKER_KEY_PREFIX))
+                          if not item["leaseKey"]["S"].startswith((WORKER_KEY_PREFIX, GAP_KEY_PREFIX)))
             if "LastEvaluatedKey" not in page:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
@@ -245,6 +247,39 @@ class DynamoDBLeaseStore:
             self.client.delete_item(TableName=self.table_name, Key={"leaseKey": _s(WORKER_KEY_PREFIX + worker_id)})
         except (ClientError, BotoCoreError) as exc:
             raise CheckpointStoreError(f"cannot remove worker {worker_id}: {exc}") from None
+
+    # -- recorded gaps (items under GAP_KEY_PREFIX) -------------------------------------------
+
+    def record_gap(self, gap: Gap) -> None:
+        item = {"leaseKey": _s(GAP_KEY_PREFIX + gap.gap_id), "streamArn": _s(gap.stream_arn),
+                "tableName": _s(gap.table), "shardId": _s(gap.shard_id), "lastCheckpoint": _s(gap.last_checkpoint),
+                "detectedAt": _s(gap.detected_at), "policy": _s(gap.policy), "error": _s(gap.error or "-")}
+        if gap.first_position_after is not None:
+            item["firstPositionAfter"] = _s(gap.first_position_after)
+        try:
+            self.client.put_item(TableName=self.table_name, Item=item)
+        except (ClientError, BotoCoreError) as exc:
+            raise CheckpointStoreError(f"cannot record gap of shard {gap.shard_id}: {exc}") from None
+
+    def list_gaps(self) -> list[Gap]:
+        gaps = []
+        kwargs: dict[str, Any] = {"TableName": self.table_name, "ConsistentRead": True,
+                                  "FilterExpression": "begins_with(leaseKey, :p)",
+                                  "ExpressionAttributeValues": {":p": _s(GAP_KEY_PREFIX)}}
+        while True:
+            try:
+                page = self.client.scan(**kwargs)
+            except (ClientError, BotoCoreError) as exc:
+                raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
+            for item in page.get("Items", []):
+                gaps.append(Gap(stream_arn=item["streamArn"]["S"], table=item["tableName"]["S"],
+                                shard_id=item["shardId"]["S"], last_checkpoint=item["lastCheckpoint"]["S"],
+                                first_position_after=item.get("firstPositionAfter", {}).get("S"),
+                                detected_at=item["detectedAt"]["S"], policy=item["policy"]["S"],
+                                error=item["error"]["S"]))
+            if "LastEvaluatedKey" not in page:
+                return sorted(gaps, key=lambda g: g.detected_at)
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def _update(self, old: Lease, new: Lease, update: str, values: dict[str, Any], *, check_owner: bool = True) -> None:
         condition = "leaseCounter = :counter"
