@@ -69,6 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   restart_clean_exits=not args.exit_when_idle)
     from connectors.runtime import build_worker
 
+    if settings.metrics.enabled:
+        from pipeline.metrics import serve
+
+        serve(settings.metrics.host, settings.metrics.port)
     worker = build_worker(settings, logger=get_logger(), where=str(args.config), sinks=sinks,
                           exit_when_idle=args.exit_when_idle)
 

@@ -127,6 +127,15 @@ class WorkerConfig(_Strict):
     shutdown_grace_s: float = Field(30.0, gt=0)
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics over HTTP: off unless ``enabled``; bound to ``host`` (127.0.0.1 by
+    default, so nothing is exposed beyond the machine unless asked) on ``port``."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=1, le=65535)
+
+
 class LogConfig(_Strict):
     """Logging: level, and format ``auto`` (JSON unless stderr is a TTY), ``json`` or ``console``."""
 
@@ -151,6 +160,7 @@ class Settings(BaseSettings):
     sinks: list[SinkConfig] = Field(min_length=1)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _unique_sink_names(self) -> "Settings":

@@ -32,6 +32,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from pipeline import metrics
 from pipeline.deadletter import DeadLetterQueue, delivery_entry, utc_now
 from pipeline.errors import (
     CdcError,
@@ -186,6 +187,7 @@ class FanOut:
                 self._note_failure(state, exc)
                 raise RetriableSinkError(f"unexpected {type(exc).__name__}: {exc}") from exc
             runner.stats.delivered += len(pending)
+            metrics.SINK_DELIVERED.labels(sink=runner.name).inc(len(pending))
             pending = []
 
         try:
@@ -207,6 +209,9 @@ class FanOut:
 
         def before_sleep(retry_state) -> None:
             runner.stats.retries += 1
+            metrics.SINK_RETRIES.labels(sink=runner.name).inc()
+            if batch is not None:
+                metrics.SINK_STALLED.labels(sink=runner.name, shard=batch.shard_id).set(time.monotonic() - started)
             exc = retry_state.outcome.exception() if retry_state.outcome else None
             self.log.warning(
                 "sink_retry",
@@ -230,6 +235,8 @@ class FanOut:
         )
         try:
             retrying(fn)
+            if batch is not None:
+                metrics.SINK_STALLED.labels(sink=runner.name, shard=batch.shard_id).set(0)
         except RetryError as exc:
             if self.stop_event.is_set():
                 raise DeliveryAborted(f"sink {runner.name!r}: {what} interrupted by shutdown") from exc
@@ -258,6 +265,7 @@ class FanOut:
         )
         entry_id = self.dead_letter.put(entry)
         runner.stats.dead_lettered += 1
+        metrics.SINK_DEAD_LETTERED.labels(sink=runner.name).inc()
         self.log.error(
             "event_dead_lettered",
             sink=runner.name,

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pipeline import metrics
 from pipeline.codec import decode_record, record_sequence_number
 from pipeline.deadletter import DeadLetterQueue, decode_entry
 from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError
@@ -178,6 +179,7 @@ class ShardConsumer(threading.Thread):
                   error=f"{type(exc).__name__}: {exc}"[:1000])
         self.coordinator.record_gap(gap)
         self.stats.gaps += 1
+        metrics.GAPS.labels(table=self.source.table, shard=self.shard_id).inc()
         self.log.error("trimmed_data_gap", last_checkpoint=gap.last_checkpoint, policy=policy,
                        shard_vanished=vanished, error=gap.error,
                        hint="records between the last checkpoint and the stream's trim horizon were lost "
@@ -200,6 +202,7 @@ class ShardConsumer(threading.Thread):
                 events.append(decode_record(record, table=table, stream_arn=arn, shard_id=self.shard_id))
             except DecodeError as exc:
                 self.stats.decode_errors += 1
+                metrics.DECODE_ERRORS.labels(table=table).inc()
                 entry_id = self.dead_letter.put(decode_entry(record, table=table, stream_arn=arn,
                                                              shard_id=self.shard_id, sequence_number=seq,
                                                              error=str(exc)))
@@ -208,6 +211,7 @@ class ShardConsumer(threading.Thread):
             if seq is not None:
                 last_seq = seq
         self.stats.records_read += len(records)
+        metrics.RECORDS_READ.labels(table=table, shard=self.shard_id).inc(len(records))
         if self._pending_gap is not None:
             first = record_sequence_number(records[0])
             gap = Gap(**{**self._pending_gap.__dict__, "first_position_after": first})

@@ -446,3 +446,28 @@ def test_empty_batch_calls_no_sink(dlq, stop):
     make_fanout([SinkRunner(sink, fast())], dlq, stop).deliver(
         Batch(table="t", stream_arn="a", shard_id="s", events=(), checkpoint_sequence_number="1"))
     assert sink.calls == []
+
+
+def test_stall_and_retries_are_visible_in_metrics(tmp_path):
+    """on_failure: block — the stall shows in ddb_cdc_sink_stalled_seconds and retries in a counter."""
+    from prometheus_client import REGISTRY
+
+    from pipeline import metrics  # noqa: F401  (registers the metrics)
+    from pipeline.deadletter import DirectoryDeadLetterQueue
+    from pipeline.errors import RetriableSinkError
+    from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
+    from pipeline.testing import RecordingSink, sample_batch
+    import structlog
+    import threading
+
+    sink = RecordingSink("metrics-probe")
+    sink.fail_next = [RetriableSinkError("down")] * 3
+    fan = FanOut([SinkRunner(sink, FailurePolicy(initial_backoff_s=0.01, max_backoff_s=0.02))],
+                 DirectoryDeadLetterQueue(tmp_path), stop_event=threading.Event(), logger=structlog.get_logger())
+    batch = sample_batch()
+    before = REGISTRY.get_sample_value("ddb_cdc_sink_retries_total", {"sink": "metrics-probe"}) or 0
+    fan.deliver(batch)
+    assert REGISTRY.get_sample_value("ddb_cdc_sink_retries_total", {"sink": "metrics-probe"}) - before == 3
+    assert REGISTRY.get_sample_value("ddb_cdc_sink_stalled_seconds",
+                                     {"sink": "metrics-probe", "shard": batch.shard_id}) == 0  # flowing again
+    assert REGISTRY.get_sample_value("ddb_cdc_sink_events_delivered_total", {"sink": "metrics-probe"}) >= 3
