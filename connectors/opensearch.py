@@ -6,19 +6,66 @@ What it writes
   (``event.after``) in :mod:`pipeline.render`'s *plain* rendering (numbers exact and never
   converted through float: 64-bit integers as JSON integers, float-exact decimals as JSON numbers,
   anything else — e.g. a 38-digit number — as a JSON string; binary as base64; sets as sorted
-  arrays), plus a ``_cdc`` object::
+  arrays; an integer beyond 64 bits is first put in exponent form, so ``1E+37``, which DynamoDB
+  returns as ``10000…0``, becomes the JSON number ``1E+37`` and not an integer literal OpenSearch
+  would refuse as a ``long``), with attribute names escaped and over-deep values flattened as described below, plus
+  a ``_cdc`` object::
 
       "_cdc": {"sequence_number": "4000…" (string), "shard_id": "shardId-…", "stream_arn": "arn:…",
                "table": "Orders", "event_time": "2024-05-01T12:00:00Z" (ISO 8601 UTC, the record's
                ApproximateCreationDateTime) | null, "operation": "INSERT" | "MODIFY" | "SNAPSHOT",
                "version": 123 (the external version)}
 
-  An item attribute named ``_cdc`` is replaced by this object.
-- REMOVE → a bulk ``delete`` action.
+  (plus ``"image": "keys_only"`` for a keys-only document, below). An item attribute named
+  ``_cdc`` is kept, escaped as ``_ddb_cdc``.
+- REMOVE → a bulk ``delete`` action (it needs only the keys, so it works with every view type).
 - Index name: ``Options.index`` with ``{table}`` replaced by the table name, then lower-cased.
 - ``_id``: ``event.key_id`` (see :func:`pipeline.codec.key_id`). OpenSearch refuses ids longer
   than 512 bytes, so a key id whose UTF-8 encoding is longer than 512 bytes is replaced by
   ``"sha256:" + hex SHA-256 of its UTF-8 bytes`` (71 characters); see :func:`document_id`.
+
+Streams without new images (KEYS_ONLY, OLD_IMAGE)
+-------------------------------------------------
+An INSERT / MODIFY whose record says its stream view type is ``KEYS_ONLY`` or ``OLD_IMAGE`` has
+no new image by design. It is indexed as a *keys-only document*: the key attributes (rendered and
+escaped like an image) plus ``_cdc`` with ``"image": "keys_only"``. So the index still lists
+exactly the items that exist (REMOVE deletes them), every change is versioned as usual, and the
+worker never stops; search by content needs ``NEW_IMAGE`` or ``NEW_AND_OLD_IMAGES``. (Documents
+built from a new image carry no ``image`` field.) An INSERT / MODIFY *without* a new image whose
+view type promises one (``NEW_IMAGE``, ``NEW_AND_OLD_IMAGES``, or none given) is a malformed record:
+it is a per-event permanent failure (dead-lettered, reason "stream has no new image: use
+NEW_IMAGE or NEW_AND_OLD_IMAGES …"), never a fatal error.
+
+Attribute names (a reversible escaping)
+---------------------------------------
+OpenSearch refuses some names inside ``_source``: its metadata fields at the top level
+(``_id``, ``_source``, ``_index``, … — :data:`RESERVED_FIELD_NAMES`; nested, they are ordinary
+names), and at any level the empty name and names made only of dots; it expands a dotted name
+``a.b`` into the object path ``a`` → ``b``, which collides with an attribute ``a`` holding a
+scalar (``mapper_parsing_exception``) and adds mapping depth. DynamoDB allows all of these, so
+names are escaped, at every level of maps (also maps inside lists), by this rule:
+
+- a name is escaped when it is empty or whitespace-only, contains ``.``, starts with ``_dd``, or
+  — at the top level only — is one of :data:`RESERVED_FIELD_NAMES` (which includes ``_cdc``);
+- the escaped name is ``_ddb`` + the name with ``%`` written ``%25`` and ``.`` written ``%2E``:
+  ``_id`` → ``_ddb_id``, ``_source`` → ``_ddb_source``, ``a.b`` → ``_ddba%2Eb``, ``""`` →
+  ``_ddb``, ``_ddbx`` → ``_ddb_ddbx``;
+- every other name (unicode and emoji included) is used as it is.
+
+Names starting with ``_dd`` are always escaped, so the rule is reversible: a name starting with
+``_ddb`` is an escaped name (drop ``_ddb``, then ``%2E`` → ``.`` and ``%25`` → ``%``); any other
+name is the attribute's own. :func:`unescape_field_name` / :func:`restore_document` undo it.
+
+Depth (``depth_limit``, default 20)
+-----------------------------------
+OpenSearch rejects a document whose fields are nested deeper than ``index.mapping.depth.limit``
+(20 by default; a top-level field has depth 1, a field of a map attribute depth 2, …), while
+DynamoDB allows 32 levels. So that every item stays indexable, a map that would hold fields deeper
+than ``Options.depth_limit`` — and a list holding such maps — is stored as one JSON *string*: the
+plain rendering of that value (with its own attribute names unescaped), under the name ``_ddj`` +
+the attribute name percent-escaped as above (``deep`` → ``_ddjdeep``). ``_ddj`` marks it, so
+:func:`restore_document` parses it back. Set ``depth_limit`` to the index's
+``index.mapping.depth.limit`` if you changed it.
 
 Ordering and idempotency
 ------------------------
@@ -45,7 +92,9 @@ Errors
 ------
 Per item (the bulk response): 409 version conflict and delete 404 → success; 429 and 5xx →
 retriable (re-sent by this sink up to ``max_retries`` times with backoff, then reported);
-any other 4xx (``mapper_parsing_exception``, invalid index name, …) → permanent. Failed items are
+any other 4xx (``mapper_parsing_exception``, e.g. an attribute whose type differs from earlier
+documents, invalid index name, …) → permanent. An event that cannot be built into an action (no
+new image although the view type promises one, not renderable) → permanent. Failed items are
 reported together as one :class:`pipeline.errors.PartialSinkError` listing only the failed events.
 Whole request: connection errors, timeouts, 429 and 5xx → :class:`~pipeline.errors.RetriableSinkError`;
 401/403 → :class:`~pipeline.errors.FatalSinkError` (check credentials); 413 → FatalSinkError (lower
@@ -64,7 +113,8 @@ import string
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Iterator, Literal, Sequence
+from decimal import Context, Decimal
+from typing import Annotated, Any, Iterator, Literal, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -83,12 +133,32 @@ __all__ = [
     "AwsSigV4Auth",
     "document_id",
     "MAX_ID_BYTES",
+    "RESERVED_FIELD_NAMES",
+    "escape_field_name",
+    "unescape_field_name",
+    "restore_document",
 ]
 
 #: OpenSearch's limit on ``_id`` length, in UTF-8 bytes.
 MAX_ID_BYTES = 512
 
+#: Top-level attribute names that are escaped (see the module doc): OpenSearch's metadata fields
+#: (current and historical, so older clusters and plugins are covered too), which it refuses at
+#: the top level of ``_source``, and ``_cdc``, the sink's own object.
+RESERVED_FIELD_NAMES = frozenset({
+    "_id", "_source", "_index", "_routing", "_version", "_seq_no", "_primary_term", "_field_names",
+    "_ignored", "_nested_path", "_data_stream_timestamp", "_doc_count", "_type", "_uid", "_parent",
+    "_all", "_size", "_timestamp", "_ttl", "_tier", "_meta", "_feature", "_cdc",
+})
+
+#: Prefix of an escaped attribute name, and of a value flattened into a JSON string.
+ESCAPE_PREFIX = "_ddb"
+FLATTEN_PREFIX = "_ddj"
+_RESERVED_PREFIX = "_dd"
+
 _MIB = 1024 * 1024
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
 _INVALID_INDEX_CHARS = set(' "*\\<|,>/?#:')
 _MAX_BACKOFF_S = 10.0
 
@@ -159,6 +229,8 @@ class OpenSearchOptions(SinkOptions):
       whole request on connection errors, timeouts and 502/503/504 (default 3).
     - ``retry_backoff_s``: first backoff between item retries in seconds, doubled each time with
       jitter, at most 10 s (default 0.5).
+    - ``depth_limit``: the index's ``index.mapping.depth.limit`` (default 20, OpenSearch's
+      default); values whose fields would be nested deeper are stored as JSON strings (module doc).
     """
 
     # Inputs may hold passwords (auth, user:password@ in a host URL): keep them out of messages.
@@ -175,6 +247,7 @@ class OpenSearchOptions(SinkOptions):
     refresh: bool = False
     max_retries: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=0.5, ge=0)
+    depth_limit: int = Field(default=20, ge=2)
 
     @field_validator("hosts")
     @classmethod
@@ -222,6 +295,138 @@ def document_id(key_id: str) -> str:
     if len(raw) <= MAX_ID_BYTES:
         return key_id
     return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _percent_escape(name: str) -> str:
+    return name.replace("%", "%25").replace(".", "%2E")
+
+
+def _percent_unescape(text: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text.startswith("%2E", i):
+            out.append(".")
+            i += 3
+        elif text.startswith("%25", i):
+            out.append("%")
+            i += 3
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def escape_field_name(name: str, *, top_level: bool = False) -> str:
+    """The name an attribute gets in ``_source`` (see the module doc, "Attribute names").
+
+    ``"_id"`` (top level) → ``"_ddb_id"``; ``"a.b"`` → ``"_ddba%2Eb"``; ``""`` → ``"_ddb"``;
+    ``"_ddbx"`` → ``"_ddb_ddbx"``; ``"name"`` → ``"name"``.
+    """
+    if (
+        not name.strip()
+        or "." in name
+        or name.startswith(_RESERVED_PREFIX)
+        or (top_level and name in RESERVED_FIELD_NAMES)
+    ):
+        return ESCAPE_PREFIX + _percent_escape(name)
+    return name
+
+
+def unescape_field_name(name: str) -> str:
+    """Inverse of :func:`escape_field_name` (also accepts a flattened ``_ddj`` name)."""
+    if name.startswith(ESCAPE_PREFIX) or name.startswith(FLATTEN_PREFIX):
+        return _percent_unescape(name[len(ESCAPE_PREFIX):])
+    return name
+
+
+def restore_document(source: Any) -> Any:
+    """The item a document's ``_source`` holds: escaping and flattening undone, ``_cdc`` left out.
+
+    Names are unescaped at every level; ``_ddj`` values are parsed back from their JSON text
+    (non-integer numbers as :class:`decimal.Decimal`). The sink's top-level ``_cdc`` object is not
+    part of the item and is dropped (an item attribute named ``_cdc`` comes back from
+    ``_ddb_cdc``). The result is the item in the plain rendering (numbers, base64 binary, sets as
+    lists).
+    """
+    if isinstance(source, dict):
+        return _restore_map(source, top_level=True)
+    return _restore_value(source)
+
+
+def _restore_map(source: Mapping[str, Any], *, top_level: bool) -> dict[str, Any]:
+    import json
+    from decimal import Decimal
+
+    out: dict[str, Any] = {}
+    for name, value in source.items():
+        if top_level and name == "_cdc":
+            continue
+        if name.startswith(FLATTEN_PREFIX):
+            text = value if isinstance(value, str) else str(value)
+            out[unescape_field_name(name)] = json.loads(text, parse_float=Decimal)
+        else:
+            out[unescape_field_name(name)] = _restore_value(value)
+    return out
+
+
+def _restore_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _restore_map(value, top_level=False)
+    if isinstance(value, list):
+        return [_restore_value(v) for v in value]
+    return value
+
+
+def _needs_flattening(value: Any, depth: int, limit: int) -> bool:
+    """Would ``value``, held by a field at ``depth``, itself hold fields deeper than ``limit``?
+
+    A map holds fields at ``depth + 1``; a list adds no depth, so it needs flattening when one of
+    its members (or members of lists inside it) does.
+    """
+    if isinstance(value, Mapping):
+        return depth + 1 > limit  # deeper maps inside are flattened at their own level
+    if isinstance(value, list):
+        return any(_needs_flattening(v, depth, limit) for v in value)
+    return False
+
+
+def _big_integer(value: Decimal) -> Decimal:
+    """An integer beyond the signed 64-bit range in exponent form (``1E+37``), same value.
+
+    DynamoDB returns ``1E+37`` as the 38-digit text ``10000…0``; rendered as that JSON integer
+    literal, OpenSearch maps the field as ``long`` and refuses it (out of range). In exponent form
+    the plain rendering gives the JSON number ``1E+37`` (a ``float`` field) when float64 holds it
+    exactly, else the exact decimal string — the same rule as for fractions.
+    """
+    if value.is_finite() and value == value.to_integral_value() and not _INT64_MIN <= value <= _INT64_MAX:
+        digits = len(value.as_tuple().digits)
+        return value.normalize(Context(prec=max(digits, 1), Emax=999_999, Emin=-999_999))
+    return value
+
+
+def _escape_value(value: Any, depth: int, limit: int) -> Any:
+    """``value`` (held by a field at ``depth``) with map names escaped and deep parts flattened."""
+    if isinstance(value, Mapping):
+        return _escape_map(value, depth + 1, limit, top_level=False)
+    if isinstance(value, list):
+        return [_escape_value(v, depth, limit) for v in value]
+    if isinstance(value, Decimal):
+        return _big_integer(value)
+    if isinstance(value, (set, frozenset)):
+        return {_big_integer(v) if isinstance(v, Decimal) else v for v in value}
+    return value
+
+
+def _escape_map(image: Mapping[str, Any], depth: int, limit: int, *, top_level: bool) -> dict[str, Any]:
+    """A map whose fields are at ``depth``: names escaped, over-deep values flattened to JSON text."""
+    out: dict[str, Any] = {}
+    for name, value in image.items():
+        if _needs_flattening(value, depth, limit):
+            out[FLATTEN_PREFIX + _percent_escape(name)] = plain_json_bytes(value).decode("utf-8")
+        else:
+            out[escape_field_name(name, top_level=top_level)] = _escape_value(value, depth, limit)
+    return out
 
 
 def index_name_problem(name: str) -> str | None:
@@ -340,7 +545,7 @@ class OpenSearchSink(Sink):
         ``max_retries`` re-sends; permanent: other 4xx, or an event that cannot be rendered),
         RetriableSinkError for a whole-request failure that may pass (connection, timeout,
         429, 5xx), FatalSinkError for one that will not (401/403, 413, a template giving an
-        invalid index name, a stream without new images).
+        invalid index name).
         """
         client = self._require_client()
         permanent: list[tuple[ChangeEvent, str]] = []
@@ -416,15 +621,20 @@ class OpenSearchSink(Sink):
         }
         if event.operation is Operation.REMOVE:
             return _Action(event, "delete", orjson.dumps({"delete": meta}) + b"\n")
-        if event.after is None:
-            view = event.source.stream_view_type or "unknown"
-            if view in ("KEYS_ONLY", "OLD_IMAGE"):
-                raise FatalSinkError(
-                    f"{self._prefix()}: stream view type {view} has no new images; "
-                    "set the table's stream to NEW_IMAGE or NEW_AND_OLD_IMAGES"
+        image = event.after
+        keys_only = False
+        if image is None:
+            view = event.source.stream_view_type or "not given"
+            if view not in _VIEWS_WITHOUT_NEW_IMAGE:
+                raise _EventProblem(
+                    f"stream has no new image: use NEW_IMAGE or NEW_AND_OLD_IMAGES ({event.operation.value} "
+                    f"record without NewImage although its stream view type is {view})"
                 )
-            raise _EventProblem(f"{event.operation.value} event has no new image (stream view type {view})")
-        document = dict(event.after)
+            image, keys_only = event.keys, True
+        try:
+            document = _escape_map(image, 1, self.options.depth_limit, top_level=True)
+        except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
+            raise _EventProblem(f"cannot render the item as JSON: {_one_line(exc)}") from None
         document["_cdc"] = {
             "sequence_number": event.source.sequence_number,
             "shard_id": event.source.shard_id,
@@ -434,6 +644,8 @@ class OpenSearchSink(Sink):
             "operation": event.operation.value,
             "version": event.version,
         }
+        if keys_only:
+            document["_cdc"]["image"] = "keys_only"
         try:
             source = plain_json_bytes(document)
         except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
@@ -583,6 +795,10 @@ class OpenSearchSink(Sink):
 
     def _prefix(self) -> str:
         return f"sink {self.name!r} (opensearch)"
+
+
+#: Stream view types whose INSERT / MODIFY records never carry a new image.
+_VIEWS_WITHOUT_NEW_IMAGE = ("KEYS_ONLY", "OLD_IMAGE")
 
 
 class _EventProblem(Exception):

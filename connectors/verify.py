@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Iterable, Mapping
 
+from connectors.opensearch import restore_document
 from pipeline.codec import decode_record
 from pipeline.events import ChangeEvent
 
@@ -118,7 +119,7 @@ def check_opensearch(os_url: str, index: str, items: list[dict[str, Any]], key_i
         if source is None:
             problems.append(f"missing document {doc_id!r}")
             continue
-        source = {k: v for k, v in source.items() if k != "_cdc"}
+        source = restore_document(source)  # undo the sink's name escaping and deep-map flattening
         if not values_match(item, source):
             diff = sorted(k for k in set(item) | set(source) if not values_match(item.get(k), source.get(k)))
             problems.append(f"document {doc_id!r} differs in {diff}")

@@ -18,19 +18,22 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime, timezone
-from decimal import Clamped, Context, Decimal, Inexact, InvalidOperation, Overflow, Rounded, Underflow
+from decimal import Clamped, Context, Decimal, Inexact, InvalidOperation, Overflow, Underflow
 from typing import Any, Mapping
 
 from pipeline.errors import DecodeError
 from pipeline.events import ChangeEvent, Operation, Source
 
 #: DynamoDB's number context: 38 digits of precision, exponents −128..+126 as boto3 uses it
-#: (boto3/dynamodb/types.py ``DYNAMODB_CONTEXT``); any rounding is an error, never silent.
+#: (boto3/dynamodb/types.py ``DYNAMODB_CONTEXT``); any *inexact* rounding is an error, never
+#: silent. Unlike boto3 we do not trap ``Rounded``: DynamoDB returns e.g. 1E+125 as 126 digits of
+#: text ("1000…0"), and dropping trailing zeros beyond 38 digits loses nothing (``Inexact`` still
+#: catches real precision loss), so such valid items decode instead of being rejected.
 DYNAMODB_CONTEXT = Context(
     Emin=-128,
     Emax=126,
     prec=38,
-    traps=[Clamped, Overflow, Inexact, Rounded, Underflow],
+    traps=[Clamped, Overflow, Inexact, Underflow],
 )
 
 _OPERATIONS = {"INSERT": Operation.INSERT, "MODIFY": Operation.MODIFY, "REMOVE": Operation.REMOVE}
@@ -79,6 +82,10 @@ def decode_value(av: Mapping[str, Any]) -> Any:
     Raises DecodeError when the value is not exactly one known type tag with a value of the
     right shape.
     """
+    if isinstance(av, Mapping) and not av:
+        # DynamoDB Local's stream renders an empty map attribute as {} (GetItem gives {"M": {}});
+        # an empty map is the only value rendered that way, so read it as one
+        return {}
     if not isinstance(av, Mapping) or len(av) != 1:
         raise DecodeError(f"AttributeValue must be an object with one type tag, got {_preview(av)}")
     ((tag, value),) = av.items()

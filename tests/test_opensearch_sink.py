@@ -549,12 +549,153 @@ def test_write_before_open_is_fatal(table):
         sink.write(batch(table, ev))
 
 
-def test_keys_only_stream_is_fatal(url, table):
+def test_keys_only_stream_indexes_keys_only_documents(url, table):
     sink = open_sink(url)
     try:
-        ev = make_event(table, "INSERT", {"pk": {"S": "a"}}, seq=1, view="KEYS_ONLY")
-        with pytest.raises(FatalSinkError, match="NEW_IMAGE"):
-            sink.write(batch(table, ev))
+        keys = {"pk": {"S": "a"}, "sk": {"N": "7"}}
+        ins = make_event(table, "INSERT", keys, seq=1, view="KEYS_ONLY")
+        mod = make_event(table, "MODIFY", {"pk": {"S": "b"}, "sk": {"N": "1"}}, seq=2, view="OLD_IMAGE",
+                         old={"pk": {"S": "b"}, "sk": {"N": "1"}, "v": {"S": "old"}})
+        sink.write(batch(table, ins, mod))
+        doc = get_doc(url, table, ins.key_id)["_source"]
+        assert {k: v for k, v in doc.items() if k != "_cdc"} == {"pk": "a", "sk": 7}
+        assert doc["_cdc"]["image"] == "keys_only" and doc["_cdc"]["operation"] == "INSERT"
+        assert get_doc(url, table, mod.key_id)["_source"]["_cdc"]["image"] == "keys_only"
+        rem = make_event(table, "REMOVE", keys, seq=3, t=T0 + 1, view="KEYS_ONLY")
+        sink.write(batch(table, rem))
+        assert get_doc(url, table, ins.key_id) is None
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("view", ["NEW_IMAGE", "NEW_AND_OLD_IMAGES", ""])
+def test_missing_new_image_is_permanent_for_that_event_only(url, table, view):
+    sink = open_sink(url)
+    try:
+        bad = make_event(table, "MODIFY", {"pk": {"S": "a"}}, seq=1, view=view)
+        ok = make_event(table, "INSERT", {"pk": {"S": "b"}}, seq=2, view=view, new=item("b"))
+        with pytest.raises(PartialSinkError) as info:
+            sink.write(batch(table, bad, ok))
+        assert info.value.retriable == [] and [e for e, _ in info.value.permanent] == [bad]
+        assert "stream has no new image: use NEW_IMAGE or NEW_AND_OLD_IMAGES" in info.value.permanent[0][1]
+        assert get_doc(url, table, "b") is not None and get_doc(url, table, "a") is None
+    finally:
+        sink.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Attribute names and depth
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "top", "escaped"), [
+    ("plain", True, "plain"),
+    ("ключ 🚀", True, "ключ 🚀"),
+    ("_id", True, "_ddb_id"),
+    ("_id", False, "_id"),
+    ("_source", True, "_ddb_source"),
+    ("_cdc", True, "_ddb_cdc"),
+    ("_foo", True, "_foo"),
+    ("", True, "_ddb"),
+    ("", False, "_ddb"),
+    ("  ", False, "_ddb  "),
+    ("a.b", False, "_ddba%2Eb"),
+    (".", True, "_ddb%2E"),
+    ("50%.x", True, "_ddb50%25%2Ex"),
+    ("50%", True, "50%"),
+    ("_ddb", True, "_ddb_ddb"),
+    ("_ddbx", False, "_ddb_ddbx"),
+    ("_ddj", True, "_ddb_ddj"),
+    ("_dd", True, "_ddb_dd"),
+    ("_ddb%2E", True, "_ddb_ddb%252E"),
+])
+def test_field_name_escaping_is_reversible(name, top, escaped):
+    from connectors.opensearch import escape_field_name, unescape_field_name
+
+    assert escape_field_name(name, top_level=top) == escaped
+    assert unescape_field_name(escaped) == name
+
+
+HOSTILE_NAMES_IMAGE = item(
+    "h",
+    _id={"S": "not the id"},
+    _source={"S": "not the source"},
+    _index={"N": "1"},
+    _routing={"S": "r"},
+    _version={"N": "2"},
+    _seq_no={"N": "3"},
+    _cdc={"S": "the item's own _cdc"},
+    _ddbx={"S": "looks escaped"},
+    **{
+        "": {"S": "empty name"},
+        ".": {"S": "only a dot"},
+        "a": {"N": "1"},
+        "a.b": {"N": "2"},
+        "a.b.c": {"M": {"x.y": {"S": "dotted inside"}, "": {"BOOL": True}, "_id": {"S": "nested _id"}}},
+        "ключ 🚀": {"L": [{"M": {"_source": {"S": "in a list"}, "k.k": {"NULL": True}}}]},
+    },
+)
+
+
+def test_hostile_attribute_names_are_indexed_and_restored(url, table):
+    from connectors.opensearch import restore_document
+
+    sink = open_sink(url)
+    try:
+        ev = make_event(table, "INSERT", {"pk": {"S": "h"}}, seq=1, new=HOSTILE_NAMES_IMAGE)
+        sink.write(batch(table, ev))
+        src = get_doc(url, table, "h")["_source"]
+        assert src["_ddb_id"] == "not the id" and src["_ddb_cdc"] == "the item's own _cdc"
+        assert src["_ddba%2Eb"] == 2 and src["a"] == 1 and src["_ddb"] == "empty name"
+        assert src["_cdc"]["sequence_number"] == ev.sequence_number
+        restored = restore_document(src)
+        from pipeline.render import to_plain
+        assert restored == to_plain(ev.after)
+    finally:
+        sink.close()
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": {"S": "bottom"}}
+    for i in range(levels):
+        value = {"M": {f"l{i}": value, "n": {"N": str(i)}}} if i else {"M": value}
+    return value
+
+
+@pytest.mark.parametrize("levels", [19, 20, 32])
+def test_deep_maps_are_flattened_below_the_depth_limit(url, table, levels):
+    from connectors.opensearch import restore_document
+    from pipeline.render import to_plain
+
+    sink = open_sink(url)
+    try:
+        ev = make_event(table, "INSERT", {"pk": {"S": "d"}}, seq=1,
+                        new=item("d", deep=_nested(levels), lst={"L": [_nested(levels)]}))
+        sink.write(batch(table, ev))
+        src = get_doc(url, table, "d")["_source"]
+        if levels <= 19:  # 19 maps in a top-level attribute: fields at depth 20, OpenSearch's default limit
+            assert "deep" in src and "lst" in src
+        else:
+            flat = [k for k in str(src).split("'") if k.startswith("_ddj")]
+            assert flat, src
+        restored = restore_document(src)
+        assert restored == to_plain(ev.after)
+    finally:
+        sink.close()
+
+
+def test_depth_limit_option_moves_the_flattening_point(url, table):
+    from connectors.opensearch import restore_document
+
+    sink = open_sink(url, depth_limit=3)
+    try:
+        ev = make_event(table, "INSERT", {"pk": {"S": "d"}}, seq=1,
+                        new=item("d", m={"M": {"x": {"M": {"y": {"M": {"z": {"N": "1"}}}, "k": {"N": "2"}}}}}))
+        sink.write(batch(table, ev))
+        src = get_doc(url, table, "d")["_source"]
+        # m (depth 1) → x (2) → y would hold fields at depth 4 > 3: y is flattened
+        assert src["m"]["x"] == {"_ddjy": '{"z":1}', "k": 2}
+        assert restore_document(src)["m"] == {"x": {"y": {"z": 1}, "k": 2}}
     finally:
         sink.close()
 
