@@ -55,7 +55,8 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
                  exit_when_idle: bool = False) -> Worker:
     """A ready-to-run :class:`Worker`. Raises ConfigError (sinks) or SourceError (stream)."""
     sinks = sinks if sinks is not None else build_sinks(settings.sinks, where)
-    policies = {c.name: FailurePolicy(on_failure=c.on_failure, retry_budget_s=c.retry_budget_s)
+    policies = {c.name: FailurePolicy(on_failure=c.on_failure, retry_budget_s=c.retry_budget_s,
+                                      max_backoff_s=c.max_backoff_s)
                 for c in settings.sinks}
     src = settings.source
     return Worker(

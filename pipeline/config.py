@@ -110,13 +110,16 @@ class DeadLetterConfig(_Strict):
 
 class SinkConfig(_Strict):
     """One sink: a unique ``name``, its ``type`` (built-in or a plugin's entry-point name),
-    its ``options`` (validated by the sink's own model), and its failure policy."""
+    its ``options`` (validated by the sink's own model), and its failure policy: ``on_failure``,
+    ``retry_budget_s`` (s, for ``dead_letter``) and ``max_backoff_s`` (s, the longest wait between
+    retries; backoff starts at 0.2 s and doubles, with jitter)."""
 
     name: str = Field(min_length=1)
     type: str = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
     on_failure: Literal["block", "dead_letter"] = "block"
     retry_budget_s: float = Field(300.0, gt=0)
+    max_backoff_s: float = Field(20.0, gt=0)
 
 
 class WorkerConfig(_Strict):
