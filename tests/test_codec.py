@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.codec import (
@@ -201,25 +201,31 @@ def _normalise_boto3(value):
 
 
 def _to_base64_form(av):
-    """AttributeValue with raw bytes → the JSON form (base64 text), as Lambda delivers it."""
-    if isinstance(av, dict):
-        if set(av) == {"B"}:
-            return {"B": base64.b64encode(bytes(av["B"])).decode()}
-        if set(av) == {"BS"}:
-            return {"BS": [base64.b64encode(bytes(b)).decode() for b in av["BS"]]}
-        return {k: _to_base64_form(v) for k, v in av.items()}
-    if isinstance(av, list):
-        return [_to_base64_form(v) for v in av]
+    """One AttributeValue with raw bytes → the JSON form (base64 text), as Lambda delivers it.
+
+    Walks by structure (type tag → value), so an attribute *named* "B" is not mistaken for a tag.
+    """
+    ((tag, value),) = av.items()
+    if tag == "B":
+        return {"B": base64.b64encode(bytes(value)).decode()}
+    if tag == "BS":
+        return {"BS": [base64.b64encode(bytes(b)).decode() for b in value]}
+    if tag == "M":
+        return {"M": {k: _to_base64_form(v) for k, v in value.items()}}
+    if tag == "L":
+        return {"L": [_to_base64_form(v) for v in value]}
     return av
 
 
 @settings(max_examples=300, deadline=None)
 @given(items)
+@example({"B": [], "BS": {"S": "x"}, "M": {b"\x00"}})  # attribute names that look like type tags
 def test_differential_against_boto3_type_deserializer(item):
     wire = {k: _ser.serialize(v) for k, v in item.items()}  # boto3 shape: B as bytes
     expected = {k: _normalise_boto3(_deser.deserialize(v)) for k, v in wire.items()}
     assert decode_item(wire) == expected
-    assert decode_item(_to_base64_form(wire)) == expected  # JSON shape: B as base64 text
+    json_form = {k: _to_base64_form(v) for k, v in wire.items()}
+    assert decode_item(json_form) == expected  # JSON shape: B as base64 text
     # our encoder round-trips what the decoder produced
     assert decode_item(encode_item(expected)) == expected
 
