@@ -28,6 +28,13 @@ from typing import Any, Callable, Iterator, NamedTuple
 import boto3
 import pytest
 from botocore.config import Config
+from hypothesis import settings as hypothesis_settings
+
+# Under CI the property tests run the same examples every time (a failure found locally is pinned
+# with @example); elsewhere hypothesis explores new ones on each run.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI", "").lower() == "true":
+    hypothesis_settings.load_profile("ci")
 
 from connectors.embedded import (
     DynamoDBLocal,
