@@ -224,23 +224,28 @@ class DynamoDBLeaseStore:
         except (ClientError, BotoCoreError) as exc:
             raise CheckpointStoreError(f"cannot announce worker {info.worker_id}: {exc}") from None
 
-    def list_workers(self) -> list[WorkerInfo]:
-        workers = []
+    def _scan_prefix(self, prefix: str) -> list[dict[str, Any]]:
+        """Every item whose lease key starts with ``prefix`` (consistent Scan, all pages)."""
+        items: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {"TableName": self.table_name, "ConsistentRead": True,
                                   "FilterExpression": "begins_with(leaseKey, :p)",
-                                  "ExpressionAttributeValues": {":p": _s(WORKER_KEY_PREFIX)}}
+                                  "ExpressionAttributeValues": {":p": _s(prefix)}}
         while True:
             try:
                 page = self.client.scan(**kwargs)
             except (ClientError, BotoCoreError) as exc:
                 raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
-            for item in page.get("Items", []):
-                workers.append(WorkerInfo(worker_id=item["workerId"]["S"], host=item["host"]["S"],
-                                          pid=int(item["pid"]["N"]), started_at=item["startedAt"]["S"],
-                                          heartbeat_at=item["heartbeatAt"]["S"], leases=int(item["leases"]["N"])))
+            items.extend(page.get("Items", []))
             if "LastEvaluatedKey" not in page:
-                return sorted(workers, key=lambda w: w.worker_id)
+                return items
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def list_workers(self) -> list[WorkerInfo]:
+        workers = [WorkerInfo(worker_id=item["workerId"]["S"], host=item["host"]["S"], pid=int(item["pid"]["N"]),
+                              started_at=item["startedAt"]["S"], heartbeat_at=item["heartbeatAt"]["S"],
+                              leases=int(item["leases"]["N"]))
+                   for item in self._scan_prefix(WORKER_KEY_PREFIX)]
+        return sorted(workers, key=lambda w: w.worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
         try:
@@ -253,7 +258,7 @@ class DynamoDBLeaseStore:
     def record_gap(self, gap: Gap) -> None:
         item = {"leaseKey": _s(GAP_KEY_PREFIX + gap.gap_id), "streamArn": _s(gap.stream_arn),
                 "tableName": _s(gap.table), "shardId": _s(gap.shard_id), "lastCheckpoint": _s(gap.last_checkpoint),
-                "detectedAt": _s(gap.detected_at), "policy": _s(gap.policy), "error": _s(gap.error or "-")}
+                "detectedAt": _s(gap.detected_at), "policy": _s(gap.policy), "error": _s(gap.error)}
         if gap.first_position_after is not None:
             item["firstPositionAfter"] = _s(gap.first_position_after)
         try:
@@ -262,24 +267,12 @@ class DynamoDBLeaseStore:
             raise CheckpointStoreError(f"cannot record gap of shard {gap.shard_id}: {exc}") from None
 
     def list_gaps(self) -> list[Gap]:
-        gaps = []
-        kwargs: dict[str, Any] = {"TableName": self.table_name, "ConsistentRead": True,
-                                  "FilterExpression": "begins_with(leaseKey, :p)",
-                                  "ExpressionAttributeValues": {":p": _s(GAP_KEY_PREFIX)}}
-        while True:
-            try:
-                page = self.client.scan(**kwargs)
-            except (ClientError, BotoCoreError) as exc:
-                raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
-            for item in page.get("Items", []):
-                gaps.append(Gap(stream_arn=item["streamArn"]["S"], table=item["tableName"]["S"],
-                                shard_id=item["shardId"]["S"], last_checkpoint=item["lastCheckpoint"]["S"],
-                                first_position_after=item.get("firstPositionAfter", {}).get("S"),
-                                detected_at=item["detectedAt"]["S"], policy=item["policy"]["S"],
-                                error=item["error"]["S"]))
-            if "LastEvaluatedKey" not in page:
-                return sorted(gaps, key=lambda g: g.detected_at)
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        gaps = [Gap(stream_arn=item["streamArn"]["S"], table=item["tableName"]["S"], shard_id=item["shardId"]["S"],
+                    last_checkpoint=item["lastCheckpoint"]["S"],
+                    first_position_after=item.get("firstPositionAfter", {}).get("S"),
+                    detected_at=item["detectedAt"]["S"], policy=item["policy"]["S"], error=item["error"]["S"])
+                for item in self._scan_prefix(GAP_KEY_PREFIX)]
+        return sorted(gaps, key=lambda g: g.detected_at)
 
     def _update(self, old: Lease, new: Lease, update: str, values: dict[str, Any], *, check_owner: bool = True) -> None:
         condition = "leaseCounter = :counter"
