@@ -43,7 +43,8 @@ def _load(path: str | None):
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings, sinks = _load(args.config)
-    print(f"configuration OK: stream {settings.source.table or settings.source.stream_arn}, "
+    streams = ", ".join(value for _, value in settings.source.stream_specs())
+    print(f"configuration OK: stream(s) {streams}, "
           f"{len(sinks)} sink(s): " + ", ".join(f"{s.name} ({c.type})" for s, c in zip(sinks, settings.sinks)) +
           f"; checkpoints in {settings.checkpoints.store}")
     return EXIT_OK
