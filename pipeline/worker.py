@@ -16,6 +16,7 @@ stream and from the lease table (trimmed, or removed after its children started)
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -182,20 +183,20 @@ class Worker:
             self.stop_event.wait(min(0.2, renew_every))
 
     def _on_stop_signal(self) -> None:
-        import signal as _signal
-
         try:
-            name = _signal.Signals(self._signal).name
+            name = signal.Signals(self._signal).name
         except ValueError:
             name = str(self._signal)
         self.log.info("shutdown_requested", signal=name, grace_s=self.shutdown_grace_s)
         self.stop_event.set()
 
     def _start_ready_consumers(self) -> None:
-        all_leases = self.lease_store.list_leases()
-        for lease in self.coordinator.held():
-            if lease.lease_key in self.consumers or lease.lease_key in self._stopped_keys:
-                continue
+        waiting = [lease for lease in self.coordinator.held()
+                   if lease.lease_key not in self.consumers and lease.lease_key not in self._stopped_keys]
+        # the lease table is read (for the parents' state) only when a held shard waits for a reader
+        # and has parents, not on every tick of the loop
+        all_leases = self.lease_store.list_leases() if any(w.parent_shard_ids for w in waiting) else []
+        for lease in waiting:
             if lease.finished:
                 self.coordinator.release(lease.lease_key)
                 continue
