@@ -15,7 +15,7 @@ The checkpoint is a sequence number or one of the sentinels TRIM_HORIZON, LATEST
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from pipeline.events import SHARD_END
 
@@ -157,8 +157,3 @@ class WorkerInfo:
     started_at: str
     heartbeat_at: str
     leases: int = 0
-
-
-def leases_by_shard(leases: Sequence[Lease]) -> dict[tuple[str, str], Lease]:
-    """Index leases by (stream ARN, shard id)."""
-    return {(lease.stream_arn, lease.shard_id): lease for lease in leases}

@@ -19,13 +19,15 @@ as DynamoDB AttributeValue JSON (``{"S": ...}``, ``{"N": "..."}``, ``{"B": base6
 from __future__ import annotations
 
 import base64
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Mapping
 
 import orjson
 
-from pipeline.codec import encode_item
-from pipeline.events import ChangeEvent
+from pipeline.codec import decode_item, encode_item
+from pipeline.errors import DecodeError
+from pipeline.events import ChangeEvent, Operation, Source
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -139,12 +141,6 @@ def event_from_record_dict(data: Mapping[str, Any]) -> ChangeEvent:
 
     Raises DecodeError for a malformed line.
     """
-    from datetime import datetime
-
-    from pipeline.codec import decode_item
-    from pipeline.errors import DecodeError
-    from pipeline.events import Operation, Source
-
     try:
         s = data["source"]
         created = s.get("approximate_creation_time")

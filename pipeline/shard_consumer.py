@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from pipeline import metrics
@@ -169,8 +170,6 @@ class ShardConsumer(threading.Thread):
         vanished shard is checkpointed as SHARD_END so its children can start (returns None).
         Nothing is ever skipped without a recorded gap.
         """
-        from datetime import datetime, timezone
-
         policy = self.settings.on_trimmed
         vanished = isinstance(exc, ShardVanishedError)
         gap = Gap(stream_arn=self.source.stream_arn, table=self.source.table, shard_id=self.shard_id,
@@ -214,8 +213,7 @@ class ShardConsumer(threading.Thread):
         metrics.RECORDS_READ.labels(table=table, shard=self.shard_id).inc(len(records))
         if self._pending_gap is not None:
             first = record_sequence_number(records[0])
-            gap = Gap(**{**self._pending_gap.__dict__, "first_position_after": first})
-            self.coordinator.record_gap(gap)
+            self.coordinator.record_gap(replace(self._pending_gap, first_position_after=first))
             self._pending_gap = None
         batch = Batch(table=table, stream_arn=arn, shard_id=self.shard_id, events=tuple(events),
                       checkpoint_sequence_number=last_seq, shard_end=shard_end)
