@@ -27,7 +27,6 @@ Run with ``-s`` to see the timings.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -58,6 +57,7 @@ from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import CdcError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.render import event_to_record_dict
+from tests.helpers import json_log_events
 
 pytestmark = pytest.mark.e2e
 
@@ -261,19 +261,7 @@ class Worker:
         self.started = time.monotonic()
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        if not self.log.exists():
-            return out
-        for line in self.log.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or entry.get("event") == name:
-                out.append(entry)
-        return out
+        return json_log_events(self.log, name)
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""

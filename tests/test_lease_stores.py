@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 import pytest
 import structlog
-from botocore.exceptions import BotoCoreError
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.embedded import free_port

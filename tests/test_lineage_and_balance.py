@@ -21,6 +21,12 @@ from pipeline.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.worker import Worker
 from tests.streams_double import STREAM_ARN, FakeStreams, seq
+from tests.helpers import wait_until as _wait_until
+
+
+def wait_until(predicate, what: str) -> None:
+    """This module's polling bounds: 15.0 s, every 0.02 s."""
+    _wait_until(predicate, what, timeout=15.0, interval=0.02)
 
 
 def recs(shard_no: int, n: int) -> list[dict]:
@@ -29,13 +35,6 @@ def recs(shard_no: int, n: int) -> list[dict]:
             for i in range(n)]
 
 
-def wait_until(predicate, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
 
 
 def make_worker(fake: FakeStreams, path, sink, worker_id: str, *, failover_time_s: float = 0.6) -> Worker:

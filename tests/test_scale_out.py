@@ -24,7 +24,6 @@ during the handling of the first deadlocked the worker (the handler now only ass
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -55,6 +54,7 @@ from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.leases import LeaseCoordinator
 from pipeline.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.testing import RecordingSink
+from tests.helpers import json_log_events
 
 pytestmark = pytest.mark.e2e
 
@@ -237,19 +237,7 @@ class WorkerProc:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The JSON log entries of this process (optionally only those with ``event == name``)."""
-        out = []
-        if not self.log.exists():
-            return out
-        for line in self.log.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or entry.get("event") == name:
-                out.append(entry)
-        return out
+        return json_log_events(self.log, name)
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""

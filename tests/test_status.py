@@ -16,7 +16,6 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
@@ -24,6 +23,7 @@ import yaml
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.checkpoint import Lease, WorkerInfo
 from pipeline.status import format_duration_ms, gather_status, render_status, short_checkpoint, status_to_dict
+from tests.helpers import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,11 @@ STREAM_ARN = "arn:aws:dynamodb:us-east-1:000000000000:table/orders/stream/2026-0
 SEQ = "000000000000000000000000012345678901"  # 36 digits
 PARENT, CHILD, FREE, STALE_OWNED = ("shardId-00000001700000000000-aaaa1111", "shardId-00000001700000000001-bbbb2222",
                                     "shardId-00000001700000000002-cccc3333", "shardId-00000001700000000003-dddd4444")
+
+
+def wait_until(predicate, what: str) -> None:
+    """This module's polling bounds: 30.0 s, every 0.05 s."""
+    _wait_until(predicate, what, timeout=30.0, interval=0.05)
 
 
 def closed_port() -> int:
@@ -237,13 +242,6 @@ def test_unreachable_dynamodb_lease_table_is_exit_1_one_line(tmp_path):
 # DynamoDB lease table on DynamoDB Local, a real worker
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
 
 
 def rendered(report) -> str:

@@ -12,11 +12,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import pytest
 import structlog
 import yaml
 
@@ -41,13 +38,6 @@ def recs(shard_no: int, start: int, n: int) -> list[dict]:
             for i in range(start, start + n)]
 
 
-def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
 
 
 def run_worker(fake, store, tmp_path, on_trimmed: str, *, exit_when_idle: bool = True):

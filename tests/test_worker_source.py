@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import structlog
@@ -30,6 +30,7 @@ from pipeline.source import IteratorExpiredError, TrimmedDataError
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.worker import Worker
 from streams_double import STREAM_ARN, FakeStreams, seq
+from tests.helpers import wait_until as _wait_until
 
 # shard ids in DynamoDB Streams' format
 P = "shardId-00000001700000000000-0000000p"
@@ -37,6 +38,11 @@ C1 = "shardId-00000001700000100000-000000c1"
 C2 = "shardId-00000001700000100000-000000c2"
 Q = "shardId-00000001700000000000-0000000q"
 Q1 = "shardId-00000001700000200000-000000q1"
+
+
+def wait_until(predicate, what: str) -> None:
+    """This module's polling bounds: 10.0 s, every 0.01 s."""
+    _wait_until(predicate, what, timeout=10.0, interval=0.01)
 
 
 def rec(shard_no: int, i: int, *, event_name: str = "INSERT") -> dict[str, Any]:
@@ -58,13 +64,6 @@ def written_seqs(sink: RecordingSink) -> list[str]:
         return [e.sequence_number for e in sink.written]
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
 
 
 def make_worker(fake: FakeStreams, tmp_path, sink: RecordingSink, *, worker_id: str = "w1",

@@ -1,0 +1,36 @@
+"""Small helpers shared by the tests: polling for a condition, reading a worker's JSON log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` every ``interval`` s until it is true; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
+
+
+def json_log_events(path: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """The JSON lines of a worker's log file (only those with ``event == name`` when given);
+    lines that are not JSON objects (e.g. a traceback) are left out."""
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        return out
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if name is None or entry.get("event") == name:
+            out.append(entry)
+    return out
