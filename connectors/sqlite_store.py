@@ -4,6 +4,9 @@ Same protocol as the DynamoDB lease table (KCL column names, conditional writes 
 ``leaseOwner`` + ``leaseCounter``): every conditional write is one ``UPDATE … WHERE`` whose
 row count tells whether the condition held, inside SQLite's own locking, so several processes
 on one machine can share one file (WAL mode, busy timeout 10 s).
+
+Checkpoint moves (``moveCheckpoint`` … columns) and namespaces (stored keys prefixed
+``{namespace}#``) work as in the DynamoDB lease table; see :mod:`pipeline.checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import Gap, Lease, WorkerInfo
-from pipeline.errors import CheckpointStoreError, LeaseLostError
+from pipeline.checkpoint import NAMESPACE_SEPARATOR, Gap, Lease, MoveRequest, WorkerInfo
+from pipeline.errors import CheckpointStoreError, LeaseLostError, LeaseNotFoundError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -28,9 +31,16 @@ CREATE TABLE IF NOT EXISTS leases (
     streamArn TEXT NOT NULL,
     shardId TEXT NOT NULL,
     tableName TEXT NOT NULL,
-    millisBehindLatest INTEGER
+    millisBehindLatest INTEGER,
+    moveCheckpoint TEXT,
+    moveRequestId TEXT,
+    moveRequestedBy TEXT,
+    moveRequestedAt TEXT
 )
 """
+
+#: columns added after the first release: added to older files by ``ensure_table``
+_ADDED_COLUMNS = ("moveCheckpoint", "moveRequestId", "moveRequestedBy", "moveRequestedAt")
 
 _WORKERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS workers (
@@ -58,15 +68,35 @@ CREATE TABLE IF NOT EXISTS gaps (
 """
 
 _COLUMNS = ("leaseKey, leaseOwner, leaseCounter, checkpoint, checkpointSubSequenceNumber, "
-            "ownerSwitchesSinceCheckpoint, parentShardId, streamArn, shardId, tableName, millisBehindLatest")
+            "ownerSwitchesSinceCheckpoint, parentShardId, streamArn, shardId, tableName, millisBehindLatest, "
+            "moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt")
+_MOVE_COLUMNS = "moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt"
+
+
+def _move(row) -> MoveRequest | None:
+    """(moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt) → MoveRequest or None."""
+    if not row or row[0] is None or row[1] is None:
+        return None
+    return MoveRequest(checkpoint=row[0], request_id=row[1], requested_by=row[2] or "", requested_at=row[3] or "")
 
 
 class SQLiteLeaseStore:
-    """:class:`pipeline.checkpoint.LeaseStore` in the SQLite file ``path``."""
+    """:class:`pipeline.checkpoint.LeaseStore` in the SQLite file ``path``; with ``namespace``,
+    only that namespace's rows."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, namespace: str = ""):
+        if NAMESPACE_SEPARATOR in namespace:
+            raise ValueError(f"a lease namespace cannot contain {NAMESPACE_SEPARATOR!r}: {namespace!r}")
         self.path = str(path)
+        self.namespace = namespace
+        self.prefix = f"{namespace}{NAMESPACE_SEPARATOR}" if namespace else ""
         self._local = threading.local()
+
+    def _where_mine(self, column: str) -> tuple[str, tuple]:
+        """SQL condition (and parameters) selecting this namespace's rows by ``column``."""
+        if self.prefix:
+            return f"substr({column}, 1, ?) = ?", (len(self.prefix), self.prefix)
+        return f"instr({column}, ?) = 0", (NAMESPACE_SEPARATOR,)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -112,46 +142,87 @@ class SQLiteLeaseStore:
         self._execute(_SCHEMA)
         self._execute(_WORKERS_SCHEMA)
         self._execute(_GAPS_SCHEMA)
+        have = {row[1] for row in self._execute("PRAGMA table_info(leases)").fetchall()}
+        for column in _ADDED_COLUMNS:
+            if column not in have:
+                try:
+                    self._execute(f"ALTER TABLE leases ADD COLUMN {column} TEXT")
+                except CheckpointStoreError as exc:
+                    if "duplicate column" not in str(exc):  # another process added it first
+                        raise
 
-    @staticmethod
-    def _row_to_lease(row) -> Lease:
+    def _row_to_lease(self, row) -> Lease:
         parents = tuple(p for p in (row[6] or "").split(",") if p)
-        return Lease(lease_key=row[0], owner=row[1], counter=row[2], checkpoint=row[3],
+        return Lease(lease_key=row[0][len(self.prefix):], owner=row[1], counter=row[2], checkpoint=row[3],
                      sub_sequence_number=row[4], owner_switches_since_checkpoint=row[5],
                      parent_shard_ids=parents, stream_arn=row[7], shard_id=row[8], table=row[9],
-                     behind_ms=row[10])
+                     behind_ms=row[10], move=_move(row[11:15]))
 
     def list_leases(self) -> list[Lease]:
-        rows = self._execute(f"SELECT {_COLUMNS} FROM leases ORDER BY leaseKey").fetchall()
+        where, params = self._where_mine("leaseKey")
+        rows = self._execute(f"SELECT {_COLUMNS} FROM leases WHERE {where} ORDER BY leaseKey", params).fetchall()
         return [self._row_to_lease(r) for r in rows]
 
     def get_lease(self, lease_key: str) -> Lease | None:
-        row = self._execute(f"SELECT {_COLUMNS} FROM leases WHERE leaseKey = ?", (lease_key,)).fetchone()
+        row = self._execute(f"SELECT {_COLUMNS} FROM leases WHERE leaseKey = ?",
+                            (self.prefix + lease_key,)).fetchone()
         return self._row_to_lease(row) if row else None
 
     def create_lease_if_absent(self, lease: Lease) -> bool:
+        move = lease.move
         cur = self._execute(
-            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (lease.lease_key, lease.owner, lease.counter, lease.checkpoint, lease.sub_sequence_number,
+            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (self.prefix + lease.lease_key, lease.owner, lease.counter, lease.checkpoint, lease.sub_sequence_number,
              lease.owner_switches_since_checkpoint, ",".join(lease.parent_shard_ids) or None,
-             lease.stream_arn, lease.shard_id, lease.table, lease.behind_ms))
+             lease.stream_arn, lease.shard_id, lease.table, lease.behind_ms,
+             move.checkpoint if move else None, move.request_id if move else None,
+             move.requested_by if move else None, move.requested_at if move else None))
         return cur.rowcount == 1
 
-    def _update(self, old: Lease, new: Lease) -> Lease:
+    def _update(self, old: Lease, new: Lease, *, clear_move_id: str | None = None) -> Lease:
+        """One conditional UPDATE; returns ``new`` with the move request as stored afterwards.
+        With ``clear_move_id``: also conditional on that request id, and clears the request."""
         owner_clause = "leaseOwner IS NULL" if old.owner is None else "leaseOwner = ?"
         params = [new.owner, new.counter, new.checkpoint, new.sub_sequence_number,
-                  new.owner_switches_since_checkpoint, new.behind_ms, old.lease_key, old.counter]
+                  new.owner_switches_since_checkpoint, new.behind_ms, self.prefix + old.lease_key, old.counter]
         if old.owner is not None:
             params.append(old.owner)
-        cur = self._execute(
+        move_set = move_where = ""
+        if clear_move_id is not None:
+            move_set = ", moveCheckpoint = NULL, moveRequestId = NULL, moveRequestedBy = NULL, moveRequestedAt = NULL"
+            if clear_move_id:
+                move_where = " AND moveRequestId = ?"
+                params.append(clear_move_id)
+        rows = self._execute(
             "UPDATE leases SET leaseOwner = ?, leaseCounter = ?, checkpoint = ?, checkpointSubSequenceNumber = ?, "
-            f"ownerSwitchesSinceCheckpoint = ?, millisBehindLatest = ? "
-            f"WHERE leaseKey = ? AND leaseCounter = ? AND {owner_clause}",
-            params)
-        if cur.rowcount != 1:
+            f"ownerSwitchesSinceCheckpoint = ?, millisBehindLatest = ?{move_set} "
+            f"WHERE leaseKey = ? AND leaseCounter = ? AND {owner_clause}{move_where} RETURNING {_MOVE_COLUMNS}",
+            params).fetchall()
+        if len(rows) != 1:
             raise LeaseLostError(f"lease {old.lease_key} was changed by another worker "
                                  f"(expected owner {old.owner!r}, counter {old.counter})")
-        return new
+        return new.with_(move=_move(rows[0]))
+
+    # -- checkpoint moves -----------------------------------------------------------------------
+
+    def request_move(self, lease_key: str, move: MoveRequest) -> Lease:
+        rows = self._execute(
+            "UPDATE leases SET moveCheckpoint = ?, moveRequestId = ?, moveRequestedBy = ?, moveRequestedAt = ? "
+            f"WHERE leaseKey = ? RETURNING {_COLUMNS}",
+            (move.checkpoint, move.request_id, move.requested_by, move.requested_at,
+             self.prefix + lease_key)).fetchall()
+        if len(rows) != 1:
+            raise LeaseNotFoundError(f"no lease {lease_key} in checkpoint file {self.path}")
+        return self._row_to_lease(rows[0])
+
+    def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
+        return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=checkpoint, sub_sequence_number=0,
+                                               owner_switches_since_checkpoint=0, move=None), clear_move_id="")
+
+    def apply_move(self, lease: Lease, move: MoveRequest) -> Lease:
+        return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=move.checkpoint,
+                                               sub_sequence_number=0, owner_switches_since_checkpoint=0, move=None),
+                            clear_move_id=move.request_id)
 
     def take_lease(self, lease: Lease, owner: str) -> Lease:
         # KCL counts a switch only when another worker owned it (DynamoDBLeaseRefresher.takeLease)
@@ -175,7 +246,7 @@ class SQLiteLeaseStore:
 
     def delete_lease(self, lease: Lease) -> None:
         cur = self._execute("DELETE FROM leases WHERE leaseKey = ? AND leaseCounter = ?",
-                                   (lease.lease_key, lease.counter))
+                            (self.prefix + lease.lease_key, lease.counter))
         if cur.rowcount != 1:
             raise LeaseLostError(f"lease {lease.lease_key} changed; not deleted")
 
@@ -185,15 +256,27 @@ class SQLiteLeaseStore:
         self._execute(
             "INSERT INTO workers (workerId, host, pid, startedAt, heartbeatAt, leases) VALUES (?,?,?,?,?,?) "
             "ON CONFLICT(workerId) DO UPDATE SET heartbeatAt = excluded.heartbeatAt, leases = excluded.leases",
-            (info.worker_id, info.host, info.pid, info.started_at, info.heartbeat_at, info.leases))
+            (self.prefix + info.worker_id, info.host, info.pid, info.started_at, info.heartbeat_at, info.leases))
 
     def list_workers(self) -> list[WorkerInfo]:
-        rows = self._execute("SELECT workerId, host, pid, startedAt, heartbeatAt, leases FROM workers "
-                             "ORDER BY workerId").fetchall()
-        return [WorkerInfo(*row) for row in rows]
+        where, params = self._where_mine("workerId")
+        rows = self._execute(f"SELECT workerId, host, pid, startedAt, heartbeatAt, leases FROM workers WHERE {where} "
+                             "ORDER BY workerId", params).fetchall()
+        return [WorkerInfo(row[0][len(self.prefix):], *row[1:]) for row in rows]
 
     def remove_worker(self, worker_id: str) -> None:
-        self._execute("DELETE FROM workers WHERE workerId = ?", (worker_id,))
+        self._execute("DELETE FROM workers WHERE workerId = ?", (self.prefix + worker_id,))
+
+    def drop_namespace(self) -> int:
+        """Delete every row of this store's namespace; returns how many leases. Raises ValueError
+        without a namespace (the live leases stay)."""
+        if not self.prefix:
+            raise ValueError("drop_namespace is only for a namespaced store (the live leases stay)")
+        where_l, p = self._where_mine("leaseKey")
+        count = self._execute(f"DELETE FROM leases WHERE {where_l}", p).rowcount
+        self._execute(f"DELETE FROM workers WHERE {self._where_mine('workerId')[0]}", p)
+        self._execute(f"DELETE FROM gaps WHERE {self._where_mine('gapId')[0]}", p)
+        return count
 
     # -- recorded gaps --------------------------------------------------------------------------
 
@@ -202,10 +285,11 @@ class SQLiteLeaseStore:
             "INSERT INTO gaps (gapId, streamArn, tableName, shardId, lastCheckpoint, firstPositionAfter, detectedAt, "
             "policy, error) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(gapId) DO UPDATE SET "
             "firstPositionAfter = excluded.firstPositionAfter, policy = excluded.policy, error = excluded.error",
-            (gap.gap_id, gap.stream_arn, gap.table, gap.shard_id, gap.last_checkpoint, gap.first_position_after,
+            (self.prefix + gap.gap_id, gap.stream_arn, gap.table, gap.shard_id, gap.last_checkpoint, gap.first_position_after,
              gap.detected_at, gap.policy, gap.error))
 
     def list_gaps(self) -> list[Gap]:
+        where, params = self._where_mine("gapId")
         rows = self._execute("SELECT streamArn, tableName, shardId, lastCheckpoint, firstPositionAfter, detectedAt, "
-                             "policy, error FROM gaps ORDER BY detectedAt").fetchall()
+                             f"policy, error FROM gaps WHERE {where} ORDER BY detectedAt", params).fetchall()
         return [Gap(*row) for row in rows]

@@ -10,6 +10,19 @@ this worker observed; renewing, checkpointing and releasing are conditional on `
 write increments ``leaseCounter`` (as KCL's ``updateLease`` does).
 
 The checkpoint is a sequence number or one of the sentinels TRIM_HORIZON, LATEST, SHARD_END.
+
+Moving a checkpoint from outside (``ddb-cdc checkpoints set|import``) never edits a lease behind
+its owner's back. A *free* lease (no owner) is written directly, conditional on its counter. An
+owned lease gets a :class:`MoveRequest` (``moveCheckpoint``, ``moveRequestId``, ``moveRequestedBy``,
+``moveRequestedAt``) written beside it without touching ``leaseCounter`` — so the owner's
+conditional writes keep succeeding — and the owner sees the request in the lease returned by its
+next renewal or checkpoint, then applies it at its next batch boundary with one conditional
+write (owner, counter and request id) that sets the checkpoint and clears the request.
+
+Namespaces. A store built with ``namespace="replay-…"`` keeps its leases, workers and gaps apart
+from the live consumer's in the same table or file (stored keys are prefixed ``{namespace}#``;
+``#`` cannot occur in a table name, stream label or shard id); the live consumer's store (no
+namespace) never sees them.
 """
 
 from __future__ import annotations
@@ -17,7 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from pipeline.events import SHARD_END
+from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
+
+#: Separates a namespace from the lease key in stored keys (never part of a table name or shard id).
+NAMESPACE_SEPARATOR = "#"
 
 
 def lease_key_for(table: str, stream_arn: str, shard_id: str) -> str:
@@ -29,6 +45,27 @@ def lease_key_for(table: str, stream_arn: str, shard_id: str) -> str:
     """
     label = stream_arn.rsplit("/", 1)[-1]
     return f"{table}:{label}:{shard_id}"
+
+
+def valid_move_target(checkpoint: str) -> bool:
+    """True for TRIM_HORIZON, LATEST or a sequence number (decimal digits, as DynamoDB gives them)."""
+    return checkpoint in (TRIM_HORIZON, LATEST) or (checkpoint.isascii() and checkpoint.isdigit())
+
+
+@dataclass(frozen=True)
+class MoveRequest:
+    """A checkpoint move asked for from outside the owning worker.
+
+    ``checkpoint``: the new position (TRIM_HORIZON, LATEST or a sequence number; reading resumes
+    *after* a sequence number, as after any checkpoint); ``request_id``: unique per request (a
+    newer request replaces an older one not yet applied); ``requested_by``: who asked (e.g.
+    ``alice@ops-host``); ``requested_at``: ISO 8601 UTC.
+    """
+
+    checkpoint: str
+    request_id: str
+    requested_by: str
+    requested_at: str
 
 
 @dataclass(frozen=True)
@@ -54,12 +91,20 @@ class Lease:
     #: now − ApproximateCreationDateTime of the last record read, 0 when the last read was empty;
     #: written with every renewal and checkpoint, None until the first.
     behind_ms: int | None = field(default=None, compare=False)
+    #: a checkpoint move waiting for the owner to apply it (see the module doc), or None
+    move: MoveRequest | None = field(default=None, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def finished(self) -> bool:
         """True once the shard was read to its end (checkpoint SHARD_END)."""
         return self.checkpoint == SHARD_END
+
+    @property
+    def needs_reader(self) -> bool:
+        """True while the shard has something to do: not finished, or a move is waiting (a
+        finished shard moved back must be taken again to apply and read it)."""
+        return not self.finished or self.move is not None
 
     def with_(self, **changes) -> "Lease":
         """A copy with ``changes`` applied."""
@@ -88,7 +133,11 @@ class LeaseStore(Protocol):
         """One lease, or None."""
 
     def take_lease(self, lease: Lease, owner: str) -> Lease:
-        """Become the owner of ``lease``, conditional on the counter and owner in ``lease``."""
+        """Become the owner of ``lease``, conditional on the counter and owner in ``lease``.
+
+        The lease returned by ``take_lease``, ``renew_lease`` and ``checkpoint`` carries the move
+        request stored at that moment (``Lease.move``), so the owner learns of it.
+        """
 
     def renew_lease(self, lease: Lease, *, behind_ms: int | None = None) -> Lease:
         """Increment the counter (and record ``behind_ms``), conditional on owner and counter."""
@@ -102,6 +151,19 @@ class LeaseStore(Protocol):
 
     def delete_lease(self, lease: Lease) -> None:
         """Remove a finished lease (conditional on counter)."""
+
+    def request_move(self, lease_key: str, move: MoveRequest) -> Lease:
+        """Store ``move`` on an existing lease (replacing any earlier request) without changing its
+        counter, owner or checkpoint; returns the lease as stored. Raises LeaseNotFoundError."""
+
+    def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
+        """Move the checkpoint of a *free* lease directly, conditional on its counter and on having
+        no owner; clears any move request. Raises LeaseLostError when it was taken meanwhile."""
+
+    def apply_move(self, lease: Lease, move: MoveRequest) -> Lease:
+        """The owner applies ``move``: checkpoint := ``move.checkpoint``, request cleared,
+        conditional on owner, counter and ``move.request_id``. Raises LeaseLostError otherwise
+        (re-read the lease: a newer request may have replaced this one)."""
 
     def announce_worker(self, info: "WorkerInfo") -> None:
         """Create or refresh this worker's record (id, host, pid, start time, heartbeat)."""

@@ -67,5 +67,9 @@ class CheckpointStoreError(CdcError):
     """The checkpoint / lease store cannot be reached or used; check its endpoint and permissions."""
 
 
+class LeaseNotFoundError(CheckpointStoreError):
+    """No lease with that key (or shard) is in the store; `ddb-cdc checkpoints list` shows the leases."""
+
+
 class SourceError(CdcError):
     """The stream cannot be read (no stream on the table, access denied, unknown ARN)."""

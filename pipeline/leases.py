@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-from pipeline.checkpoint import Lease, LeaseStore, lease_key_for
+from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, lease_key_for
 from pipeline.errors import LeaseLostError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.source import ShardInfo
@@ -101,7 +101,7 @@ class LeaseCoordinator:
         leases = [lease for lease in self.store.list_leases() if lease.stream_arn == stream_arn]
         deleted = []
         for lease in leases:
-            if not lease.finished or lease.shard_id in in_stream:
+            if not lease.finished or lease.move is not None or lease.shard_id in in_stream:
                 continue
             children = [c for c in leases if lease.shard_id in c.parent_shard_ids]
             if not children or not all(c.checkpoint not in (TRIM_HORIZON, LATEST) for c in children):
@@ -139,7 +139,7 @@ class LeaseCoordinator:
                     self._forget(lease.lease_key)
                     self.log.warning("lease_lost", shard_id=lease.shard_id, new_owner=lease.owner)
             held_keys = set(self._held)
-        active = [lease for lease in leases if not lease.finished]
+        active = [lease for lease in leases if lease.needs_reader]
         owners = Counter(lease.owner for lease in active
                          if lease.owner and lease.owner != self.worker_id and not self._is_expired(lease, now))
         live_workers = len(owners) + 1
@@ -235,6 +235,37 @@ class LeaseCoordinator:
     def report_behind(self, lease_key: str, behind_ms: int) -> None:
         """A consumer's current lag (ms); written with the next renewal or checkpoint."""
         self._behind[lease_key] = int(behind_ms)
+
+    def pending_move(self, lease_key: str) -> MoveRequest | None:
+        """The move request the store showed on the last write of held lease ``lease_key``
+        (renewal, checkpoint or take), or None."""
+        with self._lock:
+            lease = self._held.get(lease_key)
+            return lease.move if lease is not None else None
+
+    def apply_move(self, lease_key: str, move: MoveRequest, token: int | None = None) -> Lease | None:
+        """Apply ``move`` to held lease ``lease_key`` (checkpoint := ``move.checkpoint``, request
+        cleared) with one conditional write. Returns the lease as stored, or None when a newer
+        request replaced ``move`` meanwhile (the held lease then carries the newer one).
+
+        Raises LeaseLostError when the lease is not held (in period ``token``) or was taken by
+        another worker.
+        """
+        with self._lock:
+            lease = self._held.get(lease_key)
+            if lease is None or (token is not None and self._tokens.get(lease_key) != token):
+                raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id}")
+            try:
+                new = self.store.apply_move(lease, move)
+            except LeaseLostError:
+                current = self.store.get_lease(lease_key)
+                if current is not None and current.owner == self.worker_id and current.counter == lease.counter:
+                    self._held[lease_key] = lease.with_(move=current.move)  # replaced by a newer request
+                    return None
+                self._forget(lease_key)
+                raise
+            self._held[lease_key] = new
+            return new
 
     def checkpoint(self, lease_key: str, checkpoint: str, token: int | None = None) -> Lease:
         """Record ``checkpoint`` (sequence number or SHARD_END) for a held lease.

@@ -19,6 +19,9 @@ SINK_STALLED = Gauge("ddb_cdc_sink_stalled_seconds",
                      ["sink", "shard"])
 DECODE_ERRORS = Counter("ddb_cdc_decode_errors_total", "Stream records that could not be decoded", ["table"])
 GAPS = Counter("ddb_cdc_gaps_total", "Recorded gaps: records lost behind the trim horizon", ["table", "shard"])
+GET_RECORDS_THROTTLES = Counter("ddb_cdc_get_records_throttles_total",
+                                "GetRecords calls throttled after botocore's retries (backed off and retried)",
+                                ["table", "shard"])
 RECORDS_READ = Counter("ddb_cdc_records_read_total", "Stream records read", ["table", "shard"])
 
 

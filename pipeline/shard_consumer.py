@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
+
 from pipeline import metrics
 from pipeline.codec import decode_record, record_sequence_number
 from pipeline.deadletter import DeadLetterQueue, decode_entry
@@ -27,8 +29,31 @@ from pipeline.source import (
     ShardNotFoundError,
     ShardVanishedError,
     StreamSource,
+    ThrottledError,
     TrimmedDataError,
 )
+
+#: A checkpoint of this form starts reading AT the sequence number (that record included); used
+#: for the start of a replay (``--from sequence SHARD=SEQ``), never written by a live worker.
+AT_SEQUENCE_PREFIX = "AT_SEQUENCE_NUMBER:"
+
+
+@dataclass(frozen=True)
+class ReadWindow:
+    """Bounds of a finite read (a replay), by ApproximateCreationDateTime.
+
+    Records created before ``since`` are read but not delivered (``skipped_before``); the first
+    record created after ``until`` ends the shard (outcome ``until``; it and later records are
+    not delivered). With ``finish_when_caught_up``, an open shard ends (outcome ``caught_up``)
+    after ``idle_reads`` GetRecords calls in a row return nothing: DynamoDB Streams can return an
+    empty page before records further on ("it might take multiple calls to get to a portion of
+    the shard that contains stream records" — GetRecords API reference), hence several.
+    """
+
+    since: datetime | None = None
+    until: datetime | None = None
+    finish_when_caught_up: bool = True
+    idle_reads: int = 5
 
 
 @dataclass
@@ -53,18 +78,27 @@ class ShardStats:
     last_record_time: float | None = None
     checkpoints: int = 0
     gaps: int = 0
+    throttles: int = 0
+    moves: int = 0
 
 
 class ShardConsumer(threading.Thread):
     """Reads one shard to SHARD_END or until stopped / the lease is lost.
 
-    ``outcome`` after the thread ends: ``shard_end``, ``stopped``, ``lease_lost``, ``trimmed`` or
-    ``failed`` (with ``error`` set).
+    ``outcome`` after the thread ends: ``shard_end``, ``stopped``, ``lease_lost``, ``trimmed``,
+    ``failed`` (with ``error`` set), ``moved`` (a requested checkpoint move was applied; the
+    worker starts a new reader from it) or, with a :class:`ReadWindow`, ``until`` / ``caught_up``
+    (the shard is then checkpointed SHARD_END in the replay's lease namespace).
+
+    GetRecords throttling (LimitExceededException — DynamoDB Streams allows about two readers
+    per shard, and a replay is one more) is retried with jittered exponential backoff (0.25 s
+    doubling to 10 s, tenacity) until it passes or the worker stops; each is counted.
     """
 
     def __init__(self, lease_key: str, *, source: StreamSource, coordinator: LeaseCoordinator,
                  fanout: FanOut, dead_letter: DeadLetterQueue, settings: ShardSettings,
-                 stop_event: threading.Event, logger: Any, clock: Callable[[], float] = time.monotonic):
+                 stop_event: threading.Event, logger: Any, clock: Callable[[], float] = time.monotonic,
+                 window: ReadWindow | None = None, on_event_counts: Callable[..., None] | None = None):
         lease = coordinator.get(lease_key)
         if lease is None:
             raise LeaseLostError(f"lease {lease_key} is not held")
@@ -86,6 +120,11 @@ class ShardConsumer(threading.Thread):
         self._done_position: str | None = None  # last sequence number given to every sink
         self._checkpointed: str = lease.checkpoint
         self._pending_gap: Gap | None = None  # a skipped gap whose first position after is not known yet
+        self.parent_shard_ids = lease.parent_shard_ids
+        self.window = window
+        #: called as on_event_counts(consumer, delivered=[events], skipped_before=n, skipped_after=n)
+        self.on_event_counts = on_event_counts
+        self._empty_reads = 0
 
     # -- thread entry --------------------------------------------------------------------------
 
@@ -117,6 +156,11 @@ class ShardConsumer(threading.Thread):
         lease = self.coordinator.get(self.lease_key)
         if lease is None:
             raise LeaseLostError(f"lease {self.lease_key} is not held")
+        if lease.move is not None:
+            moved = self._apply_move(lease.move)
+            if moved:
+                return moved
+            lease = self.coordinator.get(self.lease_key) or lease
         if lease.finished:
             return "shard_end"
         try:
@@ -133,9 +177,15 @@ class ShardConsumer(threading.Thread):
                 return "stopped"
             if not self.coordinator.owns(self.lease_key, self.token):
                 raise LeaseLostError(f"lease {self.lease_key} was lost")
+            move = self.coordinator.pending_move(self.lease_key)
+            if move is not None:  # a batch boundary: apply a requested checkpoint move
+                moved = self._apply_move(move)
+                if moved:
+                    return moved
+                continue
             try:
                 try:
-                    result = self.source.get_records(iterator, self.settings.max_records_per_call)
+                    result = self._get_records(iterator)
                 except IteratorExpiredError:
                     self.log.info("shard_iterator_expired", after_sequence_number=self._resume_position())
                     iterator = self._iterator_for(self._resume_position())
@@ -149,9 +199,19 @@ class ShardConsumer(threading.Thread):
                 continue
             self.stats.get_records_calls += 1
             if result.records:
-                self._process(result.records, shard_end=result.next_iterator is None)
+                self._empty_reads = 0
+                if self._process(result.records, shard_end=result.next_iterator is None):
+                    self._flush_and_checkpoint(shard_end=True)
+                    self.log.info("replay_window_end", until=self.window.until.isoformat())
+                    return "until"
             else:
+                self._empty_reads += 1
                 self.coordinator.report_behind(self.lease_key, 0)  # caught up
+                if (self.window is not None and self.window.finish_when_caught_up and result.next_iterator is not None
+                        and self._empty_reads >= self.window.idle_reads):
+                    self._flush_and_checkpoint(shard_end=True)
+                    self.log.info("replay_caught_up", empty_reads=self._empty_reads)
+                    return "caught_up"
             if result.next_iterator is None:
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("shard_end_reached", records_read=self.stats.records_read)
@@ -191,12 +251,62 @@ class ShardConsumer(threading.Thread):
         self._pending_gap = gap
         return self.source.get_iterator(self.shard_id, TRIM_HORIZON)
 
-    def _process(self, records, *, shard_end: bool) -> None:
+    def _get_records(self, iterator: str):
+        """GetRecords, with throttling retried under jittered exponential backoff (see class doc)."""
+        def before_sleep(state: RetryCallState) -> None:
+            self.stats.throttles += 1
+            metrics.GET_RECORDS_THROTTLES.labels(table=self.source.table, shard=self.shard_id).inc()
+            self.log.warning("get_records_throttled", attempt=state.attempt_number,
+                             backoff_s=round(state.next_action.sleep, 3) if state.next_action else None,
+                             hint="DynamoDB Streams serves about two readers per shard; a replay or a "
+                                  "second consumer (Lambda, KCL) on this stream counts as one")
+
+        for attempt in Retrying(retry=retry_if_exception_type(ThrottledError),
+                                wait=wait_exponential_jitter(multiplier=0.25, max=10.0, jitter=0.25),
+                                stop=stop_when_event_set(self.stop_event), sleep=self.stop_event.wait,
+                                before_sleep=before_sleep, reraise=True):
+            with attempt:
+                return self.source.get_records(iterator, self.settings.max_records_per_call)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _apply_move(self, move) -> str | None:
+        """Apply a requested checkpoint move at this batch boundary: flush what the sinks were
+        given, move the checkpoint (a conditional write), log who asked. Returns ``moved``, or
+        None when a newer request replaced ``move`` (it is applied on the next pass)."""
+        before = self._resume_position()
+        if self._done_position is not None:
+            self.fanout.flush()
+        lease = self.coordinator.apply_move(self.lease_key, move, token=self.token)
+        if lease is None:
+            return None
+        self.stats.moves += 1
+        self._checkpointed = move.checkpoint
+        self._done_position = None
+        self.log.warning("checkpoint_moved", requested_by=move.requested_by, request_id=move.request_id,
+                         requested_at=move.requested_at, from_checkpoint=before, to_checkpoint=move.checkpoint)
+        return "moved"
+
+    def _process(self, records, *, shard_end: bool) -> bool:
+        """Decode and deliver one GetRecords page; True when a :class:`ReadWindow` ended here."""
         events: list[ChangeEvent] = []
         last_seq = None
         table, arn = self.source.table, self.source.stream_arn
+        window = self.window
+        skipped_before = skipped_after = 0
+        window_end = False
         for record in records:
             seq = record_sequence_number(record)
+            if window is not None and (window.since is not None or window.until is not None):
+                created = _record_time(record)
+                if created is not None and window.until is not None and created > window.until:
+                    window_end = True
+                    skipped_after += 1
+                    break  # this record and the rest of the shard lie after the window
+                if created is not None and window.since is not None and created < window.since:
+                    skipped_before += 1
+                    if seq is not None:
+                        last_seq = seq
+                    continue
             try:
                 events.append(decode_record(record, table=table, stream_arn=arn, shard_id=self.shard_id))
             except DecodeError as exc:
@@ -216,8 +326,11 @@ class ShardConsumer(threading.Thread):
             self.coordinator.record_gap(replace(self._pending_gap, first_position_after=first))
             self._pending_gap = None
         batch = Batch(table=table, stream_arn=arn, shard_id=self.shard_id, events=tuple(events),
-                      checkpoint_sequence_number=last_seq, shard_end=shard_end)
+                      checkpoint_sequence_number=last_seq, shard_end=shard_end and not window_end,
+                      extra={"parent_shard_ids": self.parent_shard_ids})
         self.fanout.deliver(batch)
+        if self.on_event_counts is not None:
+            self.on_event_counts(self, delivered=events, skipped_before=skipped_before, skipped_after=skipped_after)
         created = next((ev.source.approximate_creation_time for ev in reversed(events)
                         if ev.source.approximate_creation_time is not None), None)
         if created is not None:
@@ -226,6 +339,7 @@ class ShardConsumer(threading.Thread):
             self._done_position = last_seq
             self.stats.last_sequence_number = last_seq
             self.stats.last_record_time = time.time()
+        return window_end
 
     def _flush_and_checkpoint(self, *, shard_end: bool = False) -> None:
         target = SHARD_END if shard_end else self._done_position
@@ -244,7 +358,20 @@ class ShardConsumer(threading.Thread):
         try:
             if position in (TRIM_HORIZON, LATEST):
                 return self.source.get_iterator(self.shard_id, position)
+            if position.startswith(AT_SEQUENCE_PREFIX):
+                return self.source.get_iterator(self.shard_id, "AT_SEQUENCE_NUMBER", position[len(AT_SEQUENCE_PREFIX):])
             return self.source.get_iterator(self.shard_id, "AFTER_SEQUENCE_NUMBER", position)
         except ShardNotFoundError as exc:
             raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream "
                                      f"(checkpoint {position}): {exc}") from exc
+
+
+def _record_time(record: Any) -> datetime | None:
+    """ApproximateCreationDateTime of a raw record (boto3: datetime; Lambda JSON: epoch seconds)."""
+    body = record.get("dynamodb") if isinstance(record, dict) else None
+    value = body.get("ApproximateCreationDateTime") if isinstance(body, dict) else None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    return None

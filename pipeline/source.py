@@ -49,6 +49,11 @@ class TrimmedDataError(SourceError):
     """The requested position is behind the stream's trim horizon (older than 24 hours): a gap."""
 
 
+class ThrottledError(SourceError):
+    """GetRecords / GetShardIterator was throttled (LimitExceededException: too many readers on the
+    shard or too many calls) after botocore's own retries; back off and call again."""
+
+
 class ShardNotFoundError(SourceError):
     """The shard is no longer in the stream (trimmed away or the stream was deleted)."""
 

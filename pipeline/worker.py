@@ -5,7 +5,8 @@ Lifecycle: ``open`` every sink → ensure the lease table → announce this work
 re-discover shards every ``discovery_interval_s`` (create leases for new shards, remove finished
 parents that left the stream once their children started); every ``failover_time_s / 3`` renew
 held leases, refresh the announcement and take leases up to the fair share; start a consumer for
-every held shard whose parents reached SHARD_END; stop consumers of lost leases } → on stop
+every held shard whose parents reached SHARD_END; stop consumers of lost leases; restart the
+reader of a shard whose checkpoint was moved (``ddb-cdc checkpoints set``) } → on stop
 (SIGTERM/SIGINT or :meth:`Worker.stop`): consumers stop reading, flush every sink and checkpoint;
 leases are released (owner cleared) so other workers take them at once; sinks closed.
 
@@ -28,7 +29,7 @@ from pipeline.deadletter import DeadLetterQueue
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError
 from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.leases import LeaseCoordinator
-from pipeline.shard_consumer import ShardConsumer, ShardSettings
+from pipeline.shard_consumer import ReadWindow, ShardConsumer, ShardSettings
 from pipeline.sink import SinkContext
 from pipeline.source import ShardInfo, StreamSource
 
@@ -48,7 +49,9 @@ class Worker:
                  discovery_interval_s: float = 30.0, failover_time_s: float = 10.0,
                  shutdown_grace_s: float = 30.0, policies: dict[str, FailurePolicy] | None = None,
                  aws: Any = None, clock: Callable[[], float] = time.monotonic,
-                 exit_when_idle: bool = False):
+                 exit_when_idle: bool = False, read_window: ReadWindow | None = None,
+                 on_event_counts: Callable[..., None] | None = None,
+                 on_consumer_done: Callable[[ShardConsumer], None] | None = None):
         self.sources = list(sources or []) + ([source] if source is not None else [])
         if not self.sources:
             raise ValueError("a worker needs at least one stream source")
@@ -66,6 +69,9 @@ class Worker:
         self.aws = aws
         self.clock = clock
         self.exit_when_idle = exit_when_idle
+        self.read_window = read_window  # a finite read (replay): see ShardConsumer
+        self.on_event_counts = on_event_counts
+        self.on_consumer_done = on_consumer_done
         self.stop_event = threading.Event()
         policies = policies or {}
         self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
@@ -197,7 +203,7 @@ class Worker:
         # and has parents, not on every tick of the loop
         all_leases = self.lease_store.list_leases() if any(w.parent_shard_ids for w in waiting) else []
         for lease in waiting:
-            if lease.finished:
+            if not lease.needs_reader:
                 self.coordinator.release(lease.lease_key)
                 continue
             source = self.by_arn.get(lease.stream_arn)
@@ -211,7 +217,8 @@ class Worker:
                 consumer = ShardConsumer(lease.lease_key, source=source, coordinator=self.coordinator,
                                          fanout=self.fanout, dead_letter=self.dead_letter,
                                          settings=self.shard_settings, stop_event=self.stop_event,
-                                         logger=self.log.bind(table=source.table), clock=self.clock)
+                                         logger=self.log.bind(table=source.table), clock=self.clock,
+                                         window=self.read_window, on_event_counts=self.on_event_counts)
             except LeaseLostError:
                 continue
             self.consumers[lease.lease_key] = consumer
@@ -227,7 +234,7 @@ class Worker:
                 if parent in in_stream:
                     return False  # its lease is about to be created
                 continue  # trimmed away, removed after its children started, or never seen: done
-            if not parent_lease.finished:
+            if parent_lease.needs_reader:  # unfinished, or finished but moved back
                 return False
         return True
 
@@ -246,12 +253,13 @@ class Worker:
                 for parent in leases[shard_id].parent_shard_ids:
                     if parent in stopped:
                         return True
-                    if (parent in leases and not leases[parent].finished and depth < 1000
+                    if (parent in leases and leases[parent].needs_reader and depth < 1000
                             and blocked(parent, depth + 1)):
                         return True
                 return False
 
-            done = done and all(lease.finished or sid in stopped or blocked(sid) for sid, lease in leases.items())
+            done = done and all(not lease.needs_reader or sid in stopped or blocked(sid)
+                                for sid, lease in leases.items())
         return any_lease and done
 
     def _reap(self) -> None:
@@ -260,8 +268,12 @@ class Worker:
                 continue  # a consumer whose lease was lost stops at its next read (owns() check)
             del self.consumers[key]
             outcome = consumer.outcome or "failed"
-            if outcome == "shard_end":
+            if self.on_consumer_done is not None:
+                self.on_consumer_done(consumer)
+            if outcome in ("shard_end", "until", "caught_up"):
                 self.coordinator.release(key)
+            elif outcome == "moved":
+                pass  # a requested checkpoint move was applied: a new reader starts from it (parents first)
             elif outcome in ("failed", "trimmed"):
                 self._stopped_keys.add(key)
                 self.failed.append((consumer.shard_id, outcome, str(consumer.error)))
@@ -276,6 +288,8 @@ class Worker:
         clean = True
         for consumer in list(self.consumers.values()):
             consumer.join(max(0.0, deadline - self.clock()))
+            if self.on_consumer_done is not None and not consumer.is_alive():
+                self.on_consumer_done(consumer)
             if consumer.is_alive():
                 clean = False
                 self.log.error("shutdown_grace_exceeded", shard_id=consumer.shard_id,

@@ -10,6 +10,12 @@ One item per shard, hash key ``leaseKey`` (S)::
     ownerSwitchesSinceCheckpoint  0
     parentShardId                 {"shardId-…"}               (SS, absent for root shards)
     streamArn, shardId, tableName (ours, for readers and for status)
+    millisBehindLatest            (ours: the owner's lag in ms)
+    moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt
+                                  (ours: a checkpoint move waiting for the owner; see pipeline.checkpoint)
+
+A store with a ``namespace`` (a replay) prefixes every key it writes with ``{namespace}#`` and
+sees only those; the store without one never sees prefixed keys.
 
 Every write is a conditional write (ConditionExpression on leaseOwner and leaseCounter), as
 DESIGN.md requires; a failed condition raises :class:`pipeline.errors.LeaseLostError`.
@@ -25,8 +31,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
-from pipeline.checkpoint import Gap, Lease, WorkerInfo
-from pipeline.errors import CheckpointStoreError, LeaseLostError
+from pipeline.checkpoint import NAMESPACE_SEPARATOR, Gap, Lease, MoveRequest, WorkerInfo
+from pipeline.errors import CheckpointStoreError, LeaseLostError, LeaseNotFoundError
 
 
 def _n(value: int) -> dict[str, str]:
@@ -37,10 +43,22 @@ def _s(value: str) -> dict[str, str]:
     return {"S": value}
 
 
-def lease_to_item(lease: Lease) -> dict[str, Any]:
-    """A :class:`Lease` as a DynamoDB item (AttributeValue map)."""
+_MOVE_ATTRIBUTES = ("moveCheckpoint", "moveRequestId", "moveRequestedBy", "moveRequestedAt")
+
+
+def move_from_item(item: dict[str, Any]) -> MoveRequest | None:
+    """The move request stored in a lease item, or None."""
+    if "moveCheckpoint" not in item or "moveRequestId" not in item:
+        return None
+    return MoveRequest(checkpoint=item["moveCheckpoint"]["S"], request_id=item["moveRequestId"]["S"],
+                       requested_by=item.get("moveRequestedBy", {}).get("S", ""),
+                       requested_at=item.get("moveRequestedAt", {}).get("S", ""))
+
+
+def lease_to_item(lease: Lease, key_prefix: str = "") -> dict[str, Any]:
+    """A :class:`Lease` as a DynamoDB item (AttributeValue map); ``key_prefix``: the namespace part."""
     item: dict[str, Any] = {
-        "leaseKey": _s(lease.lease_key),
+        "leaseKey": _s(key_prefix + lease.lease_key),
         "leaseCounter": _n(lease.counter),
         "checkpoint": _s(lease.checkpoint),
         "checkpointSubSequenceNumber": _n(lease.sub_sequence_number),
@@ -55,11 +73,14 @@ def lease_to_item(lease: Lease) -> dict[str, Any]:
         item["parentShardId"] = {"SS": sorted(lease.parent_shard_ids)}
     if lease.behind_ms is not None:
         item["millisBehindLatest"] = _n(lease.behind_ms)
+    if lease.move is not None:
+        item.update(moveCheckpoint=_s(lease.move.checkpoint), moveRequestId=_s(lease.move.request_id),
+                    moveRequestedBy=_s(lease.move.requested_by), moveRequestedAt=_s(lease.move.requested_at))
     return item
 
 
-def item_to_lease(item: dict[str, Any]) -> Lease:
-    """A DynamoDB item of the lease table → :class:`Lease`."""
+def item_to_lease(item: dict[str, Any], key_prefix: str = "") -> Lease:
+    """A DynamoDB item of the lease table → :class:`Lease` (``key_prefix`` stripped from the key)."""
     def s(name: str, default: str | None = None) -> str | None:
         return item[name]["S"] if name in item else default
 
@@ -67,7 +88,7 @@ def item_to_lease(item: dict[str, Any]) -> Lease:
         return int(item[name]["N"]) if name in item else 0
 
     return Lease(
-        lease_key=item["leaseKey"]["S"],
+        lease_key=item["leaseKey"]["S"][len(key_prefix):],
         table=s("tableName", "") or "",
         stream_arn=s("streamArn", "") or "",
         shard_id=s("shardId", "") or "",
@@ -78,6 +99,7 @@ def item_to_lease(item: dict[str, Any]) -> Lease:
         owner_switches_since_checkpoint=n("ownerSwitchesSinceCheckpoint"),
         parent_shard_ids=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
         behind_ms=int(item["millisBehindLatest"]["N"]) if "millisBehindLatest" in item else None,
+        move=move_from_item(item),
     )
 
 
@@ -88,11 +110,25 @@ GAP_KEY_PREFIX = "__gap__:"
 
 
 class DynamoDBLeaseStore:
-    """:class:`pipeline.checkpoint.LeaseStore` on a DynamoDB table (``table_name``)."""
+    """:class:`pipeline.checkpoint.LeaseStore` on a DynamoDB table (``table_name``); with
+    ``namespace`` (e.g. ``replay-20261122T101500-ab12``), only that namespace's items."""
 
-    def __init__(self, aws: AwsConfig, table_name: str, *, client: Any = None):
+    def __init__(self, aws: AwsConfig, table_name: str, *, client: Any = None, namespace: str = ""):
+        if NAMESPACE_SEPARATOR in namespace:
+            raise ValueError(f"a lease namespace cannot contain {NAMESPACE_SEPARATOR!r}: {namespace!r}")
         self.table_name = table_name
+        self.namespace = namespace
+        self.prefix = f"{namespace}{NAMESPACE_SEPARATOR}" if namespace else ""
         self.client = client or make_client("dynamodb", aws)
+
+    def _key(self, lease_key: str) -> dict[str, Any]:
+        return {"leaseKey": _s(self.prefix + lease_key)}
+
+    def _mine(self, stored_key: str) -> bool:
+        """True for a stored key of this store's namespace (no namespace: keys without one)."""
+        if self.prefix:
+            return stored_key.startswith(self.prefix)
+        return NAMESPACE_SEPARATOR not in stored_key
 
     # -- table --------------------------------------------------------------------------------
 
@@ -134,25 +170,26 @@ class DynamoDBLeaseStore:
                 page = self.client.scan(**kwargs)
             except (ClientError, BotoCoreError) as exc:
                 raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
-            leases.extend(item_to_lease(item) for item in page.get("Items", [])
-                          if not item["leaseKey"]["S"].startswith((WORKER_KEY_PREFIX, GAP_KEY_PREFIX)))
+            special = (self.prefix + WORKER_KEY_PREFIX, self.prefix + GAP_KEY_PREFIX)
+            leases.extend(item_to_lease(item, self.prefix) for item in page.get("Items", [])
+                          if self._mine(item["leaseKey"]["S"]) and not item["leaseKey"]["S"].startswith(special))
             if "LastEvaluatedKey" not in page:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def get_lease(self, lease_key: str) -> Lease | None:
         try:
-            item = self.client.get_item(TableName=self.table_name, Key={"leaseKey": _s(lease_key)},
+            item = self.client.get_item(TableName=self.table_name, Key=self._key(lease_key),
                                         ConsistentRead=True).get("Item")
         except (ClientError, BotoCoreError) as exc:
             raise CheckpointStoreError(f"cannot read lease {lease_key}: {exc}") from None
-        return item_to_lease(item) if item else None
+        return item_to_lease(item, self.prefix) if item else None
 
     # -- conditional writes ---------------------------------------------------------------------
 
     def create_lease_if_absent(self, lease: Lease) -> bool:
         try:
-            self.client.put_item(TableName=self.table_name, Item=lease_to_item(lease),
+            self.client.put_item(TableName=self.table_name, Item=lease_to_item(lease, self.prefix),
                                  ConditionExpression="attribute_not_exists(leaseKey)")
             return True
         except ClientError as exc:
@@ -166,20 +203,17 @@ class DynamoDBLeaseStore:
         # KCL counts a switch only when another worker owned it (DynamoDBLeaseRefresher.takeLease)
         switches = lease.owner_switches_since_checkpoint + (1 if lease.owner is not None and lease.owner != owner else 0)
         new = lease.with_(owner=owner, counter=lease.counter + 1, owner_switches_since_checkpoint=switches)
-        self._update(lease, new, "SET leaseOwner = :owner, leaseCounter = :next, "
-                                 "ownerSwitchesSinceCheckpoint = :switches",
-                     {":owner": _s(owner), ":switches": _n(switches)}, check_owner=False)
-        return new
+        return self._update(lease, new, "SET leaseOwner = :owner, leaseCounter = :next, "
+                                        "ownerSwitchesSinceCheckpoint = :switches",
+                            {":owner": _s(owner), ":switches": _n(switches)}, check_owner=False)
 
     def renew_lease(self, lease: Lease, *, behind_ms: int | None = None) -> Lease:
         if behind_ms is None:
             new = lease.with_(counter=lease.counter + 1)
-            self._update(lease, new, "SET leaseCounter = :next", {})
-        else:
-            new = lease.with_(counter=lease.counter + 1, behind_ms=behind_ms)
-            self._update(lease, new, "SET leaseCounter = :next, millisBehindLatest = :behind",
-                         {":behind": _n(behind_ms)})
-        return new
+            return self._update(lease, new, "SET leaseCounter = :next", {})
+        new = lease.with_(counter=lease.counter + 1, behind_ms=behind_ms)
+        return self._update(lease, new, "SET leaseCounter = :next, millisBehindLatest = :behind",
+                            {":behind": _n(behind_ms)})
 
     def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0, *,
                    behind_ms: int | None = None) -> Lease:
@@ -192,18 +226,52 @@ class DynamoDBLeaseStore:
         if behind_ms is not None:
             update += ", millisBehindLatest = :behind"
             values[":behind"] = _n(behind_ms)
-        self._update(lease, new, update, values)
-        return new
+        return self._update(lease, new, update, values)
 
     def release_lease(self, lease: Lease) -> Lease:
         new = lease.with_(owner=None, counter=lease.counter + 1)
-        self._update(lease, new, "SET leaseCounter = :next REMOVE leaseOwner", {})
-        return new
+        return self._update(lease, new, "SET leaseCounter = :next REMOVE leaseOwner", {})
+
+    # -- checkpoint moves -----------------------------------------------------------------------
+
+    def request_move(self, lease_key: str, move: MoveRequest) -> Lease:
+        try:
+            attrs = self.client.update_item(
+                TableName=self.table_name, Key=self._key(lease_key),
+                UpdateExpression="SET moveCheckpoint = :cp, moveRequestId = :id, moveRequestedBy = :by, "
+                                 "moveRequestedAt = :at",
+                ConditionExpression="attribute_exists(leaseKey)",
+                ExpressionAttributeValues={":cp": _s(move.checkpoint), ":id": _s(move.request_id),
+                                           ":by": _s(move.requested_by), ":at": _s(move.requested_at)},
+                ReturnValues="ALL_NEW")["Attributes"]
+        except ClientError as exc:
+            if self._code(exc) == "ConditionalCheckFailedException":
+                raise LeaseNotFoundError(f"no lease {lease_key} in table {self.table_name!r}") from None
+            raise CheckpointStoreError(f"cannot request a move of lease {lease_key}: {exc}") from None
+        except BotoCoreError as exc:
+            raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
+        return item_to_lease(attrs, self.prefix)
+
+    def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
+        new = lease.with_(counter=lease.counter + 1, checkpoint=checkpoint, sub_sequence_number=0,
+                          owner_switches_since_checkpoint=0, move=None)
+        update = ("SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, "
+                  "ownerSwitchesSinceCheckpoint = :zero REMOVE " + ", ".join(_MOVE_ATTRIBUTES))
+        return self._update(lease, new, update, {":cp": _s(checkpoint), ":zero": _n(0)})
+
+    def apply_move(self, lease: Lease, move: MoveRequest) -> Lease:
+        new = lease.with_(counter=lease.counter + 1, checkpoint=move.checkpoint, sub_sequence_number=0,
+                          owner_switches_since_checkpoint=0, move=None)
+        update = ("SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, "
+                  "ownerSwitchesSinceCheckpoint = :zero REMOVE " + ", ".join(_MOVE_ATTRIBUTES))
+        return self._update(lease, new, update, {":cp": _s(move.checkpoint), ":zero": _n(0),
+                                                 ":request": _s(move.request_id)},
+                            extra_condition="moveRequestId = :request")
 
     def delete_lease(self, lease: Lease) -> None:
         try:
             self.client.delete_item(
-                TableName=self.table_name, Key={"leaseKey": _s(lease.lease_key)},
+                TableName=self.table_name, Key=self._key(lease.lease_key),
                 ConditionExpression="leaseCounter = :counter",
                 ExpressionAttributeValues={":counter": _n(lease.counter)})
         except ClientError as exc:
@@ -213,12 +281,26 @@ class DynamoDBLeaseStore:
         except BotoCoreError as exc:
             raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
 
+    def drop_namespace(self) -> int:
+        """Delete every item of this store's namespace (leases, workers, gaps); returns how many.
+        Only for a namespaced store (a finished replay): raises ValueError without a namespace."""
+        if not self.prefix:
+            raise ValueError("drop_namespace is only for a namespaced store (the live leases stay)")
+        deleted = 0
+        for item in self._scan_prefix(self.prefix):
+            try:
+                self.client.delete_item(TableName=self.table_name, Key={"leaseKey": item["leaseKey"]})
+            except (ClientError, BotoCoreError) as exc:
+                raise CheckpointStoreError(f"cannot delete {item['leaseKey']['S']}: {exc}") from None
+            deleted += 1
+        return deleted
+
     # -- worker announcements (items under WORKER_KEY_PREFIX) ----------------------------------
 
     def announce_worker(self, info: WorkerInfo) -> None:
         try:
             self.client.put_item(TableName=self.table_name, Item={
-                "leaseKey": _s(WORKER_KEY_PREFIX + info.worker_id), "workerId": _s(info.worker_id),
+                "leaseKey": _s(self.prefix + WORKER_KEY_PREFIX + info.worker_id), "workerId": _s(info.worker_id),
                 "host": _s(info.host), "pid": _n(info.pid), "startedAt": _s(info.started_at),
                 "heartbeatAt": _s(info.heartbeat_at), "leases": _n(info.leases)})
         except (ClientError, BotoCoreError) as exc:
@@ -244,19 +326,19 @@ class DynamoDBLeaseStore:
         workers = [WorkerInfo(worker_id=item["workerId"]["S"], host=item["host"]["S"], pid=int(item["pid"]["N"]),
                               started_at=item["startedAt"]["S"], heartbeat_at=item["heartbeatAt"]["S"],
                               leases=int(item["leases"]["N"]))
-                   for item in self._scan_prefix(WORKER_KEY_PREFIX)]
+                   for item in self._scan_prefix(self.prefix + WORKER_KEY_PREFIX)]
         return sorted(workers, key=lambda w: w.worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
         try:
-            self.client.delete_item(TableName=self.table_name, Key={"leaseKey": _s(WORKER_KEY_PREFIX + worker_id)})
+            self.client.delete_item(TableName=self.table_name, Key=self._key(WORKER_KEY_PREFIX + worker_id))
         except (ClientError, BotoCoreError) as exc:
             raise CheckpointStoreError(f"cannot remove worker {worker_id}: {exc}") from None
 
     # -- recorded gaps (items under GAP_KEY_PREFIX) -------------------------------------------
 
     def record_gap(self, gap: Gap) -> None:
-        item = {"leaseKey": _s(GAP_KEY_PREFIX + gap.gap_id), "streamArn": _s(gap.stream_arn),
+        item = {"leaseKey": _s(self.prefix + GAP_KEY_PREFIX + gap.gap_id), "streamArn": _s(gap.stream_arn),
                 "tableName": _s(gap.table), "shardId": _s(gap.shard_id), "lastCheckpoint": _s(gap.last_checkpoint),
                 "detectedAt": _s(gap.detected_at), "policy": _s(gap.policy), "error": _s(gap.error)}
         if gap.first_position_after is not None:
@@ -271,11 +353,15 @@ class DynamoDBLeaseStore:
                     last_checkpoint=item["lastCheckpoint"]["S"],
                     first_position_after=item.get("firstPositionAfter", {}).get("S"),
                     detected_at=item["detectedAt"]["S"], policy=item["policy"]["S"], error=item["error"]["S"])
-                for item in self._scan_prefix(GAP_KEY_PREFIX)]
+                for item in self._scan_prefix(self.prefix + GAP_KEY_PREFIX)]
         return sorted(gaps, key=lambda g: g.detected_at)
 
-    def _update(self, old: Lease, new: Lease, update: str, values: dict[str, Any], *, check_owner: bool = True) -> None:
+    def _update(self, old: Lease, new: Lease, update: str, values: dict[str, Any], *, check_owner: bool = True,
+                extra_condition: str = "") -> Lease:
+        """One conditional UpdateItem; returns ``new`` with the move request as stored afterwards."""
         condition = "leaseCounter = :counter"
+        if extra_condition:
+            condition += f" AND {extra_condition}"
         values = {**values, ":counter": _n(old.counter), ":next": _n(new.counter)}
         if check_owner or old.owner is not None:
             if old.owner is None:
@@ -284,9 +370,10 @@ class DynamoDBLeaseStore:
                 condition += " AND leaseOwner = :old_owner"
                 values[":old_owner"] = _s(old.owner)
         try:
-            self.client.update_item(TableName=self.table_name, Key={"leaseKey": _s(old.lease_key)},
-                                    UpdateExpression=update, ConditionExpression=condition,
-                                    ExpressionAttributeValues=values)
+            attrs = self.client.update_item(TableName=self.table_name, Key=self._key(old.lease_key),
+                                            UpdateExpression=update, ConditionExpression=condition,
+                                            ExpressionAttributeValues=values,
+                                            ReturnValues="ALL_NEW").get("Attributes", {})
         except ClientError as exc:
             if self._code(exc) == "ConditionalCheckFailedException":
                 raise LeaseLostError(f"lease {old.lease_key} was changed by another worker "
@@ -294,6 +381,7 @@ class DynamoDBLeaseStore:
             raise CheckpointStoreError(f"cannot update lease {old.lease_key}: {self._code(exc)}: {exc}") from None
         except BotoCoreError as exc:
             raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
+        return new.with_(move=move_from_item(attrs))
 
     @staticmethod
     def _code(exc: ClientError) -> str:

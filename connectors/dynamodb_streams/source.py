@@ -28,8 +28,14 @@ from pipeline.source import (
     ReadResult,
     ShardInfo,
     ShardNotFoundError,
+    ThrottledError,
     TrimmedDataError,
 )
+
+#: Error codes of throttling (DynamoDB Streams API reference: LimitExceededException — "your
+#: request rate is too high"; the others are the common throttling codes botocore also retries).
+THROTTLING_CODES = frozenset({"LimitExceededException", "ProvisionedThroughputExceededException",
+                              "ThrottlingException", "RequestLimitExceeded"})
 
 
 def _code(exc: ClientError) -> str:
@@ -139,4 +145,6 @@ class DynamoDBStreamSource:
             return TrimmedDataError(f"{where}: position is behind the trim horizon: {exc}")
         if code == "ResourceNotFoundException":
             return ShardNotFoundError(f"{where} of {self.stream_arn} not found: {exc}")
+        if code in THROTTLING_CODES:
+            return ThrottledError(f"{where}: throttled ({code}) after retries: {exc}")
         return SourceError(f"{where}: {code}: {exc}")
