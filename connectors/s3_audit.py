@@ -28,6 +28,12 @@ The archive is therefore at-least-once: one sequence number can appear in more t
 always with identical content (the event is decoded from the same stream record). Readers that
 need each change once should deduplicate by ``(source.shard_id, source.sequence_number)``.
 
+Object metadata (S3 user metadata, ``x-amz-meta-*``): ``records`` (number of lines),
+``first-sequence-number``, ``last-sequence-number``, and ``parent-shard-ids`` — the shard's parent
+shard ids, comma-joined, taken from ``batch.extra["parent_shard_ids"]`` of the batches written to
+that shard (empty when the batches did not carry it). The archive replay
+(:mod:`connectors.archive`) reads it to deliver parents before children.
+
 Durability: nothing is durable until uploaded. The worker calls :meth:`S3AuditSink.flush` before
 every checkpoint, and ``flush`` uploads every non-empty buffer; a crash before that loses only
 events whose checkpoint has not moved, which the next run replays.
@@ -201,6 +207,7 @@ class _ShardBuffer:
     last_seq: str | None = None
     first_created: datetime | None = None
     started_at: float = 0.0  # time.monotonic() of the first line
+    parent_shard_ids: tuple[str, ...] = ()  # from batch.extra; kept across uploads (a shard's parents never change)
     retired: bool = False  # removed from the sink's map; writers must fetch a fresh buffer
 
     def append(self, event: ChangeEvent) -> None:
@@ -314,6 +321,9 @@ class S3AuditSink(Sink):
         key = (batch.table, batch.shard_id)
         buf = self._locked_buffer(key)
         try:
+            parents = batch.extra.get("parent_shard_ids") if batch.extra else None
+            if parents:
+                buf.parent_shard_ids = tuple(str(p) for p in parents)
             for event in batch.events:
                 if buf.last_seq is not None and sequence_key(event.sequence_number) <= sequence_key(buf.last_seq):
                     continue
@@ -389,6 +399,7 @@ class S3AuditSink(Sink):
                 "records": str(len(buf.lines)),
                 "first-sequence-number": buf.first_seq,
                 "last-sequence-number": buf.last_seq,
+                "parent-shard-ids": ",".join(buf.parent_shard_ids),
             },
         }
         if self.options.sse is not None:
