@@ -258,7 +258,7 @@ def run_archive_replay(settings: Settings, uri: str, *, sinks: Sequence[Any], si
     - ``since`` / ``until``: inclusive window on the events' creation time (naive = UTC); None = open.
     - ``tables``: only these tables' folders (default all).
     - ``dry_run``: list, read and count; open and send nothing.
-    - ``logger``: structlog logger; ``console``: rich console for the progress bar (default stdout);
+    - ``logger``: structlog logger; ``console``: rich console for the progress bar (default stderr);
       ``progress``: show it; ``stop_event``: set it to stop between batches.
 
     The report (``mode="archive"``) has a row per archived shard (``ended="archive_end"`` when all

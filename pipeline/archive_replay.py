@@ -304,8 +304,11 @@ def batches(events: Iterable[ChangeEvent], *, table: str, shard_id: str,
 
 
 def _progress(console: Any, enabled: bool) -> Any:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if console is None and enabled:
+        console = Console(stderr=True)  # stdout stays for the summary / JSON
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("objects"),
                     TextColumn("{task.fields[changes]} changes"), TimeElapsedColumn(),
                     console=console, disable=not enabled)
@@ -323,7 +326,8 @@ def replay_archive(shards: Sequence[ArchiveShard], *,
     ``deliver(batch)`` gives one batch to every sink (e.g. :meth:`pipeline.fanout.FanOut.deliver`),
     ``flush()`` makes everything delivered durable; both are unused when ``dry_run`` (read and
     count only). ``since`` / ``until``: the window (see the module doc). ``logger``: structlog.
-    ``stop_event`` set (or Ctrl-C) → stop between batches, flush; the shard in progress and the
+    ``console``: rich console of the progress bar over objects (default: stderr); ``progress``:
+    show it. ``stop_event`` set (or Ctrl-C) → stop between batches, flush; the shard in progress and the
     rest end ``stopped``. An error from reading (ArchiveError) or delivering (FatalSinkError,
     DeliveryAborted, …) ends the shard in progress ``failed`` with the error text and the rest
     ``stopped``; after a read error the sinks are flushed, after a sink error they are not (and

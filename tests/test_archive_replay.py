@@ -9,10 +9,8 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import threading
-import time
 import urllib.request
 import uuid
 from dataclasses import replace
@@ -27,7 +25,6 @@ import structlog
 import yaml
 
 from connectors.archive import list_archive, parse_archive_uri, run_archive_replay
-from connectors.opensearch import OpenSearchSink
 from connectors.runtime import build_worker
 from connectors.s3_audit import S3AuditSink, read_audit_objects
 from connectors.verify import check_opensearch, read_stream_events
@@ -142,8 +139,9 @@ def replay(archive: MemoryArchive, collector: Collector | None = None, **kwargs)
     kwargs.setdefault("since", None)
     kwargs.setdefault("until", None)
     kwargs.setdefault("dry_run", False)
+    kwargs.setdefault("progress", False)
     report = replay_archive(archive.shards(), read_object=archive.read, deliver=collector.deliver,
-                            flush=collector.flush, sink_names=["x"], logger=LOG, progress=False, **kwargs)
+                            flush=collector.flush, sink_names=["x"], logger=LOG, **kwargs)
     return report, collector
 
 
@@ -327,6 +325,26 @@ def test_stop_event_stops_between_batches():
     assert got.flushes == [1]
 
 
+
+def test_progress_bar_and_summary_render():
+    import io
+
+    from rich.console import Console
+
+    from pipeline.replay_report import render_replay_report, replay_report_to_dict
+
+    archive = MemoryArchive()
+    archive.add([event(n) for n in range(1, 4)])
+    archive.add([event(n) for n in range(3, 6)])
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=120)
+    report, _ = replay(archive, console=console, progress=True)
+    render_replay_report(report, console=console)
+    text = out.getvalue()
+    assert "OK: replayed 5 change(s) from 1 shard(s) into x" in text and "archive_end" in text
+    data = replay_report_to_dict(report)
+    assert data["mode"] == "archive" and data["shards"][0]["duplicates"] == 1
+
 # -- real servers: archives written by the real S3AuditSink to moto S3 ---------------------------
 
 
@@ -467,7 +485,6 @@ def doc_versions(url: str, index: str) -> dict[str, tuple[int, int]]:
 
 def test_live_changes_archived_then_replayed_into_a_fresh_index(tmp_path, aws_env, dynamodb_local, moto_server,
                                                                 opensearch_url):
-    started = time.monotonic()
     creds = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     ddb = boto3.client("dynamodb", endpoint_url=dynamodb_local.endpoint, **creds)
     streams = boto3.client("dynamodbstreams", endpoint_url=dynamodb_local.endpoint, **creds)
@@ -560,4 +577,46 @@ def test_live_changes_archived_then_replayed_into_a_fresh_index(tmp_path, aws_en
     dry = run_archive_replay(settings, uri, sinks=[rec], dry_run=True, logger=LOG, progress=False)
     assert dry.ok and dry.dry_run and dry.delivered == 300
     assert not rec.opened and rec.written == []
-    assert time.monotonic() - started < 40
+
+
+def test_cli_replay_from_archive_into_opensearch(s3, bucket, moto_server, opensearch_url, tmp_path, capsys):
+    from pipeline.cli import main
+
+    sink = audit_sink(bucket, moto_server.endpoint, prefix="audit")
+    archive(sink, [event(1, pk="a", op="INSERT"), event(2, pk="b", op="INSERT"), event(3, pk="a")])
+    archive(sink, [event(4, pk="b", op="REMOVE"), event(5, pk="c", op="INSERT")])
+    sink.close()
+    index = f"cli-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "source": {"table": "orders"},
+        "aws": {"region": "us-east-1", "s3_endpoint_url": moto_server.endpoint},
+        "checkpoints": {"store": "sqlite", "sqlite_path": str(tmp_path / "leases.sqlite")},
+        "dead_letter": {"directory": str(tmp_path / "dead-letter")},
+        "log": {"format": "json", "level": "WARNING"},
+        "sinks": [{"name": "search", "type": "opensearch", "options": {"hosts": [opensearch_url], "index": index}},
+                  {"name": "audit", "type": "s3_audit", "options": {"bucket": bucket, "prefix": "audit"}}],
+    }))
+    uri = f"s3://{bucket}/audit"
+
+    code = main(["replay", "--config", str(config), "--from-archive", uri, "--sink", "search", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    assert (out["mode"], out["ok"], out["delivered"], out["sinks"]) == ("archive", True, 5, ["search"])
+    assert {doc: v for doc, (v, _) in doc_versions(opensearch_url, index).items()} == {
+        "a": event(3, pk="a").version, "c": event(5, pk="c", op="INSERT").version}
+
+    # the plain summary (no --json) and a dry run without --sink
+    assert main(["replay", "--config", str(config), "--from-archive", uri, "--sink", "search", "--no-progress"]) == 0
+    assert "OK: replayed 5 change(s) from 1 shard(s) into search" in capsys.readouterr().out
+    assert main(["replay", "--config", str(config), "--from-archive", uri, "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["delivered"] == 5
+    # usage errors: exit 2, one line
+    assert main(["replay", "--config", str(config), "--from-archive", "bucket/audit", "--sink", "search"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s3://bucket/prefix" in err[0]
+    # a missing bucket: exit 1, one line
+    assert main(["replay", "--config", str(config), "--from-archive", "s3://no-such-bucket-cli/x",
+                 "--sink", "search", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NoSuchBucket" in err[0], err
