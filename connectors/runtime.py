@@ -30,16 +30,17 @@ def build_sources(settings: Settings) -> list[Any]:
     return sources
 
 
-def build_lease_store(settings: Settings) -> Any:
-    """The configured lease / checkpoint store (DynamoDB table or SQLite file)."""
+def build_lease_store(settings: Settings, namespace: str = "") -> Any:
+    """The configured lease / checkpoint store (DynamoDB table or SQLite file); with ``namespace``
+    (a replay), that namespace of it."""
     cfg = settings.checkpoints
     if cfg.store == "sqlite":
         from connectors.sqlite_store import SQLiteLeaseStore
 
-        return SQLiteLeaseStore(cfg.sqlite_path)
+        return SQLiteLeaseStore(cfg.sqlite_path, namespace=namespace)
     from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 
-    return DynamoDBLeaseStore(settings.aws, cfg.table_name)
+    return DynamoDBLeaseStore(settings.aws, cfg.table_name, namespace=namespace)
 
 
 def build_dead_letter(settings: Settings) -> Any:
@@ -52,19 +53,24 @@ def build_dead_letter(settings: Settings) -> Any:
 
 
 def build_worker(settings: Settings, *, logger: Any, where: str = "config", sinks: list | None = None,
-                 exit_when_idle: bool = False) -> Worker:
-    """A ready-to-run :class:`Worker`. Raises ConfigError (sinks) or SourceError (stream)."""
+                 exit_when_idle: bool = False, sources: list | None = None, lease_store: Any = None,
+                 worker_id: str | None = None, **worker_kwargs: Any) -> Worker:
+    """A ready-to-run :class:`Worker`. Raises ConfigError (sinks) or SourceError (stream).
+
+    ``sources`` / ``lease_store`` / ``worker_id`` replace the configured ones (a replay passes its
+    namespaced store); ``worker_kwargs`` go to :class:`Worker` as they are (``read_window`` …).
+    """
     sinks = sinks if sinks is not None else build_sinks(settings.sinks, where)
     policies = {c.name: FailurePolicy(on_failure=c.on_failure, retry_budget_s=c.retry_budget_s,
                                       max_backoff_s=c.max_backoff_s)
                 for c in settings.sinks}
     src = settings.source
     return Worker(
-        sources=build_sources(settings),
-        lease_store=build_lease_store(settings),
+        sources=sources if sources is not None else build_sources(settings),
+        lease_store=lease_store if lease_store is not None else build_lease_store(settings),
         sinks=sinks,
         dead_letter=build_dead_letter(settings),
-        worker_id=settings.worker.id,
+        worker_id=worker_id or settings.worker.id,
         logger=logger,
         start_position=src.start_position,
         shard_settings=ShardSettings(max_records_per_call=src.max_records_per_call,
@@ -77,4 +83,5 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
         policies=policies,
         aws=settings.aws,
         exit_when_idle=exit_when_idle,
+        **worker_kwargs,
     )

@@ -48,8 +48,9 @@ def lease_key_for(table: str, stream_arn: str, shard_id: str) -> str:
 
 
 def valid_move_target(checkpoint: str) -> bool:
-    """True for TRIM_HORIZON, LATEST or a sequence number (decimal digits, as DynamoDB gives them)."""
-    return checkpoint in (TRIM_HORIZON, LATEST) or (checkpoint.isascii() and checkpoint.isdigit())
+    """True for TRIM_HORIZON, LATEST, SHARD_END (skip the rest of the shard) or a sequence number
+    (decimal digits, as DynamoDB gives them)."""
+    return checkpoint in (TRIM_HORIZON, LATEST, SHARD_END) or (checkpoint.isascii() and checkpoint.isdigit())
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ Commands::
     ddb-cdc demo                         the whole pipeline on embedded stand-in servers
     ddb-cdc dlq list|show ID             inspect the dead-letter destination
     ddb-cdc dlq redrive [--sink NAME] [--id ID] [--dry-run]   re-deliver entries, remove those delivered
+    ddb-cdc checkpoints list|export|import|set   read and move checkpoints (safe while workers run)
+    ddb-cdc replay --from …|--from-archive s3://… --sink NAME   re-deliver changes into chosen sinks
 
 Exit codes: 0 success; 1 runtime failure (a shard failed, a check did not hold); 2 invalid
 configuration or usage (one line per problem on stderr, no traceback).
@@ -241,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("--id", action="append", metavar="ID", help="only this entry (repeatable)")
     dlq_redrive.add_argument("--dry-run", action="store_true", help="show what would be redriven; change nothing")
     dlq.set_defaults(func=cmd_dlq)
+
+    from pipeline import cli_checkpoints, cli_replay
+
+    cli_checkpoints.add_parser(sub)
+    cli_replay.add_parser(sub)
     return parser
 
 
