@@ -1,0 +1,200 @@
+"""Replay rules on the DynamoDB Streams API double (what DynamoDB Local cannot give: times to the
+second, shard splits, trimmed data, throttling), with a real SQLite lease file shared with "live"
+leases. The real-server replay tests are in tests/test_replay.py."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import structlog
+
+from connectors.dynamodb_streams.source import DynamoDBStreamSource
+from connectors.sqlite_store import SQLiteLeaseStore
+from pipeline.awsconfig import AwsConfig
+from pipeline.checkpoint import Lease, lease_key_for
+from pipeline.deadletter import DirectoryDeadLetterQueue
+from pipeline.events import TRIM_HORIZON
+from pipeline.replay import StartSpec, StreamReplay, dry_run, start_positions
+from pipeline.shard_consumer import ShardSettings
+from pipeline.testing import RecordingSink, make_stream_record
+from pipeline.worker import Worker
+from tests.streams_double import STREAM_ARN, FakeStreams, seq
+
+T0 = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def recs(shard_no: int, n: int, start_s: int = 0) -> list[dict]:
+    """``n`` records one second apart from T0 + ``start_s``; item keys repeat across shards."""
+    return [make_stream_record(event_name="MODIFY", keys={"pk": f"item-{i % 3}"},
+                               new_image={"pk": f"item-{i % 3}", "n": shard_no * 100 + i},
+                               sequence_number=seq(shard_no, i), created=T0 + timedelta(seconds=start_s + i))
+            for i in range(n)]
+
+
+def split_stream() -> FakeStreams:
+    """P (closed, t=0..9 s) → children A (closed, t=10..19) and B (open, t=10..14); A → A2 (open, t=20..24)."""
+    fake = FakeStreams(page_size=10)
+    fake.add_shard("shardId-P", recs(1, 10, 0), closed=True)
+    fake.add_shard("shardId-A", recs(2, 10, 10), parent="shardId-P", closed=True)
+    fake.add_shard("shardId-B", recs(3, 5, 10), parent="shardId-P", closed=False)
+    fake.add_shard("shardId-A2", recs(4, 5, 20), parent="shardId-A", closed=False)
+    return fake
+
+
+def run_replay(tmp_path, fake: FakeStreams, spec: StartSpec, until: datetime | None, *, namespace="replay-t"):
+    source = DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)
+    sink = RecordingSink()
+    path = tmp_path / "leases.sqlite"
+    log = structlog.get_logger()
+
+    def make_worker(**kw):
+        return Worker(sources=[source], sinks=[sink], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
+                      logger=log, exit_when_idle=True, discovery_interval_s=0.05, failover_time_s=0.6,
+                      shard_settings=ShardSettings(max_records_per_call=4, idle_interval_ms=5, checkpoint_interval_s=0),
+                      shutdown_grace_s=5, **kw)
+
+    replay = StreamReplay(sources=[source], store=SQLiteLeaseStore(path, namespace=namespace), spec=spec, until=until,
+                          sink_names=[sink.name], replay_id=namespace, make_worker=make_worker, logger=log,
+                          idle_reads=2)
+    replay.prepare()
+    return replay.run(), sink, source
+
+
+def seqs_of(fake: FakeStreams, shard: str, lo: int = 0, hi: int | None = None) -> list[str]:
+    records = fake.shards[shard].records
+    return [r["dynamodb"]["SequenceNumber"] for r in records[lo:hi]]
+
+
+def test_trim_horizon_replay_follows_lineage_and_ends_open_shards_when_caught_up(tmp_path):
+    fake = split_stream()
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("trim-horizon"), until=None)
+    assert report.ok, report
+    got = [e.sequence_number for e in sink.flushed]
+    assert sorted(got) == sorted(sum((seqs_of(fake, s) for s in fake.shards), []))
+    assert len(got) == len(set(got)) == 30
+    position = {s: i for i, s in enumerate(got)}
+    # every parent record before every child record; per shard in sequence order
+    assert max(position[s] for s in seqs_of(fake, "shardId-P")) < min(position[s] for s in seqs_of(fake, "shardId-A"))
+    assert max(position[s] for s in seqs_of(fake, "shardId-P")) < min(position[s] for s in seqs_of(fake, "shardId-B"))
+    assert max(position[s] for s in seqs_of(fake, "shardId-A")) < min(position[s] for s in seqs_of(fake, "shardId-A2"))
+    for shard in fake.shards:
+        mine = [s for s in got if s in set(seqs_of(fake, shard))]
+        assert mine == seqs_of(fake, shard)
+    ended = {r.shard_id: r.ended for r in report.shards}
+    assert ended == {"shardId-P": "shard_end", "shardId-A": "shard_end", "shardId-B": "caught_up",
+                     "shardId-A2": "caught_up"}
+
+
+def test_time_window_is_inclusive_to_the_second_and_until_ends_each_shard(tmp_path):
+    fake = split_stream()
+    since, until = T0 + timedelta(seconds=5), T0 + timedelta(seconds=12)
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("time", since=since), until=until)
+    assert report.ok, report
+    expected = [r["dynamodb"]["SequenceNumber"] for shard in fake.shards.values() for r in shard.records
+                if since.timestamp() <= r["dynamodb"]["ApproximateCreationDateTime"].timestamp() <= until.timestamp()]
+    assert sorted(e.sequence_number for e in sink.flushed) == sorted(expected)
+    assert len(expected) == 5 + 3 + 3  # P t=5..9, A t=10..12, B t=10..12
+    rows = {r.shard_id: r for r in report.shards}
+    assert rows["shardId-P"].skipped_before == 5 and rows["shardId-P"].ended == "shard_end"
+    assert rows["shardId-A"].ended == "until" and rows["shardId-B"].ended == "until"
+    assert rows["shardId-A"].first_time == T0 + timedelta(seconds=10)
+    assert rows["shardId-A"].last_time == until
+    # A2 (t=20..) starts after A ended; its first record is past --until
+    assert rows["shardId-A2"].delivered == 0 and rows["shardId-A2"].ended == "until"
+    # the dry run reads the same way and counts the same, sending nothing
+    dry = dry_run([DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)],
+                  StartSpec("time", since=since), until, idle_reads=2)
+    assert dry.dry_run and dry.delivered == len(expected)
+    assert {r.shard_id: r.delivered for r in dry.shards} == {r.shard_id: r.delivered for r in report.shards}
+
+
+def test_sequence_start_includes_that_record_then_descendants_only(tmp_path):
+    fake = split_stream()
+    start = seqs_of(fake, "shardId-A")[6]
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("sequence", sequences={"shardId-A": start}), until=None)
+    assert report.ok, report
+    got = [e.sequence_number for e in sink.flushed]
+    assert got == seqs_of(fake, "shardId-A", 6) + seqs_of(fake, "shardId-A2")
+    ended = {r.shard_id: r.ended for r in report.shards}
+    assert ended["shardId-P"] == ended["shardId-B"] == "not_asked"
+
+
+def test_checkpoint_file_start_resumes_after_each_exported_position(tmp_path):
+    fake = split_stream()
+    source = DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)
+    shards = source.list_shards()
+    snapshot = [Lease(lease_key=lease_key_for("orders", STREAM_ARN, "shardId-A"), table="orders",
+                      stream_arn=STREAM_ARN, shard_id="shardId-A", checkpoint=seqs_of(fake, "shardId-A")[3]),
+                Lease(lease_key=lease_key_for("orders", STREAM_ARN, "shardId-B"), table="orders",
+                      stream_arn=STREAM_ARN, shard_id="shardId-B", checkpoint=TRIM_HORIZON)]
+    spec = StartSpec("checkpoint-file", snapshot=snapshot)
+    positions = start_positions(spec, source, shards)
+    assert positions == {"shardId-P": "SHARD_END", "shardId-A": seqs_of(fake, "shardId-A")[3],
+                         "shardId-B": TRIM_HORIZON, "shardId-A2": TRIM_HORIZON}
+    report, sink, _ = run_replay(tmp_path, fake, spec, until=None)
+    assert report.ok
+    got = sorted(e.sequence_number for e in sink.flushed)
+    assert got == sorted(seqs_of(fake, "shardId-A", 4) + seqs_of(fake, "shardId-B") + seqs_of(fake, "shardId-A2"))
+
+
+def test_replay_never_touches_live_leases_and_reports_a_gap(tmp_path):
+    fake = split_stream()
+    path = tmp_path / "leases.sqlite"
+    live = SQLiteLeaseStore(path)
+    live.ensure_table()
+    key = lease_key_for("orders", STREAM_ARN, "shardId-P")
+    live.create_lease_if_absent(Lease(lease_key=key, table="orders", stream_arn=STREAM_ARN, shard_id="shardId-P",
+                                      checkpoint=seqs_of(fake, "shardId-P")[2], owner="live-worker", counter=7))
+    before = live.get_lease(key)
+    fake.fail_get_records("shardId-B", 0, "TrimmedDataAccessException", times=None)
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("trim-horizon"), until=None)
+    assert not report.ok
+    rows = {r.shard_id: r for r in report.shards}
+    assert rows["shardId-B"].ended == "gap" and "trim horizon" in rows["shardId-B"].error
+    after = live.get_lease(key)
+    assert (after.owner, after.counter, after.checkpoint) == (before.owner, before.counter, before.checkpoint)
+    assert [lease.lease_key for lease in live.list_leases()] == [key]
+    # an incomplete replay keeps its namespace for inspection
+    assert SQLiteLeaseStore(path, namespace="replay-t").list_leases()
+
+
+def test_throttled_replay_reader_backs_off_and_delivers_everything(tmp_path):
+    from prometheus_client import REGISTRY
+
+    def throttles() -> float:
+        return REGISTRY.get_sample_value("ddb_cdc_get_records_throttles_total",
+                                         {"table": "orders", "shard": "shardId-P"}) or 0.0
+
+    before = throttles()
+    fake = split_stream()
+    fake.fail_get_records("shardId-P", 4, "LimitExceededException", times=3)
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("trim-horizon"), until=None)
+    assert report.ok, report
+    got = [e.sequence_number for e in sink.flushed]
+    assert len(got) == len(set(got)) == 30
+    assert [s for s in got if s in set(seqs_of(fake, "shardId-P"))] == seqs_of(fake, "shardId-P")
+    assert throttles() - before == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["replay", "--from", "trim-horizon"], "needs --sink"),
+    (["replay", "--from", "yesterday", "--sink", "cache"], "--from 'yesterday'"),
+    (["replay", "--from", "time", "not-a-time", "--sink", "cache"], "not an ISO 8601 time"),
+    (["replay", "--from", "sequence", "shard-without-seq", "--sink", "cache"], "SHARD=SEQUENCE_NUMBER"),
+    (["replay", "--sink", "cache"], "say where to replay from"),
+    (["replay", "--from", "trim-horizon", "--sink", "nope"], "--sink 'nope' is not a configured sink"),
+])
+def test_replay_usage_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    from pipeline.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("source: {stream_arn: '%s'}\ncheckpoints: {store: sqlite, sqlite_path: '%s'}\n"
+                   "sinks: [{name: cache, type: redis_cache, options: {url: 'redis://127.0.0.1:1/0', "
+                   "key_templates: ['k:{pk}']}}]\n" % (STREAM_ARN, tmp_path / "l.sqlite"))
+    monkeypatch.setattr("connectors.runtime.build_sources", lambda settings: [
+        DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=split_stream())])
+    code = main([*argv, "--config", str(cfg), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code in (1, 2)
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
