@@ -15,22 +15,16 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import CheckpointStoreError
-
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _store(args: argparse.Namespace) -> tuple[Any, Any]:
-    from connectors.runtime import build_lease_store
+    from pipeline.cli import existing_lease_store
     from pipeline.config import load_settings
 
     settings = load_settings(args.config)
-    cfg = settings.checkpoints
-    if cfg.store == "sqlite" and not os.path.isfile(cfg.sqlite_path):
-        raise CheckpointStoreError(f"no checkpoint file at {cfg.sqlite_path}: check checkpoints.sqlite_path "
-                                   "(a worker creates it on its first start)")
-    store = build_lease_store(settings)
-    if cfg.store == "sqlite":
+    store = existing_lease_store(settings)
+    if settings.checkpoints.store == "sqlite":
         store.ensure_table()  # adds the move columns to a file written by an older version
     return settings, store
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from typing import Any, Sequence
 
 import orjson

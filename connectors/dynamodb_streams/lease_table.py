@@ -253,19 +253,22 @@ class DynamoDBLeaseStore:
         return item_to_lease(attrs, self.prefix)
 
     def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
+        return self._move(lease, checkpoint)
+
+    def apply_move(self, lease: Lease, move: MoveRequest) -> Lease:
+        return self._move(lease, move.checkpoint, request_id=move.request_id)
+
+    def _move(self, lease: Lease, checkpoint: str, request_id: str | None = None) -> Lease:
+        """Set the checkpoint and clear any move request (conditional on counter and owner, and
+        with ``request_id`` on that request still being the stored one)."""
         new = lease.with_(counter=lease.counter + 1, checkpoint=checkpoint, sub_sequence_number=0,
                           owner_switches_since_checkpoint=0, move=None)
         update = ("SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, "
                   "ownerSwitchesSinceCheckpoint = :zero REMOVE " + ", ".join(_MOVE_ATTRIBUTES))
-        return self._update(lease, new, update, {":cp": _s(checkpoint), ":zero": _n(0)})
-
-    def apply_move(self, lease: Lease, move: MoveRequest) -> Lease:
-        new = lease.with_(counter=lease.counter + 1, checkpoint=move.checkpoint, sub_sequence_number=0,
-                          owner_switches_since_checkpoint=0, move=None)
-        update = ("SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, "
-                  "ownerSwitchesSinceCheckpoint = :zero REMOVE " + ", ".join(_MOVE_ATTRIBUTES))
-        return self._update(lease, new, update, {":cp": _s(move.checkpoint), ":zero": _n(0),
-                                                 ":request": _s(move.request_id)},
+        values = {":cp": _s(checkpoint), ":zero": _n(0)}
+        if request_id is None:
+            return self._update(lease, new, update, values)
+        return self._update(lease, new, update, {**values, ":request": _s(request_id)},
                             extra_condition="moveRequestId = :request")
 
     def delete_lease(self, lease: Lease) -> None:
