@@ -216,6 +216,7 @@ class SQLiteLeaseStore:
         return self._row_to_lease(rows[0])
 
     def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
+        lease = lease.with_(owner=None)  # conditional on having no owner, whatever ``lease`` says
         return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=checkpoint, sub_sequence_number=0,
                                                owner_switches_since_checkpoint=0, move=None), clear_move_id="")
 

@@ -66,7 +66,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     table = Table(title=f"{len(rows)} lease(s)")
     for column in ("table", "shard", "parent", "owner", "checkpoint", "behind", "pending move"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # ids stay whole, to copy into `set --shard`
     for r in rows:
         move = r["pending_move"]
         table.add_row(r["table"], r["shard_id"], ",".join(r["parent_shard_ids"]) or "-", r["owner"] or "-",
@@ -99,7 +99,7 @@ def _print_results(results: list, dry_run: bool = False) -> None:
 
     table = Table(title="checkpoint moves" + (" (dry run: nothing written)" if dry_run else ""))
     for column in ("table", "shard", "owner", "from", "to", "how"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for r in results:
         table.add_row(r.lease.table, r.lease.shard_id, r.lease.owner or "-", r.lease.checkpoint, r.to_checkpoint, r.how)
     Console(width=max(160, Console().width)).print(table)

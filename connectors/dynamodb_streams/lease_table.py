@@ -253,7 +253,8 @@ class DynamoDBLeaseStore:
         return item_to_lease(attrs, self.prefix)
 
     def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
-        return self._move(lease, checkpoint)
+        # conditional on having no owner, whatever ``lease`` says (an owner applies a request instead)
+        return self._move(lease.with_(owner=None), checkpoint)
 
     def apply_move(self, lease: Lease, move: MoveRequest) -> Lease:
         return self._move(lease, move.checkpoint, request_id=move.request_id)
