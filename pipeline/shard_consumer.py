@@ -192,6 +192,10 @@ class ShardConsumer(threading.Thread):
                     continue
                 except ShardNotFoundError as exc:
                     raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream: {exc}") from exc
+                except ThrottledError:
+                    if self.stop_event.is_set():
+                        continue  # stopped while backing off: the loop's top flushes and checkpoints
+                    raise
             except TrimmedDataError as exc:
                 iterator = self._handle_gap(exc)
                 if iterator is None:

@@ -198,3 +198,36 @@ def test_replay_usage_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, m
     err = capsys.readouterr().err
     assert code in (1, 2)
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stop_while_throttled_is_a_clean_stop(tmp_path):
+    """A reader backing off from endless throttling stops cleanly on SIGTERM (exit 0, not a failed shard)."""
+    import threading
+    import time
+
+    fake = FakeStreams(page_size=10)
+    fake.add_shard("shardId-P", recs(1, 6), closed=False)
+    fake.fail_get_records("shardId-P", 2, "LimitExceededException", times=None)
+    sink = RecordingSink()
+    worker = Worker(sources=[DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)], sinks=[sink],
+                    lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"), worker_id="w1",
+                    dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), logger=structlog.get_logger(),
+                    shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=5, checkpoint_interval_s=0),
+                    discovery_interval_s=0.05, failover_time_s=0.6, shutdown_grace_s=5,
+                    on_consumer_done=lambda c: outcomes.append(c.outcome))
+    outcomes: list = []
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", worker.run()))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(sink.flushed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.6)  # several throttled attempts
+    worker.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert result["code"] == 0 and worker.failed == []
+    assert outcomes == ["stopped"]
+    assert [e.sequence_number for e in sink.flushed] == seqs_of(fake, "shardId-P", 0, 2)
+    lease = SQLiteLeaseStore(tmp_path / "l.sqlite").list_leases()[0]
+    assert lease.checkpoint == seqs_of(fake, "shardId-P")[1] and lease.owner is None
