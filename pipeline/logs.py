@@ -25,9 +25,24 @@ def _redact(_, __, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the moment of writing, so loggers configured once
+    keep working when stderr is replaced (a test's capture, a re-opened stream)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
-    """Configure structlog for the process. ``fmt``: ``auto`` | ``json`` | ``console``."""
-    stream = stream or sys.stderr
+    """Configure structlog for the process. ``fmt``: ``auto`` | ``json`` | ``console``;
+    ``stream`` defaults to the current ``sys.stderr`` (looked up at every write)."""
+    stream = stream or _CurrentStderr()
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
