@@ -83,5 +83,10 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
         policies=policies,
         aws=settings.aws,
         exit_when_idle=exit_when_idle,
-        **worker_kwargs,
+        **{"sink_open_timeout_s": settings.worker.sink_open_timeout_s,
+           "iterator_age_warning_s": settings.worker.iterator_age_warning_s,
+           "iterator_age_error_s": settings.worker.iterator_age_error_s,
+           "iterator_age_log_interval_s": settings.worker.iterator_age_log_interval_s,
+           "health_stall_s": settings.metrics.health_stall_s,
+           **worker_kwargs},
     )

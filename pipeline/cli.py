@@ -72,12 +72,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   restart_clean_exits=not args.exit_when_idle)
     from connectors.runtime import build_worker
 
+    holder: dict = {}
     if settings.metrics.enabled:
         from pipeline.metrics import serve
 
-        serve(settings.metrics.host, settings.metrics.port)
+        try:  # up before the worker is built: /readyz answers "starting" meanwhile
+            serve(settings.metrics.host, settings.metrics.port, probe=lambda: holder.get("worker"))
+        except OSError as exc:
+            raise ConfigError([f"metrics: cannot serve on {settings.metrics.host}:{settings.metrics.port}: "
+                               f"{exc.strerror or exc}; set metrics.port (DDB_CDC_METRICS__PORT) to a free port"])
     worker = build_worker(settings, logger=get_logger(), where=str(args.config), sinks=sinks,
                           exit_when_idle=args.exit_when_idle)
+    holder["worker"] = worker
+    if settings.metrics.enabled:
+        from pipeline.metrics import track_worker
+
+        track_worker(worker)
 
     def on_signal(signum, _frame):
         worker.stop_from_signal(signum)  # assigns an attribute only: safe when signals repeat
@@ -250,10 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("--dry-run", action="store_true", help="show what would be redriven; change nothing")
     dlq.set_defaults(func=cmd_dlq)
 
-    from pipeline import cli_checkpoints, cli_replay
+    from pipeline import cli_checkpoints, cli_replay, cli_workload
 
     cli_checkpoints.add_parser(sub)
     cli_replay.add_parser(sub)
+    cli_workload.add_parser(sub)
     return parser
 
 

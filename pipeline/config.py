@@ -123,20 +123,35 @@ class SinkConfig(_Strict):
 
 
 class WorkerConfig(_Strict):
-    """The worker process: ``id`` (lease owner name; default host:pid:random) and the shutdown
-    grace period in seconds (SIGTERM/SIGINT → flush, checkpoint, exit within this)."""
+    """The worker process.
+
+    - ``id``: lease owner name (default host:pid:random);
+    - ``shutdown_grace_s``: SIGTERM/SIGINT → flush, checkpoint, exit within this (s);
+    - ``sink_open_timeout_s``: a sink that cannot open (its service not up yet) is retried with
+      backoff for this long (s) — not ready meanwhile — before the worker exits 1;
+    - ``iterator_age_warning_s`` / ``iterator_age_error_s``: log a warning / an error when a
+      shard's iterator age passes these (s; default 1 h and 20 h — DynamoDB Streams trims records
+      after 24 h), at most once per ``iterator_age_log_interval_s`` per shard.
+    """
 
     id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     shutdown_grace_s: float = Field(30.0, gt=0)
+    sink_open_timeout_s: float = Field(60.0, ge=0)
+    iterator_age_warning_s: float = Field(3600.0, gt=0)
+    iterator_age_error_s: float = Field(72000.0, gt=0)
+    iterator_age_log_interval_s: float = Field(300.0, gt=0)
 
 
 class MetricsConfig(_Strict):
-    """Prometheus metrics over HTTP: off unless ``enabled``; bound to ``host`` (127.0.0.1 by
-    default, so nothing is exposed beyond the machine unless asked) on ``port``."""
+    """Prometheus metrics and the health endpoints over HTTP (``/metrics``, ``/healthz``,
+    ``/readyz``): off unless ``enabled``; bound to ``host`` (127.0.0.1 by default, so nothing is
+    exposed beyond the machine unless asked) on ``port``."""
 
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=1, le=65535)
+    #: ``/healthz`` answers 503 when the run loop has not ticked for this long (s)
+    health_stall_s: float = Field(60.0, gt=0)
 
 
 class LogConfig(_Strict):

@@ -87,6 +87,14 @@ class SinkRunner:
     policy: FailurePolicy = field(default_factory=FailurePolicy)
     stats: SinkStats = field(default_factory=SinkStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: (table, shard) → epoch s creation time of the oldest event of the batch being delivered
+    pending_since: dict = field(default_factory=dict)
+
+    def age_s(self, now: float) -> float:
+        """How far this sink is behind: now − creation time of the oldest change handed to it and
+        not yet delivered; 0 when nothing is in delivery."""
+        oldest = min(self.pending_since.values(), default=None)
+        return 0.0 if oldest is None else max(0.0, now - oldest)
 
     @property
     def name(self) -> str:
@@ -124,6 +132,10 @@ class FanOut:
         for runner in self.runners:
             self._deliver_to(runner, batch)
 
+    def sink_ages(self, now: float) -> dict[str, float]:
+        """Each sink's age in seconds (see :meth:`SinkRunner.age_s`)."""
+        return {runner.name: runner.age_s(now) for runner in self.runners}
+
     def flush(self) -> None:
         """Flush every sink; returns when all written events are durable everywhere.
 
@@ -149,6 +161,19 @@ class FanOut:
     # -- internals ---------------------------------------------------------------------------
 
     def _deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+        key = (batch.table, batch.shard_id)
+        created = next((ev.source.approximate_creation_time for ev in batch.events
+                        if ev.source.approximate_creation_time is not None), None)
+        runner.pending_since[key] = created.timestamp() if created is not None else time.time()
+        started = time.monotonic()
+        try:
+            self._deliver_batch(runner, batch)
+        finally:
+            runner.pending_since.pop(key, None)
+            metrics.SINK_BATCHES.labels(sink=runner.name).inc()
+            metrics.SINK_DELIVERY_SECONDS.labels(sink=runner.name).observe(time.monotonic() - started)
+
+    def _deliver_batch(self, runner: SinkRunner, batch: Batch) -> None:
         pending: list[ChangeEvent] = list(batch.events)
         state = {"first_failure": None, "attempts": 0, "last_error": ""}
 
@@ -166,8 +191,9 @@ class FanOut:
                 retry_positions = {(ev.source.shard_id, ev.sequence_number) for ev, _ in exc.retriable}
                 for ev, reason in exc.permanent:
                     self._dead_letter(runner, ev, reason, state)
-                delivered = len(pending) - len(exc.retriable) - len(exc.permanent)
-                runner.stats.delivered += max(0, delivered)
+                delivered = max(0, len(pending) - len(exc.retriable) - len(exc.permanent))
+                runner.stats.delivered += delivered
+                metrics.SINK_DELIVERED.labels(sink=runner.name).inc(delivered)
                 pending = [ev for ev in pending if (ev.source.shard_id, ev.sequence_number) in retry_positions]
                 if pending:
                     raise _Remaining(f"{len(pending)} events to retry: {exc}") from exc

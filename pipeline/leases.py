@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
+from pipeline import metrics
 from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, lease_key_for
 from pipeline.errors import LeaseLostError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
@@ -158,6 +159,7 @@ class LeaseCoordinator:
             self._observed[new.lease_key] = (new.counter, now)
             if lease.owner and lease.owner != self.worker_id:
                 self.takeovers += 1
+                metrics.LEASE_TAKEOVERS.labels(table=new.table).inc()
             self.log.info("lease_taken", shard_id=new.shard_id, table=new.table, reason=why,
                           previous_owner=lease.owner, checkpoint=new.checkpoint, lease_counter=new.counter,
                           held=len(held_keys) + len(taken) + 1, target=target)

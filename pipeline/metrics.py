@@ -1,30 +1,173 @@
-"""Prometheus metrics (prometheus-client), named by Prometheus conventions: ``ddb_cdc_…_total`` for
-counters, base units (seconds), labels ``table`` / ``shard`` / ``sink``.
+"""Prometheus metrics (prometheus-client) and the worker's HTTP endpoints.
 
-The worker updates them as it runs; ``metrics.enabled: true`` serves them over HTTP (bound to
-``metrics.host``, 127.0.0.1 by default). This first set covers failure visibility: retries,
-dead-lettered events, how long a sink has been stalled, decode errors and recorded gaps.
+Names follow Prometheus conventions: ``ddb_cdc_…_total`` for counters, base units (seconds),
+labels ``table`` / ``shard`` / ``sink``. Counters and the delivery histogram are updated as the
+worker runs; the gauges that depend on "now" (iterator age, time left before the trim horizon,
+sink age, leases held) are computed at scrape time by :class:`WorkerCollector` from the live
+shard readers, so they grow while a reader or a sink is stuck instead of freezing at their last
+value.
+
+``metrics.enabled: true`` serves, on one HTTP server bound to ``metrics.host`` (127.0.0.1 by
+default) and ``metrics.port`` (9108):
+
+- ``/metrics`` — Prometheus text format;
+- ``/healthz`` — 200 while the process is alive and its run loop ticks (503 when the loop has not
+  ticked for ``metrics.health_stall_s``);
+- ``/readyz`` — 200 once the configuration is loaded, the lease table is reachable and every sink
+  opened; 503 with the reasons (JSON) otherwise.
+
+DynamoDB Streams keeps records for 24 hours (DynamoDB developer guide, "Change data capture for
+DynamoDB Streams"): a shard whose oldest unprocessed record nears that age is about to lose data.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, start_http_server
+import socketserver
+import threading
+import time
+from typing import Any, Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-SINK_RETRIES = Counter("ddb_cdc_sink_retries_total", "Retried sink calls (write or flush)", ["sink"])
-SINK_DEAD_LETTERED = Counter("ddb_cdc_sink_dead_lettered_total", "Events a sink could not deliver, dead-lettered",
-                             ["sink"])
-SINK_DELIVERED = Counter("ddb_cdc_sink_events_delivered_total", "Events delivered to a sink", ["sink"])
-SINK_STALLED = Gauge("ddb_cdc_sink_stalled_seconds",
-                     "How long the current batch of a shard has been failing for a sink (0 when flowing)",
-                     ["sink", "shard"])
-DECODE_ERRORS = Counter("ddb_cdc_decode_errors_total", "Stream records that could not be decoded", ["table"])
-GAPS = Counter("ddb_cdc_gaps_total", "Recorded gaps: records lost behind the trim horizon", ["table", "shard"])
+import orjson
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+
+#: DynamoDB Streams' retention (24 hours), in seconds.
+STREAM_RETENTION_S = 24 * 3600
+
+# -- per shard ----------------------------------------------------------------------------------
+RECORDS_READ = Counter("ddb_cdc_records_read_total", "Stream records read", ["table", "shard"])
+GET_RECORDS_CALLS = Counter("ddb_cdc_get_records_calls_total", "GetRecords calls that returned", ["table", "shard"])
+GET_RECORDS_ERRORS = Counter("ddb_cdc_get_records_errors_total",
+                             "GetRecords calls that failed (expired iterator, trimmed data, vanished shard, "
+                             "throttled after retries, other)", ["table", "shard", "error"])
 GET_RECORDS_THROTTLES = Counter("ddb_cdc_get_records_throttles_total",
                                 "GetRecords calls throttled after botocore's retries (backed off and retried)",
                                 ["table", "shard"])
-RECORDS_READ = Counter("ddb_cdc_records_read_total", "Stream records read", ["table", "shard"])
+DECODE_ERRORS = Counter("ddb_cdc_decode_errors_total", "Stream records that could not be decoded", ["table"])
+GAPS = Counter("ddb_cdc_gaps_total", "Recorded gaps: records lost behind the trim horizon", ["table", "shard"])
+CHECKPOINT_WRITES = Counter("ddb_cdc_checkpoint_writes_total", "Checkpoints written", ["table", "shard"])
+CHECKPOINT_FAILURES = Counter("ddb_cdc_checkpoint_failures_total",
+                              "Checkpoint writes that failed (lease lost or lease table unreachable)",
+                              ["table", "shard"])
+# -- leases -------------------------------------------------------------------------------------
+LEASE_TAKEOVERS = Counter("ddb_cdc_lease_takeovers_total",
+                          "Leases this worker took from another worker (expired or for balance)", ["table"])
+# -- per sink -----------------------------------------------------------------------------------
+SINK_DELIVERED = Counter("ddb_cdc_sink_events_delivered_total", "Events delivered to a sink", ["sink"])
+SINK_BATCHES = Counter("ddb_cdc_sink_batches_total", "Batches given to a sink", ["sink"])
+SINK_RETRIES = Counter("ddb_cdc_sink_retries_total", "Retried sink calls (write or flush)", ["sink"])
+SINK_DEAD_LETTERED = Counter("ddb_cdc_sink_dead_lettered_total", "Events a sink could not deliver, dead-lettered",
+                             ["sink"])
+SINK_DELIVERY_SECONDS = Histogram("ddb_cdc_sink_delivery_seconds",
+                                  "Time to deliver one batch to a sink, retries included", ["sink"],
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                                           60.0, 300.0))
+SINK_STALLED = Gauge("ddb_cdc_sink_stalled_seconds",
+                     "How long the current batch of a shard has been failing for a sink (0 when flowing)",
+                     ["sink", "shard"])
 
 
-def serve(host: str, port: int) -> None:
-    """Serve ``/metrics`` on ``host:port`` in a daemon thread (prometheus-client's server)."""
-    start_http_server(port, addr=host)
+class WorkerCollector:
+    """Scrape-time gauges of the live workers (``workers()`` returns them):
+
+    - ``ddb_cdc_shard_iterator_age_seconds{table,shard}``: now − ApproximateCreationDateTime of
+      the last record read; 0 once a read came back empty (caught up) — Lambda's IteratorAge,
+      KCL's MillisBehindLatest, in seconds;
+    - ``ddb_cdc_shard_trim_horizon_remaining_seconds{table,shard}``: 24 h − the age of the oldest
+      record not yet checkpointed (86,400 when nothing is pending): how long until it is trimmed;
+    - ``ddb_cdc_sink_age_seconds{sink}``: how far the sink's delivered position is behind — now −
+      creation time of the oldest change handed to it and not yet delivered (0 when it has
+      everything it was given);
+    - ``ddb_cdc_leases_held{table}``: leases this worker holds.
+    """
+
+    def __init__(self, workers: Callable[[], Iterable[Any]]):
+        self.workers = workers
+
+    def collect(self):
+        now = time.time()
+        age = GaugeMetricFamily("ddb_cdc_shard_iterator_age_seconds",
+                                "Now minus the creation time of the last record read (0 when caught up)",
+                                labels=["table", "shard"])
+        remaining = GaugeMetricFamily("ddb_cdc_shard_trim_horizon_remaining_seconds",
+                                      "Seconds until the oldest unprocessed record passes the 24 h trim horizon",
+                                      labels=["table", "shard"])
+        sink_age = GaugeMetricFamily("ddb_cdc_sink_age_seconds",
+                                     "Now minus the creation time of the oldest change given to the sink and "
+                                     "not yet delivered (0 when current)", labels=["sink"])
+        held = GaugeMetricFamily("ddb_cdc_leases_held", "Leases held by this worker", labels=["table"])
+        for worker in self.workers():
+            for consumer in list(worker.consumers.values()):
+                table, shard = consumer.source.table, consumer.shard_id
+                age.add_metric([table, shard], consumer.iterator_age_s(now))
+                remaining.add_metric([table, shard], consumer.trim_horizon_remaining_s(now))
+            for name, seconds in worker.fanout.sink_ages(now).items():
+                sink_age.add_metric([name], seconds)
+            counts: dict[str, int] = {}
+            for lease in worker.coordinator.held():
+                counts[lease.table] = counts.get(lease.table, 0) + 1
+            for table in {s.table for s in worker.sources}:
+                held.add_metric([table], counts.get(table, 0))
+        yield from (age, remaining, sink_age, held)
+
+    def describe(self):
+        return []  # computed at scrape time; no fixed samples to describe
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: no access log
+        pass
+
+
+_workers: list[Any] = []
+_collector_registered = False
+_lock = threading.Lock()
+
+
+def track_worker(worker: Any) -> None:
+    """Include ``worker`` in the scrape-time gauges (idempotent)."""
+    global _collector_registered
+    with _lock:
+        if worker not in _workers:
+            _workers.append(worker)
+        if not _collector_registered:
+            REGISTRY.register(WorkerCollector(lambda: list(_workers)))
+            _collector_registered = True
+
+
+def health_app(probe: Callable[[], Any]) -> Callable:
+    """A WSGI app: ``/metrics`` (prometheus-client's), ``/healthz`` and ``/readyz`` from ``probe()``
+    — an object with ``healthy() -> (bool, str)`` and ``ready() -> (bool, list[str])``."""
+    metrics_app = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path in ("/healthz", "/readyz"):
+            target = probe()
+            if target is None:
+                ok, body = False, {"status": "starting"}
+            elif path == "/healthz":
+                ok, why = target.healthy()
+                body = {"status": "ok" if ok else "unhealthy", "detail": why}
+            else:
+                ok, reasons = target.ready()
+                body = {"status": "ready" if ok else "not ready", "reasons": reasons}
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
+            return [orjson.dumps(body)]
+        return metrics_app(environ, start_response)
+
+    return app
+
+
+def serve(host: str, port: int, probe: Callable[[], Any] = lambda: None) -> WSGIServer:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` in a daemon thread;
+    returns the server (``shutdown()`` stops it). Raises OSError when the port is taken."""
+    server = make_server(host, port, health_app(probe), server_class=_ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

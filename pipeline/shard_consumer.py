@@ -125,6 +125,11 @@ class ShardConsumer(threading.Thread):
         #: called as on_event_counts(consumer, delivered=[events], skipped_before=n, skipped_after=n)
         self.on_event_counts = on_event_counts
         self._empty_reads = 0
+        #: epoch s: ApproximateCreationDateTime of the last record read / of the oldest record read
+        #: since the last checkpoint (None: none); ``caught_up``: the last read came back empty
+        self.last_read_created: float | None = None
+        self.oldest_unchecked_created: float | None = None
+        self.caught_up = False
 
     # -- thread entry --------------------------------------------------------------------------
 
@@ -202,6 +207,8 @@ class ShardConsumer(threading.Thread):
                     return "shard_end"
                 continue
             self.stats.get_records_calls += 1
+            metrics.GET_RECORDS_CALLS.labels(table=self.source.table, shard=self.shard_id).inc()
+            self.caught_up = not result.records
             if result.records:
                 self._empty_reads = 0
                 if self._process(result.records, shard_end=result.next_iterator is None):
@@ -256,7 +263,17 @@ class ShardConsumer(threading.Thread):
         return self.source.get_iterator(self.shard_id, TRIM_HORIZON)
 
     def _get_records(self, iterator: str):
-        """GetRecords, with throttling retried under jittered exponential backoff (see class doc)."""
+        """GetRecords (counting failures by kind), with throttling retried under jittered
+        exponential backoff (see class doc)."""
+        try:
+            return self._get_records_backing_off(iterator)
+        except Exception as exc:
+            kind = {"IteratorExpiredError": "expired_iterator", "TrimmedDataError": "trimmed",
+                    "ShardNotFoundError": "vanished", "ThrottledError": "throttled"}.get(type(exc).__name__, "other")
+            metrics.GET_RECORDS_ERRORS.labels(table=self.source.table, shard=self.shard_id, error=kind).inc()
+            raise
+
+    def _get_records_backing_off(self, iterator: str):
         def before_sleep(state: RetryCallState) -> None:
             self.stats.throttles += 1
             metrics.GET_RECORDS_THROTTLES.labels(table=self.source.table, shard=self.shard_id).inc()
@@ -338,7 +355,12 @@ class ShardConsumer(threading.Thread):
         created = next((ev.source.approximate_creation_time for ev in reversed(events)
                         if ev.source.approximate_creation_time is not None), None)
         if created is not None:
+            self.last_read_created = created.timestamp()
             self.coordinator.report_behind(self.lease_key, max(0, int((time.time() - created.timestamp()) * 1000)))
+        first = next((ev.source.approximate_creation_time for ev in events
+                      if ev.source.approximate_creation_time is not None), None)
+        if first is not None and self.oldest_unchecked_created is None:
+            self.oldest_unchecked_created = first.timestamp()
         if last_seq is not None:
             self._done_position = last_seq
             self.stats.last_sequence_number = last_seq
@@ -350,10 +372,35 @@ class ShardConsumer(threading.Thread):
         if target is None or target == self._checkpointed:
             return
         self.fanout.flush()
-        self.coordinator.checkpoint(self.lease_key, target, token=self.token)
+        try:
+            self.coordinator.checkpoint(self.lease_key, target, token=self.token)
+        except Exception:
+            metrics.CHECKPOINT_FAILURES.labels(table=self.source.table, shard=self.shard_id).inc()
+            raise
+        metrics.CHECKPOINT_WRITES.labels(table=self.source.table, shard=self.shard_id).inc()
+        self.oldest_unchecked_created = None
         self.stats.checkpoints += 1
         self._checkpointed = target
         self.log.debug("checkpointed", checkpoint=target)
+
+    def iterator_age_s(self, now: float | None = None) -> float:
+        """Seconds between now and the creation of the last record read; 0 once a read came back
+        empty (caught up) or before the first record (Lambda's IteratorAge idea, in seconds)."""
+        if self.caught_up or self.last_read_created is None:
+            return 0.0
+        return max(0.0, (now or time.time()) - self.last_read_created)
+
+    def trim_horizon_remaining_s(self, now: float | None = None) -> float:
+        """Seconds until the oldest record not yet checkpointed is 24 h old and trimmed
+        (DynamoDB Streams' retention); 86,400 when nothing is pending. The oldest unprocessed
+        record is the first read since the last checkpoint or, while behind, the next to read —
+        no older than the last one read."""
+        oldest = self.oldest_unchecked_created
+        if oldest is None and not self.caught_up:
+            oldest = self.last_read_created
+        if oldest is None:
+            return float(metrics.STREAM_RETENTION_S)
+        return metrics.STREAM_RETENTION_S - max(0.0, (now or time.time()) - oldest)
 
     def _resume_position(self) -> str:
         return self._done_position or self._checkpointed

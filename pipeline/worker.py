@@ -51,7 +51,10 @@ class Worker:
                  aws: Any = None, clock: Callable[[], float] = time.monotonic,
                  exit_when_idle: bool = False, read_window: ReadWindow | None = None,
                  on_event_counts: Callable[..., None] | None = None,
-                 on_consumer_done: Callable[[ShardConsumer], None] | None = None):
+                 on_consumer_done: Callable[[ShardConsumer], None] | None = None,
+                 sink_open_timeout_s: float = 0.0, iterator_age_warning_s: float = 3600.0,
+                 iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
+                 health_stall_s: float = 60.0):
         self.sources = list(sources or []) + ([source] if source is not None else [])
         if not self.sources:
             raise ValueError("a worker needs at least one stream source")
@@ -86,6 +89,15 @@ class Worker:
         self._shards: dict[str, list[ShardInfo]] = {}
         self._started_at = datetime.now(timezone.utc).isoformat()
         self._signal: int | None = None
+        self.sink_open_timeout_s = sink_open_timeout_s
+        self.iterator_age_warning_s = iterator_age_warning_s
+        self.iterator_age_error_s = iterator_age_error_s
+        self.iterator_age_log_interval_s = iterator_age_log_interval_s
+        self.health_stall_s = health_stall_s
+        self._last_tick = clock()
+        self._lease_store_error: str | None = "not checked yet"
+        self._lag_logged: dict[str, float] = {}
+        self._running = False
 
     @property
     def source(self) -> StreamSource:
@@ -104,20 +116,56 @@ class Worker:
         main thread holds one would deadlock); the run loop acts on it within 0.2 s."""
         self._signal = signum
 
+    # -- health ---------------------------------------------------------------------------------
+
+    def healthy(self) -> tuple[bool, str]:
+        """(alive, detail): the run loop (or the sink-opening wait) ticked within ``health_stall_s``."""
+        since = self.clock() - self._last_tick
+        if since > self.health_stall_s:
+            return False, f"run loop has not ticked for {since:.0f} s (limit {self.health_stall_s:g} s)"
+        return True, f"loop ticked {since:.1f} s ago"
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """(ready, reasons not): configuration loaded (this object exists), lease table reachable
+        (the last lease-table call succeeded), every sink opened, and not stopping."""
+        reasons = []
+        unopened = [sink.name for sink in self.sinks if sink not in self._opened]
+        if unopened:
+            reasons.append(f"sink(s) not open yet: {', '.join(unopened)}")
+        if self._lease_store_error is not None:
+            reasons.append(f"lease table: {self._lease_store_error}")
+        if self.stop_event.is_set() or self._signal is not None:
+            reasons.append("stopping")
+        return not reasons, reasons
+
+    def _tick(self) -> None:
+        self._last_tick = self.clock()
+
     def run(self) -> int:
         """Run until stopped. Returns the exit code (see class doc)."""
         try:
             self._open_sinks()
-            self.lease_store.ensure_table()
-            self.log.info("worker_started", tables=[s.table for s in self.sources],
-                          stream_arns=[s.stream_arn for s in self.sources], sinks=[s.name for s in self.sinks])
-            self._loop()
+            if self._signal is not None:
+                self._on_stop_signal()  # stopped while waiting for a sink to open: a clean stop
+            elif not self.stop_event.is_set():
+                try:
+                    self.lease_store.ensure_table()
+                except CdcError as exc:
+                    self._lease_store_error = str(exc)
+                    raise
+                self._lease_store_error = None
+                self.log.info("worker_started", tables=[s.table for s in self.sources],
+                              stream_arns=[s.stream_arn for s in self.sources], sinks=[s.name for s in self.sinks])
+                self._loop()
         except FatalSinkError as exc:
             self.log.error("worker_failed", error=str(exc))
             self.failed.append(("*", "failed", str(exc)))
             self.stop_event.set()
         finally:
             clean = self._shutdown()
+        return self._finish(clean)
+
+    def _finish(self, clean: bool) -> int:
         code = 0 if clean and not self.failed else 1
         self.log.info("worker_stopped", exit_code=code, failed_shards=[s for s, _, _ in self.failed])
         return code
@@ -125,18 +173,43 @@ class Worker:
     # -- internals -----------------------------------------------------------------------------
 
     def _open_sinks(self) -> None:
-        for sink in self.sinks:
-            ctx = SinkContext(sink_name=sink.name, worker_id=self.worker_id, logger=self.log.bind(sink=sink.name),
-                              aws=self.aws, dead_letter=self.dead_letter)
-            try:
-                sink.open(ctx)
-            except FatalSinkError:
-                raise
-            except CdcError as exc:
-                raise FatalSinkError(f"sink {sink.name!r} could not open: {exc}") from exc
-            except Exception as exc:
-                raise FatalSinkError(f"sink {sink.name!r} could not open: {type(exc).__name__}: {exc}") from exc
-            self._opened.append(sink)
+        """Open every sink. One that fails (its service is not up yet, say) is retried with
+        backoff (1 s doubling to 15 s) for ``sink_open_timeout_s``; then FatalSinkError. A stop
+        request ends the wait (the run then stops cleanly)."""
+        deadline = self.clock() + self.sink_open_timeout_s
+        delay = 1.0
+        while True:
+            errors = []
+            for sink in self.sinks:
+                if sink in self._opened:
+                    continue
+                ctx = SinkContext(sink_name=sink.name, worker_id=self.worker_id,
+                                  logger=self.log.bind(sink=sink.name), aws=self.aws, dead_letter=self.dead_letter)
+                try:
+                    sink.open(ctx)
+                except Exception as exc:
+                    text = str(exc) if isinstance(exc, CdcError) else f"{type(exc).__name__}: {exc}"
+                    errors.append((sink, exc, f"sink {sink.name!r} could not open: {text}"))
+                    continue
+                self._opened.append(sink)
+            self._tick()
+            if not errors:
+                return
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                _, exc, message = errors[0]
+                raise FatalSinkError(message) from exc
+            wait = min(delay, remaining)
+            for sink, _, message in errors:
+                self.log.warning("sink_open_failed", sink=sink.name, error=message, retry_in_s=round(wait, 1),
+                                 gives_up_in_s=round(remaining, 1))
+            end = self.clock() + wait
+            while self.clock() < end:  # short waits: the health endpoint sees ticks, signals are noticed
+                if self._signal is not None or self.stop_event.is_set():
+                    return
+                self.stop_event.wait(min(0.2, max(0.0, end - self.clock())))
+                self._tick()
+            delay = min(delay * 2, 15.0)
 
     def _discover(self, first: bool) -> None:
         for source in self.sources:
@@ -175,10 +248,14 @@ class Worker:
                     self.coordinator.renew()
                     self.coordinator.acquire()
                     self._announce()
+                    self._lease_store_error = None
                 except CdcError as exc:
+                    self._lease_store_error = str(exc)
                     self.log.warning("lease_renewal_failed", error=str(exc))
                 next_renewal = now + renew_every
+            self._tick()
             self._reap()
+            self._log_iterator_ages()
             if any(outcome == "failed" for _, outcome, _ in self.failed):
                 self.stop_event.set()
                 break
@@ -187,6 +264,29 @@ class Worker:
                 self.log.info("worker_idle_exit")
                 break
             self.stop_event.wait(min(0.2, renew_every))
+
+    def _log_iterator_ages(self) -> None:
+        """Warn (error past ``iterator_age_error_s``) when a shard's iterator age passes
+        ``iterator_age_warning_s``, at most once per ``iterator_age_log_interval_s`` per shard."""
+        now_wall = time.time()
+        now = self.clock()
+        for key, consumer in list(self.consumers.items()):
+            age = consumer.iterator_age_s(now_wall)
+            if age < self.iterator_age_warning_s:
+                continue
+            if now - self._lag_logged.get(key, float("-inf")) < self.iterator_age_log_interval_s:
+                continue
+            self._lag_logged[key] = now
+            fields = dict(table=consumer.source.table, shard_id=consumer.shard_id, iterator_age_s=round(age),
+                          trim_horizon_remaining_s=round(consumer.trim_horizon_remaining_s(now_wall)))
+            if age >= self.iterator_age_error_s:
+                self.log.error("iterator_age_critical", **fields,
+                               hint="records are trimmed after 24 h: unread ones will be lost; add workers "
+                                    "(--processes) or fix the slow sink now")
+            else:
+                self.log.warning("iterator_age_high", **fields,
+                                 hint="the shard's reader is falling behind; see ddb_cdc_sink_age_seconds "
+                                      "for a slow sink")
 
     def _on_stop_signal(self) -> None:
         try:
