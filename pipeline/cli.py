@@ -76,10 +76,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.metrics.enabled:
         from pipeline.metrics import serve
 
+        # under `--processes N` the worker in slot k serves on metrics.port + k
+        port = settings.metrics.port + int(os.environ.get("DDB_CDC_SUPERVISOR_CHILD", "0") or 0)
         try:  # up before the worker is built: /readyz answers "starting" meanwhile
-            serve(settings.metrics.host, settings.metrics.port, probe=lambda: holder.get("worker"))
+            serve(settings.metrics.host, port, probe=lambda: holder.get("worker"))
         except OSError as exc:
-            raise ConfigError([f"metrics: cannot serve on {settings.metrics.host}:{settings.metrics.port}: "
+            raise ConfigError([f"metrics: cannot serve on {settings.metrics.host}:{port}: "
                                f"{exc.strerror or exc}; set metrics.port (DDB_CDC_METRICS__PORT) to a free port"])
     worker = build_worker(settings, logger=get_logger(), where=str(args.config), sinks=sinks,
                           exit_when_idle=args.exit_when_idle)

@@ -249,3 +249,38 @@ def test_iterator_age_logs_warn_then_error_at_most_once_per_interval_per_shard()
     # 3600 warns; 3700 (100 s later) is held back; 4000 (300 s later) warns; 72000 (10 s later) is
     # held back; 72500 (300 s later) is an error; 73000 (10 s later) is held back
     assert events == [("iterator_age_high", 3600), ("iterator_age_high", 4000), ("iterator_age_critical", 72500)]
+
+
+def _two_free_ports() -> int:
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_processes_serve_one_endpoint_per_slot(stack):
+    """`run --processes 2`: slot k serves /healthz and /metrics on metrics.port + k."""
+    s = stack()
+    s.port = _two_free_ports()
+    config = yaml.safe_load(s.config_path.read_text())
+    config["metrics"]["port"] = s.port
+    s.config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
+    s.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--processes", "2", "--config",
+                               str(s.config_path)], stdout=open(s.log, "ab"), stderr=subprocess.STDOUT, env=env,
+                              cwd=str(ROOT))
+    base = s.port
+    for port in (base, base + 1):
+        s.port = port
+        wait_until(lambda: s.get("/readyz")[0] == 200, f"slot on {port} ready", timeout=60, interval=0.3)
+        assert s.get("/healthz")[0] == 200 and "ddb_cdc_leases_held" in s.get("/metrics")[1]
+    assert s.stop() == 0
