@@ -1,20 +1,68 @@
 # syntax=docker/dockerfile:1
-# ddb-cdc worker image: multi-stage, slim Python base, non-root, installed from the wheel.
+# ddb-cdc worker image: multi-stage, slim Python base, non-root, the project installed from its wheel.
+#
+#   docker build -t ddb-cdc .
+#   docker run --rm -v "$PWD/config.yaml:/etc/ddb-cdc/config.yaml:ro" -p 127.0.0.1:9108:9108 ddb-cdc
+#
+# Signals: the entrypoint is exec form, so `ddb-cdc run` is PID 1 and receives SIGTERM from
+# `docker stop` itself. It installs its own SIGTERM/SIGINT handlers (pipeline/cli.py cmd_run):
+# stop reading, flush every sink, checkpoint, release leases, exit 0 within worker.shutdown_grace_s
+# (default 30 s). No init process (tini, --init) is needed. Give `docker stop -t` /
+# compose's stop_grace_period more than worker.shutdown_grace_s, or the worker is SIGKILLed
+# mid-flush (safe — delivery is at-least-once — but the tail is delivered again on restart).
+
+# ---- build: the project's wheel and the wheels of its dependencies ----------------------------
 FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY connectors ./connectors
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels .
 
-FROM python:3.11-slim
+# ---- runtime ------------------------------------------------------------------------------
+FROM python:3.11-slim AS runtime
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="ddb-cdc" \
+      org.opencontainers.image.description="Change-data-capture worker for Amazon DynamoDB Streams: OpenSearch, S3 audit log, Redis cache invalidation and plugin sinks" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim"
+
 ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    DDB_CDC_CONFIG=/etc/ddb-cdc/config.yaml
-COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels \
-    && useradd --system --uid 10001 --home-dir /var/lib/ddb-cdc --create-home ddbcdc
-USER 10001
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DDB_CDC_CONFIG=/etc/ddb-cdc/config.yaml \
+    DDB_CDC_METRICS__ENABLED=true \
+    DDB_CDC_METRICS__HOST=0.0.0.0
+
+# Install from the wheels only (no index): exactly what the build stage resolved.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels ddb-cdc \
+    && groupadd --system --gid 10001 ddbcdc \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/ddb-cdc --create-home \
+       --shell /usr/sbin/nologin ddbcdc \
+    && mkdir -p /etc/ddb-cdc
+
+# Numeric user, so Kubernetes' runAsNonRoot can verify it. The working directory is writable
+# (a local dead-letter directory, a SQLite checkpoint file).
+USER 10001:10001
 WORKDIR /var/lib/ddb-cdc
-# Exec form: ddb-cdc is PID 1 and receives SIGTERM itself (it reads the config path from $DDB_CDC_CONFIG).
+
+# /metrics, /healthz, /readyz (metrics.port; DDB_CDC_METRICS__HOST=0.0.0.0 above makes it reachable
+# through a published port — publish it on 127.0.0.1 or a private network only).
+EXPOSE 9108
+
+# The slim image has no curl: Python's urllib, exec form. /healthz is 200 while the run loop ticks,
+# 503 otherwise (urlopen raises for it). Change the URL if you change metrics.port.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request\ntry:\n    urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=4)\nexcept Exception as exc:\n    sys.exit(f'unhealthy: {exc}')"]
+
+STOPSIGNAL SIGTERM
+# Exec form: ddb-cdc is PID 1 and receives SIGTERM itself; the config path comes from
+# $DDB_CDC_CONFIG (`run --config` defaults to it). Extra arguments (`--processes auto`) go after
+# the image name; the supervisor then forwards SIGTERM to its workers.
 ENTRYPOINT ["ddb-cdc", "run"]
