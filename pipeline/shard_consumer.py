@@ -125,6 +125,7 @@ class ShardConsumer(threading.Thread):
         #: called as on_event_counts(consumer, delivered=[events], skipped_before=n, skipped_after=n)
         self.on_event_counts = on_event_counts
         self._empty_reads = 0
+        self._fresh_trim_horizon = 0  # fresh TRIM_HORIZON iterators taken in a row (see _run)
         #: epoch s: ApproximateCreationDateTime of the last record read / of the oldest record read
         #: since the last checkpoint (None: none); ``caught_up``: the last read came back empty
         self.last_read_created: float | None = None
@@ -202,10 +203,21 @@ class ShardConsumer(threading.Thread):
                         continue  # stopped while backing off: the loop's top flushes and checkpoints
                     raise
             except TrimmedDataError as exc:
+                if (not isinstance(exc, ShardVanishedError) and self._resume_position() == TRIM_HORIZON
+                        and self._fresh_trim_horizon < 3):
+                    # Nothing was read yet and the position is "the oldest record": the oldest moved on
+                    # while the iterator waited (DynamoDB Local numbers records across tables, so an empty
+                    # shard's first record can lie past the iterator). TRIM_HORIZON promised no record
+                    # older than the stream holds, so a fresh TRIM_HORIZON iterator skips nothing.
+                    self._fresh_trim_horizon += 1
+                    self.log.info("trim_horizon_moved", error=str(exc))
+                    iterator = self.source.get_iterator(self.shard_id, TRIM_HORIZON)
+                    continue
                 iterator = self._handle_gap(exc)
                 if iterator is None:
                     return "shard_end"
                 continue
+            self._fresh_trim_horizon = 0
             self.stats.get_records_calls += 1
             metrics.GET_RECORDS_CALLS.labels(table=self.source.table, shard=self.shard_id).inc()
             self.caught_up = not result.records

@@ -231,3 +231,23 @@ def test_stop_while_throttled_is_a_clean_stop(tmp_path):
     assert [e.sequence_number for e in sink.flushed] == seqs_of(fake, "shardId-P", 0, 2)
     lease = SQLiteLeaseStore(tmp_path / "l.sqlite").list_leases()[0]
     assert lease.checkpoint == seqs_of(fake, "shardId-P")[1] and lease.owner is None
+
+
+def test_trim_horizon_moving_on_before_the_first_read_is_not_a_gap(tmp_path):
+    """A shard still at TRIM_HORIZON whose iterator falls behind the oldest record before anything
+    was read (DynamoDB Local numbers records across tables) re-reads from the new oldest record:
+    no gap, every record delivered once. A trimmed position after records were read stays a gap
+    (tests/test_trimmed_gaps.py)."""
+    fake = FakeStreams(page_size=10)
+    fake.add_shard("shardId-P", recs(1, 5), closed=True)
+    fake.fail_get_records("shardId-P", 0, "TrimmedDataAccessException", times=2)
+    sink = RecordingSink()
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    worker = Worker(sources=[DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)], sinks=[sink],
+                    lease_store=store, worker_id="w1", exit_when_idle=True,
+                    dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), logger=structlog.get_logger(),
+                    shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=5, checkpoint_interval_s=0),
+                    discovery_interval_s=0.05, failover_time_s=0.6, shutdown_grace_s=5)
+    assert worker.run() == 0
+    assert [e.sequence_number for e in sink.flushed] == seqs_of(fake, "shardId-P")
+    assert store.list_gaps() == []
