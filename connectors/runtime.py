@@ -26,7 +26,8 @@ def build_sources(settings: Settings) -> list[Any]:
     sources = []
     for kind, value in settings.source.stream_specs():
         kwargs = {kind: value}
-        sources.append(DynamoDBStreamSource(settings.aws, dynamodb=dynamodb, streams=streams, **kwargs))
+        sources.append(DynamoDBStreamSource(settings.aws, dynamodb=dynamodb, streams=streams,
+                                            read_path=settings.source.read_path, **kwargs))
     return sources
 
 

@@ -48,6 +48,9 @@ class SourceConfig(_Strict):
     - ``on_trimmed``: when a checkpoint lies behind the 24-hour trim horizon (or the shard left
       the stream unread): ``fail`` (default) stops the shard, ``skip`` goes on from TRIM_HORIZON;
       either way a gap is recorded in the lease table, logged as an error and shown by status.
+    - ``read_path``: how GetRecords responses are parsed: ``fast`` (default; orjson, see
+      ``connectors.dynamodb_streams.fastpath``) or ``boto3`` (botocore's shape-driven parser, for
+      comparison). Both give identical change events.
     """
 
     table: str | None = None
@@ -55,6 +58,7 @@ class SourceConfig(_Strict):
     tables: list[str] = Field(default_factory=list)
     stream_arns: list[str] = Field(default_factory=list)
     start_position: Literal["TRIM_HORIZON", "LATEST"] = "TRIM_HORIZON"
+    read_path: Literal["fast", "boto3"] = "fast"
     max_records_per_call: int = Field(1000, ge=1, le=1000)
     idle_interval_ms: int = Field(250, ge=0, le=60_000)
     discovery_interval_s: float = Field(30.0, gt=0)

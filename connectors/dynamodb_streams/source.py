@@ -21,6 +21,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from connectors.aws import make_client
+from connectors.dynamodb_streams.fastpath import install_fast_get_records
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import SourceError
 from pipeline.source import (
@@ -55,14 +56,22 @@ class DynamoDBStreamSource:
     """A table's stream, named by table (→ LatestStreamArn) or by stream ARN.
 
     ``dynamodb`` / ``streams`` clients may be passed in (tests); otherwise they are built from
-    ``aws``. Raises SourceError with a one-line fix when the table has no stream or cannot be
+    ``aws``. ``read_path``: ``fast`` (default: GetRecords bodies parsed by orjson, records as raw
+    JSON dicts — :mod:`connectors.dynamodb_streams.fastpath`) or ``boto3`` (botocore's
+    shape-driven parser; records with datetime and bytes values). Both decode to identical change
+    events. Raises SourceError with a one-line fix when the table has no stream or cannot be
     described.
     """
 
     def __init__(self, aws: AwsConfig, *, table: str | None = None, stream_arn: str | None = None,
-                 dynamodb: Any = None, streams: Any = None):
+                 dynamodb: Any = None, streams: Any = None, read_path: str = "fast"):
         self.aws = aws
         self.streams = streams or make_client("dynamodbstreams", aws, max_pool_connections=50)
+        if read_path not in ("fast", "boto3"):
+            raise SourceError(f"source.read_path {read_path!r}: use fast or boto3")
+        self.read_path = read_path
+        if read_path == "fast" and hasattr(self.streams, "meta"):  # a boto3 client (not a test double)
+            install_fast_get_records(self.streams)
         if stream_arn:
             self.stream_arn = stream_arn
             self.table = table or table_from_stream_arn(stream_arn)
