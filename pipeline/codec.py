@@ -76,12 +76,69 @@ def decode_binary(value: Any) -> bytes:
     raise DecodeError(f"B value must be bytes or base64 text, got {type(value).__name__}")
 
 
+_create_decimal = DYNAMODB_CONTEXT.create_decimal
+_b64decode = base64.b64decode
+
+
 def decode_value(av: Mapping[str, Any]) -> Any:
     """Decode one AttributeValue (``{"S": "x"}``, ``{"M": {...}}``, …) into a Python value.
 
     Raises DecodeError when the value is not exactly one known type tag with a value of the
     right shape.
+
+    Speed: the common shapes (a plain one-key dict whose value has the expected Python type) are
+    decoded by exact type checks (``type(x) is str``), which cost a fraction of ``isinstance``
+    against ``typing.Mapping``; anything else — other Mapping types, wrong shapes, errors — goes
+    through the general path with every check and the same results.
     """
+    if type(av) is dict and len(av) == 1:
+        for tag, value in av.items():
+            pass
+        kind = type(value)
+        if tag == "S":
+            if kind is str:
+                return value
+        elif tag == "N":
+            if kind is str:
+                try:
+                    number = _create_decimal(value)
+                except ArithmeticError:
+                    return decode_number(value)  # raises the DecodeError
+                if number.is_finite():
+                    return number
+        elif tag == "M":
+            if kind is dict:
+                return _decode_attributes(value)
+        elif tag == "L":
+            if kind is list:
+                return [decode_value(v) for v in value]
+        elif tag == "BOOL":
+            if kind is bool:
+                return value
+        elif tag == "NULL":
+            return None
+        elif tag == "SS":
+            if kind is list and all(type(v) is str for v in value):
+                return set(value)
+        elif tag == "NS":
+            if kind is list:
+                return {decode_number(v) for v in value}
+        elif tag == "B":
+            if kind is str:
+                try:
+                    return _b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    pass  # the general path raises the DecodeError
+            elif kind is bytes:
+                return value
+        elif tag == "BS":
+            if kind is list:
+                return {decode_binary(v) for v in value}
+    return _decode_value_checked(av)
+
+
+def _decode_value_checked(av: Mapping[str, Any]) -> Any:
+    """The general (slower) decoder: every shape check, any Mapping; see :func:`decode_value`."""
     if isinstance(av, Mapping) and not av:
         # DynamoDB Local's stream renders an empty map attribute as {} (GetItem gives {"M": {}});
         # an empty map is the only value rendered that way, so read it as one
@@ -128,9 +185,36 @@ def decode_item(image: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Decode an item / image (``{"name": AttributeValue, ...}``); None stays None."""
     if image is None:
         return None
+    if type(image) is dict:
+        return _decode_attributes(image)
     if not isinstance(image, Mapping):
         raise DecodeError(f"image must be an object of attributes, got {type(image).__name__}")
     return {_name(k): decode_value(v) for k, v in image.items()}
+
+
+def _decode_attributes(attributes: dict) -> dict[str, Any]:
+    """A plain dict of name → AttributeValue, decoded. S and N values (most of a typical item) are
+    decoded inline, without a call per attribute; everything else by :func:`decode_value`."""
+    out: dict[str, Any] = {}
+    for name, av in attributes.items():
+        if type(name) is not str:
+            _name(name)  # raises
+        if type(av) is dict and len(av) == 1:
+            value = av.get("S")
+            if type(value) is str:
+                out[name] = value
+                continue
+            value = av.get("N")
+            if type(value) is str:
+                try:
+                    number = _create_decimal(value)
+                except ArithmeticError:
+                    number = None
+                if number is not None and number.is_finite():
+                    out[name] = number
+                    continue
+        out[name] = decode_value(av)
+    return out
 
 
 def encode_value(value: Any) -> dict[str, Any]:
