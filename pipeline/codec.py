@@ -353,14 +353,14 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
     Raises DecodeError (with what is wrong) for a record that cannot be decoded; the caller
     dead-letters the raw record and goes on.
     """
-    if not isinstance(record, Mapping):
+    if type(record) is not dict and not isinstance(record, Mapping):
         raise DecodeError(f"stream record must be an object, got {type(record).__name__}")
     name = record.get("eventName")
     operation = _OPERATIONS.get(name) if isinstance(name, str) else None
     if operation is None:
         raise DecodeError(f"eventName {_preview(name)} is not INSERT, MODIFY or REMOVE")
     body = record.get("dynamodb")
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         raise DecodeError("record has no 'dynamodb' object")
     sequence_number = body.get("SequenceNumber")
     created = parse_creation_time(body.get("ApproximateCreationDateTime"))
