@@ -78,6 +78,8 @@ REGION = "us-east-1"
 _ACCESS_KEY = "latency"
 _SECRET_KEY = "latency"  # static fake credentials: every server here accepts any
 SEED = 20260107
+#: The built-in sinks, in the order the fan-out calls them.
+SINK_TYPES = ("opensearch", "s3_audit", "redis_cache")
 #: Share of puts that overwrite an item already written in the phase (MODIFY records).
 OVERWRITE_SHARE = 0.4
 
@@ -454,7 +456,8 @@ def _boto_client(service: str, endpoint: str) -> Any:
 def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *, console: Any = None,
                 warmup_s: float = 5.0, endpoints: Endpoints | None = None, idle_interval_ms: int | None = None,
                 checkpoint_interval_s: float | None = None, max_records_per_call: int | None = None,
-                drain_timeout_s: float = 60.0, seed: int = SEED) -> dict[str, Any]:
+                drain_timeout_s: float = 120.0, seed: int = SEED,
+                sinks: Sequence[str] = SINK_TYPES) -> dict[str, Any]:
     """Run the latency benchmark (module doc) and return its figures.
 
     - ``rates``: changes/s, one phase each, in order; ``duration_s``: seconds of writing per phase.
@@ -464,6 +467,10 @@ def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *,
       and stopped here). Tables, bucket and index get unique names and are removed at the end.
     - ``idle_interval_ms`` / ``checkpoint_interval_s`` / ``max_records_per_call``: override the
       worker's ``source`` settings (None: the defaults a user gets).
+    - ``drain_timeout_s``: after a phase's last write, how long to wait for every change to reach
+      the probe (changes still missing then are reported as not arrived).
+    - ``sinks``: which built-in sinks to run, in this order, between the probes (default all three:
+      ``opensearch``, ``s3_audit``, ``redis_cache``; fewer isolates one sink's share).
 
     Returns ``{"settings", "machine", "phases": [per rate: target_rate, achieved_rate, written,
     arrived, missing, duplicates, all_arrived, latency_ms {count, mean, p50, p95, p99, max},
@@ -488,7 +495,7 @@ def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *,
                                                                ("checkpoint_interval_s", checkpoint_interval_s),
                                                                ("max_records_per_call", max_records_per_call))
                                             if v is not None},
-                          drain_timeout_s=drain_timeout_s, seed=seed).run()
+                          drain_timeout_s=drain_timeout_s, seed=seed, sink_types=list(sinks)).run()
         ok = result["all_arrived"] and result["worker_exit_code"] == 0 and not result["dead_lettered"]
         if console is not None:
             print_report(result, console)
@@ -502,8 +509,13 @@ def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *,
 
 class _Run:
     def __init__(self, servers: Endpoints, workdir: Path, say: Any, *, rates: list[int], duration_s: float,
-                 warmup_s: float, source_overrides: dict[str, Any], drain_timeout_s: float, seed: int):
+                 warmup_s: float, source_overrides: dict[str, Any], drain_timeout_s: float, seed: int,
+                 sink_types: list[str]):
         self.servers = servers
+        unknown = [t for t in sink_types if t not in SINK_TYPES]
+        if unknown or not sink_types:
+            raise ValueError(f"sinks must be a non-empty selection of {', '.join(SINK_TYPES)}, not {sink_types}")
+        self.sink_types = sink_types
         self.workdir = workdir
         self.say = say
         self.rates = rates
@@ -570,27 +582,29 @@ class _Run:
             "worker_exit_code": code,
             "dead_lettered": self._dead_lettered(),
             "all_arrived": all(p["all_arrived"] for p in phases),
+            "notes": self._notes(phases, code),
         }
 
     def _settings(self) -> Any:
         from connectors.workload import CACHE_KEY_TEMPLATES
         from pipeline.config import Settings
 
+        available = {
+            "opensearch": {"name": "search", "type": "opensearch",
+                           "options": {"hosts": [self.servers.opensearch], "index": self.index}},
+            "s3_audit": {"name": "audit", "type": "s3_audit",
+                         "options": {"bucket": self.bucket, "prefix": "audit", "endpoint_url": self.servers.s3,
+                                     "region": REGION}},
+            "redis_cache": {"name": "cache", "type": "redis_cache",
+                            "options": {"url": self.servers.redis, "key_templates": list(CACHE_KEY_TEMPLATES)}},
+        }
         return Settings(
             source={"table": self.table, **self.source_overrides},
             aws={"region": REGION, "endpoint_url": self.servers.dynamodb, "s3_endpoint_url": self.servers.s3,
                  "access_key_id": _ACCESS_KEY, "secret_access_key": _SECRET_KEY},
             checkpoints={"store": "dynamodb", "table_name": self.lease_table},
             dead_letter={"directory": str(self.workdir / "dead-letter")},
-            sinks=[
-                {"name": "search", "type": "opensearch",
-                 "options": {"hosts": [self.servers.opensearch], "index": self.index}},
-                {"name": "audit", "type": "s3_audit",
-                 "options": {"bucket": self.bucket, "prefix": "audit", "endpoint_url": self.servers.s3,
-                             "region": REGION}},
-                {"name": "cache", "type": "redis_cache",
-                 "options": {"url": self.servers.redis, "key_templates": list(CACHE_KEY_TEMPLATES)}},
-            ],
+            sinks=[available[t] for t in self.sink_types],
             worker={"id": f"latency-bench-{os.getpid()}"},
             log={"level": "INFO", "format": "json"},
         )
@@ -649,6 +663,7 @@ class _Run:
             if "error" in ready:
                 raise RuntimeError(f"writer failed: {ready['error']}")
             parent.send("go")
+            wall0, cpu0 = time.monotonic(), time.process_time()
             result = self._receive(parent, process, timeout=duration_s * 10 + 120.0)
             if "error" in result:
                 raise RuntimeError(f"writer failed: {result['error']}")
@@ -662,6 +677,7 @@ class _Run:
         while probe.count(phase) < expected and time.monotonic() < deadline:
             self._alive()
             time.sleep(0.05)
+        result["cpu_pct"] = round(100.0 * (time.process_time() - cpu0) / max(1e-9, time.monotonic() - wall0), 1)
         result["drain_s"] = round((time.time_ns() - result["last_send_ns"]) / 1e9, 2) if result["ok"] else 0.0
         return result
 
@@ -719,7 +735,24 @@ class _Run:
             "writer_retried": writer["retried"],
             "request_bytes_mean": writer["bytes_mean"],
             "drain_s": writer["drain_s"],
+            "worker_process_cpu_pct": writer["cpu_pct"],
         }
+
+    def _notes(self, phases: list[dict[str, Any]], code: int | None) -> list[str]:
+        notes = []
+        for p in phases:
+            if p["missing"]:
+                notes.append(f"{p['target_rate']}/s: {p['missing']} of {p['written']} changes had not reached the "
+                             f"last sink {self.drain_timeout_s:g} s after the phase's last write (a backlog: the "
+                             f"pipeline delivered slower than the write rate)")
+            if p["achieved_rate"] < 0.95 * p["target_rate"]:
+                notes.append(f"{p['target_rate']}/s: the writer achieved {p['achieved_rate']:.0f}/s (DynamoDB Local "
+                             f"PutItem p50 {p['put_rtt_ms'].get('p50', float('nan')):.0f} ms with "
+                             f"{_writer_threads(p['target_rate'])} connections)")
+        if code:
+            notes.append(f"worker exit code {code}: stopped while still delivering a backlog (shutdown grace "
+                         f"exceeded) or failed; see worker.log")
+        return notes
 
     def _dead_lettered(self) -> int:
         """Entries in the dead-letter directory (a sink refused changes: the figures are then suspect)."""
@@ -807,14 +840,16 @@ def print_report(result: dict[str, Any], console: Any) -> None:
                       f"{p['get_records']['records_per_call']:.0f}",
                       f"{p['get_records']['call_ms'].get('p50', float('nan')):.0f}")
     console.print(parts)
-    sinks = Table(title="sink write() per batch (ms): mean / p50 / p99", title_justify="left")
+    sinks = Table(title="sink write() per batch (ms): mean / p50 / p99; CPU of the worker's process",
+                  title_justify="left")
     names = list(result["phases"][0]["sink_write_ms"]) if result["phases"] else []
-    for column in ("rate /s", *names):
+    for column in ("rate /s", *names, "process CPU %"):
         sinks.add_column(column, justify="right")
     for p in result["phases"]:
         w = p["sink_write_ms"]
         sinks.add_row(str(p["target_rate"]), *(f"{w[n].get('mean', 0):.0f} / {w[n].get('p50', 0):.0f} / "
-                                               f"{w[n].get('p99', 0):.0f}" for n in names))
+                                               f"{w[n].get('p99', 0):.0f}" for n in names),
+                      f"{p['worker_process_cpu_pct']:.0f}")
     console.print(sinks)
     t = result["targets"]
     if t.get("met") is None:
@@ -832,6 +867,8 @@ def print_report(result: dict[str, Any], console: Any) -> None:
                   f"{m['loadavg_after'][0]}; worker exit code {result['worker_exit_code']}; dead-lettered "
                   f"{result['dead_lettered']}; "
                   f"all changes arrived: {'yes' if result['all_arrived'] else 'NO'}", highlight=False)
+    for note in result.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -848,13 +885,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override source.checkpoint_interval_s")
     parser.add_argument("--max-records-per-call", type=int, default=None,
                         help="override source.max_records_per_call")
+    parser.add_argument("--sinks", default=",".join(SINK_TYPES),
+                        help="built-in sinks to run, comma-separated (default opensearch,s3_audit,redis_cache)")
+    parser.add_argument("--drain-timeout", type=float, default=120.0,
+                        help="seconds to wait after a phase's last write for every change to arrive (default 120)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-' for stdout)")
     args = parser.parse_args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     result = run_latency([int(r) for r in args.rates.split(",") if r.strip()], args.duration, console=console,
                          warmup_s=args.warmup, idle_interval_ms=args.idle_interval_ms,
                          checkpoint_interval_s=args.checkpoint_interval_s,
-                         max_records_per_call=args.max_records_per_call)
+                         max_records_per_call=args.max_records_per_call, drain_timeout_s=args.drain_timeout,
+                         sinks=[t.strip() for t in args.sinks.split(",") if t.strip()])
     if args.json:
         text = json.dumps(result, indent=2)
         if args.json == "-":
