@@ -219,10 +219,12 @@ def test_stop_while_throttled_is_a_clean_stop(tmp_path):
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("code", worker.run()))
     thread.start()
-    deadline = time.monotonic() + 10
-    while len(sink.flushed) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.6)  # several throttled attempts
+    from tests.helpers import wait_until
+
+    wait_until(lambda: len(sink.flushed) >= 2, "the first page delivered", timeout=30)
+    throttled_reads = lambda: len(fake.calls_of("GetRecords")) - 1  # noqa: E731 - every read after the first
+    wait_until(lambda: throttled_reads() >= 3, "several throttled attempts", timeout=30)
+    time.sleep(0.1)
     worker.stop()
     thread.join(10)
     assert not thread.is_alive()
