@@ -1,0 +1,286 @@
+"""Section ``pipeline``: recorded GetRecords responses through a real :class:`pipeline.worker.Worker`.
+
+The stream is one closed shard of recorded response bodies (:func:`benchmarks.inputs.recorded_stream`)
+served at the HTTP boundary (:class:`benchmarks.inputs.StreamsHTTPDouble`) to a real botocore client
+inside a real :class:`DynamoDBStreamSource` (fast read path). The worker decodes, fans every batch out
+to three no-op sinks (``thread_safe = True``: what remains is our own machinery — fan-out, retry
+wrappers, metrics, flush) and checkpoints into a SQLite lease file (WAL, ``synchronous=FULL``, every
+``checkpoint_interval_s`` = 1 s and at SHARD_END). A repetition is timed from ``Worker.run()`` until
+the SHARD_END checkpoint is written; every sink must have received every record.
+
+In the same repetitions (interleaved), the fast decode of the first pages of the same bodies
+(``parse_get_records_body`` + ``decode_record``, no worker) gives the reference rate: the ratio
+pipeline / fast decode is the share of the decode rate our machinery keeps (target ≥ 0.70).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import os
+import tempfile
+import threading
+import time
+from typing import Any
+
+from benchmarks import fmt_rate, inputs, median, profile_lines, pyspy_profile, table, verdict
+
+PIPELINE_VS_DECODE_TARGET = 0.70
+
+
+def make_noop_sink(name: str) -> Any:
+    """A sink (pipeline.sink.Sink, ``thread_safe = True``) that does nothing with its batches but
+    count their events, to check delivery."""
+    from pipeline.sink import Sink
+
+    class _Noop(Sink):
+        thread_safe = True
+
+        def __init__(self, sink_name: str):
+            super().__init__(sink_name)
+            self.events = 0
+            self._lock = threading.Lock()
+
+        def write(self, batch: Any) -> None:
+            with self._lock:
+                self.events += len(batch.events)
+
+    return _Noop(name)
+
+
+def timed_store(path: str) -> Any:
+    """A SQLiteLeaseStore that notes when (perf_counter) and how often it wrote a checkpoint."""
+    from connectors.sqlite_store import SQLiteLeaseStore
+
+    class TimedStore(SQLiteLeaseStore):
+        last_checkpoint_at: float | None = None
+        checkpoints = 0
+
+        def checkpoint(self, *args: Any, **kwargs: Any):
+            out = super().checkpoint(*args, **kwargs)
+            self.last_checkpoint_at = time.perf_counter()
+            self.checkpoints += 1
+            return out
+
+    store = TimedStore(path)
+    store.ensure_table()
+    return store
+
+
+def build_worker(sources: list[Any], workdir: str, *, worker_id: str = "bench", checkpoint_interval_s: float = 1.0,
+                 exit_when_idle: bool = True, store: Any = None) -> tuple[Any, Any, list[Any]]:
+    import structlog
+
+    from pipeline.deadletter import DirectoryDeadLetterQueue
+    from pipeline.shard_consumer import ShardSettings
+    from pipeline.worker import Worker
+
+    store = store or timed_store(os.path.join(workdir, "leases.sqlite"))
+    sinks = [make_noop_sink(f"noop{i}") for i in (1, 2, 3)]
+    worker = Worker(sources=sources, lease_store=store, sinks=sinks,
+                    dead_letter=DirectoryDeadLetterQueue(os.path.join(workdir, "dlq")), worker_id=worker_id,
+                    logger=structlog.get_logger("benchmark"),
+                    shard_settings=ShardSettings(max_records_per_call=1000, checkpoint_interval_s=checkpoint_interval_s),
+                    exit_when_idle=exit_when_idle, shutdown_grace_s=30.0,
+                    # recorded records are old: no iterator-age warnings about them
+                    iterator_age_warning_s=10.0 ** 12, iterator_age_error_s=10.0 ** 12)
+    return worker, store, sinks
+
+
+class GcTimer:
+    """Wall time spent in cyclic garbage collections (all threads) while installed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = 0
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self.collections += 1
+            self._started = None
+
+    def __enter__(self) -> "GcTimer":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+def run_pipeline_once(stream: inputs.RecordedStream, *, read_path: str = "fast",
+                      profile: bool = False) -> dict[str, Any]:
+    """One worker run over ``stream`` (closed shards) → records, seconds (run() → last checkpoint), …"""
+    from pipeline.events import SHARD_END
+
+    double = inputs.StreamsHTTPDouble(stream.stream_arn, recorded=stream)
+    source = inputs.make_source(double, read_path=read_path)
+    with tempfile.TemporaryDirectory(prefix="ddb-cdc-bench-") as workdir:
+        worker, store, sinks = build_worker([source], workdir)
+        profiles: list[cProfile.Profile] = []
+        restore = None
+        if profile:
+            restore = _profile_consumers(profiles)
+        gc.collect()
+        try:
+            with GcTimer() as gct:
+                start = time.perf_counter()
+                code = worker.run()
+        finally:
+            if restore:
+                restore()
+        end = store.last_checkpoint_at
+        leases = store.list_leases()
+    if code != 0 or end is None:
+        raise RuntimeError(f"the benchmark worker failed (exit code {code}, failed shards {worker.failed})")
+    unfinished = [lease.shard_id for lease in leases if lease.checkpoint != SHARD_END]
+    short = [(s.name, s.events) for s in sinks if s.events != stream.records]
+    if unfinished or short:
+        raise RuntimeError(f"incomplete run: shards not at SHARD_END {unfinished}, sinks short {short}")
+    seconds = end - start
+    out = {"records": stream.records, "seconds": seconds, "rate": stream.records / seconds,
+           "checkpoints": store.checkpoints, "get_records_calls": double.calls.get("GetRecords", 0),
+           "gc_seconds": gct.seconds, "gc_share": gct.seconds / seconds}
+    if profiles:
+        out["profile"] = profile_lines(profiles, limit=20)
+    return out
+
+
+def _profile_consumers(profiles: list[cProfile.Profile]):
+    """Run every ShardConsumer thread under cProfile (the worker's loop thread is mostly waiting)."""
+    import pipeline.worker as worker_module
+
+    original = worker_module.ShardConsumer
+
+    class ProfiledConsumer(original):  # type: ignore[misc, valid-type]
+        def run(self) -> None:
+            prof = cProfile.Profile()
+            profiles.append(prof)
+            prof.enable()
+            try:
+                super().run()
+            finally:
+                prof.disable()
+
+    worker_module.ShardConsumer = ProfiledConsumer
+
+    def restore() -> None:
+        worker_module.ShardConsumer = original
+
+    return restore
+
+
+def fast_decode_rate(bodies: list[bytes], stream_arn: str, shard: str) -> float:
+    from benchmarks.decode import _parse_fast_body
+    from pipeline.codec import decode_record
+
+    parse, _ = _parse_fast_body()
+    gc.collect()
+    start = time.perf_counter()
+    n = 0
+    for body in bodies:
+        n += len([decode_record(r, table="bench", stream_arn=stream_arn, shard_id=shard)
+                  for r in parse(body)["Records"]])
+    return n / (time.perf_counter() - start)
+
+
+def run_pipeline(*, records: int = 50_000, repetitions: int = 5, decode_pages: int = 10,
+                 boto3_records: int = 5_000, profile: bool = True) -> dict[str, Any]:
+    stream = inputs.recorded_stream("bench", shards=1, records_per_shard=records)
+    boto3_stream = (inputs.recorded_stream("bench", shards=1, records_per_shard=boto3_records)
+                    if boto3_records else None)
+    inputs.release_pool()
+    shard = stream.shards[0]
+    reference = shard.bodies[:decode_pages]
+    runs: list[dict[str, Any]] = []
+    decode_rates: list[float] = []
+    run_pipeline_once(inputs.recorded_stream("bench", shards=1, records_per_shard=2000))  # warm-up
+    inputs.release_pool()
+    for _ in range(repetitions):
+        runs.append(run_pipeline_once(stream))
+        decode_rates.append(fast_decode_rate(reference, stream.stream_arn, shard.shard_id))
+    rate = median([r["rate"] for r in runs])
+    decode_rate = median(decode_rates)
+    ratio = rate / decode_rate
+    result: dict[str, Any] = {
+        "inputs": {"records": records, "shards": 1, "body_bytes": stream.body_bytes, "repetitions": repetitions,
+                   "decode_reference_records": decode_pages * inputs.RECORDS_PER_PAGE},
+        "rate": rate, "fast_decode_rate": decode_rate, "pipeline_vs_decode": ratio,
+        "seconds": median([r["seconds"] for r in runs]), "checkpoints": runs[0]["checkpoints"],
+        "get_records_calls": runs[0]["get_records_calls"], "gc_share": median([r["gc_share"] for r in runs]),
+        "runs": runs, "decode_rates": decode_rates,
+        "targets": {"pipeline_vs_decode": {"target": f">= {PIPELINE_VS_DECODE_TARGET}", "value": ratio,
+                                           "met": ratio >= PIPELINE_VS_DECODE_TARGET}},
+    }
+    if boto3_stream is not None:
+        b = run_pipeline_once(boto3_stream, read_path="boto3")
+        result["boto3_read_path"] = {"records": boto3_records, "rate": b["rate"], "repetitions": 1,
+                                     "fast_vs_boto3": rate / b["rate"]}
+    if profile and ratio < PIPELINE_VS_DECODE_TARGET:
+        result["profile"] = profile_pipeline(records)
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    inp = result["inputs"]
+    t = result["targets"]["pipeline_vs_decode"]
+    lines = [f"## pipeline — 1 shard × {inp['records']:,} recorded records ({inp['body_bytes'] / 1e6:.0f} MB of "
+             f"GetRecords bodies) → real Worker (fast read path) → 3 no-op sinks + SQLite checkpoints; "
+             f"median of {inp['repetitions']} repetitions", ""]
+    rows = [["pipeline (Worker.run() → SHARD_END checkpoint)", fmt_rate(result["rate"]),
+             f"{result['seconds']:.2f} s, {result['get_records_calls']} GetRecords, "
+             f"{result['checkpoints']} checkpoints, GC {result['gc_share']:.0%} of wall"],
+            [f"fast decode of the first {inp['decode_reference_records']:,} of the same records (no worker)",
+             fmt_rate(result["fast_decode_rate"]), "interleaved with the pipeline repetitions"]]
+    if "boto3_read_path" in result:
+        b = result["boto3_read_path"]
+        rows.append([f"pipeline with read_path=boto3 ({b['records']:,} records, 1 repetition)", fmt_rate(b["rate"]),
+                     f"fast-path pipeline is {b['fast_vs_boto3']:.2f}x this"])
+    lines.append(table(["measure", "records/s", "notes"], rows))
+    by = "target met" if t["met"] else f"short by {PIPELINE_VS_DECODE_TARGET - result['pipeline_vs_decode']:.2f}"
+    lines += ["", table(["ratio", "value", "target", "verdict"],
+                        [["pipeline / fast decode", f"{result['pipeline_vs_decode']:.2f}", t["target"],
+                          verdict(t["met"], by)]])]
+    if result.get("profile"):
+        lines += ["", "Profile of the pipeline (own time includes the garbage collections a function's "
+                  "allocations trigger):", "", "```", *result["profile"], "```"]
+    return "\n".join(lines)
+
+
+def profile_pipeline(records: int) -> list[str]:
+    """py-spy over one pipeline run in a separate process if py-spy is installed (every thread: the
+    shard reader and the worker loop); else cProfile of the shard reader thread here."""
+    lines = pyspy_profile(["benchmarks.pipeline_bench", "--workload-records", str(records)],
+                          markers=["ShardConsumer.run (", "Worker.run ("])
+    if lines:
+        return lines
+    stream = inputs.recorded_stream("bench", shards=1, records_per_shard=records)
+    inputs.release_pool()
+    return ["cProfile (py-spy not installed) of the shard reader thread, one run", "",
+            *run_pipeline_once(stream, profile=True)["profile"]]
+
+
+def run_workload(stream: inputs.RecordedStream) -> dict[str, Any]:
+    return run_pipeline_once(stream)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="pipeline workload for the profiler (see benchmarks.pipeline_bench)")
+    parser.add_argument("--workload-records", type=int, required=True)
+    args = parser.parse_args(argv)
+    from pipeline.logs import configure_logging
+
+    configure_logging("WARNING", "json")
+    stream = inputs.recorded_stream("bench", shards=1, records_per_shard=args.workload_records)
+    inputs.release_pool()
+    run_workload(stream)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
