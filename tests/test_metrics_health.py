@@ -125,6 +125,9 @@ def test_metrics_show_delivery_and_lag_and_a_stalled_sink_ages_alone(stack, redi
     wait_until(lambda: list(s.values("ddb_cdc_shard_iterator_age_seconds").values()) == [0.0],
                "iterator age back to 0", timeout=30, interval=0.3)
     assert set(s.values("ddb_cdc_sink_age_seconds").values()) == {0.0}
+    # the first checkpoint follows within checkpoint_interval_s of the last delivery
+    wait_until(lambda: any(v >= 1 for v in s.values("ddb_cdc_checkpoint_writes_total").values()),
+               "a checkpoint written", timeout=30, interval=0.3)
     samples = s.samples()
     names = {name for name, _ in samples}
     for expected in ("ddb_cdc_records_read_total", "ddb_cdc_get_records_calls_total", "ddb_cdc_sink_batches_total",
