@@ -5,7 +5,6 @@ errors, the configuration switch)."""
 
 from __future__ import annotations
 
-import base64
 import os
 from decimal import Decimal
 
@@ -23,7 +22,7 @@ from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import decode_record
 from pipeline.errors import SourceError
-from tests.test_codec import items
+from tests.test_codec import _to_base64_form, items
 
 ARN = "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/2026-01-01T00:00:00.000"
 _OUTPUT_SHAPE = (botocore.session.get_session().get_service_model("dynamodbstreams")
@@ -33,25 +32,7 @@ _ser = TypeSerializer()
 
 def _wire_av(value):
     """A Python value → its AttributeValue in DynamoDB's wire JSON (B as base64 text)."""
-    av = _ser.serialize(value)
-    return _b64(av)
-
-
-def _b64(av):
-    ((tag, value),) = av.items()
-    if tag == "B":
-        return {"B": base64.b64encode(bytes(value)).decode()}
-    if tag == "BS":
-        return {"BS": [base64.b64encode(bytes(b)).decode() for b in value]}
-    if tag == "M":
-        return {"M": {k: _b64(v) for k, v in value.items()}}
-    if tag == "L":
-        return {"L": [_b64(v) for v in value]}
-    if tag == "N":
-        return {"N": str(value)}
-    if tag == "NS":
-        return {"NS": [str(v) for v in value]}
-    return av
+    return _to_base64_form(_ser.serialize(value))
 
 
 keys = st.fixed_dictionaries({"pk": st.one_of(st.text(min_size=1, max_size=10), st.binary(min_size=1, max_size=8)),
