@@ -49,6 +49,13 @@ class DeliveryAborted(CdcError):
     """Delivery stopped before every sink had the batch (shutdown during retries); do not checkpoint."""
 
 
+class SinkFenced(DeliveryAborted):
+    """A sink call was refused because shutdown fenced the sinks off (:meth:`SinkRunner.fence`):
+    the worker's grace period ran out while this shard thread was still delivering. Like any
+    :class:`DeliveryAborted`, the batch (or flush) did not reach every sink, so nothing after the
+    last checkpoint is checkpointed; the events are read again by the shard's next owner."""
+
+
 @dataclass
 class FailurePolicy:
     """How one sink's failures are handled.
@@ -77,10 +84,16 @@ class SinkStats:
 
 @dataclass
 class SinkRunner:
-    """One configured sink with its failure policy and a lock.
+    """One configured sink with its failure policy, a lock and a shutdown fence.
 
     Unless the sink class sets ``thread_safe = True``, calls from different shard threads are
     serialised by ``lock``, so a plugin never sees concurrent calls at all.
+
+    Every ``write``/``flush`` goes through :meth:`call`, which counts the calls in progress. At
+    shutdown the worker fences the runner (:meth:`fence`) — from then on :meth:`call` raises
+    :class:`SinkFenced` instead of calling the sink — and closes the sink through
+    :meth:`close_when_idle`, which never runs ``close()`` while a call is in progress: a sink
+    still busy in a straggling shard thread is closed by that thread right after its call returns.
     """
 
     sink: Any
@@ -89,6 +102,11 @@ class SinkRunner:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: (table, shard) → epoch s creation time of the oldest event of the batch being delivered
     pending_since: dict = field(default_factory=dict)
+    _gate: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _in_flight: int = field(default=0, repr=False)
+    _fenced: bool = field(default=False, repr=False)
+    _closer: Callable[[], None] | None = field(default=None, repr=False)
+    _close_state: str = field(default="open", repr=False)  # open → deferred → closed
 
     def age_s(self, now: float) -> float:
         """How far this sink is behind: now − creation time of the oldest change handed to it and
@@ -100,11 +118,84 @@ class SinkRunner:
     def name(self) -> str:
         return self.sink.name
 
+    @property
+    def in_flight(self) -> int:
+        """Sink calls (``write``/``flush``) in progress right now."""
+        with self._gate:
+            return self._in_flight
+
+    @property
+    def fenced(self) -> bool:
+        """True once :meth:`fence` was called: no new sink call starts."""
+        with self._gate:
+            return self._fenced
+
     def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (one call of the sink) under the sink's lock unless it is thread-safe.
+
+        Raises :class:`SinkFenced` without calling ``fn`` once the runner is fenced (checked after
+        the lock is taken, so a thread that waited for it behind a straggler is refused too);
+        otherwise whatever ``fn`` raises.
+        """
         if getattr(self.sink, "thread_safe", False):
-            return fn()
+            return self._gated(fn)
         with self.lock:
+            return self._gated(fn)
+
+    def _gated(self, fn: Callable[[], Any]) -> Any:
+        with self._gate:
+            if self._fenced:
+                raise SinkFenced(f"sink {self.name!r}: shutdown fenced the sinks off "
+                                 "(grace period exceeded); the batch is not checkpointed")
+            self._in_flight += 1
+        closer = None
+        try:
             return fn()
+        finally:
+            with self._gate:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._gate.notify_all()
+                    if self._close_state == "deferred":
+                        self._close_state, closer = "closed", self._closer
+            if closer is not None:
+                closer()  # the last straggling call returned: the sink can be closed now
+
+    def fence(self) -> None:
+        """Refuse every sink call from now on (:meth:`call` raises :class:`SinkFenced`). Calls in
+        progress are not interrupted. Idempotent."""
+        with self._gate:
+            self._fenced = True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds for the calls in progress to return; True when none is
+        left. Only meaningful after :meth:`fence` (otherwise new calls may start at any time)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._gate:
+            while self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._gate.wait(remaining)
+            return True
+
+    def close_when_idle(self, closer: Callable[[], None]) -> bool:
+        """Fence the runner, then run ``closer`` (which closes the sink) now if no call is in
+        progress — returns True — or else leave it to the thread whose call returns last (returns
+        False: the sink is closed as soon as it is no longer in use, never while it is).
+        ``closer`` runs at most once; it should not raise (exceptions propagate to whichever
+        thread runs it)."""
+        with self._gate:
+            self._fenced = True
+            if self._close_state != "open":
+                return self._close_state == "closed"
+            self._closer = closer
+            if self._in_flight:
+                self._close_state = "deferred"
+                return False
+            self._close_state = "closed"
+        closer()
+        return True
 
 
 class _Remaining(RetriableSinkError):
@@ -132,6 +223,12 @@ class FanOut:
         for runner in self.runners:
             self._deliver_to(runner, batch)
 
+    def fence(self) -> None:
+        """Refuse every further sink call of this fan-out (see :meth:`SinkRunner.fence`): a shard
+        thread that reaches a sink afterwards gets :class:`SinkFenced` and does not checkpoint."""
+        for runner in self.runners:
+            runner.fence()
+
     def sink_ages(self, now: float) -> dict[str, float]:
         """Each sink's age in seconds (see :meth:`SinkRunner.age_s`)."""
         return {runner.name: runner.age_s(now) for runner in self.runners}
@@ -151,7 +248,7 @@ class FanOut:
         permanent error from flush cannot make written events durable, which is fatal."""
         try:
             runner.call(runner.sink.flush)
-        except (FatalSinkError, RetriableSinkError):
+        except (FatalSinkError, RetriableSinkError, DeliveryAborted):
             raise
         except PermanentSinkError as exc:
             raise FatalSinkError(f"sink {runner.name!r} cannot flush: {exc}") from exc
@@ -204,7 +301,7 @@ class FanOut:
                     self._dead_letter(runner, ev, str(exc), state)
                 pending = []
                 return
-            except FatalSinkError:
+            except (FatalSinkError, DeliveryAborted):
                 raise
             except RetriableSinkError as exc:
                 self._note_failure(state, exc)

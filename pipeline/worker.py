@@ -8,7 +8,9 @@ held leases, refresh the announcement and take leases up to the fair share; star
 every held shard whose parents reached SHARD_END; stop consumers of lost leases; restart the
 reader of a shard whose checkpoint was moved (``ddb-cdc checkpoints set``) } → on stop
 (SIGTERM/SIGINT or :meth:`Worker.stop`): consumers stop reading, flush every sink and checkpoint;
-leases are released (owner cleared) so other workers take them at once; sinks closed.
+leases are released (owner cleared) so other workers take them at once; sinks closed — only once
+no shard thread can call them any more (see :meth:`Worker._shutdown`: a consumer still running
+after ``shutdown_grace_s`` is fenced off the sinks, exit code 1).
 
 A child shard is read only after its parent reached SHARD_END; a parent that is absent from the
 stream and from the lease table (trimmed, or removed after its children started) counts as done.
@@ -405,17 +407,43 @@ class Worker:
                 self.coordinator.drop(key, token=consumer.token)  # keeps a lease taken back since
 
     def _shutdown(self) -> bool:
+        """Stop every consumer, then close the sinks — in that order, and never under a running call.
+
+        1. ``stop_event`` is set: consumers stop reading, flush every sink and checkpoint.
+        2. Each consumer is joined until ``shutdown_grace_s`` after the stop (one deadline for all).
+        3. The sinks are fenced (:meth:`FanOut.fence`): from now on a shard thread that reaches a
+           sink gets :class:`~pipeline.fanout.SinkFenced` (a :class:`DeliveryAborted`), so a
+           straggler cannot write to or flush a sink, nor checkpoint a batch that did not reach
+           every sink.
+        4. Only when every consumer ended: leases are released and this worker deregistered
+           (a straggler's lease is left to expire, so no other worker reads the shard while it
+           may still be in a sink call).
+        5. Each opened sink is closed once no call of it is in progress; one still busy in a
+           straggler (a write stuck on a slow service) is closed by that thread when its call
+           returns (``sink_close_deferred``), never while it runs.
+
+        Returns True when every consumer ended within the grace period (else the exit code is 1).
+        """
         self.stop_event.set()
         deadline = self.clock() + self.shutdown_grace_s
         clean = True
+        stragglers = []
         for consumer in list(self.consumers.values()):
             consumer.join(max(0.0, deadline - self.clock()))
             if self.on_consumer_done is not None and not consumer.is_alive():
                 self.on_consumer_done(consumer)
             if consumer.is_alive():
                 clean = False
+                stragglers.append(consumer)
                 self.log.error("shutdown_grace_exceeded", shard_id=consumer.shard_id,
                                grace_s=self.shutdown_grace_s)
+        self.fanout.fence()
+        if stragglers:
+            busy = {runner.name: runner.in_flight for runner in self.runners if runner.in_flight}
+            self.log.error("sinks_fenced", shard_ids=[c.shard_id for c in stragglers], sink_calls_in_progress=busy,
+                           hint="shutdown took longer than worker.shutdown_grace_s: no shard thread may use a sink "
+                                "from now on; batches not flushed to every sink are not checkpointed and are read "
+                                "again by the shard's next owner (after failover_time_s); exit code 1")
         if clean:
             try:
                 self.coordinator.release_all()
@@ -425,9 +453,18 @@ class Worker:
                 self.lease_store.remove_worker(self.worker_id)
             except (CdcError, AttributeError) as exc:
                 self.log.warning("worker_deregister_failed", error=str(exc))
-        for sink in self._opened:
-            try:
-                sink.close()
-            except Exception as exc:
-                self.log.warning("sink_close_failed", sink=sink.name, error=str(exc))
+        for runner in self.runners:
+            if runner.sink not in self._opened:
+                continue
+            if not runner.close_when_idle(lambda sink=runner.sink: self._close_sink(sink)):
+                self.log.warning("sink_close_deferred", sink=runner.name, calls_in_progress=runner.in_flight,
+                                 hint="a straggling shard thread is still inside this sink's write/flush; "
+                                      "the sink is closed when that call returns, not before")
         return clean
+
+    def _close_sink(self, sink: Any) -> None:
+        """Close one sink; an error is logged (``sink_close_failed``), never raised."""
+        try:
+            sink.close()
+        except Exception as exc:
+            self.log.warning("sink_close_failed", sink=sink.name, error=str(exc))
