@@ -108,8 +108,10 @@ translog), so ``flush`` has nothing to do.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import string
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,8 +120,9 @@ from typing import Annotated, Any, Iterator, Literal, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from connectors.opensearch_mapping import MALFORMED_PREFIX, OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item
 from pipeline.errors import FatalSinkError, PartialSinkError, RetriableSinkError
 from pipeline.events import Batch, ChangeEvent, Operation
 from pipeline.render import plain_json_bytes
@@ -231,6 +234,16 @@ class OpenSearchOptions(SinkOptions):
       jitter, at most 10 s (default 0.5).
     - ``depth_limit``: the index's ``index.mapping.depth.limit`` (default 20, OpenSearch's
       default); values whose fields would be nested deeper are stored as JSON strings (module doc).
+    - ``mapping``: ``dynamic`` | ``explicit`` | ``typed`` (:mod:`connectors.opensearch_mapping`);
+      default ``explicit`` when ``fields`` are declared, otherwise ``typed``.
+    - ``fields``: explicit mode's indexed fields, dotted attribute path → type name or
+      ``{type: ..., <mapping parameters>}`` (types: keyword, text, long, integer, short, byte,
+      double, float, boolean, date, flat_object, binary, ip).
+    - ``total_fields_limit``: ``index.mapping.total_fields.limit`` set by the index template
+      (default 1000, OpenSearch's default).
+    - ``index_settings``: more index settings for the template (e.g. ``{"index.number_of_shards": 3}``).
+    - ``reindex_check_s``: how often, in seconds, the sink re-reads its template for a reindex in
+      progress (then it writes to the old and the new version; default 5).
     """
 
     # Inputs may hold passwords (auth, user:password@ in a host URL): keep them out of messages.
@@ -248,6 +261,21 @@ class OpenSearchOptions(SinkOptions):
     max_retries: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=0.5, ge=0)
     depth_limit: int = Field(default=20, ge=2)
+    mapping: Literal["dynamic", "explicit", "typed"] | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)
+    total_fields_limit: int = Field(default=1000, ge=10)
+    index_settings: dict[str, Any] = Field(default_factory=dict)
+    reindex_check_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_mapping(self) -> "OpenSearchOptions":
+        self.spec()  # raises MappingSpecError (a ValueError) with the field's name
+        return self
+
+    def spec(self) -> MappingSpec:
+        """The :class:`~connectors.opensearch_mapping.MappingSpec` these options ask for new index versions."""
+        return MappingSpec.build(self.mapping, self.fields, total_fields_limit=self.total_fields_limit,
+                                 depth_limit=self.depth_limit)
 
     @field_validator("hosts")
     @classmethod
@@ -334,8 +362,8 @@ def escape_field_name(name: str, *, top_level: bool = False) -> str:
 
 
 def unescape_field_name(name: str) -> str:
-    """Inverse of :func:`escape_field_name` (also accepts a flattened ``_ddj`` name)."""
-    if name.startswith(ESCAPE_PREFIX) or name.startswith(FLATTEN_PREFIX):
+    """Inverse of :func:`escape_field_name` (also accepts a flattened ``_ddj`` or moved-aside ``_ddm`` name)."""
+    if name.startswith(ESCAPE_PREFIX) or name.startswith(FLATTEN_PREFIX) or name.startswith(MALFORMED_PREFIX):
         return _percent_unescape(name[len(ESCAPE_PREFIX):])
     return name
 
@@ -346,10 +374,16 @@ def restore_document(source: Any) -> Any:
     Names are unescaped at every level; ``_ddj`` values are parsed back from their JSON text
     (non-integer numbers as :class:`decimal.Decimal`). The sink's top-level ``_cdc`` object is not
     part of the item and is dropped (an item attribute named ``_cdc`` comes back from
-    ``_ddb_cdc``). The result is the item in the plain rendering (numbers, base64 binary, sets as
-    lists).
+    ``_ddb_cdc``). Explicit mode's moved-aside ``_ddm`` values come back under their names, and a
+    typed-mode document (``_cdc.mapping == "typed"``) is decoded from its AttributeValue JSON. The
+    result is the item in the plain rendering (numbers, base64 binary, sets as lists).
     """
     if isinstance(source, dict):
+        cdc = source.get("_cdc")
+        if isinstance(cdc, dict) and cdc.get("mapping") == "typed":
+            from pipeline.render import to_plain
+
+            return to_plain(restore_typed(source))
         return _restore_map(source, top_level=True)
     return _restore_value(source)
 
@@ -482,15 +516,45 @@ def _iso(value: datetime | None) -> str | None:
 
 @dataclass(slots=True)
 class _Action:
-    """One bulk action: the event, its NDJSON lines (action + optional source) and their size."""
+    """One bulk action: the event, its NDJSON lines (action + optional source) and their size.
+
+    ``index`` is the target (alias or concrete index); ``spec`` the mapping spec it was rendered
+    for; ``overflow`` whether a typed document was put whole under ``_ddo``.
+    """
 
     event: ChangeEvent
     kind: str  # "index" | "delete"
     lines: bytes
+    index: str = ""
+    spec: MappingSpec | None = None
+    overflow: bool = False
+    alias: str = ""  # set when ``index`` is the alias (written with require_alias)
 
     @property
     def size(self) -> int:
         return len(self.lines)
+
+
+@dataclass
+class _Route:
+    """Where the documents of one index name go: ``primary`` (the alias, or a pinned index) and,
+    while a reindex fills the next version, ``secondary``; each with the spec it renders for."""
+
+    primary: str
+    primary_spec: MappingSpec
+    secondary: str | None = None
+    secondary_spec: MappingSpec | None = None
+    checked_at: float = 0.0
+    pinned: bool = False
+    alias: bool = False  # ``primary`` is the alias (not a pinned or bare index)
+
+    def targets(self) -> list[tuple[str, MappingSpec]]:
+        """``(index, spec)`` to write, the reindex target first: right after the alias swap both
+        may be the same index, and the first write of a version wins (the second is a 409)."""
+        out = [(self.primary, self.primary_spec)]
+        if self.secondary and self.secondary_spec is not None and self.secondary != self.primary:
+            out.insert(0, (self.secondary, self.secondary_spec))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,9 +566,10 @@ class OpenSearchSink(Sink):
     """Writes change events to OpenSearch with bulk requests and external versioning.
 
     ``OpenSearchSink(name, OpenSearchSink.Options(hosts=["https://..."]))``; see the module
-    docstring for the document shape, ids, versioning and error mapping. ``client`` is the
-    ``opensearchpy.OpenSearch`` client once :meth:`open` has run (None before and after
-    :meth:`close`).
+    docstring for the document shape, ids, versioning and error mapping, and
+    :mod:`connectors.opensearch_mapping` / :mod:`connectors.opensearch_indices` for the mapping
+    modes, the index template and the alias. ``client`` is the ``opensearchpy.OpenSearch``
+    client once :meth:`open` has run (None before and after :meth:`close`).
     """
 
     Options = OpenSearchOptions
@@ -515,16 +580,32 @@ class OpenSearchSink(Sink):
             raise TypeError("OpenSearchSink needs options (at least hosts)")
         super().__init__(name, options)
         self.client: Any = None
+        self.admin: Any = None
         self._index_cache: dict[str, str] = {}
+        self._routes: dict[str, _Route] = {}
+        self._routes_lock = threading.Lock()
+        self._pinned: dict[str, str] = {}
+        self._warned_specs: set[str] = set()
+
+    def pin(self, targets: Mapping[str, str]) -> None:
+        """Write index name → concrete index, bypassing alias and template (used by reindex).
+
+        ``{"orders": "orders-v2"}`` makes every document of ``orders`` go to ``orders-v2`` only,
+        rendered for the spec that index recorded. Call before :meth:`open`.
+        """
+        self._pinned = dict(targets)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def open(self, context: SinkContext) -> None:
         """Create the client and check the cluster answers (``GET /``).
 
+        Index templates and aliases are set up on the first write of each index name.
         Raises FatalSinkError (one line, naming the host(s)) when the cluster cannot be reached,
         refuses the credentials, or the TLS handshake fails.
         """
+        from connectors.opensearch_indices import IndexAdmin
+
         super().open(context)
         self.client = self._make_client(context)
         try:
@@ -536,36 +617,53 @@ class OpenSearchSink(Sink):
             if isinstance(err, FatalSinkError):
                 raise err from None
             raise FatalSinkError(f"{err}; check options.hosts and that the cluster is up") from None
+        self.admin = IndexAdmin(self.client, sink_name=self.name)
+        self._routes.clear()
 
     def write(self, batch: Batch) -> None:
         """Index / delete the batch's events now, in order, in bulk requests.
 
-        Returns when every event is applied or ignored as stale (409) / already deleted (404).
-        Raises PartialSinkError listing only the failed events (retriable: 429/5xx after
-        ``max_retries`` re-sends; permanent: other 4xx, or an event that cannot be rendered),
-        RetriableSinkError for a whole-request failure that may pass (connection, timeout,
-        429, 5xx), FatalSinkError for one that will not (401/403, 413, a template giving an
-        invalid index name).
+        Each event goes to its index name's alias and, while a reindex fills the next version,
+        to that version too. Returns when every event is applied or ignored as stale (409) /
+        already deleted (404). Raises PartialSinkError listing only the failed events (retriable:
+        429/5xx after ``max_retries`` re-sends; permanent: other 4xx, or an event that cannot be
+        rendered), RetriableSinkError for a whole-request failure that may pass (connection,
+        timeout, 429, 5xx), FatalSinkError for one that will not (401/403, 413, an invalid index
+        name, an index name held by an index or alias ddb-cdc did not create).
         """
         client = self._require_client()
-        permanent: list[tuple[ChangeEvent, str]] = []
+        permanent: dict[int, tuple[ChangeEvent, str]] = {}
         pending: list[_Action] = []
         for event in batch.events:
             try:
-                pending.append(self._build_action(event))
+                pending.extend(self._build_actions(event))
             except _EventProblem as problem:
-                permanent.append((event, str(problem)))
+                permanent[id(event)] = (event, str(problem))
 
         retriable: list[tuple[_Action, str]] = []
         attempt = 0
         while pending:
             retriable = []
+            overflow: list[_Action] = []
             for chunk in self._chunks(pending):
                 for action, outcome, reason in self._send(client, chunk):
                     if outcome == "retriable":
                         retriable.append((action, reason))
+                    elif outcome == "permanent" and self._alias_vanished(action, reason):
+                        retriable.append((action, reason))  # re-created by _alias_vanished: send again
                     elif outcome == "permanent":
-                        permanent.append((action.event, reason))
+                        if (action.spec is not None and action.spec.mode == "typed" and not action.overflow
+                                and is_field_limit_error(reason)):
+                            overflow.append(self._render_index(action.event, action.index, action.spec,
+                                                               overflow=True, alias=action.alias))
+                        else:
+                            permanent.setdefault(id(action.event), (action.event, reason))
+            if overflow:
+                for action, outcome, reason in self._send(client, overflow):
+                    if outcome == "retriable":
+                        retriable.append((action, reason))
+                    elif outcome == "permanent":
+                        permanent.setdefault(id(action.event), (action.event, reason))
             if not retriable or attempt >= self.options.max_retries:
                 break
             self._sleep_backoff(attempt)
@@ -573,13 +671,16 @@ class OpenSearchSink(Sink):
             pending = [action for action, _ in retriable]
 
         if retriable or permanent:
-            failed_retriable = [(a.event, reason) for a, reason in retriable]
-            first = (failed_retriable or permanent)[0][1]
+            failed_retriable: dict[int, tuple[ChangeEvent, str]] = {}
+            for action, reason in retriable:
+                if id(action.event) not in permanent:
+                    failed_retriable.setdefault(id(action.event), (action.event, reason))
+            first = (list(failed_retriable.values()) or list(permanent.values()))[0][1]
             raise PartialSinkError(
                 f"{self._prefix()}: {len(failed_retriable) + len(permanent)} of {len(batch.events)} events failed "
                 f"({len(failed_retriable)} retriable, {len(permanent)} permanent); first: {first}",
-                retriable=failed_retriable,
-                permanent=permanent,
+                retriable=list(failed_retriable.values()),
+                permanent=list(permanent.values()),
             )
 
     def flush(self) -> None:
@@ -592,12 +693,14 @@ class OpenSearchSink(Sink):
                 self.client.close()
             finally:
                 self.client = None
+                self.admin = None
 
     # -- building requests -----------------------------------------------------------------------
 
     def index_for(self, table: str) -> str:
         """The index name for ``table``: the template with ``{table}`` filled in, lower-cased.
 
+        It is the alias searches use; documents live in its versions ``{name}-v{N}``.
         Raises FatalSinkError when the result is not a valid index name.
         """
         name = self._index_cache.get(table)
@@ -612,15 +715,160 @@ class OpenSearchSink(Sink):
             self._index_cache[table] = name
         return name
 
-    def _build_action(self, event: ChangeEvent) -> _Action:
-        meta = {
-            "_index": self.index_for(event.source.table),
-            "_id": document_id(event.key_id),
-            "version": event.version,
-            "version_type": "external",
-        }
-        if event.operation is Operation.REMOVE:
-            return _Action(event, "delete", orjson.dumps({"delete": meta}) + b"\n")
+    def route(self, table: str) -> _Route:
+        """Where ``table``'s documents go now (resolved on first use, the reindex marker re-read
+        every ``reindex_check_s``). Raises RetriableSinkError / FatalSinkError like :meth:`write`."""
+        name = self.index_for(table)
+        now = time.monotonic()
+        with self._routes_lock:
+            route = self._routes.get(name)
+            if route is not None and (route.pinned or now - route.checked_at < self.options.reindex_check_s):
+                return route
+            try:
+                if route is None:
+                    route = self._resolve(name)
+                else:
+                    self._refresh(name, route)
+            except (FatalSinkError, RetriableSinkError):
+                raise
+            except Exception as exc:
+                raise self._classify_request_error(exc, request=f"set up index {name!r}") from None
+            route.checked_at = now
+            self._routes[name] = route
+            return route
+
+    def _resolve(self, name: str) -> _Route:
+        admin = self.admin
+        if self._pinned:
+            index = self._pinned.get(name)
+            if index is None:
+                raise FatalSinkError(f"{self._prefix()}: index {name!r} is not among the pinned targets "
+                                     f"{sorted(self._pinned)}")
+            spec = admin.index_spec(index) or self.options.spec()
+            return _Route(primary=index, primary_spec=spec, pinned=True)
+        wanted = self.options.spec()
+        admin.ensure_template(name, wanted, self.options.index_settings)
+        state = admin.state(name)
+        if state.kind == "missing":
+            from opensearchpy.exceptions import RequestError
+
+            try:
+                admin.create_version(name, 1, as_write_index=True)
+            except RequestError as exc:
+                if "already_exists" not in str(exc):
+                    raise
+            state = admin.state(name)
+        route: _Route
+        if state.kind == "index":
+            marker = admin.reindex_marker(name)
+            if marker is None:
+                raise FatalSinkError(
+                    f"{self._prefix()}: {name!r} is a plain index, not the alias this sink writes through; "
+                    f"move it behind the alias with `ddb-cdc opensearch reindex --sink {self.name}` "
+                    f"(zero downtime), or delete it"
+                )
+            route = _Route(primary=name, primary_spec=state.spec or MappingSpec.build("dynamic"))
+        else:
+            if state.write_index is None or state.spec is None:
+                raise FatalSinkError(
+                    f"{self._prefix()}: alias {name!r} points at {', '.join(state.indices) or 'no index'}, which "
+                    f"ddb-cdc did not create (no _meta.ddb_cdc mapping spec); point options.index elsewhere or "
+                    f"remove the alias"
+                )
+            route = _Route(primary=name, primary_spec=state.spec, alias=True)
+            if state.spec.digest() != wanted.digest() and name not in self._warned_specs:
+                self._warned_specs.add(name)
+                self._log("opensearch_mapping_differs", level="warning", index=name, write_index=state.write_index,
+                          index_mapping=state.spec.describe(), configured=wanted.describe(),
+                          fix=f"ddb-cdc opensearch reindex --sink {self.name}")
+        self._refresh_secondary(name, route)
+        return route
+
+    def _refresh(self, name: str, route: _Route) -> None:
+        """Re-read the alias's write index (a reindex may have swapped it) and the reindex marker."""
+        state = self.admin.state(name)
+        if state.kind == "alias" and state.spec is not None and state.spec != route.primary_spec:
+            self._log("opensearch_alias_moved", index=name, write_index=state.write_index,
+                      mapping=state.spec.describe())
+            route.primary_spec = state.spec
+        self._refresh_secondary(name, route)
+
+    def _refresh_secondary(self, name: str, route: _Route) -> None:
+        marker = self.admin.reindex_marker(name)
+        into = marker.get("into") if marker else None
+        if into == route.secondary:
+            return
+        if into is None:
+            route.secondary, route.secondary_spec = None, None
+            self._log("opensearch_reindex_target_cleared", index=name)
+            return
+        spec = self.admin.index_spec(into)
+        if spec is None:
+            raise FatalSinkError(f"{self._prefix()}: reindex target {into!r} of {name!r} has no ddb-cdc mapping "
+                                 "spec; run `ddb-cdc opensearch reindex --abort` and start again")
+        route.secondary, route.secondary_spec = into, spec
+        self._log("opensearch_reindex_target", index=name, also_writing_to=into, mapping=spec.describe())
+
+    def _alias_vanished(self, action: _Action, reason: str) -> bool:
+        """An index action to an alias that no longer exists (``require_alias`` refused it, e.g.
+        after someone deleted the index behind it): drop the cached route and set the alias up
+        again (a new first version), so the action can be re-sent. False for anything else."""
+        if action.kind != "index" or not action.alias or "index_not_found_exception" not in reason:
+            return False
+        with self._routes_lock:
+            self._routes.pop(action.alias, None)
+        self._log("opensearch_alias_missing", level="warning", index=action.alias, reason=reason)
+        self.route(action.event.source.table)
+        return True
+
+    def _log(self, event: str, level: str = "info", **fields: Any) -> None:
+        """Log through the context's logger: structlog-style key/values, or one line for a stdlib logger."""
+        logger = getattr(self.context, "logger", None)
+        if logger is None:
+            return
+        if isinstance(logger, logging.Logger):
+            logger.log(logging.getLevelName(level.upper()), "%s sink=%s %s", event, self.name, fields)
+        else:
+            getattr(logger, level)(event, sink=self.name, **fields)
+
+    def _build_actions(self, event: ChangeEvent) -> list[_Action]:
+        """The bulk actions of one event: one per target of its index name (alias, reindex target)."""
+        route = self.route(event.source.table)
+        actions: list[_Action] = []
+        rendered: dict[str, bytes] = {}
+        for index, spec in route.targets():
+            alias = index if index == route.primary and route.alias else ""
+            if event.operation is Operation.REMOVE:
+                actions.append(_Action(event, "delete", orjson.dumps({"delete": self._meta(event, index)}) + b"\n",
+                                       index=index, spec=spec))
+                continue
+            digest = spec.digest()
+            source = rendered.get(digest)
+            if source is None:
+                source = rendered[digest] = self._render_source(event, spec)
+            actions.append(self._index_action(event, index, spec, source, alias=alias))
+        return actions
+
+    def _index_action(self, event: ChangeEvent, index: str, spec: MappingSpec, source: bytes, *, alias: str = "",
+                      overflow: bool = False) -> _Action:
+        meta = self._meta(event, index)
+        if alias:
+            meta["require_alias"] = True  # never let OpenSearch auto-create a bare index of the alias's name
+        return _Action(event, "index", orjson.dumps({"index": meta}) + b"\n" + source + b"\n", index=index,
+                       spec=spec, overflow=overflow, alias=alias)
+
+    def _render_index(self, event: ChangeEvent, index: str, spec: MappingSpec, *, overflow: bool,
+                      alias: str = "") -> _Action:
+        return self._index_action(event, index, spec, self._render_source(event, spec, overflow=overflow),
+                                  alias=alias, overflow=overflow)
+
+    @staticmethod
+    def _meta(event: ChangeEvent, index: str) -> dict[str, Any]:
+        return {"_index": index, "_id": document_id(event.key_id), "version": event.version,
+                "version_type": "external"}
+
+    def _render_source(self, event: ChangeEvent, spec: MappingSpec, *, overflow: bool = False) -> bytes:
+        """The ``_source`` bytes of an INSERT / MODIFY / SNAPSHOT for ``spec``. Raises _EventProblem."""
         image = event.after
         keys_only = False
         if image is None:
@@ -631,11 +879,19 @@ class OpenSearchSink(Sink):
                     f"record without NewImage although its stream view type is {view})"
                 )
             image, keys_only = event.keys, True
+        malformed: list[str] = []
         try:
-            document = _escape_map(image, 1, self.options.depth_limit, top_level=True)
+            if spec.mode == "typed":
+                document = typed_item(image)
+                if overflow:
+                    document = {OVERFLOW_FIELD: document}
+            else:
+                document = _escape_map(image, 1, spec.depth_limit, top_level=True)
+                if spec.mode == "explicit":
+                    malformed = spec.fit(document)
         except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
             raise _EventProblem(f"cannot render the item as JSON: {_one_line(exc)}") from None
-        document["_cdc"] = {
+        cdc: dict[str, Any] = {
             "sequence_number": event.source.sequence_number,
             "shard_id": event.source.shard_id,
             "stream_arn": event.source.stream_arn,
@@ -644,13 +900,19 @@ class OpenSearchSink(Sink):
             "operation": event.operation.value,
             "version": event.version,
         }
+        if spec.mode == "typed":
+            cdc["mapping"] = "typed"
         if keys_only:
-            document["_cdc"]["image"] = "keys_only"
+            cdc["image"] = "keys_only"
+        if malformed:
+            cdc["malformed"] = malformed
+        if overflow:
+            cdc["overflow"] = True
+        document["_cdc"] = cdc
         try:
-            source = plain_json_bytes(document)
+            return plain_json_bytes(document)
         except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
             raise _EventProblem(f"cannot render the item as JSON: {_one_line(exc)}") from None
-        return _Action(event, "index", orjson.dumps({"index": meta}) + b"\n" + source + b"\n")
 
     def _chunks(self, actions: Sequence[_Action]) -> Iterator[list[_Action]]:
         """Consecutive runs of ``actions`` bounded by max_bulk_docs and max_bulk_bytes, in order."""

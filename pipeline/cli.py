@@ -262,11 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("--dry-run", action="store_true", help="show what would be redriven; change nothing")
     dlq.set_defaults(func=cmd_dlq)
 
-    from pipeline import cli_checkpoints, cli_replay, cli_workload
+    from pipeline import cli_checkpoints, cli_opensearch, cli_replay, cli_workload
 
     cli_checkpoints.add_parser(sub)
     cli_replay.add_parser(sub)
     cli_workload.add_parser(sub)
+    cli_opensearch.add_parser(sub)
     return parser
 
 

@@ -162,12 +162,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
                              idle_reads=args.idle_reads, on_tick=tick)
         return _report_out(report, args.json)
 
+    sinks = _chosen_sinks(settings, args.sink, where, required=True)
+    report = run_stream_replay(settings, where=where, sinks=sinks, spec=spec, until=until, started=started,
+                               sources=sources, idle_reads=args.idle_reads, show_progress=show_progress)
+    return _report_out(report, args.json)
+
+
+def run_stream_replay(settings: Any, *, where: str, sinks: list, spec: Any, until: Any, started: Any,
+                      sources: list, idle_reads: int = 5, show_progress: bool = False, command: str = "replay"):
+    """Replay ``sources``' streams from ``spec`` into ``sinks`` (unopened sink objects) and wait.
+
+    Runs a :class:`pipeline.replay.StreamReplay` in its own lease namespace with a progress bar
+    on stderr when ``show_progress``; SIGINT/SIGTERM stop it gracefully. Returns the
+    :class:`pipeline.replay_report.ReplayReport`. Raises ReplayError / ConfigError / SourceError.
+    """
     from connectors.runtime import build_lease_store, build_worker
+    from pipeline.logs import get_logger
     from pipeline.replay import StreamReplay, new_replay_id
 
-    sinks = _chosen_sinks(settings, args.sink, where, required=True)
     replay_id = new_replay_id(started)
-    log = get_logger(command="replay", replay_id=replay_id)
+    log = get_logger(command=command, replay_id=replay_id)
     store = build_lease_store(settings, namespace=replay_id)
 
     def make_worker(**kwargs: Any):
@@ -175,7 +189,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                             sources=sources, **kwargs)
 
     replay = StreamReplay(sources=sources, store=store, spec=spec, until=until, sink_names=[s.name for s in sinks],
-                          replay_id=replay_id, make_worker=make_worker, logger=log, idle_reads=args.idle_reads)
+                          replay_id=replay_id, make_worker=make_worker, logger=log, idle_reads=idle_reads)
     asked = replay.prepare()
     log.info("replay_started", start=spec.kind, since=spec.since.isoformat() if spec.since else None,
              until=until.isoformat(), sinks=[s.name for s in sinks], shards=asked)
@@ -196,7 +210,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return _report_out(report, args.json)
+    return report
 
 
 class _FromAction(argparse.Action):

@@ -296,7 +296,9 @@ def test_hostile_items_reach_every_sink_or_the_dead_letter_directory(
         "worker": {"shutdown_grace_s": 30},
         "log": {"format": "json"},
         "sinks": [
-            {"name": "search", "type": "opensearch", "options": {"hosts": [opensearch_url], "index": INDEX}},
+            # mapping: dynamic, so OpenSearch refuses the items whose attribute types vary (dead-lettered)
+            {"name": "search", "type": "opensearch",
+             "options": {"hosts": [opensearch_url], "index": INDEX, "mapping": "dynamic"}},
             {"name": "audit", "type": "s3_audit", "options": {"bucket": bucket, "prefix": "audit", "max_buffer_age_s": 1}},
             {"name": "cache", "type": "redis_cache", "options": {"url": redis_server.url, "key_templates": key_templates}},
         ],

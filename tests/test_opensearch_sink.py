@@ -121,6 +121,7 @@ def context(aws: AwsConfig | None = None) -> SinkContext:
 
 def open_sink(url: str, **options: Any) -> OpenSearchSink:
     options.setdefault("index", "cdc-{table}")
+    options.setdefault("mapping", "dynamic")  # this file checks the plain rendering of _source
     options.setdefault("refresh", True)
     options.setdefault("retry_backoff_s", 0)
     sink = OpenSearchSink("search", OpenSearchSink.Options(hosts=[url], **options))

@@ -66,7 +66,7 @@ def ctx(name: str) -> SinkContext:
 
 def os_sink(url: str, name: str = "search") -> OpenSearchSink:
     return OpenSearchSink(name, OpenSearchSink.Options(hosts=[url], index="cdc-{table}", refresh=True,
-                                                       max_retries=0, retry_backoff_s=0))
+                                                       mapping="dynamic", max_retries=0, retry_backoff_s=0))
 
 
 def redis_sink(url: str, name: str = "cache", templates=("user:{pk}",)) -> RedisCacheSink:

@@ -127,7 +127,7 @@ def test_rebuild_dropped_index_while_live_worker_writes(stack: ReplayStack):
         stack.wait_caught_up(live)
         assert stack.index_check().ok
         live_checkpoint_before = stack.checkpoint()
-        stack.os_request("DELETE", f"/{INDEX}")
+        stack.os_request("DELETE", f"/{INDEX}-v1")  # the index behind the sink's alias
 
         stop_writer = threading.Event()
         written = {"n": 0}
