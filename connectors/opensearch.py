@@ -20,6 +20,12 @@ What it writes
   ``_cdc`` is kept, escaped as ``_ddb_cdc``.
 - REMOVE → a bulk ``delete`` action (it needs only the keys, so it works with every view type).
 - Index name: ``Options.index`` with ``{table}`` replaced by the table name, then lower-cased.
+  It is an alias: documents live in its versions ``{name}-v{N}``, created from the index template
+  ``ddb-cdc-{name}`` (:mod:`connectors.opensearch_indices`); index actions carry
+  ``require_alias`` so a bare index is never auto-created.
+- Mapping modes (``Options.mapping``: ``typed`` | ``explicit`` | ``dynamic``) decide the shape of
+  ``_source`` and the mappings (:mod:`connectors.opensearch_mapping`); the *plain* rendering
+  below is the ``explicit`` / ``dynamic`` one, ``typed`` writes DynamoDB AttributeValue JSON.
 - ``_id``: ``event.key_id`` (see :func:`pipeline.codec.key_id`). OpenSearch refuses ids longer
   than 512 bytes, so a key id whose UTF-8 encoding is longer than 512 bytes is replaced by
   ``"sha256:" + hex SHA-256 of its UTF-8 bytes`` (71 characters); see :func:`document_id`.
