@@ -325,8 +325,10 @@ class Stack:
             "worker": {"shutdown_grace_s": 20},
             "log": {"format": "json"},
             "sinks": [
+                # mapping: dynamic — the poison-document test needs OpenSearch to refuse a type change
                 {"name": "search", "type": "opensearch",
-                 "options": {"hosts": [worker_os_url or os_url], "index": self.index, "timeout_s": 10}},
+                 "options": {"hosts": [worker_os_url or os_url], "index": self.index, "timeout_s": 10,
+                             "mapping": "dynamic"}},
                 {"name": "audit", "type": "s3_audit",
                  "options": {"bucket": self.bucket, "prefix": "audit", "max_buffer_age_s": 2}},
                 cache,
