@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-rate", type=float, default=1000.0, help="memory section: records/s when busy")
     parser.add_argument("--backlog", type=int, help="memory section: catch-up backlog per shard (default 1000, "
                                                     "--quick 0 = no catch-up phase)")
+    parser.add_argument("--max-pages-in-flight", type=int, default=None,
+                        help="memory section: the worker's read budget, worker.max_pages_in_flight (default: "
+                             "its default; 0 = no bound, the behaviour before it existed)")
     parser.add_argument("--processes", type=_parse_processes, default=(1, 2),
                         help="scale section: process counts to compare (default 1,2)")
     parser.add_argument("--latency-duration", type=float, help="latency section: seconds per rate (default 30, "
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         section("memory", lambda: memory.run_memory(soak_s=args.soak or (15.0 if quick else 30.0),
                                                     rate=args.memory_rate,
                                                     backlog=args.backlog if args.backlog is not None
-                                                    else (0 if quick else 1000)), memory.report)
+                                                    else (0 if quick else 1000),
+                                                    max_pages_in_flight=args.max_pages_in_flight), memory.report)
     if "latency" in args.sections:
         try:
             from benchmarks import latency

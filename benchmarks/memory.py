@@ -113,8 +113,10 @@ def _reset_peak() -> bool:
         return False
 
 
-def child_main(soak_s: float, rate: float, backlog: int = 0, trace: bool = False) -> dict[str, Any]:
-    """The measured process (see module doc)."""
+def child_main(soak_s: float, rate: float, backlog: int = 0, trace: bool = False,
+               max_pages_in_flight: int | None = None) -> dict[str, Any]:
+    """The measured process (see module doc). ``max_pages_in_flight``: the worker's read budget
+    (None: the worker's default; 0: no bound)."""
     from pipeline.logs import configure_logging
 
     configure_logging("WARNING", "json")
@@ -127,7 +129,7 @@ def child_main(soak_s: float, rate: float, backlog: int = 0, trace: bool = False
     source = inputs.make_source(double)
     with tempfile.TemporaryDirectory(prefix="ddb-cdc-bench-mem-") as workdir:
         worker, store, sinks = build_worker([source], workdir, worker_id="bench-mem", checkpoint_interval_s=5.0,
-                                            exit_when_idle=False)
+                                            exit_when_idle=False, max_pages_in_flight=max_pages_in_flight)
         runner = threading.Thread(target=worker.run, name="worker", daemon=True)
         t0 = time.monotonic()
         runner.start()
@@ -202,7 +204,8 @@ def child_main(soak_s: float, rate: float, backlog: int = 0, trace: bool = False
         worker.stop()
         runner.join(60)
     peak_idle_busy = max(peaks["idle"], peaks["busy"])
-    return {"peak_idle_busy_mb": peak_idle_busy, "catch_up": catch_up, "peaks": peaks, "tracemalloc": traced,"shards": SHARDS, "leases_held": leases_held, "readers_started_after_s": started_s,
+    pages = worker.read_budget.pages
+    return {"max_pages_in_flight": pages, "peak_idle_busy_mb": peak_idle_busy, "catch_up": catch_up, "peaks": peaks, "tracemalloc": traced,"shards": SHARDS, "leases_held": leases_held, "readers_started_after_s": started_s,
             "rss_after_imports_mb": rss_at_import, "rss_all_readers_started_mb": rss_started,
             "idle": {**_phase_summary(phases["idle"]), "seconds": idle_s,
                      "get_records_per_s": idle_calls / idle_s if idle_s else 0.0,
@@ -212,11 +215,13 @@ def child_main(soak_s: float, rate: float, backlog: int = 0, trace: bool = False
             "samples": phases}
 
 
-def run_memory(*, soak_s: float = 45.0, rate: float = 1000.0, backlog: int = 1000) -> dict[str, Any]:
+def run_memory(*, soak_s: float = 45.0, rate: float = 1000.0, backlog: int = 1000,
+               max_pages_in_flight: int | None = None) -> dict[str, Any]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pages = [] if max_pages_in_flight is None else ["--max-pages-in-flight", str(max_pages_in_flight)]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--soak", str(soak_s), "--rate", str(rate),
-                           "--backlog", str(backlog)],
+                           "--backlog", str(backlog), *pages],
                           cwd=root, env=env, capture_output=True, text=True, timeout=soak_s + 900)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -238,7 +243,8 @@ def report(result: dict[str, Any]) -> str:
     idle, busy, peaks = result["idle"], result["busy"], result["peaks"]
     lines = [f"## memory — worker holding {result['leases_held']} leases ({result['shards']} open shards on the "
              f"HTTP-boundary double), fresh process, --soak {result['soak_s']:g} s "
-             f"(idle {idle['seconds']:.0f} s, busy {busy['seconds']:.0f} s at {busy['rate']:,.0f} records/s)", ""]
+             f"(idle {idle['seconds']:.0f} s, busy {busy['seconds']:.0f} s at {busy['rate']:,.0f} records/s), "
+             f"worker.max_pages_in_flight {result.get('max_pages_in_flight', '?')}", ""]
     rows = [[name, f"{p['start_mb']:.1f}", f"{p['end_mb']:.1f}", f"{peaks[name]:.1f}", f"{p['growth_mb']:+.1f}",
              f"{p['slope_mb_per_min']:+.2f}", "yes" if p["grew"] else "no"]
             for name, p in (("idle", idle), ("busy", busy))]
@@ -276,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=0)
     parser.add_argument("--tracemalloc", action="store_true",
                         help="trace Python allocations over the steady busy phase (slows the worker: use a low --rate)")
+    parser.add_argument("--max-pages-in-flight", type=int, default=None,
+                        help="the worker's read budget in pages (default: the worker's default; 0: no bound)")
     args = parser.parse_args(argv)
-    result = child_main(args.soak, args.rate, args.backlog, args.tracemalloc)
+    result = child_main(args.soak, args.rate, args.backlog, args.tracemalloc, args.max_pages_in_flight)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0

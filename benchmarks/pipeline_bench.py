@@ -68,7 +68,8 @@ def timed_store(path: str) -> Any:
 
 
 def build_worker(sources: list[Any], workdir: str, *, worker_id: str = "bench", checkpoint_interval_s: float = 1.0,
-                 exit_when_idle: bool = True, store: Any = None) -> tuple[Any, Any, list[Any]]:
+                 exit_when_idle: bool = True, store: Any = None,
+                 max_pages_in_flight: int | None = None) -> tuple[Any, Any, list[Any]]:
     import structlog
 
     from pipeline.deadletter import DirectoryDeadLetterQueue
@@ -77,13 +78,14 @@ def build_worker(sources: list[Any], workdir: str, *, worker_id: str = "bench", 
 
     store = store or timed_store(os.path.join(workdir, "leases.sqlite"))
     sinks = [make_noop_sink(f"noop{i}") for i in (1, 2, 3)]
+    extra = {} if max_pages_in_flight is None else {"max_pages_in_flight": max_pages_in_flight}
     worker = Worker(sources=sources, lease_store=store, sinks=sinks,
                     dead_letter=DirectoryDeadLetterQueue(os.path.join(workdir, "dlq")), worker_id=worker_id,
                     logger=structlog.get_logger("benchmark"),
                     shard_settings=ShardSettings(max_records_per_call=1000, checkpoint_interval_s=checkpoint_interval_s),
                     exit_when_idle=exit_when_idle, shutdown_grace_s=30.0,
                     # recorded records are old: no iterator-age warnings about them
-                    iterator_age_warning_s=10.0 ** 12, iterator_age_error_s=10.0 ** 12)
+                    iterator_age_warning_s=10.0 ** 12, iterator_age_error_s=10.0 ** 12, **extra)
     return worker, store, sinks
 
 

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import ConfigError
+from pipeline.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT
 
 ENV_PREFIX = "DDB_CDC_"
 
@@ -136,6 +137,12 @@ class WorkerConfig(_Strict):
     - ``iterator_age_warning_s`` / ``iterator_age_error_s``: log a warning / an error when a
       shard's iterator age passes these (s; default 1 h and 20 h — DynamoDB Streams trims records
       after 24 h), at most once per ``iterator_age_log_interval_s`` per shard.
+    - ``max_pages_in_flight``: at most this many GetRecords pages (of ``source.max_records_per_call``
+      records each) fetched and not yet delivered to every sink at once, across all shards of the
+      worker process (default 4; 0 = no bound). Counted in records: a shard reserves a full page
+      before GetRecords and keeps only what arrived, so empty polls and small pages hold little; a
+      worker behind on many shards holds at most this many full pages in memory
+      (:mod:`pipeline.read_budget`).
     """
 
     id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
@@ -144,6 +151,7 @@ class WorkerConfig(_Strict):
     iterator_age_warning_s: float = Field(3600.0, gt=0)
     iterator_age_error_s: float = Field(72000.0, gt=0)
     iterator_age_log_interval_s: float = Field(300.0, gt=0)
+    max_pages_in_flight: int = Field(DEFAULT_MAX_PAGES_IN_FLIGHT, ge=0, le=10_000)
 
 
 class MetricsConfig(_Strict):

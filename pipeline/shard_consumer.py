@@ -23,6 +23,7 @@ from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON, Batch, ChangeEvent
 from pipeline.fanout import DeliveryAborted, FanOut
 from pipeline.leases import LeaseCoordinator
+from pipeline.read_budget import ReadBudget, Reservation
 from pipeline.checkpoint import Gap
 from pipeline.source import (
     IteratorExpiredError,
@@ -93,12 +94,19 @@ class ShardConsumer(threading.Thread):
     GetRecords throttling (LimitExceededException — DynamoDB Streams allows about two readers
     per shard, and a replay is one more) is retried with jittered exponential backoff (0.25 s
     doubling to 10 s, tenacity) until it passes or the worker stops; each is counted.
+
+    ``read_budget`` (shared by every consumer of a worker; see :mod:`pipeline.read_budget`): each
+    GetRecords call first reserves a full page of it, an arrived page keeps only its own size, and
+    the page's share is given back once it was delivered to every sink — before any flush,
+    checkpoint, throttling backoff or idle wait. Nothing of a page is referenced after its share is
+    given back. None: no bound.
     """
 
     def __init__(self, lease_key: str, *, source: StreamSource, coordinator: LeaseCoordinator,
                  fanout: FanOut, dead_letter: DeadLetterQueue, settings: ShardSettings,
                  stop_event: threading.Event, logger: Any, clock: Callable[[], float] = time.monotonic,
-                 window: ReadWindow | None = None, on_event_counts: Callable[..., None] | None = None):
+                 window: ReadWindow | None = None, on_event_counts: Callable[..., None] | None = None,
+                 read_budget: ReadBudget | None = None):
         lease = coordinator.get(lease_key)
         if lease is None:
             raise LeaseLostError(f"lease {lease_key} is not held")
@@ -112,6 +120,7 @@ class ShardConsumer(threading.Thread):
         self.dead_letter = dead_letter
         self.settings = settings
         self.stop_event = stop_event
+        self.read_budget = read_budget
         self.clock = clock
         self.log = logger.bind(shard_id=lease.shard_id)
         self.stats = ShardStats()
@@ -191,7 +200,7 @@ class ShardConsumer(threading.Thread):
                 continue
             try:
                 try:
-                    result = self._get_records(iterator)
+                    fetched = self._get_records(iterator)
                 except IteratorExpiredError:
                     self.log.info("shard_iterator_expired", after_sequence_number=self._resume_position())
                     iterator = self._iterator_for(self._resume_position())
@@ -217,34 +226,48 @@ class ShardConsumer(threading.Thread):
                 if iterator is None:
                     return "shard_end"
                 continue
+            if fetched is None:
+                continue  # stopped while waiting for the read budget: the loop's top flushes and checkpoints
+            result, share = fetched
+            fetched = None
             self._fresh_trim_horizon = 0
             self.stats.get_records_calls += 1
             metrics.GET_RECORDS_CALLS.labels(table=self.source.table, shard=self.shard_id).inc()
-            self.caught_up = not result.records
-            if result.records:
-                self._empty_reads = 0
-                if self._process(result.records, shard_end=result.next_iterator is None):
-                    self._flush_and_checkpoint(shard_end=True)
-                    self.log.info("replay_window_end", until=self.window.until.isoformat())
-                    return "until"
-            else:
+            self.caught_up = had_no_records = not result.records
+            next_iterator = result.next_iterator
+            window_end = False
+            try:
+                share.shrink_to(len(result.records))  # an empty read gives its whole share back
+                if result.records:
+                    self._empty_reads = 0
+                    window_end = self._process(result.records, shard_end=next_iterator is None)
+            finally:
+                # the page was delivered to every sink (or failed): give its share back and keep
+                # nothing of it while this thread flushes, checkpoints or waits for the next share
+                result = None
+                share.release()
+            if window_end:
+                self._flush_and_checkpoint(shard_end=True)
+                self.log.info("replay_window_end", until=self.window.until.isoformat())
+                return "until"
+            if had_no_records:
                 self._empty_reads += 1
                 self.coordinator.report_behind(self.lease_key, 0)  # caught up
-                if (self.window is not None and self.window.finish_when_caught_up and result.next_iterator is not None
+                if (self.window is not None and self.window.finish_when_caught_up and next_iterator is not None
                         and self._empty_reads >= self.window.idle_reads):
                     self._flush_and_checkpoint(shard_end=True)
                     self.log.info("replay_caught_up", empty_reads=self._empty_reads)
                     return "caught_up"
-            if result.next_iterator is None:
+            if next_iterator is None:
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("shard_end_reached", records_read=self.stats.records_read)
                 return "shard_end"
-            iterator = result.next_iterator
+            iterator = next_iterator
             if self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
                 self._flush_and_checkpoint()
                 last_checkpoint_at = self.clock()
-            if not result.records:
-                self.stop_event.wait(idle_s)
+            if had_no_records:
+                self.stop_event.wait(idle_s)  # holding no share of the read budget
 
     def _handle_gap(self, exc: TrimmedDataError) -> str | None:
         """Record the gap, log it, count it; then stop (``on_trimmed: fail``: re-raise) or go on.
@@ -274,18 +297,34 @@ class ShardConsumer(threading.Thread):
         self._pending_gap = gap
         return self.source.get_iterator(self.shard_id, TRIM_HORIZON)
 
-    def _get_records(self, iterator: str):
+    def _get_records(self, iterator: str) -> tuple[Any, Reservation] | None:
         """GetRecords (counting failures by kind), with throttling retried under jittered
-        exponential backoff (see class doc)."""
+        exponential backoff (see class doc). Returns the page and its share of the read budget
+        (the caller releases it), or None when the worker stopped while waiting for the share.
+        Raises what :meth:`StreamSource.get_records` raises (no share is then held), or
+        LeaseLostError when the lease was lost while waiting for the share."""
         try:
             return self._get_records_backing_off(iterator)
         except Exception as exc:
             kind = {"IteratorExpiredError": "expired_iterator", "TrimmedDataError": "trimmed",
                     "ShardNotFoundError": "vanished", "ThrottledError": "throttled"}.get(type(exc).__name__, "other")
-            metrics.GET_RECORDS_ERRORS.labels(table=self.source.table, shard=self.shard_id, error=kind).inc()
+            if not isinstance(exc, LeaseLostError):
+                metrics.GET_RECORDS_ERRORS.labels(table=self.source.table, shard=self.shard_id, error=kind).inc()
             raise
 
-    def _get_records_backing_off(self, iterator: str):
+    def _reserve_page(self) -> Reservation | None:
+        """A full page's share of the read budget (waiting for it; None when stopped meanwhile).
+        Raises LeaseLostError when the lease was lost while waiting."""
+        budget = self.read_budget or _UNBOUNDED
+        share = budget.reserve(self.settings.max_records_per_call, stop=self.stop_event)
+        if share is None:
+            return None
+        if budget.bounded and not self.coordinator.owns(self.lease_key, self.token):
+            share.release()  # the wait may have been long: do not read a shard another worker now owns
+            raise LeaseLostError(f"lease {self.lease_key} was lost")
+        return share
+
+    def _get_records_backing_off(self, iterator: str) -> tuple[Any, Reservation] | None:
         def before_sleep(state: RetryCallState) -> None:
             self.stats.throttles += 1
             metrics.GET_RECORDS_THROTTLES.labels(table=self.source.table, shard=self.shard_id).inc()
@@ -299,7 +338,14 @@ class ShardConsumer(threading.Thread):
                                 stop=stop_when_event_set(self.stop_event), sleep=self.stop_event.wait,
                                 before_sleep=before_sleep, reraise=True):
             with attempt:
-                return self.source.get_records(iterator, self.settings.max_records_per_call)
+                share = self._reserve_page()  # per attempt: no share is held during a backoff
+                if share is None:
+                    return None
+                try:
+                    return self.source.get_records(iterator, self.settings.max_records_per_call), share
+                except BaseException:
+                    share.release()
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _apply_move(self, move) -> str | None:
@@ -427,6 +473,10 @@ class ShardConsumer(threading.Thread):
         except ShardNotFoundError as exc:
             raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream "
                                      f"(checkpoint {position}): {exc}") from exc
+
+
+#: the budget of a consumer built without one: no bound
+_UNBOUNDED = ReadBudget(0, 1)
 
 
 def _record_time(record: Any) -> datetime | None:

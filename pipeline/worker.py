@@ -31,6 +31,7 @@ from pipeline.deadletter import DeadLetterQueue
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError
 from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.leases import LeaseCoordinator
+from pipeline.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
 from pipeline.shard_consumer import ReadWindow, ShardConsumer, ShardSettings
 from pipeline.sink import SinkContext
 from pipeline.source import ShardInfo, StreamSource
@@ -63,6 +64,11 @@ class Worker:
     ``sinks`` are sink instances (already validated), ``policies`` their failure policies by
     sink name. :meth:`run` returns the process exit code: 0 after a clean stop, 1 when a shard
     failed or was stopped (trimmed data) or shutdown did not finish within ``shutdown_grace_s``.
+
+    ``max_pages_in_flight``: at most this many GetRecords pages (of
+    ``shard_settings.max_records_per_call`` records; counted in records, so small pages count for
+    their size) are held fetched-and-not-yet-delivered at once across all shards
+    (:mod:`pipeline.read_budget`); 0 = no bound. Raises ValueError for a negative value or no source.
     """
 
     def __init__(self, *, sources: Sequence[StreamSource] | None = None, source: StreamSource | None = None,
@@ -77,7 +83,7 @@ class Worker:
                  on_consumer_done: Callable[[ShardConsumer], None] | None = None,
                  sink_open_timeout_s: float = 0.0, iterator_age_warning_s: float = 3600.0,
                  iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
-                 health_stall_s: float = 60.0):
+                 health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT):
         self.sources = list(sources or []) + ([source] if source is not None else [])
         if not self.sources:
             raise ValueError("a worker needs at least one stream source")
@@ -106,6 +112,7 @@ class Worker:
             lease_store, worker_id=worker_id, stream_arns=list(self.by_arn),
             failover_time_s=failover_time_s, logger=self.log, clock=clock)
         self.consumers: dict[str, ShardConsumer] = {}
+        self.read_budget = ReadBudget(max_pages_in_flight, self.shard_settings.max_records_per_call)
         self.failed: list[tuple[str, str, str]] = []  # (shard id or "*", outcome, error)
         self._stopped_keys: set[str] = set()
         self._opened: list[Any] = []
@@ -342,7 +349,8 @@ class Worker:
                                          fanout=self.fanout, dead_letter=self.dead_letter,
                                          settings=self.shard_settings, stop_event=self.stop_event,
                                          logger=self.log.bind(table=source.table), clock=self.clock,
-                                         window=self.read_window, on_event_counts=self.on_event_counts)
+                                         window=self.read_window, on_event_counts=self.on_event_counts,
+                                         read_budget=self.read_budget)
             except LeaseLostError:
                 continue
             self.consumers[lease.lease_key] = consumer
