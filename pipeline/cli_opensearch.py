@@ -22,21 +22,36 @@ from pipeline.errors import ConfigError
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
+def _add_columns(table: Any, headers: tuple[str, ...], rows: list[tuple[str, ...]], *, names: tuple[int, ...]) -> None:
+    """Add ``headers`` as columns; the index-name columns (positions ``names``) are never cut short
+    (an 80-column terminal or a pipe would otherwise show ``orders-v…``): they get their longest word
+    as minimum width and fold rather than end in an ellipsis."""
+    for i, header in enumerate(headers):
+        if i in names:
+            longest = max([len(w) for row in rows for w in row[i].split()] + [len(header)])
+            table.add_column(header, min_width=longest, overflow="fold")
+        else:
+            table.add_column(header, overflow="fold")
+
+
 def _print_plan(report: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     table = Table(title=f"reindex plan — sink {report.sink}, fill from the {report.source}")
-    for col in ("alias", "now", "mapping now", "documents", "new index", "new mapping"):
-        table.add_column(col)
+    rows = []
     for p in report.plans:
         now = p.current or "-"
         if p.kind == "index":
             now += " (plain index: deleted at the swap)"
         new = p.new_index + (" (resume)" if p.resume else "")
-        table.add_row(p.alias, now, p.current_mapping, "-" if p.current_docs is None else str(p.current_docs), new,
-                      p.new_mapping)
+        rows.append((p.alias, now, p.current_mapping, "-" if p.current_docs is None else str(p.current_docs), new,
+                     p.new_mapping))
+    _add_columns(table, ("alias", "now", "mapping now", "documents", "new index", "new mapping"), rows,
+                 names=(0, 1, 4))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     if report.dry_run:
         console.print("steps: template → create new index → live workers write both → fill → check ids → "
@@ -49,12 +64,13 @@ def _print_result(report: Any) -> None:
 
     console = Console()
     table = Table(title=f"reindex — sink {report.sink}")
-    for col in ("alias", "old index", "old docs", "new index", "new docs", "missing ids", "swapped"):
-        table.add_column(col)
-    for r in report.results:
-        table.add_row(r.alias, r.old_index or "-", "-" if r.old_docs is None else str(r.old_docs), r.new_index,
-                      "-" if r.new_docs is None else str(r.new_docs), str(r.missing_ids),
-                      "yes" + (" (old deleted)" if r.deleted_old else "") if r.swapped else "no")
+    rows = [(r.alias, r.old_index or "-", "-" if r.old_docs is None else str(r.old_docs), r.new_index,
+             "-" if r.new_docs is None else str(r.new_docs), str(r.missing_ids),
+             "yes" + (" (old deleted)" if r.deleted_old else "") if r.swapped else "no") for r in report.results]
+    _add_columns(table, ("alias", "old index", "old docs", "new index", "new docs", "missing ids", "swapped"), rows,
+                 names=(0, 1, 3))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     if report.fill:
         console.print(f"fill: {report.fill.get('delivered', 0)} change(s) replayed, "
