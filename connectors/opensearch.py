@@ -753,7 +753,7 @@ class OpenSearchSink(Sink):
             spec = admin.index_spec(index) or self.options.spec()
             return _Route(primary=index, primary_spec=spec, pinned=True)
         wanted = self.options.spec()
-        admin.ensure_template(name, wanted, self.options.index_settings)
+        admin.create_template_if_absent(name, wanted, self.options.index_settings)
         state = admin.state(name)
         if state.kind == "missing":
             from opensearchpy.exceptions import RequestError

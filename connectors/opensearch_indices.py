@@ -119,6 +119,20 @@ class IndexAdmin:
         self.client.indices.put_index_template(name=template_name(alias), body=wanted)
         return True
 
+    def create_template_if_absent(self, alias: str, spec: MappingSpec,
+                                  extra_settings: Mapping[str, Any] | None) -> bool:
+        """Create the template when there is none (True); leave an existing one alone (False).
+
+        What the sink does on first use: a worker never rewrites a template, so workers running
+        with different configurations (e.g. during a reindex) cannot undo each other; only
+        ``ddb-cdc opensearch reindex`` updates it (:meth:`ensure_template`).
+        """
+        if self.get_template(alias) is not None:
+            return False
+        self.client.indices.put_index_template(name=template_name(alias), body=self.template_body(
+            alias, spec, extra_settings), create=True, ignore=400)
+        return True
+
     def reindex_marker(self, alias: str) -> dict[str, Any] | None:
         """The template's ``_meta.reindex`` (``{"into", "from", "started_at"}``) or None."""
         current = self.get_template(alias)

@@ -280,6 +280,9 @@ def test_the_sink_renders_for_the_mapping_its_index_was_created_with(opensearch_
     docs = sources(opensearch_url, alias)
     assert docs["y"]["n"] == {"N": "2"}  # still typed: v1 is a typed index until a reindex
     assert "opensearch_mapping_differs" in caplog.text and "ddb-cdc opensearch reindex" in caplog.text
+    # and it leaves the template alone: only a reindex changes it (workers never undo each other)
+    template = request(opensearch_url, "GET", f"/_index_template/ddb-cdc-{alias}")["index_templates"][0]
+    assert template["index_template"]["template"]["mappings"]["_meta"]["ddb_cdc"]["mode"] == "typed"
 
 
 def test_a_deleted_index_behind_the_alias_is_set_up_again_not_auto_created_bare(opensearch_url, table):
