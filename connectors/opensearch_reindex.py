@@ -273,10 +273,13 @@ def _check_and_swap(admin: Any, plan: IndexPlan, *, force: bool, delete_old: boo
 
 
 def abort_reindex(settings: Any, *, sink_name: str, where: str, logger: Any,
-                  tables: Sequence[str] | None = None) -> list[str]:
+                  tables: Sequence[str] | None = None, wait_s: float | None = None) -> list[str]:
     """Remove the reindex marker of each index name and delete its unfinished new index.
 
-    Returns one line per index name acted on. Never touches the index the alias points at.
+    Live sinks keep writing to the new index until they re-read the template, so the index is
+    deleted only ``wait_s`` (default ``reindex_check_s`` + 1 s) after the marker is gone — else
+    their writes would re-create it. Returns one line per index name acted on. Never touches
+    the index the alias points at.
     """
     from connectors.runtime import build_sources
 
@@ -285,13 +288,16 @@ def abort_reindex(settings: Any, *, sink_name: str, where: str, logger: Any,
     try:
         sources = build_sources(settings)
         names = [s.table for s in sources if not tables or s.table in set(tables)]
+        unmarked: list[tuple[str, str]] = []
         for alias in dict.fromkeys(sink.index_for(t) for t in names):
             marker = sink.admin.reindex_marker(alias)
-            if not marker:
-                continue
+            if marker:
+                sink.admin.set_reindex_marker(alias, None)
+                unmarked.append((alias, marker["into"]))
+        if unmarked:
+            time.sleep(sink.options.reindex_check_s + 1.0 if wait_s is None else wait_s)
+        for alias, into in unmarked:
             state = sink.admin.state(alias)
-            into = marker["into"]
-            sink.admin.set_reindex_marker(alias, None)
             if into not in state.indices and sink.admin.state(into).kind == "index":
                 sink.admin.client.indices.delete(index=into)
                 lines.append(f"{alias}: reindex aborted, {into} deleted")

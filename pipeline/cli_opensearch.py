@@ -92,7 +92,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level, settings.log.format)
     log = get_logger(command="opensearch-reindex", sink=args.sink)
     if args.abort:
-        for line in abort_reindex(settings, sink_name=args.sink, where=where, logger=log, tables=args.table):
+        for line in abort_reindex(settings, sink_name=args.sink, where=where, logger=log, tables=args.table,
+                                  wait_s=args.wait):
             print(line)
         return EXIT_OK
     quiet = args.json
