@@ -139,9 +139,10 @@ class WorkerConfig(_Strict):
       after 24 h), at most once per ``iterator_age_log_interval_s`` per shard.
     - ``max_pages_in_flight``: at most this many GetRecords pages (of ``source.max_records_per_call``
       records each) fetched and not yet delivered to every sink at once, across all shards of the
-      worker process (default 4; 0 = no bound). Counted in records: a shard reserves a full page
-      before GetRecords and keeps only what arrived, so empty polls and small pages hold little; a
-      worker behind on many shards holds at most this many full pages in memory
+      worker process (default 4; 0 = no bound). Counted in records: a shard reserves its
+      GetRecords ``Limit`` before the call (a full page, or 100 records while it is caught up) and
+      keeps only what arrived until the page is delivered, so empty polls and small pages hold
+      little; a worker behind on many shards holds at most this many full pages in memory
       (:mod:`pipeline.read_budget`).
     """
 

@@ -9,8 +9,10 @@ cost memory.
 
 The budget is counted in records, ``pages × max_records_per_call``:
 
-- a shard reader reserves a full page (its GetRecords ``Limit``) before each GetRecords call, and
-  waits (FIFO) while the budget is used up;
+- a shard reader reserves its GetRecords ``Limit`` before each call — a full page, or only
+  ``CAUGHT_UP_LIMIT`` (100) records when its last page was smaller than that, so the polls of
+  caught-up shards hold little (:mod:`pipeline.shard_consumer`) — and waits (FIFO) while the budget
+  is used up;
 - as soon as the page arrives it gives back what the page did not fill — an empty read gives back
   everything, so a caught-up shard holds nothing while it waits between polls, and a small page
   (the low-latency case) holds only its few records while it is delivered;
@@ -84,8 +86,11 @@ class ReadBudget:
         if not self.bounded:
             return Reservation(self, 0)
         wanted = min(max(1, records), self.capacity)
-        waiter = _Waiter(wanted)
         with self._lock:
+            if not self._queue and self._used + wanted <= self.capacity:  # the usual case: no wait
+                self._take(wanted)
+                return Reservation(self, wanted)
+            waiter = _Waiter(wanted)
             self._queue.append(waiter)
             self._grant()
         while not waiter.granted.wait(poll_s):
@@ -102,11 +107,15 @@ class ReadBudget:
         """Hand records to the waiters at the head of the queue while they fit (lock held)."""
         while self._queue and self._used + self._queue[0].records <= self.capacity:
             waiter = self._queue.popleft()
-            self._used += waiter.records
-            self.holders += 1
-            self.peak_records = max(self.peak_records, self._used)
-            self.peak_holders = max(self.peak_holders, self.holders)
+            self._take(waiter.records)
             waiter.granted.set()
+
+    def _take(self, records: int) -> None:
+        """Count ``records`` as reserved by one more holder (lock held)."""
+        self._used += records
+        self.holders += 1
+        self.peak_records = max(self.peak_records, self._used)
+        self.peak_holders = max(self.peak_holders, self.holders)
 
     def _give_back(self, records: int, *, last: bool) -> None:
         if not self.bounded:

@@ -38,6 +38,13 @@ from pipeline.source import (
 #: for the start of a replay (``--from sequence SHARD=SEQ``), never written by a live worker.
 AT_SEQUENCE_PREFIX = "AT_SEQUENCE_NUMBER:"
 
+#: With a bounded read budget, a shard whose last page had fewer records than this (it was caught
+#: up) asks GetRecords for at most this many records next — and so reserves only that much of the
+#: budget for the call: the polls of caught-up shards hold little and many can be in flight at once
+#: (at real AWS latencies, 100 leases poll ~400 times a second). A page of this size or more means
+#: the shard is behind: the next call asks for ``max_records_per_call`` again.
+CAUGHT_UP_LIMIT = 100
+
 
 @dataclass(frozen=True)
 class ReadWindow:
@@ -96,7 +103,8 @@ class ShardConsumer(threading.Thread):
     doubling to 10 s, tenacity) until it passes or the worker stops; each is counted.
 
     ``read_budget`` (shared by every consumer of a worker; see :mod:`pipeline.read_budget`): each
-    GetRecords call first reserves a full page of it, an arrived page keeps only its own size, and
+    GetRecords call first reserves its ``Limit`` (a full page; :data:`CAUGHT_UP_LIMIT` records for a
+    shard whose last page was smaller than that), an arrived page keeps only its own size, and
     the page's share is given back once it was delivered to every sink — before any flush,
     checkpoint, throttling backoff or idle wait. Nothing of a page is referenced after its share is
     given back. None: no bound.
@@ -134,6 +142,7 @@ class ShardConsumer(threading.Thread):
         #: called as on_event_counts(consumer, delivered=[events], skipped_before=n, skipped_after=n)
         self.on_event_counts = on_event_counts
         self._empty_reads = 0
+        self._last_page_size: int | None = None  # records of the last page (None: nothing read yet)
         self._fresh_trim_horizon = 0  # fresh TRIM_HORIZON iterators taken in a row (see _run)
         #: epoch s: ApproximateCreationDateTime of the last record read / of the oldest record read
         #: since the last checkpoint (None: none); ``caught_up``: the last read came back empty
@@ -234,6 +243,7 @@ class ShardConsumer(threading.Thread):
             self.stats.get_records_calls += 1
             metrics.GET_RECORDS_CALLS.labels(table=self.source.table, shard=self.shard_id).inc()
             self.caught_up = had_no_records = not result.records
+            self._last_page_size = len(result.records)
             next_iterator = result.next_iterator
             window_end = False
             try:
@@ -312,11 +322,20 @@ class ShardConsumer(threading.Thread):
                 metrics.GET_RECORDS_ERRORS.labels(table=self.source.table, shard=self.shard_id, error=kind).inc()
             raise
 
-    def _reserve_page(self) -> Reservation | None:
-        """A full page's share of the read budget (waiting for it; None when stopped meanwhile).
-        Raises LeaseLostError when the lease was lost while waiting."""
+    def _next_limit(self) -> int:
+        """GetRecords ``Limit`` of the next call: ``max_records_per_call``, or at most
+        :data:`CAUGHT_UP_LIMIT` while the read budget is bounded and the last page was smaller."""
+        full = self.settings.max_records_per_call
         budget = self.read_budget or _UNBOUNDED
-        share = budget.reserve(self.settings.max_records_per_call, stop=self.stop_event)
+        if budget.bounded and self._last_page_size is not None and self._last_page_size < CAUGHT_UP_LIMIT:
+            return min(full, CAUGHT_UP_LIMIT)
+        return full
+
+    def _reserve_page(self, limit: int) -> Reservation | None:
+        """A share of ``limit`` records of the read budget (waiting for it; None when stopped
+        meanwhile). Raises LeaseLostError when the lease was lost while waiting."""
+        budget = self.read_budget or _UNBOUNDED
+        share = budget.reserve(limit, stop=self.stop_event)
         if share is None:
             return None
         if budget.bounded and not self.coordinator.owns(self.lease_key, self.token):
@@ -338,11 +357,12 @@ class ShardConsumer(threading.Thread):
                                 stop=stop_when_event_set(self.stop_event), sleep=self.stop_event.wait,
                                 before_sleep=before_sleep, reraise=True):
             with attempt:
-                share = self._reserve_page()  # per attempt: no share is held during a backoff
+                limit = self._next_limit()
+                share = self._reserve_page(limit)  # per attempt: no share is held during a backoff
                 if share is None:
                     return None
                 try:
-                    return self.source.get_records(iterator, self.settings.max_records_per_call), share
+                    return self.source.get_records(iterator, limit), share
                 except BaseException:
                     share.release()
                     raise

@@ -67,7 +67,8 @@ class Worker:
 
     ``max_pages_in_flight``: at most this many GetRecords pages (of
     ``shard_settings.max_records_per_call`` records; counted in records, so small pages count for
-    their size) are held fetched-and-not-yet-delivered at once across all shards
+    their size; a caught-up shard asks for and reserves at most 100 records) are held
+    fetched-and-not-yet-delivered at once across all shards
     (:mod:`pipeline.read_budget`); 0 = no bound. Raises ValueError for a negative value or no source.
     """
 

@@ -234,6 +234,43 @@ def test_stop_ends_the_wait_for_a_share(tmp_path):
         assert not lease.owner
 
 
+def test_a_caught_up_shard_asks_for_and_reserves_a_small_page_until_it_is_behind(tmp_path):
+    """With max_records_per_call 1000: the first read asks for 1000; after a page of fewer than
+    CAUGHT_UP_LIMIT (100) records the shard asks for 100 (and reserves only that); a full
+    100-record page means it is behind, so it asks for 1000 again. Meanwhile 10 idle shards' polls
+    (20 ms each) overlap within a budget of one 1,000-record page."""
+    fake = HolderCountingStreams(get_records_delay_s=0.02)
+    shard = shard_name(1)
+    fake.add_shard(shard, [], closed=False)
+    idle = [shard_name(i) for i in range(2, 12)]
+    for s in idle:
+        fake.add_shard(s, [], closed=False)
+    last = LastSink("last", fake)
+    worker = budget_worker(fake, tmp_path, [last], pages=1, max_records=1000, idle_interval_ms=50,
+                           exit_when_idle=False)
+    running = Running(worker)
+
+    def limits() -> list[int]:
+        return [c["Limit"] for c in fake.calls_of("GetRecords") if c["ShardIterator"].endswith(shard)]
+
+    wait_until(lambda: len(limits()) >= 3, "a few empty polls")
+    fake.append(shard, recs(1, 250))
+    wait_until(lambda: last.count() == 250, "the 250 records delivered")
+    assert last.by_shard[shard] == [seq(1, i) for i in range(250)]
+    calls = len(limits())
+    wait_until(lambda: len(limits()) >= calls + 3, "caught up again: a few more polls")
+    assert running.stop() == 0
+    seen = limits()
+    assert seen[0] == 1000 and seen[1] == 100, seen  # first read full, then caught up
+    # the burst: the 100-record probe came back full, so two full-limit calls (150 records, then
+    # none: 150 >= 100 still means behind), then caught up again
+    i = seen.index(1000, 1)
+    assert set(seen[1:i]) == {100}, seen
+    assert seen[i:i + 3] == [1000, 1000, 100], seen
+    assert worker.read_budget.peak_records <= 1000 and worker.read_budget.used == 0
+    assert worker.read_budget.peak_holders >= 2, "caught-up polls should not need a whole page each"
+
+
 # ---------------------------------------------------------------------------------------------
 # ReadBudget itself
 
