@@ -793,10 +793,10 @@ class OpenSearchSink(Sink):
     def _refresh(self, name: str, route: _Route) -> None:
         """Re-read the alias's write index (a reindex may have swapped it) and the reindex marker."""
         state = self.admin.state(name)
-        if state.kind == "alias" and state.spec is not None and state.spec != route.primary_spec:
+        if state.kind == "alias" and state.spec is not None and (state.spec != route.primary_spec or not route.alias):
             self._log("opensearch_alias_moved", index=name, write_index=state.write_index,
                       mapping=state.spec.describe())
-            route.primary_spec = state.spec
+            route.primary_spec, route.alias = state.spec, True  # e.g. a legacy bare index moved behind it
         self._refresh_secondary(name, route)
 
     def _refresh_secondary(self, name: str, route: _Route) -> None:
