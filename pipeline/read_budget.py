@@ -36,9 +36,11 @@ DEFAULT_MAX_PAGES_IN_FLIGHT = 4
 class ReadBudget:
     """At most ``capacity`` records fetched and not yet delivered, across every shard of a worker.
 
-    ``pages`` (≥ 1) full pages of ``records_per_page`` (1–1,000, the GetRecords ``Limit``) records;
+    ``pages`` (≥ 0) full pages of ``records_per_page`` (1–1,000, the GetRecords ``Limit``) records;
     ``pages=0`` means no bound (every :meth:`reserve` succeeds at once). Thread-safe; waiters are
-    served in arrival order.
+    served in arrival order (a waiter that does not fit yet holds back those behind it, so a full
+    page is never starved by smaller reservations). Raises ValueError for ``pages`` < 0 or
+    ``records_per_page`` < 1.
     """
 
     def __init__(self, pages: int, records_per_page: int):

@@ -239,15 +239,15 @@ class ShardConsumer(threading.Thread):
                 continue  # stopped while waiting for the read budget: the loop's top flushes and checkpoints
             result, share = fetched
             fetched = None
-            self._fresh_trim_horizon = 0
-            self.stats.get_records_calls += 1
-            metrics.GET_RECORDS_CALLS.labels(table=self.source.table, shard=self.shard_id).inc()
-            self.caught_up = had_no_records = not result.records
-            self._last_page_size = len(result.records)
-            next_iterator = result.next_iterator
-            window_end = False
             try:
                 share.shrink_to(len(result.records))  # an empty read gives its whole share back
+                self._fresh_trim_horizon = 0
+                self.stats.get_records_calls += 1
+                metrics.GET_RECORDS_CALLS.labels(table=self.source.table, shard=self.shard_id).inc()
+                self.caught_up = had_no_records = not result.records
+                self._last_page_size = len(result.records)
+                next_iterator = result.next_iterator
+                window_end = False
                 if result.records:
                     self._empty_reads = 0
                     window_end = self._process(result.records, shard_end=next_iterator is None)
