@@ -640,9 +640,14 @@ class OpenSearchSink(Sink):
         client = self._require_client()
         permanent: dict[int, tuple[ChangeEvent, str]] = {}
         pending: list[_Action] = []
+        routes: dict[str, _Route] = {}  # looked up once per table and batch, not per event
         for event in batch.events:
+            table = event.source.table
+            route = routes.get(table)
+            if route is None:
+                route = routes[table] = self.route(table)
             try:
-                pending.extend(self._build_actions(event))
+                pending.extend(self._build_actions(event, route))
             except _EventProblem as problem:
                 permanent[id(event)] = (event, str(problem))
 
@@ -837,9 +842,8 @@ class OpenSearchSink(Sink):
         else:
             getattr(logger, level)(event, sink=self.name, **fields)
 
-    def _build_actions(self, event: ChangeEvent) -> list[_Action]:
-        """The bulk actions of one event: one per target of its index name (alias, reindex target)."""
-        route = self.route(event.source.table)
+    def _build_actions(self, event: ChangeEvent, route: _Route) -> list[_Action]:
+        """The bulk actions of one event: one per target of its ``route`` (alias, reindex target)."""
         actions: list[_Action] = []
         rendered: dict[str, bytes] = {}
         for index, spec in route.targets():
