@@ -35,12 +35,16 @@ CREATE TABLE IF NOT EXISTS leases (
     moveCheckpoint TEXT,
     moveRequestId TEXT,
     moveRequestedBy TEXT,
-    moveRequestedAt TEXT
+    moveRequestedAt TEXT,
+    versionFloor INTEGER,
+    versionHigh INTEGER,
+    startingSequenceNumber TEXT
 )
 """
 
 #: columns added after the first release: added to older files by ``ensure_table``
-_ADDED_COLUMNS = ("moveCheckpoint", "moveRequestId", "moveRequestedBy", "moveRequestedAt")
+_ADDED_COLUMNS = ("moveCheckpoint TEXT", "moveRequestId TEXT", "moveRequestedBy TEXT", "moveRequestedAt TEXT",
+                  "versionFloor INTEGER", "versionHigh INTEGER", "startingSequenceNumber TEXT")
 
 _WORKERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS workers (
@@ -69,7 +73,8 @@ CREATE TABLE IF NOT EXISTS gaps (
 
 _COLUMNS = ("leaseKey, leaseOwner, leaseCounter, checkpoint, checkpointSubSequenceNumber, "
             "ownerSwitchesSinceCheckpoint, parentShardId, streamArn, shardId, tableName, millisBehindLatest, "
-            "moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt")
+            "moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt, versionFloor, versionHigh, "
+            "startingSequenceNumber")
 _MOVE_COLUMNS = "moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt"
 
 
@@ -144,9 +149,9 @@ class SQLiteLeaseStore:
         self._execute(_GAPS_SCHEMA)
         have = {row[1] for row in self._execute("PRAGMA table_info(leases)").fetchall()}
         for column in _ADDED_COLUMNS:
-            if column not in have:
+            if column.split()[0] not in have:
                 try:
-                    self._execute(f"ALTER TABLE leases ADD COLUMN {column} TEXT")
+                    self._execute(f"ALTER TABLE leases ADD COLUMN {column}")
                 except CheckpointStoreError as exc:
                     if "duplicate column" not in str(exc):  # another process added it first
                         raise
@@ -156,7 +161,8 @@ class SQLiteLeaseStore:
         return Lease(lease_key=row[0][len(self.prefix):], owner=row[1], counter=row[2], checkpoint=row[3],
                      sub_sequence_number=row[4], owner_switches_since_checkpoint=row[5],
                      parent_shard_ids=parents, stream_arn=row[7], shard_id=row[8], table=row[9],
-                     behind_ms=row[10], move=_move(row[11:15]))
+                     behind_ms=row[10], move=_move(row[11:15]), version_floor=row[15], version_high=row[16],
+                     starting_sequence_number=row[17])
 
     def list_leases(self) -> list[Lease]:
         where, params = self._where_mine("leaseKey")
@@ -171,12 +177,13 @@ class SQLiteLeaseStore:
     def create_lease_if_absent(self, lease: Lease) -> bool:
         move = lease.move
         cur = self._execute(
-            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (self.prefix + lease.lease_key, lease.owner, lease.counter, lease.checkpoint, lease.sub_sequence_number,
              lease.owner_switches_since_checkpoint, ",".join(lease.parent_shard_ids) or None,
              lease.stream_arn, lease.shard_id, lease.table, lease.behind_ms,
              move.checkpoint if move else None, move.request_id if move else None,
-             move.requested_by if move else None, move.requested_at if move else None))
+             move.requested_by if move else None, move.requested_at if move else None,
+             lease.version_floor, lease.version_high, lease.starting_sequence_number))
         return cur.rowcount == 1
 
     def _update(self, old: Lease, new: Lease, *, clear_move_id: str | None = None) -> Lease:
@@ -184,7 +191,8 @@ class SQLiteLeaseStore:
         With ``clear_move_id``: also conditional on that request id, and clears the request."""
         owner_clause = "leaseOwner IS NULL" if old.owner is None else "leaseOwner = ?"
         params = [new.owner, new.counter, new.checkpoint, new.sub_sequence_number,
-                  new.owner_switches_since_checkpoint, new.behind_ms, self.prefix + old.lease_key, old.counter]
+                  new.owner_switches_since_checkpoint, new.behind_ms, new.version_floor, new.version_high,
+                  self.prefix + old.lease_key, old.counter]
         if old.owner is not None:
             params.append(old.owner)
         move_set = move_where = ""
@@ -195,7 +203,8 @@ class SQLiteLeaseStore:
                 params.append(clear_move_id)
         rows = self._execute(
             "UPDATE leases SET leaseOwner = ?, leaseCounter = ?, checkpoint = ?, checkpointSubSequenceNumber = ?, "
-            f"ownerSwitchesSinceCheckpoint = ?, millisBehindLatest = ?{move_set} "
+            f"ownerSwitchesSinceCheckpoint = ?, millisBehindLatest = ?, versionFloor = COALESCE(?, versionFloor), "
+            f"versionHigh = COALESCE(?, versionHigh){move_set} "
             f"WHERE leaseKey = ? AND leaseCounter = ? AND {owner_clause}{move_where} RETURNING {_MOVE_COLUMNS}",
             params).fetchall()
         if len(rows) != 1:

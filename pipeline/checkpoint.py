@@ -94,6 +94,19 @@ class Lease:
     behind_ms: int | None = field(default=None, compare=False)
     #: a checkpoint move waiting for the owner to apply it (see the module doc), or None
     move: MoveRequest | None = field(default=None, compare=False)
+    #: ``versionFloor``: the shard's version floor (:func:`pipeline.codec.record_version`), fixed
+    #: by its first reader from its parents' leases and stored with its first checkpoint; None
+    #: until then
+    version_floor: int | None = field(default=None, compare=False)
+    #: ``versionHigh``: the highest version high part this shard delivered up to its checkpoint
+    #: (its children's floors are computed from it); None before the first
+    version_high: int | None = field(default=None, compare=False)
+    #: ``startingSequenceNumber``: set for a shard that must be read from its first record (a
+    #: child of a shard this lease table knows, or any shard found after the first sync) — its
+    #: SequenceNumberRange.StartingSequenceNumber from DescribeStream; a first record read later
+    #: than it means the head was trimmed before it was read (a gap). None: reading from the
+    #: trim horizon is what was asked for.
+    starting_sequence_number: str | None = field(default=None, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -145,7 +158,8 @@ class LeaseStore(Protocol):
 
     def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0, *,
                    behind_ms: int | None = None) -> Lease:
-        """Record a checkpoint, conditional on owner and counter; resets ownerSwitchesSinceCheckpoint."""
+        """Record a checkpoint, conditional on owner and counter; resets ownerSwitchesSinceCheckpoint.
+        Also stores ``lease.version_floor`` and ``lease.version_high`` when they are not None."""
 
     def release_lease(self, lease: Lease) -> Lease:
         """Clear the owner, conditional on owner and counter, so another worker takes it at once."""

@@ -36,6 +36,10 @@ DYNAMODB_CONTEXT = Context(
     traps=[Clamped, Overflow, Inexact, Underflow],
 )
 
+#: Maps and lists nest at most 32 levels deep (DynamoDB developer guide, "Service, account, and
+#: table quotas": "DynamoDB supports nested attributes up to 32 levels deep").
+MAX_NESTING_DEPTH = 32
+
 _OPERATIONS = {"INSERT": Operation.INSERT, "MODIFY": Operation.MODIFY, "REMOVE": Operation.REMOVE}
 
 #: Seconds from the Unix epoch to 2012-01-01T00:00:00Z (DynamoDB's launch year); the base of
@@ -80,11 +84,12 @@ _create_decimal = DYNAMODB_CONTEXT.create_decimal
 _b64decode = base64.b64decode
 
 
-def decode_value(av: Mapping[str, Any]) -> Any:
+def decode_value(av: Mapping[str, Any], _depth: int = 0) -> Any:
     """Decode one AttributeValue (``{"S": "x"}``, ``{"M": {...}}``, …) into a Python value.
 
     Raises DecodeError when the value is not exactly one known type tag with a value of the
-    right shape.
+    right shape, or when maps and lists nest deeper than :data:`MAX_NESTING_DEPTH` (``_depth``
+    is the nesting level of ``av``; callers leave it at 0).
 
     Speed: the common shapes (a plain one-key dict whose value has the expected Python type) are
     decoded by exact type checks (``type(x) is str``), which cost a fraction of ``isinstance``
@@ -108,10 +113,14 @@ def decode_value(av: Mapping[str, Any]) -> Any:
                     return number
         elif tag == "M":
             if kind is dict:
-                return _decode_attributes(value)
+                if _depth >= MAX_NESTING_DEPTH:
+                    _too_deep()
+                return _decode_attributes(value, _depth + 1)
         elif tag == "L":
             if kind is list:
-                return [decode_value(v) for v in value]
+                if _depth >= MAX_NESTING_DEPTH:
+                    _too_deep()
+                return [decode_value(v, _depth + 1) for v in value]
         elif tag == "BOOL":
             if kind is bool:
                 return value
@@ -134,10 +143,14 @@ def decode_value(av: Mapping[str, Any]) -> Any:
         elif tag == "BS":
             if kind is list:
                 return {decode_binary(v) for v in value}
-    return _decode_value_checked(av)
+    return _decode_value_checked(av, _depth)
 
 
-def _decode_value_checked(av: Mapping[str, Any]) -> Any:
+def _too_deep() -> None:
+    raise DecodeError(f"maps and lists nest deeper than {MAX_NESTING_DEPTH} levels (DynamoDB's limit)")
+
+
+def _decode_value_checked(av: Mapping[str, Any], _depth: int = 0) -> Any:
     """The general (slower) decoder: every shape check, any Mapping; see :func:`decode_value`."""
     if isinstance(av, Mapping) and not av:
         # DynamoDB Local's stream renders an empty map attribute as {} (GetItem gives {"M": {}});
@@ -163,11 +176,15 @@ def _decode_value_checked(av: Mapping[str, Any]) -> Any:
     if tag == "M":
         if not isinstance(value, Mapping):
             raise DecodeError(f"M value must be an object, got {type(value).__name__}")
-        return {_name(k): decode_value(v) for k, v in value.items()}
+        if _depth >= MAX_NESTING_DEPTH:
+            _too_deep()
+        return {_name(k): decode_value(v, _depth + 1) for k, v in value.items()}
     if tag == "L":
         if not isinstance(value, list):
             raise DecodeError(f"L value must be a list, got {type(value).__name__}")
-        return [decode_value(v) for v in value]
+        if _depth >= MAX_NESTING_DEPTH:
+            _too_deep()
+        return [decode_value(v, _depth + 1) for v in value]
     if tag in ("SS", "NS", "BS"):
         if not isinstance(value, list):
             raise DecodeError(f"{tag} value must be a list, got {type(value).__name__}")
@@ -192,7 +209,7 @@ def decode_item(image: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {_name(k): decode_value(v) for k, v in image.items()}
 
 
-def _decode_attributes(attributes: dict) -> dict[str, Any]:
+def _decode_attributes(attributes: dict, _depth: int = 0) -> dict[str, Any]:
     """A plain dict of name → AttributeValue, decoded. S and N values (most of a typical item) are
     decoded inline, without a call per attribute; everything else by :func:`decode_value`."""
     out: dict[str, Any] = {}
@@ -213,7 +230,7 @@ def _decode_attributes(attributes: dict) -> dict[str, Any]:
                 if number is not None and number.is_finite():
                     out[name] = number
                     continue
-        out[name] = decode_value(av)
+        out[name] = decode_value(av, _depth)
     return out
 
 
@@ -285,49 +302,133 @@ def key_id(keys: Mapping[str, Any]) -> str:
     return "|".join(parts)
 
 
-def record_version(approximate_creation_time: datetime | None, sequence_number: str) -> int:
-    """A 63-bit version that never decreases for successive changes of one item.
+#: Sequence numbers are at most 40 decimal digits (DynamoDB Streams API reference, StreamRecord
+#: "SequenceNumber": length 21–40; Lambda's documented examples use shorter ones, which we accept).
+MAX_SEQUENCE_DIGITS = 40
+#: The low part of a version is taken from the last 20 digits: DynamoDB Streams sequence numbers
+#: are a per-shard prefix followed by a 20-digit counter (DynamoDB Streams API reference, the
+#: DescribeStream example: ``205|00000000000000910398``, its child ``8204|00000000000001192334``;
+#: the GetRecords example: ``3|00000000000000499659``, ``4|00000000000000499660``, ...).
+SEQUENCE_COUNTER_DIGITS = 20
 
-    ``version = (seconds since 2012-01-01 of ApproximateCreationDateTime) << 32
-    | (sequence number mod 2**32)``.
 
-    Why it is monotonic per item: all changes of one item go through one shard lineage in order;
-    ApproximateCreationDateTime is taken when the change is written and is rounded down to the
-    second (DynamoDB Streams API reference, StreamRecord), so it never decreases along that
-    order, and the high bits order changes of different seconds. Within one second, sequence
-    numbers in one shard strictly increase (DynamoDB Streams API reference, "SequenceNumber"),
-    so the low 32 bits order them unless the sequence numbers of two changes of the same item in
-    the same second straddle a multiple of 2**32 — a window of one in about four billion
-    sequence numbers, which we accept and document. The version is computed from the record
-    alone, so it is the same after restarts, lease handoffs and replays.
+def valid_sequence_number(sequence_number: Any) -> bool:
+    """True for a sequence number as DynamoDB Streams gives it: ASCII decimal digits, 1–40 of them."""
+    return (isinstance(sequence_number, str) and 0 < len(sequence_number) <= MAX_SEQUENCE_DIGITS
+            and sequence_number.isascii() and sequence_number.isdigit())
 
-    Raises DecodeError when the sequence number is not a decimal string.
-    """
-    if not isinstance(sequence_number, str) or not sequence_number.isdigit():
-        raise DecodeError(f"SequenceNumber {_preview(sequence_number)} is not a decimal string")
+
+def version_time_part(approximate_creation_time: datetime | None) -> int:
+    """The version's time component of a record before any lineage floor: whole seconds since
+    2012-01-01 of ApproximateCreationDateTime, plus one (see :func:`record_version`); 1 when the
+    time is absent."""
     seconds = 0
     if approximate_creation_time is not None:
         seconds = max(0, int(approximate_creation_time.timestamp()) - VERSION_EPOCH_S)
-    return ((seconds & _TIME_MASK) << 32) | (int(sequence_number) & _LOW_MASK)
+    return min(seconds + 1, _TIME_MASK)
+
+
+def version_high(version: int) -> int:
+    """The high (time-and-lineage) part of a version made by :func:`record_version`."""
+    return version >> 32
+
+
+def record_version(approximate_creation_time: datetime | None, sequence_number: str, *,
+                   floor: int = 0) -> int:
+    """A 63-bit version that increases for successive changes of one item, across shard splits.
+
+    ``version = high << 32 | low`` with
+
+    - ``high = max(seconds + 1, floor)``: ``seconds`` are whole seconds since 2012-01-01 of
+      ApproximateCreationDateTime (rounded down to the second — DynamoDB Streams API reference,
+      StreamRecord); ``floor`` is the shard's *version floor*, kept in its lease: 0 for a shard
+      whose parents this lease table never read, else ``max(parent floor, highest high part the
+      parent delivered) + 1``, fixed when the shard's first reader starts (after every parent
+      reached SHARD_END) and never changed (:func:`child_version_floor`);
+    - ``low = (last 20 digits of the sequence number) mod 2**32``: the shard's record counter
+      (:data:`SEQUENCE_COUNTER_DIGITS`), not the per-shard prefix.
+
+    Why it increases along a lineage. All changes of one item go through one chain of shards,
+    parent before child (DynamoDB developer guide, "DynamoDB Streams": a child is read only after
+    its parent). (1) Within a shard, ApproximateCreationDateTime does not decrease in record order
+    and the counter rises, so (high, low) rises — unless two changes in one second straddle a
+    multiple of 2**32 of the counter (one in ~4 billion; accepted and documented). (2) From a
+    parent P to a child C: every high part in C is at least ``floor(C) > max high in P``, so every
+    change in C outranks every change in P, even in the same second; by induction, every change
+    in any descendant outranks every change of its ancestors. The old formula (no floor, low =
+    whole sequence number mod 2**32) failed there: real sequence numbers carry per-shard prefixes,
+    so mod 2**32 they do not rise from parent to child.
+
+    Migration: the ``+ 1`` makes every new version greater than the version the previous formula
+    (``seconds << 32 | seq mod 2**32``) gave the same change, and than every version it gave an
+    earlier change, so an index written by an older ddb-cdc accepts the new versions and never
+    mistakes a new change for an old one.
+
+    The version depends only on the record and the shard's floor in the lease table, so restarts,
+    hand-offs and replays through the same lease table give the same version. Its cost: one lease
+    attribute per shard (``versionFloor``, ``versionHigh``) and one conditional write when a child
+    shard's first reader starts.
+
+    Raises DecodeError when the sequence number is not 1–40 ASCII decimal digits.
+    """
+    if not valid_sequence_number(sequence_number):
+        raise DecodeError(f"SequenceNumber {_preview(sequence_number)} is not a decimal string of 1-40 digits")
+    high = version_time_part(approximate_creation_time)
+    if floor > high:
+        high = min(floor, _TIME_MASK)
+    return (high << 32) | (int(sequence_number[-SEQUENCE_COUNTER_DIGITS:]) & _LOW_MASK)
+
+
+def child_version_floor(parents: "list[tuple[int | None, int | None]]") -> int:
+    """The version floor of a shard whose parents are ``[(floor, highest high part delivered), ...]``
+    (None where unknown): ``max(floor, high) + 1`` over the parents, 0 when nothing is known.
+    See :func:`record_version`."""
+    best = None
+    for floor, high in parents:
+        for value in (floor, high):
+            if value is not None and (best is None or value > best):
+                best = value
+    return 0 if best is None else min(best + 1, _TIME_MASK)
+
+
+#: The latest ApproximateCreationDateTime a version can hold (epoch seconds; the year 2080).
+MAX_CREATION_EPOCH_S = VERSION_EPOCH_S + _TIME_MASK - 1
 
 
 def parse_creation_time(value: Any) -> datetime | None:
-    """ApproximateCreationDateTime as boto3 (datetime) or JSON (epoch seconds) gives it → UTC datetime."""
+    """ApproximateCreationDateTime as boto3 (datetime) or JSON (epoch seconds) gives it → UTC datetime.
+
+    Raises DecodeError for anything else, and for epoch seconds that are not finite or lie
+    outside 1970..2080 (``1e20``, ``inf``, ``NaN``, ``-1e12``: no stream record carries them).
+    """
     if value is None:
         return None
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
-    if isinstance(value, str):
+        return _from_epoch(value)
+    if isinstance(value, str) and len(value) <= 64:
         try:
-            return datetime.fromtimestamp(float(value), tz=timezone.utc)
+            number = float(value)
         except ValueError:
             try:
                 return parse_creation_time(datetime.fromisoformat(value))
             except ValueError:
                 pass
+        else:
+            return _from_epoch(number)
     raise DecodeError(f"ApproximateCreationDateTime {_preview(value)} is neither a datetime nor epoch seconds")
+
+
+def _from_epoch(value: Any) -> datetime:
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError, ArithmeticError):
+        seconds = float("nan")
+    if not (0 <= seconds <= MAX_CREATION_EPOCH_S):  # also False for NaN
+        raise DecodeError(f"ApproximateCreationDateTime {_preview(value)} is not epoch seconds between "
+                          f"1970 and 2080")
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
 def is_ttl_delete(record: Mapping[str, Any]) -> bool:
@@ -342,7 +443,8 @@ def is_ttl_delete(record: Mapping[str, Any]) -> bool:
     return identity.get("Type") == "Service" and identity.get("PrincipalId") == "dynamodb.amazonaws.com"
 
 
-def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, shard_id: str) -> ChangeEvent:
+def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, shard_id: str,
+                  version_floor: int = 0) -> ChangeEvent:
     """Decode one stream record (boto3 shape or Lambda JSON shape) into a :class:`ChangeEvent`.
 
     ``record`` is one element of GetRecords' ``Records``: ``eventID``, ``eventName``
@@ -350,7 +452,10 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
     SizeBytes, StreamViewType, ApproximateCreationDateTime). Works for all four view types:
     images the view type leaves out are None.
 
-    Raises DecodeError (with what is wrong) for a record that cannot be decoded; the caller
+    ``version_floor`` is the shard's version floor from its lease (see :func:`record_version`).
+
+    Raises DecodeError (with what is wrong) for a record that cannot be decoded — including
+    images nested deeper than DynamoDB's 32 levels (:data:`MAX_NESTING_DEPTH`); the caller
     dead-letters the raw record and goes on.
     """
     if type(record) is not dict and not isinstance(record, Mapping):
@@ -364,7 +469,7 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
         raise DecodeError("record has no 'dynamodb' object")
     sequence_number = body.get("SequenceNumber")
     created = parse_creation_time(body.get("ApproximateCreationDateTime"))
-    version = record_version(created, sequence_number)  # validates the sequence number
+    version = record_version(created, sequence_number, floor=version_floor)  # validates the sequence number
     keys = decode_item(body.get("Keys"))
     if not keys:
         raise DecodeError("record has no Keys")
@@ -400,12 +505,13 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
 
 
 def record_sequence_number(record: Any) -> str | None:
-    """The SequenceNumber of a raw record if it can be found, else None (for dead-lettering)."""
+    """The SequenceNumber of a raw record if it is a valid one (:func:`valid_sequence_number`),
+    else None (for dead-lettering and checkpoints: a hostile value never becomes a position)."""
     try:
         seq = record["dynamodb"]["SequenceNumber"]
     except (KeyError, TypeError, IndexError):
         return None
-    return seq if isinstance(seq, str) else None
+    return seq if valid_sequence_number(seq) else None
 
 
 def _number_text(value: Decimal) -> str:

@@ -202,12 +202,24 @@ def jsonable(value: Any) -> Any:
     """A raw record (boto3 shape: bytes, datetime, Decimal, sets) as JSON-safe values.
 
     bytes → ``{"__bytes__": base64}``, datetime → ISO text, Decimal → text, sets → lists, other
-    unknown objects → ``repr``; nothing is dropped.
+    unknown objects → ``repr``; nothing is dropped. A part nested deeper than
+    :data:`JSONABLE_MAX_DEPTH` levels (hostile input: DynamoDB itself stops at 32) becomes
+    ``{"__deep__": text}``, the text written without recursion, so no input makes this fail.
     """
+    return _jsonable(value, 0)
+
+
+#: Nesting kept as JSON structure in a dead letter (orjson refuses more than 254 levels).
+JSONABLE_MAX_DEPTH = 200
+
+
+def _jsonable(value: Any, depth: int) -> Any:
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)) and depth >= JSONABLE_MAX_DEPTH:
+        return {"__deep__": _flat_text(value)}
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
+        return [_jsonable(v, depth + 1) for v in value]
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, (datetime, date)):
@@ -217,6 +229,38 @@ def jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
+
+
+def _flat_text(value: Any) -> str:
+    """JSON-like text of nested maps and lists, written with an explicit stack (any depth)."""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Token):
+            out.append(item.text)
+        elif isinstance(item, Mapping):
+            out.append("{")
+            parts: list[Any] = []
+            for i, (k, v) in enumerate(item.items()):
+                parts += [_Token(("," if i else "") + orjson.dumps(str(k)).decode() + ":"), v]
+            stack += [_Token("}")] + parts[::-1]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            out.append("[")
+            parts = []
+            for i, v in enumerate(item):
+                parts += ([_Token(",")] if i else []) + [v]
+            stack += [_Token("]")] + parts[::-1]
+        else:
+            out.append(orjson.dumps(_jsonable(item, 0)).decode())
+    return "".join(out)
+
+
+class _Token:
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
 
 
 def _dumps(value: Any) -> bytes:

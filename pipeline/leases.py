@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 from pipeline import metrics
 from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, lease_key_for
+from pipeline.codec import child_version_floor
 from pipeline.errors import LeaseLostError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.source import ShardInfo
@@ -63,12 +64,15 @@ class LeaseCoordinator:
 
         On the first sync of a stream (no lease of it exists) shards start at ``start_position``;
         with LATEST, closed shards are created as SHARD_END (their data is older than "now").
-        Shards found later always start at TRIM_HORIZON, so a child never loses records.
+        Shards found later always start at TRIM_HORIZON, so a child never loses records; such a
+        shard (and a child of a shard listed with it) also records its StartingSequenceNumber,
+        so that a head trimmed before it was read is seen as a gap (``ShardConsumer``).
         Returns the leases created.
         """
         shards = list(shards)
         existing = {lease.shard_id for lease in self.store.list_leases() if lease.stream_arn == stream_arn}
         first_sync = not existing
+        known = existing | {shard.shard_id for shard in shards}
         created = []
         for shard in shards:
             if shard.shard_id in existing:
@@ -77,6 +81,9 @@ class LeaseCoordinator:
                 checkpoint = SHARD_END if shard.closed else LATEST
             else:
                 checkpoint = TRIM_HORIZON
+            # a shard whose parent this table reads, or any shard found after the first sync, must
+            # be read from its first record: remember where that is, to see a trimmed head
+            from_start = checkpoint == TRIM_HORIZON and (not first_sync or shard.parent_shard_id in known)
             lease = Lease(
                 lease_key=lease_key_for(table, stream_arn, shard.shard_id),
                 table=table,
@@ -84,12 +91,29 @@ class LeaseCoordinator:
                 shard_id=shard.shard_id,
                 checkpoint=checkpoint,
                 parent_shard_ids=(shard.parent_shard_id,) if shard.parent_shard_id else (),
+                starting_sequence_number=shard.starting_sequence_number if from_start else None,
             )
             if self.store.create_lease_if_absent(lease):
                 created.append(lease)
                 self.log.info("lease_created", table=table, shard_id=shard.shard_id, checkpoint=checkpoint,
                               parent_shard_id=shard.parent_shard_id)
         return created
+
+    def version_floor(self, lease: Lease) -> int:
+        """The version floor of ``lease``'s shard (:func:`pipeline.codec.record_version`): the one
+        stored in the lease, else computed from its parents' leases
+        (:func:`pipeline.codec.child_version_floor`; 0 when none of them is in the store — the
+        parents were never read through this lease table). A reader asks for it only once every
+        parent reached SHARD_END, and parent leases are deleted only after their children's first
+        checkpoint, which stores the floor — so every reader of a shard gets the same floor."""
+        if lease.version_floor is not None:
+            return lease.version_floor
+        parents = []
+        for parent_id in lease.parent_shard_ids:
+            parent = self.store.get_lease(lease_key_for(lease.table, lease.stream_arn, parent_id))
+            if parent is not None:
+                parents.append((parent.version_floor, parent.version_high))
+        return child_version_floor(parents)
 
     def remove_finished_parents(self, stream_arn: str, shards_in_stream: Iterable[str]) -> list[Lease]:
         """Delete finished leases of shards that have left the stream and whose children all started.
@@ -269,18 +293,25 @@ class LeaseCoordinator:
             self._held[lease_key] = new
             return new
 
-    def checkpoint(self, lease_key: str, checkpoint: str, token: int | None = None) -> Lease:
+    def checkpoint(self, lease_key: str, checkpoint: str, token: int | None = None, *,
+                   version_floor: int | None = None, version_high: int | None = None) -> Lease:
         """Record ``checkpoint`` (sequence number or SHARD_END) for a held lease.
 
-        With ``token``, only in that period of ownership. Raises LeaseLostError if the lease is
-        not held (or was re-taken since ``token``) or the conditional write fails (the lease is
-        then dropped from this worker).
+        With ``token``, only in that period of ownership. ``version_floor`` / ``version_high``
+        (see :func:`pipeline.codec.record_version`) are stored in the same conditional write when
+        given: the floor only while the lease has none (it never changes once stored), the high
+        part only upwards. Raises LeaseLostError if the lease is not held (or was re-taken since
+        ``token``) or the conditional write fails (the lease is then dropped from this worker).
         """
         with self._lock:
             lease = self._held.get(lease_key)
             if lease is None or (token is not None and self._tokens.get(lease_key) != token):
                 raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id} "
                                      "(lost, or re-taken since this reader started)")
+            if version_floor is not None and lease.version_floor is None:
+                lease = lease.with_(version_floor=version_floor)
+            if version_high is not None and (lease.version_high is None or version_high > lease.version_high):
+                lease = lease.with_(version_high=version_high)
             try:
                 new = self.store.checkpoint(lease, checkpoint, behind_ms=self._behind.get(lease_key))
             except LeaseLostError:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
 from pipeline import metrics
-from pipeline.codec import decode_record, record_sequence_number
+from pipeline.codec import decode_record, parse_creation_time, record_sequence_number
 from pipeline.deadletter import DeadLetterQueue, decode_entry
 from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON, Batch, ChangeEvent
@@ -149,6 +149,14 @@ class ShardConsumer(threading.Thread):
         self.last_read_created: float | None = None
         self.oldest_unchecked_created: float | None = None
         self.caught_up = False
+        #: the shard's version floor (set when the reader starts: see LeaseCoordinator.version_floor)
+        #: and the highest version high part delivered (stored with each checkpoint)
+        self.version_floor = lease.version_floor or 0
+        self._version_high: int | None = lease.version_high
+        #: StartingSequenceNumber the first record must have when the shard is read from its start
+        #: (a child found later); None: no head check (see _check_head)
+        self._expected_start: str | None = (lease.starting_sequence_number
+                                            if lease.checkpoint == TRIM_HORIZON else None)
 
     # -- thread entry --------------------------------------------------------------------------
 
@@ -187,6 +195,7 @@ class ShardConsumer(threading.Thread):
             lease = self.coordinator.get(self.lease_key) or lease
         if lease.finished:
             return "shard_end"
+        self.version_floor = self.coordinator.version_floor(lease)
         try:
             iterator = self._iterator_for(lease.checkpoint)
         except TrimmedDataError as exc:
@@ -307,6 +316,34 @@ class ShardConsumer(threading.Thread):
         self._pending_gap = gap
         return self.source.get_iterator(self.shard_id, TRIM_HORIZON)
 
+    def _check_head(self, records: list) -> None:
+        """First page of a shard that must be read from its start (``Lease.starting_sequence_number``):
+        a first record later than the shard's StartingSequenceNumber ("the first sequence number for
+        the stream records contained within a shard" — DynamoDB Streams API reference,
+        SequenceNumberRange) means the head was trimmed (older than 24 h) before this worker read it.
+        TRIM_HORIZON never raises TrimmedDataAccessException for that, so it is checked here and
+        handled as any gap: recorded, counted, logged; ``on_trimmed: fail`` stops the shard
+        (TrimmedDataError), ``skip`` goes on with this page."""
+        expected, self._expected_start = self._expected_start, None
+        first = record_sequence_number(records[0]) if records else None
+        if first is None or not expected.isdigit() or int(first) <= int(expected):
+            return
+        exc = TrimmedDataError(f"shard {self.shard_id} starts at sequence number {expected}, but its first "
+                               f"readable record is {first}: its head was trimmed before it was read")
+        gap = Gap(stream_arn=self.source.stream_arn, table=self.source.table, shard_id=self.shard_id,
+                  last_checkpoint=TRIM_HORIZON, first_position_after=first,
+                  detected_at=datetime.now(timezone.utc).isoformat(), policy=self.settings.on_trimmed,
+                  error=f"{type(exc).__name__}: {exc}"[:1000])
+        self.coordinator.record_gap(gap)
+        self.stats.gaps += 1
+        metrics.GAPS.labels(table=self.source.table, shard=self.shard_id).inc()
+        self.log.error("trimmed_data_gap", last_checkpoint=TRIM_HORIZON, policy=gap.policy,
+                       starting_sequence_number=expected, first_position_after=first, error=gap.error,
+                       hint="the head of this shard was trimmed (older than 24 h) before this worker read it; "
+                            "the gap is recorded in the lease table")
+        if gap.policy != "skip":
+            raise exc
+
     def _get_records(self, iterator: str) -> tuple[Any, Reservation] | None:
         """GetRecords (counting failures by kind), with throttling retried under jittered
         exponential backoff (see class doc). Returns the page and its share of the read budget
@@ -393,6 +430,8 @@ class ShardConsumer(threading.Thread):
         window = self.window
         skipped_before = skipped_after = 0
         window_end = False
+        if self._expected_start is not None:
+            self._check_head(records)
         for record in records:
             seq = record_sequence_number(record)
             if window is not None and (window.since is not None or window.until is not None):
@@ -407,8 +446,11 @@ class ShardConsumer(threading.Thread):
                         last_seq = seq
                     continue
             try:
-                events.append(decode_record(record, table=table, stream_arn=arn, shard_id=self.shard_id))
-            except DecodeError as exc:
+                events.append(decode_record(record, table=table, stream_arn=arn, shard_id=self.shard_id,
+                                            version_floor=self.version_floor))
+            except Exception as exc:  # noqa: BLE001 — whatever one record does, it is that record's failure
+                if not isinstance(exc, DecodeError):
+                    exc = DecodeError(f"{type(exc).__name__}: {str(exc)[:200]}")
                 self.stats.decode_errors += 1
                 metrics.DECODE_ERRORS.labels(table=table).inc()
                 entry_id = self.dead_letter.put(decode_entry(record, table=table, stream_arn=arn,
@@ -439,6 +481,10 @@ class ShardConsumer(threading.Thread):
                       if ev.source.approximate_creation_time is not None), None)
         if first is not None and self.oldest_unchecked_created is None:
             self.oldest_unchecked_created = first.timestamp()
+        if events:
+            high = max(ev.version for ev in events) >> 32
+            if self._version_high is None or high > self._version_high:
+                self._version_high = high
         if last_seq is not None:
             self._done_position = last_seq
             self.stats.last_sequence_number = last_seq
@@ -451,7 +497,8 @@ class ShardConsumer(threading.Thread):
             return
         self.fanout.flush()
         try:
-            self.coordinator.checkpoint(self.lease_key, target, token=self.token)
+            self.coordinator.checkpoint(self.lease_key, target, token=self.token,
+                                        version_floor=self.version_floor, version_high=self._version_high)
         except Exception:
             metrics.CHECKPOINT_FAILURES.labels(table=self.source.table, shard=self.shard_id).inc()
             raise
@@ -500,11 +547,12 @@ _UNBOUNDED = ReadBudget(0, 1)
 
 
 def _record_time(record: Any) -> datetime | None:
-    """ApproximateCreationDateTime of a raw record (boto3: datetime; Lambda JSON: epoch seconds)."""
+    """ApproximateCreationDateTime of a raw record (boto3: datetime; Lambda JSON: epoch seconds),
+    or None when absent or not a valid time (the decoder then dead-letters the record)."""
     body = record.get("dynamodb") if isinstance(record, dict) else None
-    value = body.get("ApproximateCreationDateTime") if isinstance(body, dict) else None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    return None
+    if not isinstance(body, dict):
+        return None
+    try:
+        return parse_creation_time(body.get("ApproximateCreationDateTime"))
+    except DecodeError:
+        return None

@@ -76,6 +76,12 @@ def lease_to_item(lease: Lease, key_prefix: str = "") -> dict[str, Any]:
     if lease.move is not None:
         item.update(moveCheckpoint=_s(lease.move.checkpoint), moveRequestId=_s(lease.move.request_id),
                     moveRequestedBy=_s(lease.move.requested_by), moveRequestedAt=_s(lease.move.requested_at))
+    if lease.version_floor is not None:
+        item["versionFloor"] = _n(lease.version_floor)
+    if lease.version_high is not None:
+        item["versionHigh"] = _n(lease.version_high)
+    if lease.starting_sequence_number is not None:
+        item["startingSequenceNumber"] = _s(lease.starting_sequence_number)
     return item
 
 
@@ -100,6 +106,9 @@ def item_to_lease(item: dict[str, Any], key_prefix: str = "") -> Lease:
         parent_shard_ids=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
         behind_ms=int(item["millisBehindLatest"]["N"]) if "millisBehindLatest" in item else None,
         move=move_from_item(item),
+        version_floor=int(item["versionFloor"]["N"]) if "versionFloor" in item else None,
+        version_high=int(item["versionHigh"]["N"]) if "versionHigh" in item else None,
+        starting_sequence_number=s("startingSequenceNumber"),
     )
 
 
@@ -226,6 +235,12 @@ class DynamoDBLeaseStore:
         if behind_ms is not None:
             update += ", millisBehindLatest = :behind"
             values[":behind"] = _n(behind_ms)
+        if lease.version_floor is not None:
+            update += ", versionFloor = :floor"
+            values[":floor"] = _n(lease.version_floor)
+        if lease.version_high is not None:
+            update += ", versionHigh = :high"
+            values[":high"] = _n(lease.version_high)
         return self._update(lease, new, update, values)
 
     def release_lease(self, lease: Lease) -> Lease:
