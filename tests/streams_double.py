@@ -16,6 +16,24 @@ data, expired iterators.
 - ``fail_get_records(shard_id, at_index, code, times)`` makes GetRecords raise ``code`` when it
   is asked to read ``shard_id`` from record ``at_index`` (``times=None``: always).
 
+Sequence numbers and splits as DynamoDB Streams makes them (``open_shard``, ``put``, ``split``,
+``trim_head``), each behaviour from the DynamoDB Streams API reference:
+
+- a sequence number is a per-shard prefix followed by a 20-digit record counter, and neither part
+  rises from a parent to its child in a way a 32-bit remainder would keep (the DescribeStream
+  example: ``205|00000000000000910398`` → child ``8204|00000000000001192334`` → child
+  ``16837|00000000000001135967``); :func:`real_seq` builds them;
+- shard ids are ``shardId-<20-digit creation time in ms>-<8 hex>`` (same example);
+- a split closes the parent (EndingSequenceNumber set) and opens children listed with
+  ``ParentShardId``; it may happen within the same second as changes in the parent, so a change in
+  the parent and the next change of the same item in the child carry the same
+  ApproximateCreationDateTime (rounded down to the second — StreamRecord);
+- trimming drops a shard's oldest records but keeps its SequenceNumberRange.StartingSequenceNumber
+  ("the first sequence number for the stream records contained within a shard"); TRIM_HORIZON
+  then starts at the oldest record left, and reading or asking for an iterator at a trimmed
+  record raises TrimmedDataAccessException ("the operation attempted to read past the oldest
+  stream record in a shard" — GetShardIterator and GetRecords errors).
+
 Every call is recorded in ``calls`` as ``(operation, kwargs)``. Thread-safe.
 """
 
@@ -23,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import random
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,6 +63,11 @@ def seq(shard_no: int, i: int) -> str:
     return f"{shard_no * 1_000_000 + i + 1:021d}"
 
 
+def real_seq(prefix: int, counter: int) -> str:
+    """A sequence number in DynamoDB Streams' layout: ``prefix`` then the counter in 20 digits."""
+    return f"{prefix}{counter:020d}"
+
+
 def to_boto3_shape(record: dict[str, Any]) -> dict[str, Any]:
     """make_stream_record's Lambda JSON shape → boto3's (ApproximateCreationDateTime as datetime)."""
     out = copy.deepcopy(record)
@@ -61,6 +85,9 @@ class FakeShard:
     records: list[dict[str, Any]]
     closed: bool
     visible_after: int = 0
+    trimmed: int = 0  # records at the head dropped by trim_head (indices below this are gone)
+    prefix: int = 0  # real layout (open_shard): this shard's sequence number prefix and next counter
+    counter: int = 0
 
     def seq_at(self, index: int) -> str:
         return self.records[index]["dynamodb"]["SequenceNumber"]
@@ -78,7 +105,8 @@ class _Failure:
 class FakeStreams:
     """An in-memory stream with the boto3 ``dynamodbstreams`` client's methods (see module doc)."""
 
-    def __init__(self, stream_arn: str = STREAM_ARN, *, page_size: int = 2, get_records_delay_s: float = 0.0):
+    def __init__(self, stream_arn: str = STREAM_ARN, *, page_size: int = 2, get_records_delay_s: float = 0.0,
+                 seed: int = 0):
         self.stream_arn = stream_arn
         self.page_size = page_size
         self.get_records_delay_s = get_records_delay_s
@@ -89,6 +117,7 @@ class FakeStreams:
         self._ids = itertools.count(1)
         self._failures: list[_Failure] = []
         self._lock = threading.RLock()
+        self._random = random.Random(seed)
 
     # -- building the stream -------------------------------------------------------------------
 
@@ -109,6 +138,52 @@ class FakeStreams:
                          message: str = "injected") -> None:
         with self._lock:
             self._failures.append(_Failure(shard_id, at_index, code, times, message))
+
+    # -- the real layout: shards, changes, splits and trims as DynamoDB Streams makes them ------
+
+    def open_shard(self, *, parent: str | None = None, prefix: int | None = None,
+                   counter: int | None = None, created_ms: int | None = None) -> str:
+        """Open a shard in the real layout (see module doc); returns its id. Without ``prefix`` /
+        ``counter``: a prefix above the parent's and a counter start unrelated to it, as in the
+        API reference's example."""
+        with self._lock:
+            rnd = self._random
+            if prefix is None:
+                base = self.shards[parent].prefix if parent else rnd.randrange(100, 999)
+                prefix = base + rnd.randrange(100, 9000)
+            if counter is None:
+                counter = rnd.randrange(1, 3_000_000)
+            created_ms = created_ms if created_ms is not None else 1_414_562_045_508 + next(self._ids) * 1000
+            shard_id = f"shardId-{created_ms:020d}-{rnd.getrandbits(32):08x}"
+            self.shards[shard_id] = FakeShard(shard_id, parent, [], False, prefix=prefix, counter=counter)
+            return shard_id
+
+    def put(self, shard_id: str, record: dict[str, Any]) -> str:
+        """Append ``record`` (make_stream_record's shape; its SequenceNumber is replaced) to an open
+        shard of the real layout; returns the sequence number it got. The counter steps by 1–3."""
+        with self._lock:
+            shard = self.shards[shard_id]
+            if shard.closed:
+                raise ValueError(f"{shard_id} is closed")
+            if shard.records:  # the first record gets the shard's StartingSequenceNumber
+                shard.counter += self._random.randrange(1, 4)
+            out = to_boto3_shape(record)
+            out["dynamodb"]["SequenceNumber"] = sequence = real_seq(shard.prefix, shard.counter)
+            shard.records.append(out)
+            return sequence
+
+    def split(self, shard_id: str, *, children: int = 1) -> list[str]:
+        """Close ``shard_id`` and open ``children`` child shards (a roll-over is one child, a
+        partition split two); returns their ids."""
+        with self._lock:
+            self.shards[shard_id].closed = True
+            return [self.open_shard(parent=shard_id) for _ in range(children)]
+
+    def trim_head(self, shard_id: str, count: int) -> None:
+        """Drop the ``count`` oldest records still in ``shard_id`` (older than 24 h)."""
+        with self._lock:
+            shard = self.shards[shard_id]
+            shard.trimmed = min(len(shard.records), shard.trimmed + count)
 
     def calls_of(self, operation: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -158,7 +233,7 @@ class FakeStreams:
                 raise client_error("ResourceNotFoundException", f"Requested resource not found: Shard: {ShardId}",
                                    "GetShardIterator")
             if ShardIteratorType == "TRIM_HORIZON":
-                index = 0
+                index = shard.trimmed
             elif ShardIteratorType == "LATEST":
                 index = len(shard.records)
             elif ShardIteratorType in ("AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER"):
@@ -170,6 +245,9 @@ class FakeStreams:
                                        f"Invalid SequenceNumber {SequenceNumber} for shard {ShardId}",
                                        "GetShardIterator")
                 index = seqs.index(SequenceNumber) + (1 if ShardIteratorType == "AFTER_SEQUENCE_NUMBER" else 0)
+                if index < shard.trimmed:
+                    raise client_error("TrimmedDataAccessException", "The operation attempted to read past the "
+                                       "oldest stream record in a shard.", "GetShardIterator")
             else:
                 raise client_error("ValidationException", f"bad ShardIteratorType {ShardIteratorType}",
                                    "GetShardIterator")
@@ -190,6 +268,9 @@ class FakeStreams:
                         failure.times -= 1
                     raise client_error(failure.code, failure.message, "GetRecords")
             shard = self.shards[shard_id]
+            if index < shard.trimmed:
+                raise client_error("TrimmedDataAccessException", "The operation attempted to read past the "
+                                   "oldest stream record in a shard.", "GetRecords")
             limit = Limit or 1000
             if not 1 <= limit <= 1000:
                 raise client_error("ValidationException", "Limit must be 1..1000", "GetRecords")
@@ -214,7 +295,8 @@ class FakeStreams:
 
     @staticmethod
     def _shard_desc(shard: FakeShard) -> dict[str, Any]:
-        rng: dict[str, Any] = {"StartingSequenceNumber": shard.seq_at(0) if shard.records else "0" * 21}
+        first = shard.seq_at(0) if shard.records else real_seq(shard.prefix, shard.counter) if shard.prefix else "0" * 21
+        rng: dict[str, Any] = {"StartingSequenceNumber": first}
         if shard.closed:
             rng["EndingSequenceNumber"] = shard.seq_at(len(shard.records) - 1) if shard.records else "0" * 21
         out: dict[str, Any] = {"ShardId": shard.shard_id, "SequenceNumberRange": rng}

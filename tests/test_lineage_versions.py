@@ -1,0 +1,262 @@
+"""Versions across shard splits, trimmed child heads, and the version migration rule.
+
+DynamoDB Local never splits a shard, so the splits come from the DynamoDB Streams API double in
+its real layout (tests/streams_double.py: per-shard prefixes and counters as in the API
+reference's DescribeStream example, splits within the same second as changes). The versions go
+through a real Worker into a real OpenSearch API (osmem-server) with external versioning: a newer
+change that got a lower version would be refused there (409) and the document would keep the
+old state — or a REMOVE would leave a ghost document.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+from urllib.parse import quote
+
+import orjson
+import pytest
+import structlog
+from hypothesis import given, settings, strategies as st
+
+from connectors.dynamodb_streams.source import DynamoDBStreamSource
+from connectors.opensearch import OpenSearchSink, document_id, restore_document
+from connectors.sqlite_store import SQLiteLeaseStore
+from pipeline.awsconfig import AwsConfig
+from pipeline.codec import VERSION_EPOCH_S, record_version
+from pipeline.deadletter import DirectoryDeadLetterQueue
+from pipeline.events import SHARD_END, TRIM_HORIZON
+from pipeline.shard_consumer import ShardSettings
+from pipeline.testing import RecordingSink, make_stream_record
+from pipeline.worker import Worker
+from tests.helpers import wait_until
+from tests.streams_double import STREAM_ARN, FakeStreams
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc).timestamp()
+
+
+def change(name: str, pk: str, n: int, created: float) -> dict:
+    image = {"pk": pk, "n": n}
+    return make_stream_record(event_name=name, keys={"pk": pk},
+                              new_image=None if name == "REMOVE" else image,
+                              old_image=None if name == "INSERT" else {"pk": pk, "n": n - 1},
+                              created=created)
+
+
+def make_worker(fake: FakeStreams, path, sinks, worker_id: str = "w1", *, on_trimmed: str = "fail") -> Worker:
+    SQLiteLeaseStore(path).ensure_table()
+    return Worker(
+        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
+        lease_store=SQLiteLeaseStore(path),
+        sinks=sinks,
+        dead_letter=DirectoryDeadLetterQueue(path.parent / f"dlq-{worker_id}"),
+        worker_id=worker_id,
+        logger=structlog.get_logger(),
+        shard_settings=ShardSettings(max_records_per_call=4, idle_interval_ms=10, checkpoint_interval_s=0,
+                                     on_trimmed=on_trimmed),
+        discovery_interval_s=0.05,
+        failover_time_s=0.6,
+        shutdown_grace_s=5,
+    )
+
+
+def run_until(worker: Worker, predicate, what: str, timeout: float = 20.0) -> None:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(predicate, what, timeout=timeout)
+    finally:
+        worker.stop()
+        thread.join(15)
+    assert not thread.is_alive()
+
+
+def hot_lineage(fake: FakeStreams, keys: list[str], *, generations: int, per_generation: int,
+                rng: random.Random, same_second: bool = True) -> list[tuple[str, str, int]]:
+    """Hot items changing in every generation of a chain of shards that splits within the same
+    second (one child per split: a roll-over; the chain is what one item sees). Returns the
+    changes as (operation, pk, n) in stream order; the last change of some items is a REMOVE."""
+    shard = fake.open_shard(prefix=8204, counter=1_192_334)
+    # the API reference's chain: 8204|…1192334 → 16837|…1135967 → 25746|…935255, then random ones
+    layout = [(16837, 1_135_967), (25746, 935_255)]
+    state = {pk: 0 for pk in keys}
+    written: list[tuple[str, str, int]] = []
+    second = T0
+    for gen in range(generations):
+        for _ in range(per_generation):
+            pk = rng.choice(keys)
+            if state[pk] < 0:
+                continue
+            name = "INSERT" if state[pk] == 0 else "MODIFY"
+            state[pk] += 1
+            fake.put(shard, change(name, pk, state[pk], second))
+            written.append((name, pk, state[pk]))
+        if gen == generations - 1:
+            for pk in keys[: len(keys) // 3]:  # deletes in the last generation
+                if state[pk] > 0:
+                    fake.put(shard, change("REMOVE", pk, state[pk] + 1, second))
+                    written.append(("REMOVE", pk, state[pk] + 1))
+                    state[pk] = -1
+            break
+        prefix, counter = layout[gen] if gen < len(layout) else (None, None)
+        fake.shards[shard].closed = True
+        shard = fake.open_shard(parent=shard, prefix=prefix, counter=counter)
+        if not same_second:
+            second += 1
+    return written
+
+
+# -- the formula -------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(seconds=st.integers(0, 2**31 - 3), counter=st.integers(0, 10**20 - 1), prefix=st.integers(0, 10**19),
+       later=st.integers(0, 5))
+def test_new_versions_are_above_the_old_formula_for_the_same_and_every_earlier_change(seconds, counter, prefix,
+                                                                                      later):
+    """Migration: an index written with the old formula (seconds << 32 | seq mod 2**32) accepts
+    every new version, and never takes a new change for an old one."""
+    def old(sec: int, sequence: str) -> int:
+        return (sec << 32) | (int(sequence) & 0xFFFFFFFF)
+
+    sequence = f"{prefix}{counter:020d}" if prefix else f"{counter:021d}"
+    created = datetime.fromtimestamp(VERSION_EPOCH_S + seconds, tz=timezone.utc)
+    new = record_version(created, sequence)
+    assert new > old(seconds, sequence)  # the same change
+    earlier = max(0, seconds - later)
+    assert new > old(earlier, "9" * 40)  # any change of an earlier (or the same) second
+    assert new < 2**63
+
+
+def test_versions_rise_across_the_api_reference_example_chain():
+    """The DescribeStream example's chain in one second: the old formula's low bits fall from
+    8204|…1192334 to 16837|…1135967; with the lineage floor every child outranks its parent."""
+    created = datetime.fromtimestamp(T0, tz=timezone.utc)
+    parent = record_version(created, "820400000000000001192334")
+    child = record_version(created, "1683700000000000001135967", floor=(parent >> 32) + 1)
+    grandchild = record_version(created, "2574600000000000000935255", floor=(child >> 32) + 1)
+    assert parent < child < grandchild
+
+
+# -- through a real worker into OpenSearch -----------------------------------------------------
+
+def get_source(url: str, index: str, pk: str) -> dict | None:
+    req = urllib.request.Request(f"{url}/{index}/_doc/{quote(document_id(pk), safe='')}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    return body["_source"] if body.get("found") else None
+
+
+@pytest.mark.e2e
+def test_changes_split_within_one_second_end_at_their_last_state_in_opensearch(tmp_path, opensearch_url):
+    fake = FakeStreams(seed=7)
+    rng = random.Random(7)
+    keys = [f"hot-{i}" for i in range(6)]
+    written = hot_lineage(fake, keys, generations=5, per_generation=14, rng=rng)
+    recording = RecordingSink()
+    search = OpenSearchSink("search", OpenSearchSink.Options(hosts=[opensearch_url], index="lv-{table}",
+                                                             refresh=True, retry_backoff_s=0))
+    worker = make_worker(fake, tmp_path / "leases.sqlite", [recording, search])
+    run_until(worker, lambda: len(recording.written) == len(written), f"{len(written)} changes delivered")
+
+    # versions rise for every item in stream (lineage) order
+    last: dict[str, int] = {}
+    for event in recording.written:
+        assert event.version > last.get(event.key_id, -1), f"{event.key_id}: version fell at {event.sequence_number}"
+        last[event.key_id] = event.version
+
+    final: dict[str, tuple[str, int]] = {}
+    for name, pk, n in written:
+        final[pk] = (name, n)
+    for pk in keys:
+        source = get_source(opensearch_url, "lv-orders", pk)
+        if pk not in final:
+            assert source is None
+        elif final[pk][0] == "REMOVE":
+            assert source is None, f"{pk} was removed last but its document is still there: {source}"
+        else:
+            assert source is not None, f"{pk} missing"
+            assert int(restore_document(source)["n"]) == final[pk][1], f"{pk} kept an older state"
+
+
+def test_a_replay_after_the_parent_left_gives_the_same_versions(tmp_path):
+    """Hand-offs and replays through the same lease table: the child's floor is stored with its
+    first checkpoint, so reading it again after the parent's lease is gone gives the same versions."""
+    fake = FakeStreams(seed=3)
+    written = hot_lineage(fake, ["a", "b", "c"], generations=3, per_generation=8, rng=random.Random(3))
+    path = tmp_path / "leases.sqlite"
+    first = RecordingSink()
+    run_until(make_worker(fake, path, [first]), lambda: len(first.written) == len(written), "first read")
+    by_shard = {}
+    for event in first.written:
+        by_shard.setdefault(event.source.shard_id, []).append((event.sequence_number, event.version))
+    chain = list(fake.shards)
+    store = SQLiteLeaseStore(path)
+    leases = {lease.shard_id: lease for lease in store.list_leases()}
+    assert leases[chain[1]].version_floor and leases[chain[2]].version_floor > leases[chain[1]].version_floor
+
+    # the root and the middle shard leave the stream (trimmed): their leases can be removed
+    with fake._lock:
+        for shard_id in chain[:2]:
+            del fake.shards[shard_id]
+    for shard_id in chain[:2]:
+        store.delete_lease(store.get_lease(leases[shard_id].lease_key))
+    last = store.get_lease(leases[chain[2]].lease_key)
+    store.set_checkpoint(last, TRIM_HORIZON)  # read the last shard again from its start
+    again = RecordingSink()
+    run_until(make_worker(fake, path, [again], "w2"),
+              lambda: len(again.written) == len(by_shard[chain[2]]), "second read")
+    assert [(e.sequence_number, e.version) for e in again.written] == by_shard[chain[2]]
+
+
+# -- a child trimmed before it was read ----------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_child_whose_head_was_trimmed_before_it_was_read_is_a_recorded_gap(tmp_path, policy):
+    fake = FakeStreams(seed=11)
+    parent = fake.open_shard()
+    for i in range(3):
+        fake.put(parent, change("INSERT", f"p{i}", 1, T0))
+    child = fake.split(parent)[0]
+    child_seqs = [fake.put(child, change("INSERT", f"c{i}", 1, T0 + 1)) for i in range(5)]
+    path = tmp_path / "leases.sqlite"
+    # the child is found while the parent is still being read: park the parent with a failure
+    # until the child's head has been trimmed (the worker is ~24 h behind on the parent)
+    fake.fail_get_records(parent, 0, "ProvisionedThroughputExceededException", times=None)
+    sink = RecordingSink()
+    worker = make_worker(fake, path, [sink], on_trimmed=policy)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        store = SQLiteLeaseStore(path)
+        wait_until(lambda: len(store.list_leases()) == 2, "both leases created")
+        child_lease = next(lease for lease in store.list_leases() if lease.shard_id == child)
+        assert child_lease.starting_sequence_number == child_seqs[0]
+        fake.trim_head(child, 2)
+        with fake._lock:
+            fake._failures.clear()
+        if policy == "skip":
+            wait_until(lambda: len(sink.written) == 3 + 3, "parent and the rest of the child delivered")
+            wait_until(lambda: store.get_lease(child_lease.lease_key).checkpoint == child_seqs[-1] or
+                       store.get_lease(child_lease.lease_key).checkpoint == SHARD_END, "child checkpointed")
+        else:
+            wait_until(lambda: store.list_gaps(), "gap recorded")
+    finally:
+        worker.stop()
+        thread.join(15)
+    gaps = store.list_gaps()
+    assert len(gaps) == 1
+    assert gaps[0].shard_id == child and gaps[0].policy == policy
+    assert gaps[0].first_position_after == child_seqs[2]
+    delivered = {e.key_id for e in sink.written}
+    assert {"c0", "c1"}.isdisjoint(delivered)  # trimmed: never seen, but never silently
+    if policy == "fail":
+        assert not {"c2", "c3", "c4"} & delivered  # the shard stopped at the gap
+        assert store.get_lease(child_lease.lease_key).checkpoint == TRIM_HORIZON
