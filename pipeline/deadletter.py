@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -226,6 +227,8 @@ def _jsonable(value: Any, depth: int) -> Any:
         return value.isoformat()
     if isinstance(value, Decimal):
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no inf/NaN (orjson would write null and lose the value)
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)

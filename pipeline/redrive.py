@@ -284,8 +284,8 @@ def _plan(entry_id: str, entry: DeadLetterEntry, sinks_by_name: Mapping[str, Any
         try:
             event = decode_record(unjsonable(entry.raw_record), table=entry.table or "",
                                   stream_arn=entry.stream_arn, shard_id=entry.shard_id)
-        except CdcError as exc:
-            reason = f"still undecodable: {exc}"
+        except Exception as exc:  # noqa: BLE001 — a hostile record is kept, never the end of the redrive
+            reason = f"still undecodable: {exc if isinstance(exc, CdcError) else type(exc).__name__ + ': ' + str(exc)[:200]}"
             if not dry_run:
                 _bump(dlq, entry, reason, logger)
             return EntryResult(**base, status=KEPT, reason=reason)
