@@ -76,10 +76,10 @@ the attribute name percent-escaped as above (``deep`` → ``_ddjdeep``). ``_ddj`
 Ordering and idempotency
 ------------------------
 Every action carries ``version=event.version, version_type="external"``. The version is
-:func:`pipeline.codec.record_version`: ``(seconds since 2012-01-01 of ApproximateCreationDateTime)
-<< 32 | (sequence number mod 2**32)``, which never decreases along the successive changes of one
-item and is computed from the record alone, so it is the same after restarts, lease hand-offs and
-replays. OpenSearch applies an external-versioned write only when its version is *higher* than the
+:func:`pipeline.codec.record_version` (time part lifted by the shard's lineage floor, low part the
+sequence number's record counter), which increases along the successive changes of one item —
+across shard splits too — and is computed from the record and its shard's lease, so it is the
+same after restarts, lease hand-offs and replays. OpenSearch applies an external-versioned write only when its version is *higher* than the
 stored one and answers 409 ``version_conflict_engine_exception`` otherwise; this sink counts that
 409 as success. Hence:
 

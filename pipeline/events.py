@@ -84,8 +84,9 @@ class ChangeEvent:
     - ``key_id``: stable string id of the item, built from the keys (see ``codec.key_id``).
     - ``before`` / ``after``: decoded OldImage / NewImage, None when the stream view type or the
       operation leaves them out.
-    - ``version``: 63-bit integer that never decreases for successive changes of one item,
-      computed from the record alone (see ``codec.record_version``).
+    - ``version``: 63-bit integer that increases for successive changes of one item, across
+      shard splits too, computed from the record and its shard's version floor (see
+      ``codec.record_version``).
     """
 
     operation: Operation
