@@ -97,6 +97,10 @@ class SQLiteLeaseStore:
         self.prefix = f"{namespace}{NAMESPACE_SEPARATOR}" if namespace else ""
         self._local = threading.local()
 
+    def in_namespace(self, namespace: str = "") -> "SQLiteLeaseStore":
+        """The same file seen through another namespace ("" = the live consumer's)."""
+        return SQLiteLeaseStore(self.path, namespace=namespace)
+
     def _where_mine(self, column: str) -> tuple[str, tuple]:
         """SQL condition (and parameters) selecting this namespace's rows by ``column``."""
         if self.prefix:

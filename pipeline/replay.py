@@ -155,6 +155,7 @@ class StreamReplay:
                 raise ReplayError(f"--from sequence: shard(s) {', '.join(missing)} not in any configured stream; "
                                   "`ddb-cdc checkpoints list` shows the shards")
         self.store.ensure_table()
+        live = self.store.in_namespace("") if hasattr(self.store, "in_namespace") else None
         asked = 0
         for source in self.sources:
             shards = source.list_shards()
@@ -166,10 +167,15 @@ class StreamReplay:
                     row.ended = "not_asked"
                 else:
                     asked += 1
+                key = lease_key_for(source.table, source.stream_arn, shard.shard_id)
+                # the live lease's version floor, so a replay gives the live versions even when it
+                # starts after a split or inside a parent (see pipeline.codec.record_version)
+                live_lease = live.get_lease(key) if live is not None else None
                 self.store.create_lease_if_absent(Lease(
-                    lease_key=lease_key_for(source.table, source.stream_arn, shard.shard_id), table=source.table,
+                    lease_key=key, table=source.table,
                     stream_arn=source.stream_arn, shard_id=shard.shard_id, checkpoint=start,
-                    parent_shard_ids=(shard.parent_shard_id,) if shard.parent_shard_id else ()))
+                    parent_shard_ids=(shard.parent_shard_id,) if shard.parent_shard_id else (),
+                    version_floor=live_lease.version_floor if live_lease is not None else None))
         return asked
 
     def _on_counts(self, consumer: Any, *, delivered, skipped_before: int, skipped_after: int) -> None:

@@ -260,3 +260,40 @@ def test_a_child_whose_head_was_trimmed_before_it_was_read_is_a_recorded_gap(tmp
     if policy == "fail":
         assert not {"c2", "c3", "c4"} & delivered  # the shard stopped at the gap
         assert store.get_lease(child_lease.lease_key).checkpoint == TRIM_HORIZON
+
+
+def test_a_replay_in_its_own_namespace_from_inside_the_lineage_gives_the_live_versions(tmp_path):
+    """`replay --from sequence` after the splits starts inside a child: the replay's leases take the
+    live leases' floors, so the replayed versions equal the live ones (else a repair could not
+    re-apply them and a replayed REMOVE could be older than the change it should remove)."""
+    from pipeline.replay import StartSpec, StreamReplay
+
+    fake = FakeStreams(seed=5)
+    written = hot_lineage(fake, ["a", "b", "c"], generations=4, per_generation=6, rng=random.Random(5))
+    path = tmp_path / "leases.sqlite"
+    live = RecordingSink()
+    run_until(make_worker(fake, path, [live]), lambda: len(live.written) == len(written), "live read")
+    chain = list(fake.shards)
+    live_versions = {(e.source.shard_id, e.sequence_number): e.version for e in live.written}
+
+    source = DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)
+    replayed = RecordingSink()
+
+    def make_replay_worker(**kw):
+        return Worker(sources=[source], sinks=[replayed], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq-r"),
+                      logger=structlog.get_logger(), exit_when_idle=True, discovery_interval_s=0.05,
+                      failover_time_s=0.6, shutdown_grace_s=5,
+                      shard_settings=ShardSettings(max_records_per_call=4, idle_interval_ms=5, checkpoint_interval_s=0),
+                      **kw)
+
+    start = fake.shards[chain[2]].seq_at(1)  # inside the third generation, all in one second
+    replay = StreamReplay(sources=[source], store=SQLiteLeaseStore(path, namespace="replay-v"),
+                          spec=StartSpec("sequence", sequences={chain[2]: start}), until=None, sink_names=["recording"],
+                          replay_id="replay-v", make_worker=make_replay_worker, logger=structlog.get_logger(),
+                          idle_reads=2)
+    replay.prepare()
+    replay.run()
+    assert replayed.written, "the replay delivered nothing"
+    assert {e.source.shard_id for e in replayed.written} <= set(chain[2:])
+    for event in replayed.written:
+        assert event.version == live_versions[(event.source.shard_id, event.sequence_number)]

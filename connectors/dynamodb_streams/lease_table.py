@@ -129,6 +129,11 @@ class DynamoDBLeaseStore:
         self.namespace = namespace
         self.prefix = f"{namespace}{NAMESPACE_SEPARATOR}" if namespace else ""
         self.client = client or make_client("dynamodb", aws)
+        self._aws = aws
+
+    def in_namespace(self, namespace: str = "") -> "DynamoDBLeaseStore":
+        """The same table seen through another namespace ("" = the live consumer's), same client."""
+        return DynamoDBLeaseStore(self._aws, self.table_name, client=self.client, namespace=namespace)
 
     def _key(self, lease_key: str) -> dict[str, Any]:
         return {"leaseKey": _s(self.prefix + lease_key)}
