@@ -123,8 +123,10 @@ def delivery_entry(event: ChangeEvent, *, sink: str, error: str, attempts: int,
 
 
 def decode_entry(raw_record: Any, *, table: str, stream_arn: str, shard_id: str,
-                 sequence_number: str | None, error: str) -> DeadLetterEntry:
-    """A ``decode`` entry for a record the decoder rejected, with the raw record as read."""
+                 sequence_number: str | None, error: str, version_floor: int = 0) -> DeadLetterEntry:
+    """A ``decode`` entry for a record the decoder rejected, with the raw record as read.
+    ``version_floor``: its shard's version floor, kept in ``extra["version_floor"]`` so a redrive
+    gives the record the version the live read would have (pipeline.codec.record_version)."""
     now = utc_now().isoformat()
     return DeadLetterEntry(
         kind="decode",
@@ -136,6 +138,7 @@ def decode_entry(raw_record: Any, *, table: str, stream_arn: str, shard_id: str,
         first_failure=now,
         last_failure=now,
         raw_record=raw_record,
+        extra={"version_floor": version_floor} if version_floor else {},
     )
 
 

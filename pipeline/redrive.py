@@ -282,8 +282,10 @@ def _plan(entry_id: str, entry: DeadLetterEntry, sinks_by_name: Mapping[str, Any
         return _Plan(entry, entry_id, event, (sink,))
     if entry.kind == "decode":
         try:
+            floor = entry.extra.get("version_floor", 0)
             event = decode_record(unjsonable(entry.raw_record), table=entry.table or "",
-                                  stream_arn=entry.stream_arn, shard_id=entry.shard_id)
+                                  stream_arn=entry.stream_arn, shard_id=entry.shard_id,
+                                  version_floor=floor if isinstance(floor, int) else 0)
         except Exception as exc:  # noqa: BLE001 — a hostile record is kept, never the end of the redrive
             reason = f"still undecodable: {exc if isinstance(exc, CdcError) else type(exc).__name__ + ': ' + str(exc)[:200]}"
             if not dry_run:

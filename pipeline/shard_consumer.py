@@ -455,7 +455,7 @@ class ShardConsumer(threading.Thread):
                 metrics.DECODE_ERRORS.labels(table=table).inc()
                 entry_id = self.dead_letter.put(decode_entry(record, table=table, stream_arn=arn,
                                                              shard_id=self.shard_id, sequence_number=seq,
-                                                             error=str(exc)))
+                                                             error=str(exc), version_floor=self.version_floor))
                 self.log.error("record_decode_failed", sequence_number=seq, error=str(exc),
                                dead_letter_id=entry_id)
             if seq is not None:

@@ -297,3 +297,20 @@ def test_a_replay_in_its_own_namespace_from_inside_the_lineage_gives_the_live_ve
     assert {e.source.shard_id for e in replayed.written} <= set(chain[2:])
     for event in replayed.written:
         assert event.version == live_versions[(event.source.shard_id, event.sequence_number)]
+
+
+def test_a_redriven_decode_entry_keeps_its_shards_version_floor(tmp_path):
+    from pipeline.deadletter import decode_entry
+    from pipeline.redrive import redrive
+
+    rec = change("MODIFY", "x", 2, T0)
+    rec["dynamodb"]["SequenceNumber"] = "1683700000000000001135967"
+    floor = record_version(datetime.fromtimestamp(T0, tz=timezone.utc), "1") >> 32
+    floor += 3  # a child shard whose split was in this second
+    dlq = DirectoryDeadLetterQueue(tmp_path / "dlq")
+    dlq.put(decode_entry(rec, table="orders", stream_arn=STREAM_ARN, shard_id="shardId-c",
+                         sequence_number=rec["dynamodb"]["SequenceNumber"], error="was broken", version_floor=floor))
+    sink = RecordingSink()
+    report = redrive(dlq, {"recording": sink}, logger=structlog.get_logger())
+    assert [r.status for r in report.results] == ["delivered"]
+    assert sink.written[0].version >> 32 == floor
