@@ -75,11 +75,13 @@ the attribute name percent-escaped as above (``deep`` → ``_ddjdeep``). ``_ddj`
 
 Ordering and idempotency
 ------------------------
-Every action carries ``version=event.version, version_type="external"``. The version is
+Every action carries ``version=event.version, version_type="external"`` (``external_gte`` with
+``Options.version_type`` or a repair replay). The version is
 :func:`pipeline.codec.record_version` (time part lifted by the shard's lineage floor, low part the
 sequence number's record counter), which increases along the successive changes of one item —
 across shard splits too — and is computed from the record and its shard's lease, so it is the
-same after restarts, lease hand-offs and replays. OpenSearch applies an external-versioned write only when its version is *higher* than the
+same after restarts, lease hand-offs and replays. OpenSearch applies an external-versioned write
+only when its version is *higher* than the
 stored one and answers 409 ``version_conflict_engine_exception`` otherwise; this sink counts that
 409 as success. Hence:
 
@@ -87,12 +89,26 @@ stored one and answers 409 ``version_conflict_engine_exception`` otherwise; this
 - the same event delivered twice gives the same end state (the second write is a 409 no-op);
 - a delete of a document that is not there (404 ``not_found``) counts as success.
 
-Honest limit: after a delete, OpenSearch remembers the deleted version (a tombstone) only for
-``index.gc_deletes`` (60 s by default). A replay of an *older* INSERT/MODIFY that arrives more
-than ``gc_deletes`` after the delete finds no tombstone and re-creates ("resurrects") the
-document. Replays that reach back past deletes should raise ``index.gc_deletes`` on the index for
-the replay window, or be followed by a replay of the deletes (the stream's own order does that).
-The in-memory test server keeps tombstones for as long as it runs.
+Deletes, tombstones and replays
+-------------------------------
+After a delete with external version V, OpenSearch remembers V (a tombstone) for
+``index.gc_deletes`` (default 60 s: "the length of time for which a deleted document's version
+remains available" — Elasticsearch reference, Delete API, "Versioning"; OpenSearch inherits the
+setting). While it remembers, an older INSERT/MODIFY of that item is a 409; afterwards the older
+write finds nothing and re-creates ("resurrects") the document. In live delivery changes of one
+item arrive in order, so this only matters for writes that arrive late: replays, redriven dead
+letters, the reindex fill. What the sink does about it (:meth:`OpenSearchSink.prepare_replay`,
+called by ``ddb-cdc replay`` and the reindex fill):
+
+- raises ``index.gc_deletes`` (default ``12h``) on every index the replay writes to while it
+  runs and puts the old value back when it closes — so a delete the live worker writes during
+  the replay outlives the replay's older writes of that item;
+- leaves out events of items that changed after a windowed replay's ``--until`` (their later
+  change — possibly a delete whose tombstone is long gone — is already in the index);
+- with ``repair``, writes with ``version_type: external_gte`` so replaying the same change
+  rewrites its document (``external`` makes that a 409 no-op).
+
+Tested against osmem-server, which honours ``index.gc_deletes`` per index (a test sets it to 1 s).
 
 Errors
 ------
@@ -250,6 +266,11 @@ class OpenSearchOptions(SinkOptions):
     - ``index_settings``: more index settings for the template (e.g. ``{"index.number_of_shards": 3}``).
     - ``reindex_check_s``: how often, in seconds, the sink re-reads its template for a reindex in
       progress (then it writes to the old and the new version; default 5).
+    - ``version_type``: ``external`` (default: a write applies only with a version *higher* than
+      the stored one, so a repeated change is a 409 no-op) or ``external_gte`` (equal or higher:
+      a repeated change is written again, so re-delivering a change repairs a document that a bad
+      deploy rendered wrong; older changes are still refused). ``ddb-cdc replay --repair`` uses
+      ``external_gte`` for one replay without changing the configuration.
     """
 
     # Inputs may hold passwords (auth, user:password@ in a host URL): keep them out of messages.
@@ -272,6 +293,7 @@ class OpenSearchOptions(SinkOptions):
     total_fields_limit: int = Field(default=1000, ge=10)
     index_settings: dict[str, Any] = Field(default_factory=dict)
     reindex_check_s: float = Field(default=5.0, gt=0)
+    version_type: Literal["external", "external_gte"] = "external"
 
     @model_validator(mode="after")
     def _check_mapping(self) -> "OpenSearchOptions":
@@ -541,6 +563,17 @@ class _Action:
         return len(self.lines)
 
 
+@dataclass(frozen=True)
+class ReplayDeletes:
+    """What :meth:`OpenSearchSink.prepare_replay` asked for: ``gc_deletes`` (time value or None),
+    ``repair`` (external_gte), ``superseded`` ((table, key_id) pairs not to write)."""
+
+    gc_deletes: str | None
+    repair: bool
+    superseded: frozenset
+    tables: tuple = ()
+
+
 @dataclass
 class _Route:
     """Where the documents of one index name go: ``primary`` (the alias, or a pinned index) and,
@@ -592,6 +625,13 @@ class OpenSearchSink(Sink):
         self._routes_lock = threading.Lock()
         self._pinned: dict[str, str] = {}
         self._warned_specs: set[str] = set()
+        self._version_type: str = self.options.version_type
+        #: What :meth:`prepare_replay` asked for (None: not a replay).
+        self.replay_settings: ReplayDeletes | None = None
+        self._held: dict[str, str | None] = {}  # concrete index → its gc_deletes before this sink raised it
+        self._held_names: set[str] = set()
+        #: Events not written because their item changed after the replay's window (see prepare_replay).
+        self.superseded_skipped = 0
 
     def pin(self, targets: Mapping[str, str]) -> None:
         """Write index name → concrete index, bypassing alias and template (used by reindex).
@@ -600,6 +640,37 @@ class OpenSearchSink(Sink):
         rendered for the spec that index recorded. Call before :meth:`open`.
         """
         self._pinned = dict(targets)
+
+    def prepare_replay(self, *, gc_deletes: str | None = "12h", repair: bool = False,
+                       superseded: Any = frozenset(), tables: Sequence[str] = ()) -> None:
+        """Make this sink instance honest for a replay (``ddb-cdc replay``, the reindex fill); call
+        before :meth:`open`.
+
+        - ``gc_deletes`` (an OpenSearch time value; None: leave the indices alone): on the first
+          write of each index name, ``index.gc_deletes`` of every concrete index it writes to is
+          raised to this value when lower, and :meth:`close` puts the old value back. A delete
+          written while the replay runs (by the live worker) then keeps its tombstone — the
+          deleted version — for that long, so the replay's older INSERT/MODIFY of that item is a
+          409 instead of re-creating it. OpenSearch forgets a tombstone ``index.gc_deletes``
+          after the delete (default 60 s; Elasticsearch reference, Delete API, "Versioning").
+        - ``repair``: write with ``version_type: external_gte``, so a replayed change whose
+          version equals the stored one is written again (a document a bad deploy rendered wrong
+          is repaired); a lower version is still refused (409, counted as delivered).
+        - ``superseded``: ``(table, key_id)`` pairs of items that changed after a windowed
+          replay's ``--until``: their events are not written (counted in
+          :attr:`superseded_skipped`) — the index already holds a newer state of the item, or the
+          item was deleted and its tombstone may have expired, so writing the window's change
+          could only re-create a deleted item (see :func:`pipeline.replay.scan_superseded`).
+        - ``tables``: tables whose index names :meth:`open` sets up (and raises ``gc_deletes``
+          on) at once, before the replay reads anything; others are set up on first write.
+        """
+        if gc_deletes is not None:
+            from connectors.opensearch_indices import duration_ms
+
+            duration_ms(gc_deletes)  # ValueError for a bad time value, before anything is written
+        self.replay_settings = ReplayDeletes(gc_deletes=gc_deletes, repair=repair, superseded=frozenset(superseded),
+                                             tables=tuple(tables))
+        self._version_type = "external_gte" if repair else self.options.version_type
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -625,6 +696,9 @@ class OpenSearchSink(Sink):
             raise FatalSinkError(f"{err}; check options.hosts and that the cluster is up") from None
         self.admin = IndexAdmin(self.client, sink_name=self.name)
         self._routes.clear()
+        if self.replay_settings is not None:
+            for table in self.replay_settings.tables:  # gc_deletes raised before the replay reads
+                self.route(table)
 
     def write(self, batch: Batch) -> None:
         """Index / delete the batch's events now, in order, in bulk requests.
@@ -641,8 +715,12 @@ class OpenSearchSink(Sink):
         permanent: dict[int, tuple[ChangeEvent, str]] = {}
         pending: list[_Action] = []
         routes: dict[str, _Route] = {}  # looked up once per table and batch, not per event
+        superseded = self.replay_settings.superseded if self.replay_settings is not None else frozenset()
         for event in batch.events:
             table = event.source.table
+            if superseded and (table, event.key_id) in superseded:
+                self.superseded_skipped += 1
+                continue
             route = routes.get(table)
             if route is None:
                 route = routes[table] = self.route(table)
@@ -698,8 +776,10 @@ class OpenSearchSink(Sink):
         """Nothing to do: ``write`` returns only after OpenSearch acknowledged the bulk requests."""
 
     def close(self) -> None:
-        """Close the client's connections (idempotent)."""
+        """Put back any ``index.gc_deletes`` raised for a replay, close the client's connections
+        (idempotent)."""
         if self.client is not None:
+            self._release_gc_deletes()
             try:
                 self.client.close()
             finally:
@@ -746,7 +826,44 @@ class OpenSearchSink(Sink):
                 raise self._classify_request_error(exc, request=f"set up index {name!r}") from None
             route.checked_at = now
             self._routes[name] = route
+            if self.replay_settings is not None and self.replay_settings.gc_deletes is not None:
+                self._hold_gc_deletes(route)
             return route
+
+    def _hold_gc_deletes(self, route: _Route) -> None:
+        """Raise ``index.gc_deletes`` on the concrete indices behind ``route``'s targets (once per
+        concrete index; an alias moved to a new version is caught on the next route refresh)."""
+        assert self.replay_settings is not None and self.replay_settings.gc_deletes is not None
+        wanted = self.replay_settings.gc_deletes
+        for target, _spec in route.targets():
+            try:
+                behind = self.admin.gc_deletes(target)
+                if not set(behind) - self._held_names:
+                    continue
+                changed = self.admin.raise_gc_deletes(target, wanted)
+            except Exception as exc:
+                raise self._classify_request_error(exc, request=f"raise index.gc_deletes of {target!r}") from None
+            self._held_names.update(behind)
+            for index, previous in changed.items():
+                self._held.setdefault(index, previous)
+                self._log("opensearch_gc_deletes_raised", index=index, gc_deletes=wanted,
+                          previous=previous or "unset (60s)")
+
+    def _release_gc_deletes(self) -> None:
+        """Put back the ``index.gc_deletes`` values :meth:`_hold_gc_deletes` changed; a failure is
+        logged with the command that does it by hand (the setting is harmless, only kept longer)."""
+        if not self._held or self.replay_settings is None or self.replay_settings.gc_deletes is None:
+            return
+        held, self._held = self._held, {}
+        try:
+            restored = self.admin.restore_gc_deletes(held, self.replay_settings.gc_deletes)
+        except Exception as exc:
+            self._log("opensearch_gc_deletes_not_restored", level="warning", indices=sorted(held),
+                      error=_one_line(exc, 200),
+                      fix='PUT /INDEX/_settings {"index": {"gc_deletes": null}} for each index')
+            return
+        for index in restored:
+            self._log("opensearch_gc_deletes_restored", index=index, gc_deletes=held[index] or "unset (60s)")
 
     def _resolve(self, name: str) -> _Route:
         admin = self.admin
@@ -828,6 +945,7 @@ class OpenSearchSink(Sink):
             return False
         with self._routes_lock:
             self._routes.pop(action.alias, None)
+            self._held_names.clear()  # the version set up again is a new index: raise its gc_deletes too
         self._log("opensearch_alias_missing", level="warning", index=action.alias, reason=reason)
         self.route(action.event.source.table)
         return True
@@ -872,10 +990,9 @@ class OpenSearchSink(Sink):
         return self._index_action(event, index, spec, self._render_source(event, spec, overflow=overflow),
                                   alias=alias, overflow=overflow)
 
-    @staticmethod
-    def _meta(event: ChangeEvent, index: str) -> dict[str, Any]:
+    def _meta(self, event: ChangeEvent, index: str) -> dict[str, Any]:
         return {"_index": index, "_id": document_id(event.key_id), "version": event.version,
-                "version_type": "external"}
+                "version_type": self._version_type}
 
     def _render_source(self, event: ChangeEvent, spec: MappingSpec, *, overflow: bool = False) -> bytes:
         """The ``_source`` bytes of an INSERT / MODIFY / SNAPSHOT for ``spec``. Raises _EventProblem."""

@@ -216,6 +216,47 @@ class IndexAdmin:
         self.client.indices.refresh(index=index)
         return int(self.client.count(index=index)["count"])
 
+    def gc_deletes(self, name: str) -> dict[str, str | None]:
+        """Concrete index → its explicitly set ``index.gc_deletes`` (None: not set, so OpenSearch's
+        default 60 s applies) for the index or alias ``name``; ``{}`` when ``name`` does not exist."""
+        found = self.client.indices.get_settings(index=name, name="index.gc_deletes", ignore=404)
+        if _is_404(found) or not isinstance(found, Mapping):
+            return {}
+        out: dict[str, str | None] = {}
+        for index, info in found.items():
+            value = (((info or {}).get("settings") or {}).get("index") or {}).get("gc_deletes")
+            out[index] = str(value) if value is not None else None
+        return out
+
+    def raise_gc_deletes(self, name: str, wanted: str) -> dict[str, str | None]:
+        """Raise ``index.gc_deletes`` to ``wanted`` on every concrete index behind ``name`` whose
+        value is lower (unset counts as OpenSearch's default, 60 s); never lowers it.
+
+        Returns concrete index → the value it had before (None: unset) for the indices changed,
+        for :meth:`restore_gc_deletes`. Raises ValueError for a ``wanted`` that is not a time value.
+        """
+        want_ms = duration_ms(wanted)
+        changed: dict[str, str | None] = {}
+        for index, current in self.gc_deletes(name).items():
+            if duration_ms(current or DEFAULT_GC_DELETES) >= want_ms:
+                continue
+            self.client.indices.put_settings(index=index, body={"index": {"gc_deletes": wanted}})
+            changed[index] = current
+        return changed
+
+    def restore_gc_deletes(self, raised: Mapping[str, str | None], wanted: str) -> list[str]:
+        """Put back what :meth:`raise_gc_deletes` changed (None → unset). An index whose value is no
+        longer ``wanted`` (someone else changed it meanwhile) or that is gone is left alone.
+        Returns the indices restored."""
+        done: list[str] = []
+        for index, previous in raised.items():
+            current = self.gc_deletes(index).get(index, "<gone>")
+            if current != wanted:
+                continue
+            self.client.indices.put_settings(index=index, body={"index": {"gc_deletes": previous}})
+            done.append(index)
+        return done
+
     def ids(self, index: str) -> set[str]:
         """Every document ``_id`` in ``index`` (scrolled, ``_source`` off)."""
         from opensearchpy.helpers import scan
@@ -223,6 +264,18 @@ class IndexAdmin:
         self.client.indices.refresh(index=index)
         return {hit["_id"] for hit in scan(self.client, index=index, query={"query": {"match_all": {}}},
                                           _source=False, size=1000)}
+
+
+#: OpenSearch's default ``index.gc_deletes``: "The length of time that a deleted document's version
+#: number remains available for further versioned operations. Default is 60s" (OpenSearch
+#: documentation, Index settings; Elasticsearch reference, Delete API, "Versioning").
+DEFAULT_GC_DELETES = "60s"
+
+def duration_ms(text: str) -> float:
+    """An OpenSearch time value in milliseconds (:func:`pipeline.replay.time_value_ms`)."""
+    from pipeline.replay import time_value_ms
+
+    return time_value_ms(text)
 
 
 def _is_404(response: Any) -> bool:

@@ -9,8 +9,10 @@ For every index name ``N`` of the sink (one per configured table), with ``N`` �
    ``reindex_check_s`` apart and from then on write every change to ``N`` *and* ``N-v(K+1)``,
    rendered for each index's own spec. The command waits ``reindex_check_s`` + 1 s for that;
 4. **fill** — a replay into the new index only: the stream from TRIM_HORIZON (default), or the
-   S3 archive (``--from-archive``). External versions make the overlap with the live writes
-   harmless: an older change never overwrites a newer one;
+   S3 archive (``--from-archive``) *and then* the stream (the archive lags the stream by the
+   audit sink's buffer: a delete not archived yet is re-applied from the stream). External
+   versions make the overlap with the live writes harmless: an older change never overwrites a
+   newer one, and a delete written live keeps its tombstone for the raised ``gc_deletes``;
 5. **check** — every document id in ``N-vK`` must be in ``N-v(K+1)``. An id missing there means
    the source did not hold that item's history (DynamoDB Streams keeps 24 hours): the command
    stops before the swap and says to fill from the archive (or ``--force``);
@@ -193,7 +195,7 @@ def run_reindex(settings: Any, *, sink_name: str, where: str, logger: Any, table
         pins = {plan.alias: plan.new_index for plan in report.plans}
         fill_sink = _open_sink(settings, sink_name, where, log, pin=pins)
         say(f"filling {', '.join(pins.values())} from the {source_text}")
-        fill = _fill(settings, where, fill_sink, sources, table_names, from_archive, show_progress)
+        fill = _fill(settings, where, fill_sink, sources, table_names, from_archive, show_progress, pins)
         from pipeline.replay_report import replay_report_to_dict
 
         report.fill = replay_report_to_dict(fill)
@@ -221,23 +223,38 @@ def run_reindex(settings: Any, *, sink_name: str, where: str, logger: Any, table
 
 
 def _fill(settings: Any, where: str, fill_sink: Any, sources: list, tables: Sequence[str],
-          from_archive: str | None, show_progress: bool) -> Any:
+          from_archive: str | None, show_progress: bool, pins: dict[str, str]) -> Any:
     from pipeline.logs import get_logger
 
-    if from_archive:
-        from connectors.archive import run_archive_replay
-
-        return run_archive_replay(settings, from_archive, sinks=[fill_sink], since=None, until=None,
-                                  tables=list(tables), dry_run=False,
-                                  logger=get_logger(command="opensearch-reindex", source="archive"),
-                                  progress=show_progress)
     from pipeline.cli_replay import run_stream_replay
     from pipeline.replay import StartSpec
 
+    archived = None
+    if from_archive:
+        from connectors.archive import run_archive_replay
+
+        archived = run_archive_replay(settings, from_archive, sinks=[fill_sink], since=None, until=None,
+                                      tables=list(tables), dry_run=False,
+                                      logger=get_logger(command="opensearch-reindex", source="archive"),
+                                      progress=show_progress)
+        if not archived.ok:
+            return archived
+        # The archive lags the stream (the audit sink buffers), so a delete made shortly before the
+        # mark may not be archived yet: the archived INSERT would leave a ghost document. The stream
+        # (its last 24 h, in order) re-applies every recent change, that delete included.
+        fill_sink = _open_sink(settings, fill_sink.name, where, get_logger(command="opensearch-reindex"),
+                               pin=pins)
     now = datetime.now(timezone.utc)
-    return run_stream_replay(settings, where=where, sinks=[fill_sink], spec=StartSpec("trim-horizon"), until=now,
-                             started=now, sources=sources, show_progress=show_progress,
-                             command="opensearch-reindex")
+    streamed = run_stream_replay(settings, where=where, sinks=[fill_sink], spec=StartSpec("trim-horizon"), until=now,
+                                 started=now, sources=sources, show_progress=show_progress,
+                                 command="opensearch-reindex")
+    if archived is not None:
+        streamed.shards[:0] = archived.shards
+        streamed.problems[:0] = archived.problems
+        streamed.dead_lettered += archived.dead_lettered
+        streamed.elapsed_s += archived.elapsed_s
+        streamed.mode = "archive+stream"
+    return streamed
 
 
 def _check_and_swap(admin: Any, plan: IndexPlan, *, force: bool, delete_old: bool,

@@ -12,6 +12,12 @@ From the archive (beyond the stream's 24 hours)::
 
     ddb-cdc replay --from-archive s3://bucket/prefix --since … --until … --table orders --sink search
 
+Deletes (OpenSearch sinks): while a replay runs, ``index.gc_deletes`` of every index it writes
+to is raised to ``--gc-deletes`` (12h) and put back afterwards, so deletes the live worker makes
+meanwhile are not undone by the replay's older changes; with ``--until`` the replay first reads
+the rest of the stream and leaves out the items changed after the window; ``--repair`` writes
+with ``external_gte`` so that replaying the same change rewrites its document.
+
 ``--dry-run`` counts per shard what would be replayed and sends nothing. Exit 0 only when every
 shard reached ``--until`` or the end of the data asked for and no change was dead-lettered;
 1 otherwise; 2 for invalid usage or configuration.
@@ -122,6 +128,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         since = parse_time(args.since, "--since") if args.since else None
         sinks = _chosen_sinks(settings, args.sink, where, required=not args.dry_run)
+        guarded = _guard(sinks, args, superseded=frozenset(), tables=args.table or ())
+        if guarded and until is not None:
+            raise ConfigError([
+                f"--until with --from-archive into {', '.join(repr(n) for n in guarded)} (opensearch) would re-create "
+                "items deleted after the window; drop --until (every later change is replayed in order), or replay "
+                "the window from the stream (--from time T --until U), which leaves those items out"])
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -132,6 +144,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        check_gc_deletes_held(report, sinks)
         return _report_out(report, args.json)
     if not args.from_:
         raise ReplayError("say where to replay from: --from trim-horizon | time T | sequence SHARD=SEQ | "
@@ -163,23 +176,57 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _report_out(report, args.json)
 
     sinks = _chosen_sinks(settings, args.sink, where, required=True)
+    superseded: frozenset = frozenset()
+    if args.until and any(callable(getattr(s, "prepare_replay", None)) for s in sinks):
+        from pipeline.logs import get_logger
+        from pipeline.replay import scan_superseded
+
+        scan = scan_superseded(sources, spec.since, until, max_records_per_call=settings.source.max_records_per_call,
+                               idle_reads=args.idle_reads)
+        superseded = frozenset(scan.keys)
+        get_logger(command="replay").info("replay_superseded_scan", items_in_window=scan.in_window,
+                                          changed_after_until=len(superseded), records_read=scan.records)
+    _guard(sinks, args, superseded=superseded, tables=[s.table for s in sources])
     report = run_stream_replay(settings, where=where, sinks=sinks, spec=spec, until=until, started=started,
-                               sources=sources, idle_reads=args.idle_reads, show_progress=show_progress)
+                               sources=sources, idle_reads=args.idle_reads, show_progress=show_progress,
+                               gc_deletes=args.gc_deletes)
     return _report_out(report, args.json)
 
 
+def _guard(sinks: list, args: argparse.Namespace, *, superseded: frozenset, tables: Sequence[str]) -> list[str]:
+    """:func:`pipeline.replay.guard_sinks` with the command's ``--gc-deletes`` / ``--repair``;
+    ConfigError (exit 2) for a ``--gc-deletes`` that is not a time value."""
+    from pipeline.replay import guard_sinks, time_value_ms
+
+    try:
+        time_value_ms(args.gc_deletes)
+    except ValueError as exc:
+        raise ConfigError([f"--gc-deletes: {exc}"]) from None
+    return guard_sinks(sinks, gc_deletes=args.gc_deletes, repair=args.repair, superseded=superseded,
+                       tables=tables)
+
+
 def run_stream_replay(settings: Any, *, where: str, sinks: list, spec: Any, until: Any, started: Any,
-                      sources: list, idle_reads: int = 5, show_progress: bool = False, command: str = "replay"):
+                      sources: list, idle_reads: int = 5, show_progress: bool = False, command: str = "replay",
+                      gc_deletes: str | None = "12h"):
     """Replay ``sources``' streams from ``spec`` into ``sinks`` (unopened sink objects) and wait.
 
     Runs a :class:`pipeline.replay.StreamReplay` in its own lease namespace with a progress bar
-    on stderr when ``show_progress``; SIGINT/SIGTERM stop it gracefully. Returns the
-    :class:`pipeline.replay_report.ReplayReport`. Raises ReplayError / ConfigError / SourceError.
+    on stderr when ``show_progress``; SIGINT/SIGTERM stop it gracefully. Sinks with
+    ``prepare_replay`` (OpenSearch) not prepared by the caller are prepared with ``gc_deletes``
+    (the tombstones of deletes made during the replay must outlive it); a replay that runs
+    longer than ``gc_deletes`` gets a problem in its report (exit 1): a delete made early in it
+    may have been undone. Returns the :class:`pipeline.replay_report.ReplayReport`. Raises
+    ReplayError / ConfigError / SourceError.
     """
     from connectors.runtime import build_lease_store, build_worker
     from pipeline.logs import get_logger
     from pipeline.replay import StreamReplay, new_replay_id
 
+    from pipeline.replay import guard_sinks
+
+    guard_sinks([s for s in sinks if getattr(s, "replay_settings", True) is None], gc_deletes=gc_deletes,
+                repair=False, tables=[s.table for s in sources])  # not prepared by the caller (the reindex fill)
     replay_id = new_replay_id(started)
     log = get_logger(command=command, replay_id=replay_id)
     store = build_lease_store(settings, namespace=replay_id)
@@ -210,7 +257,27 @@ def run_stream_replay(settings: Any, *, where: str, sinks: list, spec: Any, unti
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    check_gc_deletes_held(report, sinks)
+    skipped = sum(getattr(s, "superseded_skipped", 0) for s in sinks)
+    if skipped:
+        log.info("replay_superseded_skipped", events=skipped,
+                 reason="their items changed after --until; the index holds the newer state")
     return report
+
+
+def check_gc_deletes_held(report: Any, sinks: Sequence[Any]) -> None:
+    """Add a problem to ``report`` (so exit 1) when the replay ran longer than the shortest
+    ``index.gc_deletes`` held for its OpenSearch sinks: a delete the live worker made early in
+    the replay may have lost its tombstone before the replay's older change of that item arrived."""
+    from pipeline.replay import time_value_ms
+
+    held = {s.name: time_value_ms(s.replay_settings.gc_deletes) / 1000 for s in sinks
+            if getattr(getattr(s, "replay_settings", None), "gc_deletes", None)}
+    if held and report.elapsed_s > min(held.values()):
+        report.problems.append(
+            f"the replay ran {report.elapsed_s:.0f} s, longer than the index.gc_deletes ({min(held.values()):.0f} s) "
+            f"held for {', '.join(held)}: a delete made early in it may have been undone by an older change; "
+            "run it again with a larger --gc-deletes")
 
 
 class _FromAction(argparse.Action):
@@ -236,6 +303,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="count per shard what would be replayed; send nothing")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--repair", action="store_true",
+                   help="opensearch sinks write with version_type external_gte: replaying a change rewrites its "
+                        "document (default external: the same version is a 409 no-op)")
+    p.add_argument("--gc-deletes", default="12h", metavar="TIME",
+                   help="index.gc_deletes held on the opensearch indices while the replay runs, then put back "
+                        "(default 12h; must exceed the replay's duration)")
     p.add_argument("--idle-reads", type=int, default=5, metavar="N",
                    help="an open shard counts as caught up after N empty reads in a row (default 5)")
     p.set_defaults(func=cmd_replay)

@@ -45,6 +45,22 @@ class ReplayError(CdcError):
     """A replay cannot start as asked (bad --from, unknown shard, unreadable file)."""
 
 
+_UNITS_MS = {"nanos": 1e-6, "micros": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0,
+             "d": 86_400_000.0}
+
+
+def time_value_ms(text: str) -> float:
+    """An OpenSearch time value (``500ms``, ``60s``, ``12h``, ``2d``; units nanos, micros, ms, s,
+    m, h, d — OpenSearch "Common REST parameters", time units) in milliseconds.
+    Raises ValueError for anything else."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(nanos|micros|ms|s|m|h|d)\s*", str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a time value like 60s, 30m or 12h")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
 def new_replay_id(now: datetime | None = None) -> str:
     """``replay-20261122T101500-ab12cd`` (UTC start time and a random part)."""
     now = now or datetime.now(timezone.utc)
@@ -348,3 +364,86 @@ def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: date
         if not result.records and empty >= idle_reads:
             return "caught_up"
         iterator = result.next_iterator
+
+
+# --------------------------------------------------------------------------------------------
+# Deletes: what a replay into a state-keeping sink (OpenSearch) must know
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SupersededScan:
+    """The result of :func:`scan_superseded`: ``keys`` — ``(table, key_id)`` of the items changed
+    in the window *and* after ``until``; ``in_window`` — how many distinct items changed in the
+    window; ``records`` — records read."""
+
+    keys: set[tuple[str, str]] = field(default_factory=set)
+    in_window: int = 0
+    records: int = 0
+
+
+def scan_superseded(sources: Sequence[StreamSource], since: datetime | None, until: datetime, *,
+                    max_records_per_call: int = 1000, idle_reads: int = 5) -> SupersededScan:
+    """Find the items whose change in the window ``[since, until]`` is followed by a later change
+    (ApproximateCreationDateTime after ``until``) — by reading every shard of every stream from
+    TRIM_HORIZON to its end (SHARD_END, or ``idle_reads`` empty reads in a row), parents first.
+
+    Why: a windowed replay (``--until`` before now) re-sends old changes. For an item changed
+    after the window, the index already holds a newer state, or the item was deleted — and if
+    the delete is older than ``index.gc_deletes`` OpenSearch has forgotten its version, so the
+    window's INSERT/MODIFY would re-create the item. Leaving those items out is always right:
+    their state was set by a change after the window, which the replay does not send.
+    Completeness: every change of one item goes through one shard lineage, and shards are read
+    parents first, so an item's window changes are seen before its later ones; changes made
+    after this scan are written live while the replay holds ``index.gc_deletes`` raised.
+
+    Cost: one more read of the stream (up to 24 h of records), memory for the ids of the items
+    changed in the window. Records whose keys cannot be decoded are left out (the replay
+    dead-letters them). Raises what the source raises (SourceError, TrimmedDataError).
+    """
+    from pipeline.codec import decode_item, key_id
+    from pipeline.errors import DecodeError
+
+    scan = SupersededScan()
+    for source in sources:
+        window: set[str] = set()
+        for shard in _topological(source.list_shards()):
+            iterator = source.get_iterator(shard.shard_id, TRIM_HORIZON)
+            empty = 0
+            while iterator is not None:
+                result = source.get_records(iterator, max_records_per_call)
+                empty = 0 if result.records else empty + 1
+                for record in result.records:
+                    scan.records += 1
+                    created = _record_time(record)
+                    if created is None or (since is not None and created < since):
+                        continue
+                    body = record.get("dynamodb") if isinstance(record, dict) else None
+                    try:
+                        item = key_id(decode_item((body or {}).get("Keys")) or {})
+                    except (DecodeError, TypeError, ValueError, AttributeError):
+                        continue
+                    if created <= until:
+                        window.add(item)
+                    elif item in window:
+                        scan.keys.add((source.table, item))
+                iterator = result.next_iterator
+                if not result.records and empty >= idle_reads:
+                    break
+        scan.in_window += len(window)
+    return scan
+
+
+def guard_sinks(sinks: Sequence[Any], *, gc_deletes: str | None, repair: bool,
+                superseded: Any = frozenset(), tables: Sequence[str] = ()) -> list[str]:
+    """Call ``prepare_replay(gc_deletes=…, repair=…, superseded=…, tables=…)`` on every sink that has it
+    (state-keeping sinks: the built-in ``opensearch`` sink) before they are opened; returns their
+    names. Other sinks get the replay as it is (Redis invalidation and the S3 audit log are
+    idempotent; plugins compare ``event.version`` if order matters to them)."""
+    names = []
+    for sink in sinks:
+        prepare = getattr(sink, "prepare_replay", None)
+        if callable(prepare):
+            prepare(gc_deletes=gc_deletes, repair=repair, superseded=superseded, tables=tables)
+            names.append(sink.name)
+    return names
