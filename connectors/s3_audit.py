@@ -363,6 +363,31 @@ class S3AuditSink(Sink):
             fatal = [e for e in errors if isinstance(e, FatalSinkError)]
             raise (fatal or errors)[0]
 
+    def discard_unflushed(self) -> None:
+        """Drop every buffer not uploaded yet, all shards (the sink contract's optional hook,
+        :mod:`pipeline.sink`): the fan-out calls it after it dead-lettered those events because
+        flushes kept failing (``on_failure: dead_letter``). The buffers are retired as after an
+        upload, so nothing of them is uploaded later and a redriven or re-read event starts a
+        fresh buffer instead of being skipped as already buffered. Never raises."""
+        with self._lock:
+            items = list(self._buffers.items())
+        dropped = 0
+        for key, buf in items:
+            with buf.lock:
+                if buf.retired:
+                    continue
+                dropped += len(buf.lines)
+                buf.clear()
+                with self._lock:
+                    if self._buffers.get(key) is buf:
+                        del self._buffers[key]
+                    buf.retired = True
+        if dropped and self.context is not None and self.context.logger is not None:
+            try:
+                self.context.logger.warning("s3_audit.buffers_discarded", sink=self.name, events=dropped)
+            except TypeError:  # a stdlib logger does not take keyword fields
+                self.context.logger.warning("s3_audit: discarded %d unflushed events", dropped)
+
     def pending_events(self) -> int:
         """Number of events buffered and not yet uploaded (all shards)."""
         with self._lock:
