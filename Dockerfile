@@ -45,12 +45,24 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && groupadd --system --gid 10001 ddbcdc \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/ddb-cdc --create-home \
        --shell /usr/sbin/nologin ddbcdc \
-    && mkdir -p /etc/ddb-cdc
+    && mkdir -p /etc/ddb-cdc /var/lib/ddb-cdc/dead-letter \
+    && chown 10001:10001 /var/lib/ddb-cdc/dead-letter
 
 # Numeric user, so Kubernetes' runAsNonRoot can verify it. The working directory is writable
 # (a local dead-letter directory, a SQLite checkpoint file).
 USER 10001:10001
 WORKDIR /var/lib/ddb-cdc
+
+# Dead letters must outlive the container, so the default dead-letter directory
+# (dead_letter.directory "dead-letter", relative to the working directory: /var/lib/ddb-cdc/dead-letter)
+# is a volume, never only the container's writable layer. Without a mount Docker creates an
+# anonymous volume (kept by `docker rm`, deleted by `docker rm -v` / `compose down -v`): mount a
+# named volume or a host directory to keep and find them, e.g.
+#   -v ddb-cdc-dead-letter:/var/lib/ddb-cdc/dead-letter
+# (a new named volume takes the directory's owner, uid 10001, from the image; a host directory
+# must be writable by uid 10001). Declared after the last RUN: later build steps would not reach it.
+# With dead_letter.s3_uri set the volume stays empty. A dead_letter.directory elsewhere is not covered.
+VOLUME ["/var/lib/ddb-cdc/dead-letter"]
 
 # /metrics, /healthz, /readyz (metrics.port; DDB_CDC_METRICS__HOST=0.0.0.0 above makes it reachable
 # through a published port — publish it on 127.0.0.1 or a private network only).

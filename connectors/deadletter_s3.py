@@ -1,7 +1,10 @@
 """Dead-letter destination in S3: one JSON object per entry at ``s3://bucket/prefix/{id}.json``.
 
 Same entry format and deterministic ids as :class:`pipeline.deadletter.DirectoryDeadLetterQueue`;
-``put`` returns after S3 acknowledged the PutObject (durable).
+``put`` returns after S3 acknowledged the PutObject (durable). Objects are encrypted as the S3
+audit sink's are (``dead_letter.sse`` / ``kms_key_id``, the shared model
+:class:`pipeline.s3_sse.S3Encryption`): dead letters hold full change events, so they deserve at
+least the protection of the audit log.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DeadLetterEntry
 from pipeline.errors import ConfigError, SinkError
+from pipeline.s3_sse import S3Encryption
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -26,11 +30,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class S3DeadLetterQueue:
-    """Dead-letter entries as S3 objects under ``uri`` (``s3://bucket/prefix``)."""
+    """Dead-letter entries as S3 objects under ``uri`` (``s3://bucket/prefix``).
 
-    def __init__(self, aws: AwsConfig, uri: str, *, client: Any = None):
+    ``encryption`` (any :class:`pipeline.s3_sse.S3Encryption`, e.g. the ``dead_letter`` config
+    section; None = no SSE parameters, the bucket's default encryption applies) gives the
+    ServerSideEncryption / SSEKMSKeyId parameters of every PutObject.
+    """
+
+    def __init__(self, aws: AwsConfig, uri: str, *, client: Any = None, encryption: S3Encryption | None = None):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.client = client or make_client("s3", aws)
+        self.sse_params = (encryption or S3Encryption()).sse_put_params()
 
     def _key(self, entry_id: str) -> str:
         return f"{self.prefix}/{entry_id}.json" if self.prefix else f"{entry_id}.json"
@@ -39,7 +49,7 @@ class S3DeadLetterQueue:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(entry.id),
                                    Body=orjson.dumps(entry.to_dict(), option=orjson.OPT_INDENT_2),
-                                   ContentType="application/json")
+                                   ContentType="application/json", **self.sse_params)
         except (ClientError, BotoCoreError) as exc:
             raise SinkError(f"cannot write dead-letter entry to s3://{self.bucket}/{self._key(entry.id)}: {exc}") from None
         return entry.id

@@ -49,7 +49,7 @@ def build_dead_letter(settings: Settings) -> Any:
     if settings.dead_letter.s3_uri:
         from connectors.deadletter_s3 import S3DeadLetterQueue
 
-        return S3DeadLetterQueue(settings.aws, settings.dead_letter.s3_uri)
+        return S3DeadLetterQueue(settings.aws, settings.dead_letter.s3_uri, encryption=settings.dead_letter)
     return DirectoryDeadLetterQueue(settings.dead_letter.directory or "dead-letter")
 
 

@@ -46,7 +46,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import orjson
 from botocore.exceptions import (
@@ -57,13 +57,14 @@ from botocore.exceptions import (
     NoRegionError,
     PartialCredentialsError,
 )
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import FatalSinkError, RetriableSinkError, SinkError
 from pipeline.events import Batch, ChangeEvent, sequence_key
 from pipeline.render import event_to_json_line
+from pipeline.s3_sse import S3Encryption
 from pipeline.sink import Sink, SinkContext, SinkOptions
 
 #: Content type of the uploaded objects (the body is gzip bytes; no Content-Encoding is set, so
@@ -87,7 +88,7 @@ _RETRIABLE_CODES = frozenset({
 })
 
 
-class S3AuditOptions(SinkOptions):
+class S3AuditOptions(SinkOptions, S3Encryption):
     """Options of the ``s3_audit`` sink (``sinks[].options``).
 
     - ``bucket``: bucket name (required; just the name — put any path in ``prefix``).
@@ -102,14 +103,9 @@ class S3AuditOptions(SinkOptions):
     - ``max_buffer_age_s``: upload a shard's buffer once its first line is this many seconds old
       (default 60). Checked when that shard's next batch arrives (there is no timer thread);
       the worker's flush before every checkpoint bounds the age anyway.
-    - ``sse``: server-side encryption sent with each PutObject: ``None`` / ``"none"`` (send no
-      header — the bucket's default encryption applies; S3 encrypts every new object with SSE-S3
-      by default since 2023-01-05, AWS S3 user guide, "Setting default server-side encryption
-      behavior"), ``"AES256"`` (SSE-S3) or ``"aws:kms"`` (SSE-KMS).
-    - ``kms_key_id``: KMS key id / ARN / alias for ``sse: aws:kms`` only. Leaving it out with
-      ``aws:kms`` is allowed and means the AWS managed key ``aws/s3`` (AWS S3 user guide,
-      "Specifying server-side encryption with AWS KMS (SSE-KMS)"). Set with any other ``sse``
-      it is a validation error.
+    - ``sse`` / ``kms_key_id``: server-side encryption of each object, the model shared with the
+      S3 dead-letter destination (:class:`pipeline.s3_sse.S3Encryption`: ``None``/``"none"``,
+      ``"AES256"`` or ``"aws:kms"``, a key only with ``aws:kms``).
     - ``compress_level``: gzip level 0–9 (default 6).
     """
 
@@ -119,8 +115,6 @@ class S3AuditOptions(SinkOptions):
     region: str | None = None
     max_buffer_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     max_buffer_age_s: float = Field(default=60.0, gt=0)
-    sse: Literal["AES256", "aws:kms"] | None = None
-    kms_key_id: str | None = None
     compress_level: int = Field(default=6, ge=0, le=9)
 
     @field_validator("bucket")
@@ -137,18 +131,6 @@ class S3AuditOptions(SinkOptions):
     def _strip_slashes(cls, value: str) -> str:
         return value.strip("/")
 
-    @field_validator("sse", mode="before")
-    @classmethod
-    def _none_word(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in ("", "none"):
-            return None
-        return value
-
-    @model_validator(mode="after")
-    def _kms_key_needs_kms(self) -> "S3AuditOptions":
-        if self.kms_key_id is not None and self.sse != "aws:kms":
-            raise ValueError("kms_key_id is only allowed with sse: aws:kms")
-        return self
 
 
 def audit_object_key(prefix: str, table: str, shard_id: str, first_seq: str, last_seq: str,
@@ -363,6 +345,31 @@ class S3AuditSink(Sink):
             fatal = [e for e in errors if isinstance(e, FatalSinkError)]
             raise (fatal or errors)[0]
 
+    def discard_unflushed(self) -> None:
+        """Drop every buffer not uploaded yet, all shards (the sink contract's optional hook,
+        :mod:`pipeline.sink`): the fan-out calls it after it dead-lettered those events because
+        flushes kept failing (``on_failure: dead_letter``). The buffers are retired as after an
+        upload, so nothing of them is uploaded later and a redriven or re-read event starts a
+        fresh buffer instead of being skipped as already buffered. Never raises."""
+        with self._lock:
+            items = list(self._buffers.items())
+        dropped = 0
+        for key, buf in items:
+            with buf.lock:
+                if buf.retired:
+                    continue
+                dropped += len(buf.lines)
+                buf.clear()
+                with self._lock:
+                    if self._buffers.get(key) is buf:
+                        del self._buffers[key]
+                    buf.retired = True
+        if dropped and self.context is not None and self.context.logger is not None:
+            try:
+                self.context.logger.warning("s3_audit.buffers_discarded", sink=self.name, events=dropped)
+            except TypeError:  # a stdlib logger does not take keyword fields
+                self.context.logger.warning("s3_audit: discarded %d unflushed events", dropped)
+
     def pending_events(self) -> int:
         """Number of events buffered and not yet uploaded (all shards)."""
         with self._lock:
@@ -402,10 +409,7 @@ class S3AuditSink(Sink):
                 "parent-shard-ids": ",".join(buf.parent_shard_ids),
             },
         }
-        if self.options.sse is not None:
-            params["ServerSideEncryption"] = self.options.sse
-            if self.options.kms_key_id is not None:
-                params["SSEKMSKeyId"] = self.options.kms_key_id
+        params.update(self.options.sse_put_params())
         try:
             self._client.put_object(**params)
         except ClientError as exc:

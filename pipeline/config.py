@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import ConfigError
 from pipeline.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT
+from pipeline.s3_sse import S3Encryption
 
 ENV_PREFIX = "DDB_CDC_"
 
@@ -98,9 +99,11 @@ class CheckpointConfig(_Strict):
     failover_time_s: float = Field(10.0, gt=0)
 
 
-class DeadLetterConfig(_Strict):
+class DeadLetterConfig(_Strict, S3Encryption):
     """Dead-letter destination: a local ``directory`` (default ``./dead-letter``) or ``s3_uri``
-    (``s3://bucket/prefix``, uses the ``aws`` settings)."""
+    (``s3://bucket/prefix``, uses the ``aws`` settings). With ``s3_uri``, ``sse`` /
+    ``kms_key_id`` encrypt each entry object exactly as the S3 audit sink's options of the same
+    names (:class:`pipeline.s3_sse.S3Encryption`); without it they are an error."""
 
     directory: str | None = "dead-letter"
     s3_uri: str | None = None
@@ -111,6 +114,13 @@ class DeadLetterConfig(_Strict):
         if value is not None and not value.startswith("s3://"):
             raise ValueError("must look like s3://bucket/prefix")
         return value
+
+    @model_validator(mode="after")
+    def _sse_needs_s3(self) -> "DeadLetterConfig":
+        if self.sse is not None and not self.s3_uri:
+            raise ValueError("sse/kms_key_id apply to an S3 dead-letter destination: set dead_letter.s3_uri "
+                             "or remove them (a local directory is not encrypted by ddb-cdc)")
+        return self
 
 
 class SinkConfig(_Strict):

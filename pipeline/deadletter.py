@@ -8,7 +8,8 @@ last failure time and the position (stream ARN, shard id, sequence number).
 Entry ids are deterministic (kind, shard, sequence number, sink), so dead-lettering the same
 record twice — e.g. after a restart replays it — rewrites one entry instead of adding another.
 
-:class:`DirectoryDeadLetterQueue` writes one JSON file per entry (atomic rename);
+:class:`DirectoryDeadLetterQueue` writes one JSON file per entry (atomic rename, then the
+directory is fsynced so the new name survives a power loss);
 ``connectors.deadletter_s3.S3DeadLetterQueue`` writes one S3 object per entry.
 """
 
@@ -159,13 +160,22 @@ class DeadLetterQueue(Protocol):
 
 
 class DirectoryDeadLetterQueue:
-    """Dead-letter entries as ``{directory}/{id}.json`` files, written atomically (temp file, fsync, rename)."""
+    """Dead-letter entries as ``{directory}/{id}.json`` files, written atomically and durably:
+    temp file, fsync, rename, fsync of the directory (and of its parent when ``put`` created it).
+
+    In the container image the default directory (``/var/lib/ddb-cdc/dead-letter``) is a declared
+    ``VOLUME`` (Dockerfile), so entries outlive the container; mount a named volume or a host
+    directory there to keep them across ``docker rm``.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
 
     def put(self, entry: DeadLetterEntry) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write ``entry`` durably; returns its id. Raises OSError (disk full, no permission)."""
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fsync_directory(self.directory.parent)  # the new directory's own entry
         path = self.directory / f"{entry.id}.json"
         data = orjson.dumps(entry.to_dict(), option=orjson.OPT_INDENT_2)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
@@ -178,6 +188,7 @@ class DirectoryDeadLetterQueue:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        fsync_directory(self.directory)
         return entry.id
 
     def list(self) -> Iterator[DeadLetterEntry]:
@@ -195,6 +206,21 @@ class DirectoryDeadLetterQueue:
     @staticmethod
     def _load(path: Path) -> DeadLetterEntry:
         return DeadLetterEntry.from_dict(orjson.loads(path.read_bytes()))
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """fsync a directory, so that a file just renamed (or created) in it is still there after a
+    crash or power loss: the rename is atomic, but "calling fsync() does not necessarily ensure
+    that the entry in the directory containing the file has also reached disk. For that an
+    explicit fsync() on a file descriptor for the directory is also needed" (Linux fsync(2) man
+    page). A no-op where directories cannot be opened (Windows). Raises OSError otherwise."""
+    if os.name == "nt":  # pragma: no cover - no directory fds on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def utc_now() -> datetime:

@@ -8,10 +8,26 @@ Per sink, per batch (DESIGN.md, "Contracts", Sink):
 - ``PermanentSinkError``: dead-letter every event of the remaining batch;
 - ``FatalSinkError``: re-raised; the shard stops.
 
+Per sink, per flush (the rule is stated in :mod:`pipeline.sink`):
+
+- ``RetriableSinkError`` (or any unexpected exception): flush again with backoff;
+- ``PartialSinkError``: the named events are no longer in the sink — permanent ones are
+  dead-lettered, retriable ones are written again (the write rules above) and the sink is
+  flushed again, with backoff;
+- ``PermanentSinkError``: ``dead_letter`` abandons the unflushed events (below); ``block`` makes
+  it a ``FatalSinkError`` (the shard stops);
+- ``FatalSinkError``: re-raised.
+
 When the budget is used up, ``on_failure`` decides: ``block`` (default) keeps retrying and so
 holds the shard's checkpoint, logging every attempt; ``dead_letter`` dead-letters what is left and
-goes on. A shutdown request ends the retries with :class:`DeliveryAborted`, so the checkpoint does
-not move past undelivered events.
+goes on. For a flush, "what is left" is every event given to the sink since its last successful
+flush: the fan-out keeps them (:class:`UnflushedEvents`, ``dead_letter`` sinks only), dead-letters
+them with the sink name and the last error, then calls the sink's ``discard_unflushed()`` and lets
+the checkpoint move. A shutdown request ends the retries with :class:`DeliveryAborted`, so the
+checkpoint does not move past undelivered events.
+
+The checkpoint therefore never passes an event that is neither durable in every sink nor in the
+dead-letter destination (or still to be re-read: a failed shard does not checkpoint).
 """
 
 from __future__ import annotations
@@ -42,7 +58,7 @@ from pipeline.errors import (
     RetriableSinkError,
     SinkError,
 )
-from pipeline.events import Batch, ChangeEvent
+from pipeline.events import Batch, ChangeEvent, sequence_key
 
 
 class DeliveryAborted(CdcError):
@@ -60,9 +76,11 @@ class SinkFenced(DeliveryAborted):
 class FailurePolicy:
     """How one sink's failures are handled.
 
-    ``on_failure``: ``block`` (retry until delivered, holding the checkpoint) or ``dead_letter``
-    (after ``retry_budget_s`` seconds, dead-letter what is left). Backoff grows from
-    ``initial_backoff_s`` to at most ``max_backoff_s`` seconds, with jitter.
+    ``on_failure``: ``block`` (retry a write or a flush until it succeeds, holding the checkpoint)
+    or ``dead_letter`` (after ``retry_budget_s`` seconds of retries of one write or one flush,
+    dead-letter what is left: the rest of the batch, or every event given to the sink since its
+    last successful flush). Backoff grows from ``initial_backoff_s`` to at most ``max_backoff_s``
+    seconds, with jitter.
     """
 
     on_failure: str = "block"
@@ -80,6 +98,58 @@ class SinkStats:
     retries: int = 0
     dead_lettered: int = 0
     flushes: int = 0
+
+
+def _position(event: ChangeEvent) -> tuple[str, str, str]:
+    """(table, shard id, sequence number): an event's identity, also for copies of it."""
+    return (event.source.table, event.source.shard_id, event.sequence_number)
+
+
+class UnflushedEvents:
+    """The events one sink accepted (``write`` returned for them) since its last successful flush.
+
+    Kept by the fan-out for ``on_failure: dead_letter`` sinks only, so that a flush that cannot
+    succeed can be dead-lettered (:meth:`FanOut.flush`). Bounded by the flushes: the worker
+    flushes before every checkpoint (``source.checkpoint_interval_s``, any shard's checkpoint
+    flushes every sink), so it holds about one checkpoint interval of every shard's events — the
+    events a buffering sink holds anyway (references, not copies) — and more only while a flush is
+    being retried. Thread-safe.
+
+    Every :meth:`record` gets a rising serial number; :meth:`mark` taken before a flush and
+    :meth:`forget_through` after it forget exactly the events accepted before that flush started
+    (an event accepted again later, e.g. re-written, keeps its later serial).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._serial = 0
+        self._events: dict[tuple[str, str, str], tuple[int, ChangeEvent]] = {}
+
+    def record(self, events: Sequence[ChangeEvent]) -> None:
+        """Note ``events`` as accepted by the sink and not yet flushed."""
+        with self._lock:
+            for event in events:
+                self._serial += 1
+                self._events[_position(event)] = (self._serial, event)
+
+    def mark(self) -> int:
+        """The serial of the last event recorded so far (pass it to :meth:`forget_through`)."""
+        with self._lock:
+            return self._serial
+
+    def forget_through(self, marker: int) -> None:
+        """Forget the events recorded up to ``marker`` (they are durable or dead-lettered)."""
+        with self._lock:
+            self._events = {pos: item for pos, item in self._events.items() if item[0] > marker}
+
+    def snapshot(self) -> tuple[int, list[ChangeEvent]]:
+        """(marker, the events recorded up to it, in the order they were recorded)."""
+        with self._lock:
+            return self._serial, [ev for _, ev in sorted(self._events.values(), key=lambda item: item[0])]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._events)
 
 
 @dataclass
@@ -100,10 +170,13 @@ class SinkRunner:
     policy: FailurePolicy = field(default_factory=FailurePolicy)
     stats: SinkStats = field(default_factory=SinkStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: events accepted since the sink's last successful flush (recorded for ``dead_letter`` only)
+    unflushed: UnflushedEvents = field(default_factory=UnflushedEvents)
     #: (table, shard) → epoch s creation time of the oldest event of the batch being delivered
     pending_since: dict = field(default_factory=dict)
     _gate: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _in_flight: int = field(default=0, repr=False)
+    _exclusive: int = field(default=0, repr=False)  # exclusive calls waiting or running
     _fenced: bool = field(default=False, repr=False)
     _closer: Callable[[], None] | None = field(default=None, repr=False)
     _close_state: str = field(default="open", repr=False)  # open → deferred → closed
@@ -142,9 +215,29 @@ class SinkRunner:
         with self.lock:
             return self._gated(fn)
 
-    def _gated(self, fn: Callable[[], Any]) -> Any:
+    def exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Like :meth:`call`, but ``fn`` runs while no other call of this sink is in progress,
+        even for a thread-safe sink: calls already running are waited for, new ones wait until
+        ``fn`` returns. Used to take the unflushed events and discard the sink's buffer as one
+        step (no write can slip in between). Raises :class:`SinkFenced` like :meth:`call`."""
+        if getattr(self.sink, "thread_safe", False):
+            return self._gated(fn, exclusive=True)
+        with self.lock:
+            return self._gated(fn, exclusive=True)
+
+    def _gated(self, fn: Callable[[], Any], *, exclusive: bool = False) -> Any:
         with self._gate:
+            if exclusive:
+                self._exclusive += 1
+                while self._in_flight and not self._fenced:
+                    self._gate.wait()
+            else:
+                while self._exclusive and not self._fenced:
+                    self._gate.wait()
             if self._fenced:
+                if exclusive:
+                    self._exclusive -= 1
+                    self._gate.notify_all()
                 raise SinkFenced(f"sink {self.name!r}: shutdown fenced the sinks off "
                                  "(grace period exceeded); the batch is not checkpointed")
             self._in_flight += 1
@@ -154,6 +247,9 @@ class SinkRunner:
         finally:
             with self._gate:
                 self._in_flight -= 1
+                if exclusive:
+                    self._exclusive -= 1
+                    self._gate.notify_all()
                 if self._in_flight == 0:
                     self._gate.notify_all()
                     if self._close_state == "deferred":
@@ -166,6 +262,7 @@ class SinkRunner:
         progress are not interrupted. Idempotent."""
         with self._gate:
             self._fenced = True
+            self._gate.notify_all()  # calls waiting behind an exclusive one give up
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` seconds for the calls in progress to return; True when none is
@@ -187,6 +284,7 @@ class SinkRunner:
         thread runs it)."""
         with self._gate:
             self._fenced = True
+            self._gate.notify_all()
             if self._close_state != "open":
                 return self._close_state == "closed"
             self._closer = closer
@@ -200,6 +298,10 @@ class SinkRunner:
 
 class _Remaining(RetriableSinkError):
     """Internal: some events are still to be delivered after this attempt."""
+
+
+class _FlushRefused(SinkError):
+    """Internal: a ``dead_letter`` sink's flush raised PermanentSinkError (not retried)."""
 
 
 class FanOut:
@@ -234,26 +336,109 @@ class FanOut:
         return {runner.name: runner.age_s(now) for runner in self.runners}
 
     def flush(self) -> None:
-        """Flush every sink; returns when all written events are durable everywhere.
+        """Flush every sink; returns when every event given to a sink so far is durable in it or
+        in the dead-letter destination (see the module doc for the rules).
 
-        Raises FatalSinkError or DeliveryAborted.
+        Raises FatalSinkError or DeliveryAborted (the checkpoint must not move).
         """
         for runner in self.runners:
-            self._retry(runner, None, lambda r=runner: self._flush_once(r), what="flush")
+            self._flush_runner(runner)
             runner.stats.flushes += 1
 
-    @staticmethod
-    def _flush_once(runner: SinkRunner) -> None:
-        """One flush attempt: retriable and unexpected errors are retried; a sink that reports a
-        permanent error from flush cannot make written events durable, which is fatal."""
+    def _flush_runner(self, runner: SinkRunner) -> None:
+        state: dict[str, Any] = {"first_failure": None, "attempts": 0, "last_error": ""}
+
+        def attempt() -> None:
+            state["attempts"] += 1
+            try:
+                runner.call(lambda: self._flush_call(runner))
+            except PartialSinkError as exc:
+                self._note_failure(state, exc)
+                for ev, reason in exc.permanent:
+                    self._dead_letter(runner, ev, f"flush: {reason}", state)
+                if exc.retriable:
+                    self._rewrite(runner, [ev for ev, _ in exc.retriable])
+                    raise _Remaining(f"{len(exc.retriable)} events written again, flushing again: {exc}") from exc
+            except (FatalSinkError, DeliveryAborted):
+                raise
+            except PermanentSinkError as exc:
+                self._note_failure(state, exc)
+                if runner.policy.on_failure == "dead_letter":
+                    raise _FlushRefused(str(exc)) from exc
+                raise FatalSinkError(f"sink {runner.name!r} cannot flush: {exc}") from exc
+            except RetriableSinkError as exc:
+                self._note_failure(state, exc)
+                raise
+            except Exception as exc:  # a plugin bug or an unexpected library error: retry
+                self._note_failure(state, exc)
+                raise RetriableSinkError(f"flush: unexpected {type(exc).__name__}: {exc}") from exc
+
         try:
-            runner.call(runner.sink.flush)
-        except (FatalSinkError, RetriableSinkError, DeliveryAborted):
+            self._retry(runner, None, attempt, what="flush")
+        except _BudgetSpent:
+            self._abandon_unflushed(runner, f"flush failed for {runner.policy.retry_budget_s:g} s "
+                                            f"({state['attempts']} attempts): {state['last_error']}", state)
+        except _FlushRefused:
+            self._abandon_unflushed(runner, f"flush refused: {state['last_error']}", state)
+
+    def _flush_call(self, runner: SinkRunner) -> None:
+        """One ``sink.flush()`` (run inside :meth:`SinkRunner.call`); the events accepted before it
+        started are forgotten by the unflushed log when it returns — also with a PartialSinkError,
+        whose named events the fan-out then handles itself."""
+        log = self._unflushed_log(runner)
+        marker = log.mark() if log is not None else 0
+        try:
+            runner.sink.flush()
+        except PartialSinkError:
+            if log is not None:
+                log.forget_through(marker)
             raise
-        except PermanentSinkError as exc:
-            raise FatalSinkError(f"sink {runner.name!r} cannot flush: {exc}") from exc
-        except Exception as exc:
-            raise RetriableSinkError(f"flush: unexpected {type(exc).__name__}: {exc}") from exc
+        if log is not None:
+            log.forget_through(marker)
+
+    def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent]) -> None:
+        """Write ``events`` (a flush's retriable failures, any shards) again: one batch per
+        shard, in sequence order, through the write rules (retries, dead-lettering)."""
+        groups: dict[tuple[str, str, str], dict[tuple[str, str, str], ChangeEvent]] = {}
+        for ev in events:
+            src = ev.source
+            groups.setdefault((src.table, src.stream_arn, src.shard_id), {})[_position(ev)] = ev
+        for (table, stream_arn, shard_id), by_pos in groups.items():
+            ordered = sorted(by_pos.values(), key=lambda e: sequence_key(e.sequence_number))
+            self._deliver_batch(runner, Batch(table=table, stream_arn=stream_arn, shard_id=shard_id,
+                                              events=tuple(ordered),
+                                              checkpoint_sequence_number=ordered[-1].sequence_number))
+
+    def _abandon_unflushed(self, runner: SinkRunner, error: str, state: dict) -> None:
+        """A ``dead_letter`` sink's flush cannot succeed: dead-letter every event it accepted since
+        its last successful flush, then tell it to drop its buffer (``discard_unflushed``), as
+        one step with no other call of the sink in between (:meth:`SinkRunner.exclusive`). A
+        dead-letter write that fails raises before anything is discarded or forgotten."""
+
+        def dead_letter_and_discard() -> int:
+            marker, events = runner.unflushed.snapshot()
+            for ev in events:
+                self._dead_letter(runner, ev, error, state)
+            discard = getattr(runner.sink, "discard_unflushed", None)
+            if callable(discard):
+                try:
+                    discard()
+                except Exception as exc:  # the contract says it must not raise; keep going
+                    self.log.warning("sink_discard_failed", sink=runner.name,
+                                     error=f"{type(exc).__name__}: {exc}"[:500])
+            runner.unflushed.forget_through(marker)
+            return len(events)
+
+        count = runner.exclusive(dead_letter_and_discard)
+        self.log.error("sink_flush_abandoned", sink=runner.name, dead_lettered=count,
+                       attempts=state.get("attempts", 0), error=error[:500],
+                       hint="the sink's unflushed events are in the dead-letter destination; "
+                            "redrive them with `ddb-cdc dlq redrive` once the sink is back")
+
+    @staticmethod
+    def _unflushed_log(runner: SinkRunner) -> UnflushedEvents | None:
+        """The runner's unflushed log when its policy needs it (``dead_letter``), else None."""
+        return runner.unflushed if runner.policy.on_failure == "dead_letter" else None
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -281,7 +466,7 @@ class FanOut:
             state["attempts"] += 1
             sub = replace(batch, events=tuple(pending))
             try:
-                runner.call(lambda: runner.sink.write(sub))
+                runner.call(lambda: self._write_call(runner, sub))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
                 # match by position, not object identity, so a sink may report copies of events
@@ -321,11 +506,26 @@ class FanOut:
             pending = []
         runner.stats.batches += 1
 
+    def _write_call(self, runner: SinkRunner, sub: Batch) -> None:
+        """One ``sink.write(sub)`` (run inside :meth:`SinkRunner.call`); the events it accepted
+        are recorded in the unflushed log before the call ends, so no flush or discard can run
+        between the sink taking them and the fan-out knowing it."""
+        log = self._unflushed_log(runner)
+        try:
+            runner.sink.write(sub)
+        except PartialSinkError as exc:
+            if log is not None:
+                failed = {_position(ev) for ev, _ in (*exc.retriable, *exc.permanent)}
+                log.record([ev for ev in sub.events if _position(ev) not in failed])
+            raise
+        if log is not None:
+            log.record(sub.events)
+
     def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str) -> None:
         policy = runner.policy
         started = time.monotonic()
         stop = stop_when_event_set(self.stop_event)
-        if policy.on_failure == "dead_letter" and batch is not None:
+        if policy.on_failure == "dead_letter":
             stop = stop | stop_after_delay(policy.retry_budget_s)
         else:
             stop = stop | stop_never
@@ -401,4 +601,4 @@ class FanOut:
 
 
 class _BudgetSpent(SinkError):
-    """Internal: the retry budget of an ``on_failure: dead_letter`` sink is used up."""
+    """Internal: the retry budget of an ``on_failure: dead_letter`` sink is used up (a write or a flush)."""

@@ -5,11 +5,39 @@ order (never concurrently for the same shard, but possibly from several shard th
 that keeps per-shard state keys it by ``batch.shard_id``), ``flush()`` before every checkpoint,
 and ``close()`` at shutdown.
 
-Returning from ``flush`` means everything written so far is durable. Delivery is
+Returning from ``flush`` means everything written before the call is durable. Delivery is
 at-least-once, so a sink must be idempotent: the same event twice gives the same end state.
 Errors are typed (:mod:`pipeline.errors`): ``RetriableSinkError`` (retry with backoff),
 ``PartialSinkError`` (these events failed), ``PermanentSinkError`` (dead-letter),
 ``FatalSinkError`` (stop the shard).
+
+Errors from ``flush`` (the rule :class:`pipeline.fanout.FanOut` implements):
+
+- ``RetriableSinkError`` (or any unexpected exception): the fan-out calls ``flush`` again with
+  backoff. The sink keeps what it buffered, so the next ``flush`` tries it again.
+- ``PartialSinkError``: every event written before the call is durable *except* the named ones,
+  which the sink no longer holds (it reported and dropped them). ``permanent`` events are
+  dead-lettered (full event, error, position) at once; ``retriable`` events are written again
+  (``write`` with the normal write retries, grouped per shard in sequence order) and ``flush`` is
+  called again, with backoff. A sink that did keep a named event gets it twice (idempotent).
+- ``PermanentSinkError``: the buffered events can never be made durable. ``on_failure:
+  dead_letter`` dead-letters the events written since the last successful flush and calls
+  ``discard_unflushed``; ``block`` stops the shard (``FatalSinkError``): nothing can unblock it.
+- ``FatalSinkError``: the shard stops.
+
+When the retries of a flush run out — only with ``on_failure: dead_letter``, after
+``retry_budget_s`` seconds — the fan-out dead-letters every event it gave the sink since the
+sink's last successful flush (it keeps those per sink, see :class:`pipeline.fanout.FanOut`), with
+the sink name and the last error, then calls the sink's ``discard_unflushed()`` so the buffer is
+not tried again, and the checkpoint moves. ``on_failure: block`` retries a flush until it
+succeeds (or the worker shuts down), holding the checkpoint.
+
+``discard_unflushed()`` (optional; the base class's is a no-op, right for a sink whose ``write``
+is already durable): drop everything buffered and not yet durable, for every shard; the events
+are in the dead-letter destination by then. It must not raise. A buffering sink without it keeps
+its buffer; a later successful flush then stores those events too — duplicates of the dead
+letters, which at-least-once allows — and a flush that keeps failing is dead-lettered again
+(entry ids are deterministic, so the same entries are rewritten, not added).
 
 A sink declares its options as a pydantic model in the class attribute ``Options``; the registry
 validates the ``options`` mapping of the configuration against it before anything starts.
@@ -87,6 +115,11 @@ class Sink:
 
     def flush(self) -> None:
         """Make everything written so far durable; return only when it is."""
+
+    def discard_unflushed(self) -> None:
+        """Drop every buffered event that is not durable yet (all shards); called by the fan-out
+        after it dead-lettered them because ``flush`` could not succeed (see the module doc).
+        Must not raise. The default does nothing: right for sinks that buffer nothing."""
 
     def close(self) -> None:
         """Release connections. Called once, after the last flush."""
