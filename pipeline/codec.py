@@ -37,7 +37,8 @@ DYNAMODB_CONTEXT = Context(
 )
 
 #: Maps and lists nest at most 32 levels deep (DynamoDB developer guide, "Service, account, and
-#: table quotas": "DynamoDB supports nested attributes up to 32 levels deep").
+#: table quotas": "DynamoDB supports nested attributes up to 32 levels deep"), counted below a
+#: top-level attribute's own value: a top-level M or L may hold 32 more levels of M and L.
 MAX_NESTING_DEPTH = 32
 
 _OPERATIONS = {"INSERT": Operation.INSERT, "MODIFY": Operation.MODIFY, "REMOVE": Operation.REMOVE}
@@ -113,12 +114,12 @@ def decode_value(av: Mapping[str, Any], _depth: int = 0) -> Any:
                     return number
         elif tag == "M":
             if kind is dict:
-                if _depth >= MAX_NESTING_DEPTH:
+                if _depth > MAX_NESTING_DEPTH:
                     _too_deep()
                 return _decode_attributes(value, _depth + 1)
         elif tag == "L":
             if kind is list:
-                if _depth >= MAX_NESTING_DEPTH:
+                if _depth > MAX_NESTING_DEPTH:
                     _too_deep()
                 return [decode_value(v, _depth + 1) for v in value]
         elif tag == "BOOL":
@@ -176,13 +177,13 @@ def _decode_value_checked(av: Mapping[str, Any], _depth: int = 0) -> Any:
     if tag == "M":
         if not isinstance(value, Mapping):
             raise DecodeError(f"M value must be an object, got {type(value).__name__}")
-        if _depth >= MAX_NESTING_DEPTH:
+        if _depth > MAX_NESTING_DEPTH:
             _too_deep()
         return {_name(k): decode_value(v, _depth + 1) for k, v in value.items()}
     if tag == "L":
         if not isinstance(value, list):
             raise DecodeError(f"L value must be a list, got {type(value).__name__}")
-        if _depth >= MAX_NESTING_DEPTH:
+        if _depth > MAX_NESTING_DEPTH:
             _too_deep()
         return [decode_value(v, _depth + 1) for v in value]
     if tag in ("SS", "NS", "BS"):

@@ -30,6 +30,10 @@ import pytest
 from botocore.config import Config
 from hypothesis import settings as hypothesis_settings
 
+# CLI subprocesses render rich tables at the terminal's width; pytest-xdist workers have no
+# terminal, so give every run the same wide one (tests look for whole ids in those tables)
+os.environ["COLUMNS"] = "200"
+
 # Under CI the property tests run the same examples every time (a failure found locally is pinned
 # with @example); elsewhere hypothesis explores new ones on each run.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)

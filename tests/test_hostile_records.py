@@ -53,7 +53,7 @@ def hostile_records(deep: int = 2000) -> list[tuple[str, dict]]:
         rec = make_stream_record(event_name="INSERT", keys={"pk": f"s{len(out)}"}, new_image={"pk": "x"})
         rec["dynamodb"]["SequenceNumber"] = bad
         out.append((f"SequenceNumber {bad[:10]!r}", rec))
-    for kind, levels in [("M", deep), ("L", deep), ("M", 33)]:
+    for kind, levels in [("M", deep), ("L", deep), ("M", 34)]:
         rec = make_stream_record(event_name="INSERT", keys={"pk": f"d{kind}{levels}"},
                                  new_image={"pk": f"d{kind}{levels}"})
         rec["dynamodb"]["NewImage"]["deep"] = nested(levels, kind)
@@ -69,7 +69,7 @@ def test_the_decoder_rejects_each_hostile_record_with_a_decode_error(what, recor
 
 def test_32_levels_of_nesting_still_decode():
     rec = make_stream_record(event_name="INSERT", keys={"pk": "ok"}, new_image={"pk": "ok"})
-    rec["dynamodb"]["NewImage"]["deep"] = nested(31)
+    rec["dynamodb"]["NewImage"]["deep"] = nested(33)  # the attribute's own map and 32 below it
     assert decode_record(rec, table="orders", stream_arn=STREAM_ARN, shard_id="s").after["deep"]["a"]
 
 
