@@ -139,7 +139,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Context, Decimal
 from typing import Annotated, Any, Iterator, Literal, Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -147,6 +147,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from connectors.opensearch_mapping import MALFORMED_PREFIX, OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item
 from pipeline.errors import FatalSinkError, PartialSinkError, RetriableSinkError
 from pipeline.events import Batch, ChangeEvent, Operation
+from pipeline.redact import redact_url
 from pipeline.render import plain_json_bytes
 from pipeline.sink import Sink, SinkContext, SinkOptions
 
@@ -312,12 +313,12 @@ class OpenSearchOptions(SinkOptions):
             parts = urlsplit(host) if isinstance(host, str) else None
             if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(
-                    f"hosts[{i}] {_redact_url(str(host))!r} is not an http(s) URL like https://search.example.com:443"
+                    f"hosts[{i}] {redact_url(str(host))!r} is not an http(s) URL like https://search.example.com:443"
                 )
             try:
                 parts.port  # noqa: B018 - raises ValueError for a bad port
             except ValueError:
-                raise ValueError(f"hosts[{i}] {_redact_url(host)!r} has an invalid port") from None
+                raise ValueError(f"hosts[{i}] {redact_url(host)!r} has an invalid port") from None
         return hosts
 
     @field_validator("index")
@@ -511,23 +512,6 @@ def index_name_problem(name: str) -> str | None:
     if name in (".", ".."):
         return f"{name!r} is reserved"
     return None
-
-
-def _redact_url(url: str) -> str:
-    """``url`` without any ``user:password@`` part, for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    try:
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    except ValueError:
-        pass
-    return urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
 
 
 def _one_line(text: Any, limit: int = 300) -> str:
@@ -1180,7 +1164,7 @@ class OpenSearchSink(Sink):
         return self.client
 
     def _hosts_text(self) -> str:
-        return ", ".join(_redact_url(h) for h in self.options.hosts)
+        return ", ".join(redact_url(h) for h in self.options.hosts)
 
     def _prefix(self) -> str:
         return f"sink {self.name!r} (opensearch)"

@@ -36,7 +36,6 @@ import string
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from pydantic import Field, field_validator
@@ -46,6 +45,7 @@ from redis.retry import Retry
 
 from pipeline.errors import FatalSinkError, RetriableSinkError, SinkError
 from pipeline.events import Batch, ChangeEvent
+from pipeline.redact import redact_message, redact_url  # re-exported: connectors.redis_cache.redact_url
 from pipeline.sink import Sink, SinkContext, SinkOptions
 
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -150,22 +150,6 @@ def _decimal_text(value: Decimal) -> str | None:
     return str(value.normalize(Context(prec=digits)))  # exact: precision covers every digit
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "(unparsable url)"
-
-
 class RedisCacheOptions(SinkOptions):
     """Options of the ``redis_cache`` sink (``sinks[].options``).
 
@@ -251,7 +235,7 @@ class RedisCacheSink(Sink):
             )
         except (ValueError, rex.RedisError) as exc:
             raise FatalSinkError(
-                f"sink {self.name!r}: Redis url {redact_url(url)!r} is not usable ({exc}): fix sinks[].options.url"
+                f"sink {self.name!r}: Redis url {redact_url(url)!r} is not usable ({redact_message(str(exc))}): fix sinks[].options.url"
             ) from None
         try:
             client.ping()

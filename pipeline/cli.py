@@ -53,10 +53,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.logs import configure_logging, get_logger
+    from pipeline.logs import configure_logging, get_logger, register_secrets_of
 
     settings, sinks = _load(args.config)
     configure_logging(settings.log.level, settings.log.format)
+    register_secrets_of(settings)
     if args.processes is not None:
         from pipeline.supervisor import resolve_processes, run_supervised
 
@@ -133,7 +134,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         print(f"{count} entr{'y' if count == 1 else 'ies'}", file=sys.stderr)
         return EXIT_OK
     if args.dlq_command == "redrive":
-        from pipeline.logs import configure_logging, get_logger
+        from pipeline.logs import configure_logging, get_logger, register_secrets_of
         from pipeline.redrive import redrive, render_report
         from pipeline.registry import build_sinks
 
@@ -144,6 +145,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                                for n in unknown])
         wanted = set(args.sink) if args.sink else None
         configure_logging(settings.log.level, settings.log.format)
+        register_secrets_of(settings)
         sinks = build_sinks([c for c in settings.sinks if wanted is None or c.name in wanted],
                             str(args.config) if args.config else "environment")
         report = redrive(dlq, {s.name: s for s in sinks}, sink_filter=wanted,

@@ -30,9 +30,11 @@ def _store(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _logger(settings: Any, command: str) -> Any:
-    from pipeline.logs import configure_logging, get_logger
+    from pipeline.logs import configure_logging, get_logger, register_secrets_of
 
     configure_logging(settings.log.level, settings.log.format)
+
+    register_secrets_of(settings)
     return get_logger(command=command)
 
 

@@ -83,13 +83,14 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     """``ddb-cdc opensearch reindex``; returns the exit code."""
     from connectors.opensearch_reindex import abort_reindex, run_reindex
     from pipeline.config import load_settings
-    from pipeline.logs import configure_logging, get_logger
+    from pipeline.logs import configure_logging, get_logger, register_secrets_of
 
     if not args.sink:
         raise ConfigError(["opensearch reindex needs --sink NAME (an opensearch sink of the configuration)"])
     settings = load_settings(args.config)
     where = str(args.config) if args.config else "environment"
     configure_logging(settings.log.level, settings.log.format)
+    register_secrets_of(settings)
     log = get_logger(command="opensearch-reindex", sink=args.sink)
     if args.abort:
         for line in abort_reindex(settings, sink_name=args.sink, where=where, logger=log, tables=args.table,

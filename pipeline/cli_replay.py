@@ -111,12 +111,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from pipeline.config import load_settings
-    from pipeline.logs import configure_logging, get_logger
+    from pipeline.logs import configure_logging, get_logger, register_secrets_of
     from pipeline.replay import ReplayError, parse_time
 
     settings = load_settings(args.config)
     where = str(args.config) if args.config else "environment"
     configure_logging(settings.log.level, settings.log.format)
+    register_secrets_of(settings)
     until = parse_time(args.until, "--until") if args.until else None
     show_progress = not args.no_progress and not args.json
     if args.from_archive:
