@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -471,3 +472,189 @@ def test_stall_and_retries_are_visible_in_metrics(tmp_path):
     assert REGISTRY.get_sample_value("ddb_cdc_sink_stalled_seconds",
                                      {"sink": "metrics-probe", "shard": batch.shard_id}) == 0  # flowing again
     assert REGISTRY.get_sample_value("ddb_cdc_sink_events_delivered_total", {"sink": "metrics-probe"}) >= 3
+
+
+# -- flush failures: the rule in pipeline/sink.py (issue 13, items 4 and 11) --------------------
+
+
+class BufferingSink(RecordingSink):
+    """A buffering sink: ``flush_errors`` are raised by the next flush calls (keeping the buffer);
+    ``discard_unflushed`` drops the buffer."""
+
+    def __init__(self, name: str = "buffering"):
+        super().__init__(name)
+        self.flush_errors: list[BaseException] = []
+        self.flush_calls = 0
+        self.discards = 0
+
+    def flush(self):
+        self.flush_calls += 1
+        if self.flush_errors:
+            raise self.flush_errors.pop(0)
+        super().flush()
+
+    def discard_unflushed(self):
+        with self._lock:
+            self._pending.clear()
+        self.discards += 1
+
+
+def test_dead_letter_policy_abandons_a_failing_flush_and_dead_letters_every_unflushed_event(dlq, stop):
+    sink = BufferingSink()
+    runner = SinkRunner(sink, fast("dead_letter", budget=0.05))
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch_of(3, start=1))
+    fanout.flush()  # durable: forgotten by the fan-out
+    assert len(runner.unflushed) == 0
+    fanout.deliver(batch_of(2, start=4))
+    fanout.deliver(batch_of(2, start=6, shard_id="shardId-other"))
+    sink.flush_errors = [RetriableSinkError("S3 503")] * 10_000
+    fanout.flush()  # returns: the checkpoint may move
+
+    entries = {(e.shard_id, e.sequence_number): e for e in dlq.list()}
+    assert sorted(entries) == sorted([(SHARD, f"{i:021d}") for i in (4, 5)]
+                                     + [("shardId-other", f"{i:021d}") for i in (6, 7)])
+    assert all(e.sink == "buffering" and "S3 503" in e.error and "flush failed" in e.error for e in entries.values())
+    assert all(e.attempts > 1 for e in entries.values())
+    assert sink.discards == 1 and sink._pending == []
+    assert len(runner.unflushed) == 0 and runner.stats.dead_lettered == 4
+    # after the outage: new events are flushed, the dead-lettered ones are not flushed as well
+    sink.flush_errors = []
+    fanout.deliver(batch_of(1, start=8))
+    fanout.flush()
+    assert seqs(sink.flushed) == [f"{i:021d}" for i in (1, 2, 3, 8)]
+
+
+def test_permanent_error_from_flush_dead_letters_unflushed_events_under_dead_letter_only(dlq, stop):
+    sink = BufferingSink()
+    fanout = make_fanout([SinkRunner(sink, fast("dead_letter"))], dlq, stop)
+    fanout.deliver(batch_of(2))
+    sink.flush_errors = [PermanentSinkError("KMS key disabled")]
+    fanout.flush()
+    assert sink.flush_calls == 1  # not retried
+    assert sorted(e.sequence_number for e in dlq.list()) == seqs(batch_of(2).events)
+    assert "flush refused" in next(iter(dlq.list())).error
+
+    blocked = BufferingSink("blocked")
+    blocked.flush_errors = [PermanentSinkError("KMS key disabled")]
+    fanout = make_fanout([SinkRunner(blocked, fast("block"))], dlq, stop)
+    fanout.deliver(batch_of(1, start=9))
+    with pytest.raises(FatalSinkError, match="cannot flush"):
+        fanout.flush()
+    assert blocked.discards == 0
+
+
+def test_block_policy_keeps_no_record_of_unflushed_events(dlq, stop):
+    runner = SinkRunner(RecordingSink(), fast("block"))
+    make_fanout([runner], dlq, stop).deliver(batch_of(5))
+    assert len(runner.unflushed) == 0  # nothing kept: block never dead-letters a flush
+
+
+def test_events_dead_lettered_by_write_are_not_dead_lettered_again_by_a_failed_flush(dlq, stop):
+    batch = batch_of(3)
+    bad = batch.events[1]
+
+    class Picky(BufferingSink):
+        def write(self, b):
+            super().write(replace(b, events=tuple(e for e in b.events if e is not bad)))
+            if any(e is bad for e in b.events):
+                raise PartialSinkError("1 refused", permanent=[(bad, "mapper_parsing_exception")])
+
+    sink = Picky()
+    fanout = make_fanout([SinkRunner(sink, fast("dead_letter", budget=0.02))], dlq, stop)
+    fanout.deliver(batch)
+    sink.flush_errors = [RetriableSinkError("down")] * 10_000
+    fanout.flush()
+    errors = {e.sequence_number: e.error for e in dlq.list()}
+    assert sorted(errors) == seqs(batch.events)
+    assert "mapper_parsing_exception" in errors[bad.sequence_number]  # its own entry, not overwritten
+    assert all("flush failed" in errors[e.sequence_number] for e in batch.events if e is not bad)
+
+
+def test_shutdown_during_flush_retries_aborts_and_dead_letters_nothing(dlq, stop):
+    class StopOnFlush(BufferingSink):
+        def flush(self):
+            stop.set()
+            raise RetriableSinkError("down")
+
+    sink = StopOnFlush()
+    runner = SinkRunner(sink, fast("dead_letter", budget=300))
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch_of(2))
+    with pytest.raises(DeliveryAborted):
+        fanout.flush()
+    assert list(dlq.list()) == [] and sink.discards == 0 and len(runner.unflushed) == 2
+
+
+def test_a_write_during_a_flush_of_a_thread_safe_sink_is_not_forgotten_by_that_flush(dlq, stop):
+    """The flush forgets only events accepted before it started; an event a concurrent write
+    gave the sink while the flush was uploading stays recorded (and is dead-lettered if the next
+    flush fails)."""
+    in_flush, release = threading.Event(), threading.Event()
+
+    class SlowFlush(BufferingSink):
+        def flush(self):
+            if self.flush_calls == 0:
+                with self._lock:
+                    snapshot = list(self._pending)
+                    self._pending.clear()
+                self.flush_calls += 1
+                in_flush.set()
+                release.wait(5)
+                self.flushed.extend(snapshot)  # uploads what it had when it started
+                return
+            super().flush()
+
+    sink = SlowFlush()
+    runner = SinkRunner(sink, fast("dead_letter", budget=0.02))
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch_of(1, start=1))
+    flusher = threading.Thread(target=fanout.flush)
+    flusher.start()
+    assert in_flush.wait(5)
+    fanout.deliver(batch_of(1, start=2))  # thread-safe sink: runs while the flush is in progress
+    release.set()
+    flusher.join(5)
+    assert [e.sequence_number for e in runner.unflushed.snapshot()[1]] == [f"{2:021d}"]
+    sink.flush_errors = [RetriableSinkError("down")] * 10_000
+    fanout.flush()
+    assert [e.sequence_number for e in dlq.list()] == [f"{2:021d}"]
+
+
+def test_discard_waits_for_a_write_in_progress_and_holds_new_calls_back(dlq, stop):
+    """SinkRunner.exclusive: the dead-lettering + discard step of an abandoned flush never runs
+    while a write of a thread-safe sink is in progress, so no event can be put into the buffer
+    after the snapshot and then dropped with it."""
+    in_write, release = threading.Event(), threading.Event()
+
+    class SlowWrite(BufferingSink):
+        def write(self, b):
+            if b.events[0].sequence_number == f"{2:021d}":
+                in_write.set()
+                release.wait(5)
+            super().write(b)
+
+    sink = SlowWrite()
+    runner = SinkRunner(sink, fast("dead_letter", budget=0.02))
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch_of(1, start=1))
+    writer = threading.Thread(target=fanout.deliver, args=(batch_of(1, start=2),))
+    writer.start()
+    assert in_write.wait(5)
+    sink.flush_errors = [RetriableSinkError("down")] * 10_000
+    flusher = threading.Thread(target=fanout.flush)
+    flusher.start()
+    wait_for(lambda: runner._exclusive == 1, "the abandonment waits for the write in progress")
+    assert sink.discards == 0 and list(dlq.list()) == []
+    release.set()
+    writer.join(5)
+    flusher.join(5)
+    assert not flusher.is_alive() and sink.discards == 1
+    # the slow write finished before the snapshot: both events are dead-lettered, none is lost
+    assert sorted(e.sequence_number for e in dlq.list()) == [f"{1:021d}", f"{2:021d}"]
+
+
+def wait_for(predicate, what: str, timeout: float = 5.0) -> None:
+    from tests.helpers import wait_until
+
+    wait_until(predicate, what, timeout=timeout, interval=0.005)
