@@ -73,7 +73,7 @@ def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
     capped at ``max_s``) — for loops that schedule a retry instead of sleeping for it."""
     state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, failures)
-    return float(wait_exponential_jitter(initial=initial_s, max=max_s, jitter=initial_s)(state))
+    return float(wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=initial_s)(state))
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -196,7 +196,7 @@ class TrackedSource:
                                  retry_in_s=round(state.next_action.sleep, 3) if state.next_action else None)
 
         for attempt in Retrying(retry=retry_if_exception_type(TransientSourceError),
-                                wait=wait_exponential_jitter(initial=READ_BACKOFF_INITIAL_S, max=READ_BACKOFF_MAX_S,
+                                wait=wait_exponential_jitter(multiplier=READ_BACKOFF_INITIAL_S, max=READ_BACKOFF_MAX_S,
                                                              jitter=READ_BACKOFF_INITIAL_S),
                                 stop=lambda _state: self.stopping(), sleep=self.sleep,
                                 before_sleep=before_sleep, reraise=True):
@@ -251,7 +251,7 @@ def retry_startup(call: Callable[[], Any], *, what: str, stopping: Callable[[], 
                        gives_up_after_s=retry_s)
 
     for attempt in Retrying(retry=retry_if_exception_type(TransientError),
-                            wait=wait_exponential_jitter(initial=STARTUP_BACKOFF_INITIAL_S, max=STARTUP_BACKOFF_MAX_S,
+                            wait=wait_exponential_jitter(multiplier=STARTUP_BACKOFF_INITIAL_S, max=STARTUP_BACKOFF_MAX_S,
                                                          jitter=STARTUP_BACKOFF_INITIAL_S),
                             stop=lambda _s: stopping() or time.monotonic() - started >= retry_s,
                             sleep=sleep, before_sleep=before_sleep, reraise=True):

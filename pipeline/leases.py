@@ -307,7 +307,7 @@ class LeaseCoordinator:
         """Store (or update) a :class:`pipeline.checkpoint.Gap` in the lease table; transient
         errors are retried with backoff for up to 60 s."""
         for attempt in Retrying(retry=retry_if_exception_type(TransientError), stop=stop_after_delay(60.0),
-                                wait=wait_exponential_jitter(initial=CHECKPOINT_BACKOFF_INITIAL_S,
+                                wait=wait_exponential_jitter(multiplier=CHECKPOINT_BACKOFF_INITIAL_S,
                                                              max=CHECKPOINT_BACKOFF_MAX_S), reraise=True):
             with attempt:
                 self.store.record_gap(gap)
@@ -423,7 +423,7 @@ class LeaseCoordinator:
 
         try:
             for attempt in Retrying(retry=retry_if_exception_type((TransientError, _Retry)),
-                                    wait=wait_exponential_jitter(initial=CHECKPOINT_BACKOFF_INITIAL_S,
+                                    wait=wait_exponential_jitter(multiplier=CHECKPOINT_BACKOFF_INITIAL_S,
                                                                  max=CHECKPOINT_BACKOFF_MAX_S,
                                                                  jitter=CHECKPOINT_BACKOFF_INITIAL_S),
                                     stop=stop, before_sleep=before_sleep, reraise=True):

@@ -109,7 +109,7 @@ class DynamoDBStreamSource:
                         gives_up_after_s=retry_s)
 
         for attempt in Retrying(retry=retry_if_exception_type(TransientSourceError),
-                                wait=wait_exponential_jitter(initial=DESCRIBE_TABLE_BACKOFF_INITIAL_S,
+                                wait=wait_exponential_jitter(multiplier=DESCRIBE_TABLE_BACKOFF_INITIAL_S,
                                                              max=DESCRIBE_TABLE_BACKOFF_MAX_S),
                                 stop=stop_after_delay(retry_s), sleep=time.sleep, before_sleep=before_sleep,
                                 reraise=True):
