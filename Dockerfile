@@ -5,9 +5,12 @@
 #   docker run --rm -v "$PWD/config.yaml:/etc/ddb-cdc/config.yaml:ro" -p 127.0.0.1:9108:9108 ddb-cdc
 #
 # Signals: the entrypoint is exec form, so `ddb-cdc run` is PID 1 and receives SIGTERM from
-# `docker stop` itself. It installs its own SIGTERM/SIGINT handlers (pipeline/cli.py cmd_run):
-# stop reading, flush every sink, checkpoint, release leases, exit 0 within worker.shutdown_grace_s
-# (default 30 s). No init process (tini, --init) is needed. Give `docker stop -t` /
+# `docker stop` itself. It installs its own SIGTERM/SIGINT handlers first, before any AWS call
+# (pipeline/cli.py cmd_run; as PID 1 a signal without a handler is dropped by the kernel): during
+# start-up (DescribeTable retrying an endpoint that does not answer) SIGTERM exits 0 at once;
+# later it stops reading, flushes every sink, checkpoints, releases leases and exits 0 within
+# worker.shutdown_grace_s (default 30 s). No init process (tini, --init) is needed; only the
+# interpreter's own start (imports, well under a second) runs before the handlers exist. Give `docker stop -t` /
 # compose's stop_grace_period more than worker.shutdown_grace_s, or the worker is SIGKILLed
 # mid-flush (safe — delivery is at-least-once — but the tail is delivered again on restart).
 

@@ -89,6 +89,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
            "iterator_age_error_s": settings.worker.iterator_age_error_s,
            "iterator_age_log_interval_s": settings.worker.iterator_age_log_interval_s,
            "health_stall_s": settings.metrics.health_stall_s,
+           "aws_unready_after_s": settings.metrics.aws_unready_after_s,
            "max_pages_in_flight": settings.worker.max_pages_in_flight,
            **worker_kwargs},
     )

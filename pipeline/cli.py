@@ -15,6 +15,13 @@ Commands::
 
 Exit codes: 0 success; 1 runtime failure (a shard failed, a check did not hold); 2 invalid
 configuration or usage (one line per problem on stderr, no traceback).
+
+Signals: ``run`` installs its SIGTERM/SIGINT handlers first, before any AWS call. During
+start-up (loading the configuration, resolving the stream — DescribeTable, retried while AWS does
+not answer — and building the worker) a signal ends the process at once with exit code 0: nothing
+was read and no lease is held yet. After that the worker shuts down gracefully (stop reading,
+flush, checkpoint, release leases; exit 0). This matters in a container, where the process is
+PID 1 and the kernel drops a signal it has no handler for.
 """
 
 from __future__ import annotations
@@ -52,7 +59,34 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _StopDuringStartup(BaseException):
+    """Raised by the start-up signal handler to unwind whatever start-up call is running (a
+    BaseException, so no ``except Exception`` in a library swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_startup_signal(signum, _frame):
+    raise _StopDuringStartup(signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """``ddb-cdc run`` (see the module doc for its signals and exit codes)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first of all: before any AWS call
+        signal.signal(sig, _on_startup_signal)
+    try:
+        return _run(args)
+    except _StopDuringStartup as stop:
+        from pipeline.logs import get_logger
+
+        get_logger().info("shutdown_requested", signal=signal.Signals(stop.signum).name, phase="start-up",
+                          detail="stopped before the worker started: nothing read, no lease held")
+        return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline.logs import configure_logging, get_logger, register_secrets_of
 
     settings, sinks = _load(args.config)
@@ -95,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_signal(signum, _frame):
         worker.stop_from_signal(signum)  # assigns an attribute only: safe when signals repeat
 
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # from here on a signal is a graceful stop
     signal.signal(signal.SIGINT, on_signal)
     code = worker.run()
     if code != EXIT_OK:

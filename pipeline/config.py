@@ -175,6 +175,9 @@ class MetricsConfig(_Strict):
     port: int = Field(9108, ge=1, le=65535)
     #: ``/healthz`` answers 503 when the run loop has not ticked for this long (s)
     health_stall_s: float = Field(60.0, gt=0)
+    #: ``/readyz`` answers 503 while an AWS dependency (streams, lease table) has been failing
+    #: transiently (5xx, timeouts; retried with backoff) for longer than this (s)
+    aws_unready_after_s: float = Field(30.0, gt=0)
 
 
 class LogConfig(_Strict):

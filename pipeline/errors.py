@@ -73,3 +73,25 @@ class LeaseNotFoundError(CheckpointStoreError):
 
 class SourceError(CdcError):
     """The stream cannot be read (no stream on the table, access denied, unknown ARN)."""
+
+
+class TransientError(CdcError):
+    """A dependency call failed in a way that passes (HTTP 5xx, throttling, read timeout, reset or
+    refused connection) after the client's own retries: retry it with backoff; only its duration
+    matters (the worker reports it in metrics and ``/readyz``). ``operation`` names the call
+    (``get_records``, ``describe_stream``, ``checkpoint`` …). Errors that cannot pass (access
+    denied, resource gone, validation) are the plain :class:`SourceError` /
+    :class:`CheckpointStoreError` instead."""
+
+    def __init__(self, message: str, *, operation: str = ""):
+        super().__init__(message)
+        self.operation = operation
+
+
+class TransientSourceError(SourceError, TransientError):
+    """DynamoDB / DynamoDB Streams failed transiently (see :class:`TransientError`)."""
+
+
+class TransientCheckpointStoreError(CheckpointStoreError, TransientError):
+    """The lease table failed transiently (see :class:`TransientError`); a conditional-write
+    failure is never this (it is :class:`LeaseLostError`)."""

@@ -14,6 +14,15 @@ at most ``max_steal`` lease per renewal interval and only while that worker hold
 share, so counts converge to differ by at most one.
 
 All methods are thread-safe: shard threads checkpoint while the main loop renews.
+
+Transient lease-table errors (:class:`pipeline.errors.TransientError`: 5xx, timeouts) do not lose
+a lease by themselves: a renewal that fails is tried again at the next renewal, a checkpoint is
+retried with backoff (:mod:`pipeline.aws_health`). But a lease whose writes have been failing is
+treated as lost once ``failover_time_s`` has passed since the *send* time of its last write that
+succeeded — the earliest moment another worker can see it expired — so this worker never keeps
+acting as owner past that. A conditional-write failure right after a failed (possibly applied)
+write is checked against the stored lease: if it shows this owner and exactly one more counter
+step, that write did land and the lease is kept.
 """
 
 from __future__ import annotations
@@ -24,10 +33,13 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
 from pipeline import metrics
+from pipeline.aws_health import CHECKPOINT_BACKOFF_INITIAL_S, CHECKPOINT_BACKOFF_MAX_S
 from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, lease_key_for
 from pipeline.codec import child_version_floor
-from pipeline.errors import LeaseLostError
+from pipeline.errors import LeaseLostError, TransientError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.source import ShardInfo
 
@@ -56,6 +68,8 @@ class LeaseCoordinator:
         self._tokens: dict[str, int] = {}
         self._next_token = 0
         self.takeovers = 0
+        self._confirmed: dict[str, float] = {}  # lease key -> send time of its last successful write
+        self._failing: set[str] = set()  # lease keys whose last write failed transiently
 
     # -- shards → leases -----------------------------------------------------------------------
 
@@ -172,12 +186,14 @@ class LeaseCoordinator:
         taken: list[Lease] = []
 
         def take(lease: Lease, why: str) -> bool:
+            sent = self.clock()
             try:
                 new = self.store.take_lease(lease, self.worker_id)
             except LeaseLostError:
                 return False
             with self._lock:
                 self._held[new.lease_key] = new
+                self._confirm(new.lease_key, sent)
                 self._next_token += 1
                 self._tokens[new.lease_key] = self._next_token  # a new period of ownership
             self._observed[new.lease_key] = (new.counter, now)
@@ -212,20 +228,73 @@ class LeaseCoordinator:
         return taken
 
     def renew(self) -> list[Lease]:
-        """Renew every held lease; returns those lost (someone else wrote them)."""
+        """Renew every held lease; returns those lost (someone else wrote them, or their renewals
+        kept failing until they would have expired). A renewal that fails transiently keeps the
+        lease (it is tried again on the next call) until then; :attr:`renewal_failures` counts the
+        leases whose renewal failed on this call."""
         lost = []
+        self.renewal_failures = 0
         for key in list(self._held):
             with self._lock:
                 lease = self._held.get(key)
                 if lease is None:
                     continue
+                sent = self.clock()
                 try:
                     self._held[key] = self.store.renew_lease(lease, behind_ms=self._behind.get(key))
+                    self._confirm(key, sent)
                 except LeaseLostError:
+                    current = self._landed(key, lease)
+                    if current is not None:
+                        self._held[key] = current  # the failed renewal before did land
+                        continue
                     self._forget(key)
                     lost.append(lease)
                     self.log.warning("lease_lost", shard_id=lease.shard_id, lease_counter=lease.counter)
+                except TransientError as exc:
+                    self._failing.add(key)
+                    self.renewal_failures += 1
+                    if self._expired(key):
+                        self._forget(key)
+                        lost.append(lease)
+                        self.log.error("lease_expired_unrenewed", shard_id=lease.shard_id, error=str(exc),
+                                       failover_time_s=self.failover_time_s,
+                                       hint="the lease table did not answer for failover_time_s: another "
+                                            "worker may take this shard now, so this one stops reading it")
+                    else:
+                        self.log.warning("lease_renewal_retry", shard_id=lease.shard_id, error=str(exc),
+                                         expires_in_s=round(self._expires_in(key), 2))
         return lost
+
+    renewal_failures = 0
+
+    def _confirm(self, key: str, sent: float) -> None:
+        """A write of ``key`` sent at ``sent`` (monotonic s) succeeded. Call with the lock held."""
+        self._confirmed[key] = sent
+        self._failing.discard(key)
+
+    def _expires_in(self, key: str) -> float:
+        return self._confirmed.get(key, self.clock()) + self.failover_time_s - self.clock()
+
+    def _expired(self, key: str) -> bool:
+        """True when ``key``'s writes have been failing and ``failover_time_s`` passed since the
+        send time of its last successful write (another worker may see it expired now)."""
+        return key in self._failing and self._expires_in(key) <= 0
+
+    def _landed(self, key: str, lease: Lease) -> Lease | None:
+        """After a conditional failure of a write of ``lease``: when an earlier write of it failed
+        transiently (it may have been applied all the same) and the stored lease shows this owner
+        one counter step further, that write landed: returns the stored lease. Else None."""
+        if key not in self._failing:
+            return None
+        try:
+            current = self.store.get_lease(key)
+        except TransientError:
+            return None
+        if current is not None and current.owner == self.worker_id and current.counter == lease.counter + 1:
+            self.log.info("lease_write_landed", shard_id=lease.shard_id, lease_counter=current.counter)
+            return current
+        return None
 
     # -- used by shard consumers ----------------------------------------------------------------
 
@@ -248,15 +317,24 @@ class LeaseCoordinator:
     def owns(self, lease_key: str, token: int | None = None) -> bool:
         """True while this worker holds ``lease_key`` (in the period of ownership ``token``, if given)."""
         with self._lock:
+            if lease_key in self._failing and self._expired(lease_key):
+                return False  # writes kept failing until it would have expired: not ours any more
             return lease_key in self._held and (token is None or self._tokens.get(lease_key) == token)
 
     def _forget(self, lease_key: str) -> None:
         self._held.pop(lease_key, None)
         self._tokens.pop(lease_key, None)
+        self._confirmed.pop(lease_key, None)
+        self._failing.discard(lease_key)
 
     def record_gap(self, gap) -> None:
-        """Store (or update) a :class:`pipeline.checkpoint.Gap` in the lease table."""
-        self.store.record_gap(gap)
+        """Store (or update) a :class:`pipeline.checkpoint.Gap` in the lease table; transient
+        errors are retried with backoff for up to 60 s."""
+        for attempt in Retrying(retry=retry_if_exception_type(TransientError), stop=stop_after_delay(60.0),
+                                wait=wait_exponential_jitter(multiplier=CHECKPOINT_BACKOFF_INITIAL_S,
+                                                             max=CHECKPOINT_BACKOFF_MAX_S), reraise=True):
+            with attempt:
+                self.store.record_gap(gap)
 
     def report_behind(self, lease_key: str, behind_ms: int) -> None:
         """A consumer's current lag (ms); written with the next renewal or checkpoint."""
@@ -275,12 +353,11 @@ class LeaseCoordinator:
         request replaced ``move`` meanwhile (the held lease then carries the newer one).
 
         Raises LeaseLostError when the lease is not held (in period ``token``) or was taken by
-        another worker.
+        another worker. Transient errors are retried as for :meth:`checkpoint`.
         """
-        with self._lock:
-            lease = self._held.get(lease_key)
-            if lease is None or (token is not None and self._tokens.get(lease_key) != token):
-                raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id}")
+        def once() -> Lease | None:
+            lease = self._held_in(lease_key, token)
+            sent = self.clock()
             try:
                 new = self.store.apply_move(lease, move)
             except LeaseLostError:
@@ -288,10 +365,20 @@ class LeaseCoordinator:
                 if current is not None and current.owner == self.worker_id and current.counter == lease.counter:
                     self._held[lease_key] = lease.with_(move=current.move)  # replaced by a newer request
                     return None
+                landed = self._landed(lease_key, lease)
+                if landed is not None and landed.checkpoint == move.checkpoint and landed.move is None:
+                    self._held[lease_key] = landed
+                    return landed
+                if landed is not None:
+                    self._held[lease_key] = landed  # another of our writes landed: apply on the new counter
+                    raise _Retry() from None
                 self._forget(lease_key)
                 raise
             self._held[lease_key] = new
+            self._confirm(lease_key, sent)
             return new
+
+        return self._write_retrying(lease_key, once, "checkpoint_move")
 
     def checkpoint(self, lease_key: str, checkpoint: str, token: int | None = None, *,
                    version_floor: int | None = None, version_high: int | None = None) -> Lease:
@@ -300,25 +387,90 @@ class LeaseCoordinator:
         With ``token``, only in that period of ownership. ``version_floor`` / ``version_high``
         (see :func:`pipeline.codec.record_version`) are stored in the same conditional write when
         given: the floor only while the lease has none (it never changes once stored), the high
-        part only upwards. Raises LeaseLostError if the lease is not held (or was re-taken since
-        ``token``) or the conditional write fails (the lease is then dropped from this worker).
+        part only upwards. Raises LeaseLostError if the lease is
+        not held (or was re-taken since ``token``) or the conditional write fails (the lease is
+        then dropped from this worker). A transient error (:class:`~pipeline.errors.TransientError`)
+        is retried with jittered exponential backoff (0.1 s to 2 s) until the write passes or the
+        lease would have expired (``failover_time_s`` after its last successful write): then the
+        lease is dropped and LeaseLostError raised. A conditional failure is never retried, except
+        when it only shows that an earlier, failed attempt landed (see module doc).
         """
-        with self._lock:
-            lease = self._held.get(lease_key)
-            if lease is None or (token is not None and self._tokens.get(lease_key) != token):
-                raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id} "
-                                     "(lost, or re-taken since this reader started)")
+        def once() -> Lease:
+            lease = self._held_in(lease_key, token)
             if version_floor is not None and lease.version_floor is None:
                 lease = lease.with_(version_floor=version_floor)
             if version_high is not None and (lease.version_high is None or version_high > lease.version_high):
                 lease = lease.with_(version_high=version_high)
+            sent = self.clock()
             try:
                 new = self.store.checkpoint(lease, checkpoint, behind_ms=self._behind.get(lease_key))
             except LeaseLostError:
-                self._forget(lease_key)
-                raise
+                landed = self._landed(lease_key, lease)
+                if landed is None:
+                    self._forget(lease_key)
+                    raise
+                self._held[lease_key] = landed
+                if landed.checkpoint == checkpoint:
+                    return landed  # the failed attempt before did write this checkpoint
+                raise _Retry() from None  # a renewal landed meanwhile: write on the new counter
             self._held[lease_key] = new
+            self._confirm(lease_key, sent)
             return new
+
+        return self._write_retrying(lease_key, once, "checkpoint")
+
+    def _held_in(self, lease_key: str, token: int | None) -> Lease:
+        """The held lease (in period ``token``); LeaseLostError if not held. Lock held by caller."""
+        lease = self._held.get(lease_key)
+        if lease is None or (token is not None and self._tokens.get(lease_key) != token):
+            raise LeaseLostError(f"lease {lease_key} is not held by {self.worker_id} "
+                                 "(lost, or re-taken since this reader started)")
+        if self._expired(lease_key):  # never write as owner past the moment it may be taken
+            self._forget(lease_key)
+            raise LeaseLostError(f"lease {lease_key} expired: its renewals failed for failover_time_s "
+                                 f"({self.failover_time_s:g} s)")
+        return lease
+
+    def _write_retrying(self, lease_key: str, once: Callable[[], Any], what: str) -> Any:
+        """Run ``once`` (one conditional write, under the lock) until it returns; transient errors
+        are retried with backoff — sleeping without the lock — until the lease would have expired."""
+        def stop(_state) -> bool:
+            with self._lock:
+                return lease_key not in self._held or self._expired(lease_key)
+
+        def before_sleep(state) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, TransientError):
+                self.log.warning(f"{what}_retry", lease_key=lease_key, attempt=state.attempt_number, error=str(exc),
+                                 expires_in_s=round(self._expires_in(lease_key), 2))
+
+        def locked() -> Any:
+            with self._lock:
+                try:
+                    return once()
+                except TransientError:
+                    if lease_key in self._held:
+                        self._failing.add(lease_key)
+                    raise
+
+        try:
+            for attempt in Retrying(retry=retry_if_exception_type((TransientError, _Retry)),
+                                    wait=wait_exponential_jitter(multiplier=CHECKPOINT_BACKOFF_INITIAL_S,
+                                                                 max=CHECKPOINT_BACKOFF_MAX_S,
+                                                                 jitter=CHECKPOINT_BACKOFF_INITIAL_S),
+                                    stop=stop, before_sleep=before_sleep, reraise=True):
+                with attempt:
+                    return locked()
+        except (TransientError, _Retry) as exc:
+            with self._lock:
+                self._forget(lease_key)
+            self.log.error("lease_expired_unwritten", lease_key=lease_key, operation=what, error=str(exc),
+                           failover_time_s=self.failover_time_s,
+                           hint="the lease table did not answer until the lease would have expired: another "
+                                "worker may take this shard now; this one stops reading it")
+            raise LeaseLostError(f"lease {lease_key} expired while the lease table failed ({what}: {exc}); "
+                                 "another worker may own it now") from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def release(self, lease_key: str) -> None:
         """Give a lease up (owner cleared) so another worker can take it at once."""
@@ -332,6 +484,8 @@ class LeaseCoordinator:
                 self.log.info("lease_released", shard_id=lease.shard_id, checkpoint=lease.checkpoint)
             except LeaseLostError:
                 self.log.warning("lease_release_lost", shard_id=lease.shard_id)
+            except TransientError as exc:  # not released: it expires after failover_time_s instead
+                self.log.warning("lease_release_failed", shard_id=lease.shard_id, error=str(exc))
 
     def release_all(self) -> None:
         """Release every held lease (graceful shutdown)."""
@@ -344,3 +498,7 @@ class LeaseCoordinator:
         with self._lock:
             if token is None or self._tokens.get(lease_key) == token:
                 self._forget(lease_key)
+
+
+class _Retry(Exception):
+    """Internal: write again on the lease as now stored (an earlier write of ours landed)."""

@@ -14,7 +14,8 @@ default) and ``metrics.port`` (9108):
 - ``/healthz`` — 200 while the process is alive and its run loop ticks (503 when the loop has not
   ticked for ``metrics.health_stall_s``);
 - ``/readyz`` — 200 once the configuration is loaded, the lease table is reachable and every sink
-  opened; 503 with the reasons (JSON) otherwise.
+  opened, and while no AWS dependency has been failing (transiently, retried) for longer than
+  ``metrics.aws_unready_after_s``; 503 with the reasons (JSON) otherwise.
 
 DynamoDB Streams keeps records for 24 hours (DynamoDB developer guide, "Change data capture for
 DynamoDB Streams"): a shard whose oldest unprocessed record nears that age is about to lose data.
@@ -50,6 +51,11 @@ CHECKPOINT_WRITES = Counter("ddb_cdc_checkpoint_writes_total", "Checkpoints writ
 CHECKPOINT_FAILURES = Counter("ddb_cdc_checkpoint_failures_total",
                               "Checkpoint writes that failed (lease lost or lease table unreachable)",
                               ["table", "shard"])
+# -- AWS dependencies -----------------------------------------------------------------------------
+AWS_TRANSIENT_ERRORS = Counter("ddb_cdc_aws_transient_errors_total",
+                               "AWS calls that failed in a way that passes (HTTP 5xx, throttling, timeout, reset "
+                               "connection) after botocore's own attempts; the worker retried them with backoff",
+                               ["operation"])
 # -- leases -------------------------------------------------------------------------------------
 LEASE_TAKEOVERS = Counter("ddb_cdc_lease_takeovers_total",
                           "Leases this worker took from another worker (expired or for balance)", ["table"])
@@ -79,7 +85,12 @@ class WorkerCollector:
     - ``ddb_cdc_sink_age_seconds{sink}``: how far the sink's delivered position is behind — now −
       creation time of the oldest change handed to it and not yet delivered (0 when it has
       everything it was given);
-    - ``ddb_cdc_leases_held{table}``: leases this worker holds.
+    - ``ddb_cdc_leases_held{table}``: leases this worker holds;
+    - ``ddb_cdc_aws_failing_seconds{dependency}``: how long ``dynamodb_streams`` / ``lease_table``
+      calls have been failing transiently (0 when the last call succeeded; see
+      :mod:`pipeline.aws_health`);
+    - ``ddb_cdc_aws_degraded``: 1 while one of them has been failing for longer than
+      ``metrics.aws_unready_after_s`` (``/readyz`` is then 503), else 0.
     """
 
     def __init__(self, workers: Callable[[], Iterable[Any]]):
@@ -97,7 +108,20 @@ class WorkerCollector:
                                      "Now minus the creation time of the oldest change given to the sink and "
                                      "not yet delivered (0 when current)", labels=["sink"])
         held = GaugeMetricFamily("ddb_cdc_leases_held", "Leases held by this worker", labels=["table"])
+        failing = GaugeMetricFamily("ddb_cdc_aws_failing_seconds",
+                                    "How long calls of an AWS dependency have been failing transiently (0: working)",
+                                    labels=["dependency"])
+        degraded = GaugeMetricFamily("ddb_cdc_aws_degraded",
+                                     "1 while an AWS dependency has been failing for longer than "
+                                     "metrics.aws_unready_after_s (then /readyz is 503)")
+        any_degraded = 0
         for worker in self.workers():
+            health = getattr(worker, "health", None)
+            if health is not None:
+                seconds = health.failing_for()
+                for dep in ("dynamodb_streams", "lease_table"):
+                    failing.add_metric([dep], seconds.get(dep, 0.0))
+                any_degraded = max(any_degraded, int(health.degraded()))
             for consumer in list(worker.consumers.values()):
                 table, shard = consumer.source.table, consumer.shard_id
                 age.add_metric([table, shard], consumer.iterator_age_s(now))
@@ -109,7 +133,8 @@ class WorkerCollector:
                 counts[lease.table] = counts.get(lease.table, 0) + 1
             for table in {s.table for s in worker.sources}:
                 held.add_metric([table], counts.get(table, 0))
-        yield from (age, remaining, sink_age, held)
+        degraded.add_metric([], any_degraded)
+        yield from (age, remaining, sink_age, held, failing, degraded)
 
     def describe(self):
         return []  # computed at scrape time; no fixed samples to describe

@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from pipeline import metrics
 from pipeline.codec import decode_record, parse_creation_time, record_sequence_number
 from pipeline.deadletter import DeadLetterQueue, decode_entry
-from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError
+from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError, TransientError, TransientSourceError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON, Batch, ChangeEvent
 from pipeline.fanout import DeliveryAborted, FanOut
 from pipeline.leases import LeaseCoordinator
@@ -100,7 +100,10 @@ class ShardConsumer(threading.Thread):
 
     GetRecords throttling (LimitExceededException — DynamoDB Streams allows about two readers
     per shard, and a replay is one more) is retried with jittered exponential backoff (0.25 s
-    doubling to 10 s, tenacity) until it passes or the worker stops; each is counted.
+    doubling to 10 s, tenacity) until it passes or the worker stops; each is counted. Other
+    transient GetRecords errors (5xx, read timeout, reset connection:
+    :class:`~pipeline.errors.TransientSourceError`) are retried the same way, until they pass, the
+    worker stops or the lease is lost (log line ``get_records_retry``).
 
     ``read_budget`` (shared by every consumer of a worker; see :mod:`pipeline.read_budget`): each
     GetRecords call first reserves its ``Limit`` (a full page; :data:`CAUGHT_UP_LIMIT` records for a
@@ -178,6 +181,13 @@ class ShardConsumer(threading.Thread):
         except FatalSinkError as exc:
             self.outcome, self.error = "failed", exc
             self.log.error("shard_failed", error=str(exc))
+        except TransientError as exc:  # retried until the stop or lease loss that ended the retries
+            if self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token):
+                self.outcome, self.error = ("stopped" if self.stop_event.is_set() else "lease_lost"), exc
+                self.log.warning("shard_stopped_while_retrying", error=str(exc), checkpoint=self._checkpointed)
+            else:
+                self.outcome, self.error = "failed", exc
+                self.log.error("shard_failed", error=str(exc))
         except Exception as exc:  # keep the worker alive; report the shard
             self.outcome, self.error = "failed", exc
             self.log.exception("shard_failed", error=f"{type(exc).__name__}: {exc}")
@@ -225,9 +235,9 @@ class ShardConsumer(threading.Thread):
                     continue
                 except ShardNotFoundError as exc:
                     raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream: {exc}") from exc
-                except ThrottledError:
-                    if self.stop_event.is_set():
-                        continue  # stopped while backing off: the loop's top flushes and checkpoints
+                except TransientSourceError:  # throttling included
+                    if self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token):
+                        continue  # stopped / lease lost while backing off: the loop's top acts on it
                     raise
             except TrimmedDataError as exc:
                 if (not isinstance(exc, ShardVanishedError) and self._resume_position() == TRIM_HORIZON
@@ -354,7 +364,8 @@ class ShardConsumer(threading.Thread):
             return self._get_records_backing_off(iterator)
         except Exception as exc:
             kind = {"IteratorExpiredError": "expired_iterator", "TrimmedDataError": "trimmed",
-                    "ShardNotFoundError": "vanished", "ThrottledError": "throttled"}.get(type(exc).__name__, "other")
+                    "ShardNotFoundError": "vanished", "ThrottledError": "throttled",
+                    "TransientSourceError": "transient"}.get(type(exc).__name__, "other")
             if not isinstance(exc, LeaseLostError):
                 metrics.GET_RECORDS_ERRORS.labels(table=self.source.table, shard=self.shard_id, error=kind).inc()
             raise
@@ -382,6 +393,11 @@ class ShardConsumer(threading.Thread):
 
     def _get_records_backing_off(self, iterator: str) -> tuple[Any, Reservation] | None:
         def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if not isinstance(exc, ThrottledError):
+                self.log.warning("get_records_retry", attempt=state.attempt_number, error=str(exc),
+                                 backoff_s=round(state.next_action.sleep, 3) if state.next_action else None)
+                return
             self.stats.throttles += 1
             metrics.GET_RECORDS_THROTTLES.labels(table=self.source.table, shard=self.shard_id).inc()
             self.log.warning("get_records_throttled", attempt=state.attempt_number,
@@ -389,9 +405,12 @@ class ShardConsumer(threading.Thread):
                              hint="DynamoDB Streams serves about two readers per shard; a replay or a "
                                   "second consumer (Lambda, KCL) on this stream counts as one")
 
-        for attempt in Retrying(retry=retry_if_exception_type(ThrottledError),
+        def stop(state: RetryCallState) -> bool:
+            return self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token)
+
+        for attempt in Retrying(retry=retry_if_exception_type(TransientSourceError),  # throttling included
                                 wait=wait_exponential_jitter(multiplier=0.25, max=10.0, jitter=0.25),
-                                stop=stop_when_event_set(self.stop_event), sleep=self.stop_event.wait,
+                                stop=stop, sleep=self.stop_event.wait,
                                 before_sleep=before_sleep, reraise=True):
             with attempt:
                 limit = self._next_limit()

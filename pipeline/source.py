@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, TransientSourceError
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,10 @@ class TrimmedDataError(SourceError):
     """The requested position is behind the stream's trim horizon (older than 24 hours): a gap."""
 
 
-class ThrottledError(SourceError):
+class ThrottledError(TransientSourceError):
     """GetRecords / GetShardIterator was throttled (LimitExceededException: too many readers on the
-    shard or too many calls) after botocore's own retries; back off and call again."""
+    shard or too many calls) after botocore's own retries; back off and call again (transient, but
+    not an outage: it does not make the worker "degraded")."""
 
 
 class ShardNotFoundError(SourceError):

@@ -14,6 +14,11 @@ after ``shutdown_grace_s`` is fenced off the sinks, exit code 1).
 
 A child shard is read only after its parent reached SHARD_END; a parent that is absent from the
 stream and from the lease table (trimmed, or removed after its children started) counts as done.
+
+Transient AWS errors (5xx, timeouts, reset connections) never stop the worker: each call is
+retried with backoff where it is made (see :mod:`pipeline.aws_health` for the table of calls and
+caps) — discovery is scheduled again after a backoff instead of blocking the lease renewals —
+and ``ready()`` turns false while a dependency has been failing longer than ``aws_unready_after_s``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,19 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
+from pipeline.aws_health import (
+    DEFAULT_UNREADY_AFTER_S,
+    DISCOVERY_BACKOFF_INITIAL_S,
+    RENEWAL_BACKOFF_INITIAL_S,
+    DependencyHealth,
+    TrackedLeaseStore,
+    TrackedSource,
+    backoff_s,
+    retry_startup,
+)
 from pipeline.checkpoint import Lease, LeaseStore, WorkerInfo
 from pipeline.deadletter import DeadLetterQueue
-from pipeline.errors import CdcError, FatalSinkError, LeaseLostError
+from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
 from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.leases import LeaseCoordinator
 from pipeline.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
@@ -84,12 +99,19 @@ class Worker:
                  on_consumer_done: Callable[[ShardConsumer], None] | None = None,
                  sink_open_timeout_s: float = 0.0, iterator_age_warning_s: float = 3600.0,
                  iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
-                 health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT):
-        self.sources = list(sources or []) + ([source] if source is not None else [])
+                 health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT,
+                 aws_unready_after_s: float = DEFAULT_UNREADY_AFTER_S):
+        self.stop_event = threading.Event()
+        self._signal: int | None = None
+        #: since when each AWS dependency has been failing (ready() and the metrics read it)
+        self.health = DependencyHealth(unready_after_s=aws_unready_after_s, clock=clock)
+        self.sources = [TrackedSource(s, self.health, stopping=self._stopping, sleep=self._pause,
+                                      logger=logger.bind(worker_id=worker_id))
+                        for s in list(sources or []) + ([source] if source is not None else [])]
         if not self.sources:
             raise ValueError("a worker needs at least one stream source")
         self.by_arn = {s.stream_arn: s for s in self.sources}
-        self.lease_store = lease_store
+        self.lease_store = TrackedLeaseStore(lease_store, self.health)
         self.sinks = list(sinks)
         self.dead_letter = dead_letter
         self.worker_id = worker_id
@@ -105,12 +127,11 @@ class Worker:
         self.read_window = read_window  # a finite read (replay): see ShardConsumer
         self.on_event_counts = on_event_counts
         self.on_consumer_done = on_consumer_done
-        self.stop_event = threading.Event()
         policies = policies or {}
         self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
         self.fanout = FanOut(self.runners, dead_letter, stop_event=self.stop_event, logger=self.log)
         self.coordinator = LeaseCoordinator(
-            lease_store, worker_id=worker_id, stream_arns=list(self.by_arn),
+            self.lease_store, worker_id=worker_id, stream_arns=list(self.by_arn),
             failover_time_s=failover_time_s, logger=self.log, clock=clock)
         self.consumers: dict[str, ShardConsumer] = {}
         self.read_budget = ReadBudget(max_pages_in_flight, self.shard_settings.max_records_per_call)
@@ -119,7 +140,6 @@ class Worker:
         self._opened: list[Any] = []
         self._shards: dict[str, list[ShardInfo]] = {}
         self._started_at = datetime.now(timezone.utc).isoformat()
-        self._signal: int | None = None
         self.sink_open_timeout_s = sink_open_timeout_s
         self.iterator_age_warning_s = iterator_age_warning_s
         self.iterator_age_error_s = iterator_age_error_s
@@ -147,6 +167,22 @@ class Worker:
         main thread holds one would deadlock); the run loop acts on it within 0.2 s."""
         self._signal = signum
 
+    def _stopping(self) -> bool:
+        """True once a stop was asked for (by :meth:`stop` or a signal)."""
+        return self.stop_event.is_set() or self._signal is not None
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (a retry's backoff), in steps of at most 0.2 s, returning early on a
+        stop request; the health endpoint sees the loop ticking meanwhile."""
+        end = self.clock() + seconds
+        while not self._stopping():
+            remaining = end - self.clock()
+            if remaining <= 0:
+                return
+            self.stop_event.wait(min(0.2, remaining))
+            if threading.current_thread() is threading.main_thread():
+                self._tick()
+
     # -- health ---------------------------------------------------------------------------------
 
     def healthy(self) -> tuple[bool, str]:
@@ -158,8 +194,10 @@ class Worker:
 
     def ready(self) -> tuple[bool, list[str]]:
         """(ready, reasons not): configuration loaded (this object exists), lease table reachable
-        (the last lease-table call succeeded), every sink opened, and not stopping."""
-        reasons = []
+        (the last lease-table call succeeded), every sink opened, no AWS dependency failing for
+        longer than ``aws_unready_after_s`` (:class:`~pipeline.aws_health.DependencyHealth`), and
+        not stopping."""
+        reasons = list(self.health.ready_reasons())
         unopened = [sink.name for sink in self.sinks if sink not in self._opened]
         if unopened:
             reasons.append(f"sink(s) not open yet: {', '.join(unopened)}")
@@ -181,14 +219,25 @@ class Worker:
                 self._on_stop_signal()  # stopped while waiting for a sink to open: a clean stop
             elif not self.stop_event.is_set():
                 try:
-                    self.lease_store.ensure_table()
+                    retry_startup(self.lease_store.ensure_table, what="lease table", stopping=self._stopping,
+                                  sleep=self._pause, logger=self.log)
+                    started = True
+                except TransientError as exc:
+                    if not self._stopping():
+                        self._lease_store_error = str(exc)
+                        raise
+                    started = False  # stopped while retrying: a clean stop
                 except CdcError as exc:
                     self._lease_store_error = str(exc)
                     raise
-                self._lease_store_error = None
-                self.log.info("worker_started", tables=[s.table for s in self.sources],
-                              stream_arns=[s.stream_arn for s in self.sources], sinks=[s.name for s in self.sinks])
-                self._loop()
+                if started:
+                    self._lease_store_error = None
+                    self.log.info("worker_started", tables=[s.table for s in self.sources],
+                                  stream_arns=[s.stream_arn for s in self.sources],
+                                  sinks=[s.name for s in self.sinks])
+                    self._loop()
+                elif self._signal is not None:
+                    self._on_stop_signal()
         except FatalSinkError as exc:
             self.log.error("worker_failed", error=str(exc))
             self.failed.append(("*", "failed", str(exc)))
@@ -243,17 +292,23 @@ class Worker:
                 self._tick()
             delay = min(delay * 2, 15.0)
 
-    def _discover(self, first: bool) -> None:
+    def _discover(self, first: bool) -> bool:
+        """Discover every stream's shards; False when one failed transiently (try again soon)."""
+        ok = True
         for source in self.sources:
             try:
                 shards = source.list_shards()
                 self._shards[source.stream_arn] = shards
                 self.coordinator.sync_shards(source.table, source.stream_arn, shards, self.start_position)
                 self.coordinator.remove_finished_parents(source.stream_arn, [s.shard_id for s in shards])
+            except TransientError as exc:
+                ok = False
+                self.log.warning("shard_discovery_failed", table=source.table, error=str(exc), transient=True)
             except CdcError as exc:
                 if first:
                     raise  # a stream or lease table that cannot be used at start is a set-up problem
                 self.log.warning("shard_discovery_failed", table=source.table, error=str(exc))
+        return ok
 
     def _announce(self) -> None:
         info = WorkerInfo(worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
@@ -266,35 +321,47 @@ class Worker:
         next_renewal = 0.0
         renew_every = self.failover_time_s / 3.0
         first_discovery = True
+        discovery_failures = renewal_failures = 0  # in a row, transient: the next try comes sooner
         while not self.stop_event.is_set():
             if self._signal is not None:
                 self._on_stop_signal()
                 break
             now = self.clock()
             if now >= next_discovery:
-                self._discover(first_discovery)
-                first_discovery = False
-                next_discovery = now + self.discovery_interval_s
+                if self._discover(first_discovery):
+                    first_discovery, discovery_failures = False, 0
+                    next_discovery = now + self.discovery_interval_s
+                else:
+                    discovery_failures += 1
+                    next_discovery = now + backoff_s(discovery_failures, DISCOVERY_BACKOFF_INITIAL_S,
+                                                     max(DISCOVERY_BACKOFF_INITIAL_S, self.discovery_interval_s))
             if now >= next_renewal:
                 try:
                     self.coordinator.renew()
+                    failed_renewals = self.coordinator.renewal_failures
                     self.coordinator.acquire()
                     self._announce()
                     self._lease_store_error = None
                 except CdcError as exc:
+                    failed_renewals = 1 if isinstance(exc, TransientError) else 0
                     self._lease_store_error = str(exc)
                     self.log.warning("lease_renewal_failed", error=str(exc))
-                next_renewal = now + renew_every
+                renewal_failures = renewal_failures + 1 if failed_renewals else 0
+                next_renewal = now + (backoff_s(renewal_failures, RENEWAL_BACKOFF_INITIAL_S, renew_every)
+                                      if renewal_failures else renew_every)
             self._tick()
             self._reap()
             self._log_iterator_ages()
             if any(outcome == "failed" for _, outcome, _ in self.failed):
                 self.stop_event.set()
                 break
-            self._start_ready_consumers()
-            if self.exit_when_idle and not self.consumers and self._all_done():
-                self.log.info("worker_idle_exit")
-                break
+            try:
+                self._start_ready_consumers()
+                if self.exit_when_idle and not self.consumers and self._all_done():
+                    self.log.info("worker_idle_exit")
+                    break
+            except TransientError as exc:  # the lease table did not answer: next tick
+                self.log.warning("lease_table_read_failed", error=str(exc))
             self.stop_event.wait(min(0.2, renew_every))
 
     def _log_iterator_ages(self) -> None:

@@ -32,6 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import NAMESPACE_SEPARATOR, Gap, Lease, MoveRequest, WorkerInfo
+from connectors.dynamodb_streams.errors import store_error
 from pipeline.errors import CheckpointStoreError, LeaseLostError, LeaseNotFoundError
 
 
@@ -157,16 +158,15 @@ class DynamoDBLeaseStore:
             )
         except ClientError as exc:
             if self._code(exc) not in ("ResourceInUseException",):
-                raise CheckpointStoreError(f"cannot create lease table {self.table_name!r}: "
-                                           f"{self._code(exc)}: {exc}") from None
+                raise store_error(exc, "lease_table_create", f"cannot create lease table {self.table_name!r}") from None
         except BotoCoreError as exc:
-            raise CheckpointStoreError(f"cannot reach DynamoDB for lease table {self.table_name!r}: {exc}") from None
+            raise store_error(exc, "lease_table_create", f"cannot reach DynamoDB for lease table {self.table_name!r}") from None
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 status = self.client.describe_table(TableName=self.table_name)["Table"]["TableStatus"]
-            except ClientError as exc:
-                raise CheckpointStoreError(f"cannot describe lease table {self.table_name!r}: {exc}") from None
+            except (ClientError, BotoCoreError) as exc:
+                raise store_error(exc, "lease_table_describe", f"cannot describe lease table {self.table_name!r}") from None
             if status == "ACTIVE":
                 return
             if time.monotonic() > deadline:
@@ -183,7 +183,7 @@ class DynamoDBLeaseStore:
             try:
                 page = self.client.scan(**kwargs)
             except (ClientError, BotoCoreError) as exc:
-                raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
+                raise store_error(exc, "lease_scan", f"cannot scan lease table {self.table_name!r}") from None
             special = (self.prefix + WORKER_KEY_PREFIX, self.prefix + GAP_KEY_PREFIX)
             leases.extend(item_to_lease(item, self.prefix) for item in page.get("Items", [])
                           if self._mine(item["leaseKey"]["S"]) and not item["leaseKey"]["S"].startswith(special))
@@ -196,7 +196,7 @@ class DynamoDBLeaseStore:
             item = self.client.get_item(TableName=self.table_name, Key=self._key(lease_key),
                                         ConsistentRead=True).get("Item")
         except (ClientError, BotoCoreError) as exc:
-            raise CheckpointStoreError(f"cannot read lease {lease_key}: {exc}") from None
+            raise store_error(exc, "lease_get", f"cannot read lease {lease_key}") from None
         return item_to_lease(item, self.prefix) if item else None
 
     # -- conditional writes ---------------------------------------------------------------------
@@ -209,9 +209,9 @@ class DynamoDBLeaseStore:
         except ClientError as exc:
             if self._code(exc) == "ConditionalCheckFailedException":
                 return False
-            raise CheckpointStoreError(f"cannot create lease {lease.lease_key}: {exc}") from None
+            raise store_error(exc, "lease_create", f"cannot create lease {lease.lease_key}") from None
         except BotoCoreError as exc:
-            raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
+            raise store_error(exc, "lease_create", f"cannot reach the lease table {self.table_name!r}") from None
 
     def take_lease(self, lease: Lease, owner: str) -> Lease:
         # KCL counts a switch only when another worker owned it (DynamoDBLeaseRefresher.takeLease)
@@ -219,15 +219,16 @@ class DynamoDBLeaseStore:
         new = lease.with_(owner=owner, counter=lease.counter + 1, owner_switches_since_checkpoint=switches)
         return self._update(lease, new, "SET leaseOwner = :owner, leaseCounter = :next, "
                                         "ownerSwitchesSinceCheckpoint = :switches",
-                            {":owner": _s(owner), ":switches": _n(switches)}, check_owner=False)
+                            {":owner": _s(owner), ":switches": _n(switches)}, check_owner=False,
+                            operation="lease_take")
 
     def renew_lease(self, lease: Lease, *, behind_ms: int | None = None) -> Lease:
         if behind_ms is None:
             new = lease.with_(counter=lease.counter + 1)
-            return self._update(lease, new, "SET leaseCounter = :next", {})
+            return self._update(lease, new, "SET leaseCounter = :next", {}, operation="lease_renew")
         new = lease.with_(counter=lease.counter + 1, behind_ms=behind_ms)
         return self._update(lease, new, "SET leaseCounter = :next, millisBehindLatest = :behind",
-                            {":behind": _n(behind_ms)})
+                            {":behind": _n(behind_ms)}, operation="lease_renew")
 
     def checkpoint(self, lease: Lease, checkpoint: str, sub_sequence_number: int = 0, *,
                    behind_ms: int | None = None) -> Lease:
@@ -246,11 +247,11 @@ class DynamoDBLeaseStore:
         if lease.version_high is not None:
             update += ", versionHigh = :high"
             values[":high"] = _n(lease.version_high)
-        return self._update(lease, new, update, values)
+        return self._update(lease, new, update, values, operation="checkpoint")
 
     def release_lease(self, lease: Lease) -> Lease:
         new = lease.with_(owner=None, counter=lease.counter + 1)
-        return self._update(lease, new, "SET leaseCounter = :next REMOVE leaseOwner", {})
+        return self._update(lease, new, "SET leaseCounter = :next REMOVE leaseOwner", {}, operation="lease_release")
 
     # -- checkpoint moves -----------------------------------------------------------------------
 
@@ -267,9 +268,9 @@ class DynamoDBLeaseStore:
         except ClientError as exc:
             if self._code(exc) == "ConditionalCheckFailedException":
                 raise LeaseNotFoundError(f"no lease {lease_key} in table {self.table_name!r}") from None
-            raise CheckpointStoreError(f"cannot request a move of lease {lease_key}: {exc}") from None
+            raise store_error(exc, "lease_move_request", f"cannot request a move of lease {lease_key}") from None
         except BotoCoreError as exc:
-            raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
+            raise store_error(exc, "lease_move_request", f"cannot reach the lease table {self.table_name!r}") from None
         return item_to_lease(attrs, self.prefix)
 
     def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
@@ -288,9 +289,9 @@ class DynamoDBLeaseStore:
                   "ownerSwitchesSinceCheckpoint = :zero REMOVE " + ", ".join(_MOVE_ATTRIBUTES))
         values = {":cp": _s(checkpoint), ":zero": _n(0)}
         if request_id is None:
-            return self._update(lease, new, update, values)
+            return self._update(lease, new, update, values, operation="checkpoint")
         return self._update(lease, new, update, {**values, ":request": _s(request_id)},
-                            extra_condition="moveRequestId = :request")
+                            extra_condition="moveRequestId = :request", operation="checkpoint")
 
     def delete_lease(self, lease: Lease) -> None:
         try:
@@ -301,9 +302,9 @@ class DynamoDBLeaseStore:
         except ClientError as exc:
             if self._code(exc) == "ConditionalCheckFailedException":
                 raise LeaseLostError(f"lease {lease.lease_key} changed; not deleted") from None
-            raise CheckpointStoreError(f"cannot delete lease {lease.lease_key}: {exc}") from None
+            raise store_error(exc, "lease_delete", f"cannot delete lease {lease.lease_key}") from None
         except BotoCoreError as exc:
-            raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
+            raise store_error(exc, "lease_delete", f"cannot reach the lease table {self.table_name!r}") from None
 
     def drop_namespace(self) -> int:
         """Delete every item of this store's namespace (leases, workers, gaps); returns how many.
@@ -315,7 +316,7 @@ class DynamoDBLeaseStore:
             try:
                 self.client.delete_item(TableName=self.table_name, Key={"leaseKey": item["leaseKey"]})
             except (ClientError, BotoCoreError) as exc:
-                raise CheckpointStoreError(f"cannot delete {item['leaseKey']['S']}: {exc}") from None
+                raise store_error(exc, "lease_delete", f"cannot delete {item['leaseKey']['S']}") from None
             deleted += 1
         return deleted
 
@@ -328,7 +329,7 @@ class DynamoDBLeaseStore:
                 "host": _s(info.host), "pid": _n(info.pid), "startedAt": _s(info.started_at),
                 "heartbeatAt": _s(info.heartbeat_at), "leases": _n(info.leases)})
         except (ClientError, BotoCoreError) as exc:
-            raise CheckpointStoreError(f"cannot announce worker {info.worker_id}: {exc}") from None
+            raise store_error(exc, "worker_announce", f"cannot announce worker {info.worker_id}") from None
 
     def _scan_prefix(self, prefix: str) -> list[dict[str, Any]]:
         """Every item whose lease key starts with ``prefix`` (consistent Scan, all pages)."""
@@ -340,7 +341,7 @@ class DynamoDBLeaseStore:
             try:
                 page = self.client.scan(**kwargs)
             except (ClientError, BotoCoreError) as exc:
-                raise CheckpointStoreError(f"cannot scan lease table {self.table_name!r}: {exc}") from None
+                raise store_error(exc, "lease_scan", f"cannot scan lease table {self.table_name!r}") from None
             items.extend(page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 return items
@@ -357,7 +358,7 @@ class DynamoDBLeaseStore:
         try:
             self.client.delete_item(TableName=self.table_name, Key=self._key(WORKER_KEY_PREFIX + worker_id))
         except (ClientError, BotoCoreError) as exc:
-            raise CheckpointStoreError(f"cannot remove worker {worker_id}: {exc}") from None
+            raise store_error(exc, "worker_remove", f"cannot remove worker {worker_id}") from None
 
     # -- recorded gaps (items under GAP_KEY_PREFIX) -------------------------------------------
 
@@ -370,7 +371,7 @@ class DynamoDBLeaseStore:
         try:
             self.client.put_item(TableName=self.table_name, Item=item)
         except (ClientError, BotoCoreError) as exc:
-            raise CheckpointStoreError(f"cannot record gap of shard {gap.shard_id}: {exc}") from None
+            raise store_error(exc, "gap_record", f"cannot record gap of shard {gap.shard_id}") from None
 
     def list_gaps(self) -> list[Gap]:
         gaps = [Gap(stream_arn=item["streamArn"]["S"], table=item["tableName"]["S"], shard_id=item["shardId"]["S"],
@@ -381,7 +382,7 @@ class DynamoDBLeaseStore:
         return sorted(gaps, key=lambda g: g.detected_at)
 
     def _update(self, old: Lease, new: Lease, update: str, values: dict[str, Any], *, check_owner: bool = True,
-                extra_condition: str = "") -> Lease:
+                extra_condition: str = "", operation: str = "lease_update") -> Lease:
         """One conditional UpdateItem; returns ``new`` with the move request as stored afterwards."""
         condition = "leaseCounter = :counter"
         if extra_condition:
@@ -402,9 +403,9 @@ class DynamoDBLeaseStore:
             if self._code(exc) == "ConditionalCheckFailedException":
                 raise LeaseLostError(f"lease {old.lease_key} was changed by another worker "
                                      f"(expected owner {old.owner!r}, counter {old.counter})") from None
-            raise CheckpointStoreError(f"cannot update lease {old.lease_key}: {self._code(exc)}: {exc}") from None
+            raise store_error(exc, operation, f"cannot update lease {old.lease_key}") from None
         except BotoCoreError as exc:
-            raise CheckpointStoreError(f"cannot reach the lease table {self.table_name!r}: {exc}") from None
+            raise store_error(exc, operation, f"cannot reach the lease table {self.table_name!r}") from None
         return new.with_(move=move_from_item(attrs))
 
     @staticmethod

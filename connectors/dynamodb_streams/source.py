@@ -12,18 +12,29 @@ Facts used (DynamoDB / DynamoDB Streams API references):
 - throttling (LimitExceededException, ProvisionedThroughputExceededException) and 5xx
   (InternalServerError) are retried by botocore's ``standard`` retry mode with jittered
   exponential backoff (configured in :mod:`connectors.aws`).
+
+Errors left after botocore's attempts are classified in one place,
+:mod:`connectors.dynamodb_streams.errors`: those that pass (5xx, timeouts, reset connections,
+throttling) become :class:`~pipeline.errors.TransientSourceError` (ThrottledError for
+throttling), which the worker retries with backoff; the rest become SourceError (or the specific
+ones below) and stop the shard or the worker.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import time
+
 from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from connectors.aws import make_client
+from connectors.dynamodb_streams.errors import THROTTLING_CODES, classify, count_transient, source_error  # noqa: F401 (re-export)
 from connectors.dynamodb_streams.fastpath import install_fast_get_records
 from pipeline.awsconfig import AwsConfig
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, TransientSourceError
+from pipeline.logs import get_logger
 from pipeline.source import (
     IteratorExpiredError,
     ReadResult,
@@ -33,10 +44,12 @@ from pipeline.source import (
     TrimmedDataError,
 )
 
-#: Error codes of throttling (DynamoDB Streams API reference: LimitExceededException — "your
-#: request rate is too high"; the others are the common throttling codes botocore also retries).
-THROTTLING_CODES = frozenset({"LimitExceededException", "ProvisionedThroughputExceededException",
-                              "ThrottlingException", "RequestLimitExceeded"})
+#: How long resolving a table's stream at start (DescribeTable) retries errors that pass, in s;
+#: then SourceError (exit 1). SIGTERM ends the wait at once (pipeline/cli.py).
+DESCRIBE_TABLE_RETRY_S = 120.0
+#: Backoff between those attempts: jittered exponential from 0.5 s, capped at 10 s (tenacity).
+DESCRIBE_TABLE_BACKOFF_INITIAL_S = 0.5
+DESCRIBE_TABLE_BACKOFF_MAX_S = 10.0
 
 
 def _code(exc: ClientError) -> str:
@@ -60,11 +73,13 @@ class DynamoDBStreamSource:
     JSON dicts — :mod:`connectors.dynamodb_streams.fastpath`) or ``boto3`` (botocore's
     shape-driven parser; records with datetime and bytes values). Both decode to identical change
     events. Raises SourceError with a one-line fix when the table has no stream or cannot be
-    described.
+    described. DescribeTable errors that pass (5xx, timeouts, refused connections) are retried
+    with backoff for ``describe_retry_s`` (default :data:`DESCRIBE_TABLE_RETRY_S`, 120 s) first.
     """
 
     def __init__(self, aws: AwsConfig, *, table: str | None = None, stream_arn: str | None = None,
-                 dynamodb: Any = None, streams: Any = None, read_path: str = "fast"):
+                 dynamodb: Any = None, streams: Any = None, read_path: str = "fast",
+                 describe_retry_s: float = DESCRIBE_TABLE_RETRY_S):
         self.aws = aws
         self.streams = streams or make_client("dynamodbstreams", aws, max_pool_connections=50)
         if read_path not in ("fast", "boto3"):
@@ -78,21 +93,43 @@ class DynamoDBStreamSource:
         elif table:
             client = dynamodb or make_client("dynamodb", aws)
             self.table = table
-            self.stream_arn = self._latest_stream_arn(client, table)
+            self.stream_arn = self._latest_stream_arn_retrying(client, table, describe_retry_s)
         else:
             raise SourceError("no stream named: set source.table or source.stream_arn")
 
+    @classmethod
+    def _latest_stream_arn_retrying(cls, client: Any, table: str, retry_s: float) -> str:
+        """:meth:`_latest_stream_arn`, with errors that pass retried for ``retry_s`` seconds."""
+        log = get_logger(component="source")
+
+        def before_sleep(state) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("describe_table_retry", table=table, attempt=state.attempt_number, error=str(exc),
+                        retry_in_s=round(state.next_action.sleep, 2) if state.next_action else None,
+                        gives_up_after_s=retry_s)
+
+        for attempt in Retrying(retry=retry_if_exception_type(TransientSourceError),
+                                wait=wait_exponential_jitter(multiplier=DESCRIBE_TABLE_BACKOFF_INITIAL_S,
+                                                             max=DESCRIBE_TABLE_BACKOFF_MAX_S),
+                                stop=stop_after_delay(retry_s), sleep=time.sleep, before_sleep=before_sleep,
+                                reraise=True):
+            with attempt:
+                return cls._latest_stream_arn(client, table)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     @staticmethod
     def _latest_stream_arn(client: Any, table: str) -> str:
+        endpoint = getattr(getattr(client, "meta", None), "endpoint_url", "the DynamoDB endpoint")
         try:
             desc = client.describe_table(TableName=table)["Table"]
         except ClientError as exc:
             if _code(exc) == "ResourceNotFoundException":
-                raise SourceError(f"table {table!r} not found at {client.meta.endpoint_url}: "
+                raise SourceError(f"table {table!r} not found at {endpoint}: "
                                   "check source.table and aws.region / aws.endpoint_url") from None
-            raise SourceError(f"cannot describe table {table!r}: {_code(exc)}: {exc}") from None
+            raise source_error(exc, "describe_table", f"cannot describe table {table!r}") from None
         except BotoCoreError as exc:
-            raise SourceError(f"cannot reach DynamoDB at {client.meta.endpoint_url}: {exc}") from None
+            raise source_error(exc, "describe_table", f"cannot reach DynamoDB at {endpoint} "
+                                                      f"(DescribeTable {table!r})") from None
         arn = desc.get("LatestStreamArn")
         spec = desc.get("StreamSpecification") or {}
         if not arn or not spec.get("StreamEnabled", True):
@@ -110,10 +147,8 @@ class DynamoDBStreamSource:
                 kwargs["ExclusiveStartShardId"] = start
             try:
                 desc = self.streams.describe_stream(**kwargs)["StreamDescription"]
-            except ClientError as exc:
-                raise SourceError(f"DescribeStream {self.stream_arn}: {_code(exc)}: {exc}") from None
-            except BotoCoreError as exc:
-                raise SourceError(f"cannot reach DynamoDB Streams: {exc}") from None
+            except (ClientError, BotoCoreError) as exc:
+                raise source_error(exc, "describe_stream", f"DescribeStream {self.stream_arn}") from None
             for shard in desc.get("Shards", []):
                 rng = shard.get("SequenceNumberRange") or {}
                 shards.append(ShardInfo(
@@ -134,26 +169,30 @@ class DynamoDBStreamSource:
             kwargs["SequenceNumber"] = sequence_number
         try:
             return self.streams.get_shard_iterator(**kwargs)["ShardIterator"]
-        except ClientError as exc:
-            raise self._map(exc, shard_id) from None
+        except (ClientError, BotoCoreError) as exc:
+            raise self._map(exc, shard_id, "get_shard_iterator") from None
 
     def get_records(self, iterator: str, limit: int) -> ReadResult:
-        """GetRecords. Raises IteratorExpiredError, TrimmedDataError, ShardNotFoundError, SourceError."""
+        """GetRecords. Raises IteratorExpiredError, TrimmedDataError, ShardNotFoundError, ThrottledError,
+        TransientSourceError (5xx, timeout, reset connection: retry), SourceError (cannot pass)."""
         try:
             response = self.streams.get_records(ShardIterator=iterator, Limit=limit)
-        except ClientError as exc:
-            raise self._map(exc, None) from None
+        except (ClientError, BotoCoreError) as exc:
+            raise self._map(exc, None, "get_records") from None
         return ReadResult(records=response.get("Records", []), next_iterator=response.get("NextShardIterator"))
 
-    def _map(self, exc: ClientError, shard_id: str | None) -> Exception:
-        code = _code(exc)
+    def _map(self, exc: ClientError | BotoCoreError, shard_id: str | None, operation: str) -> Exception:
         where = f"shard {shard_id}" if shard_id else "shard"
+        if not isinstance(exc, ClientError):
+            return source_error(exc, operation, f"{where}: {operation}")
+        code = _code(exc)
         if code == "ExpiredIteratorException":
             return IteratorExpiredError(f"{where}: shard iterator expired")
         if code == "TrimmedDataAccessException":
             return TrimmedDataError(f"{where}: position is behind the trim horizon: {exc}")
         if code == "ResourceNotFoundException":
             return ShardNotFoundError(f"{where} of {self.stream_arn} not found: {exc}")
-        if code in THROTTLING_CODES:
-            return ThrottledError(f"{where}: throttled ({code}) after retries: {exc}")
-        return SourceError(f"{where}: {code}: {exc}")
+        if classify(exc) == "throttled":
+            count_transient(operation)
+            return ThrottledError(f"{where}: throttled ({code}) after retries: {exc}", operation=operation)
+        return source_error(exc, operation, f"{where}: {operation}")
