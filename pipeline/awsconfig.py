@@ -5,7 +5,7 @@ Plain pydantic (no boto3 here); :mod:`connectors.aws` turns it into botocore cli
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class AwsConfig(BaseModel):
@@ -17,8 +17,11 @@ class AwsConfig(BaseModel):
       service (DynamoDB Local serves both DynamoDB and DynamoDB Streams on one port).
     - ``access_key_id`` / ``secret_access_key`` / ``session_token``: static credentials; leave
       them out to use botocore's default chain (env, profile, container or instance role).
-    - ``max_attempts``: botocore ``standard`` retry mode attempts per call (throttling and 5xx
-      are retried with jittered exponential backoff by botocore).
+    - ``max_attempts``: attempts per call, the first included (throttling and 5xx are retried with
+      jittered exponential backoff by botocore). Unset: the ``AWS_MAX_ATTEMPTS`` environment
+      variable, else 10 (the AWS SDKs' convention — "Retry behavior", AWS SDKs and Tools
+      reference guide). The retry mode is ``AWS_RETRY_MODE`` when set (``standard`` /
+      ``adaptive`` / ``legacy``), else ``standard``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -32,7 +35,7 @@ class AwsConfig(BaseModel):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
-    max_attempts: int = 10
+    max_attempts: int | None = Field(None, ge=1)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
 
