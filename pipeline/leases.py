@@ -124,7 +124,13 @@ class LeaseCoordinator:
             return lease.version_floor
         parents = []
         for parent_id in lease.parent_shard_ids:
-            parent = self.store.get_lease(lease_key_for(lease.table, lease.stream_arn, parent_id))
+            key = lease_key_for(lease.table, lease.stream_arn, parent_id)
+            # transient lease-table errors are retried like a gap's write (up to 60 s)
+            for attempt in Retrying(retry=retry_if_exception_type(TransientError), stop=stop_after_delay(60.0),
+                                    wait=wait_exponential_jitter(multiplier=CHECKPOINT_BACKOFF_INITIAL_S,
+                                                                 max=CHECKPOINT_BACKOFF_MAX_S), reraise=True):
+                with attempt:
+                    parent = self.store.get_lease(key)
             if parent is not None:
                 parents.append((parent.version_floor, parent.version_high))
         return child_version_floor(parents)
