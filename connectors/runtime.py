@@ -16,10 +16,12 @@ from pipeline.shard_consumer import ShardSettings
 from pipeline.worker import Worker
 
 
-def build_sources(settings: Settings) -> list[Any]:
-    """One DynamoDB Streams source per configured table / stream ARN. Raises SourceError."""
+def build_sources(settings: Settings, *, describe_retry_s: float | None = None) -> list[Any]:
+    """One DynamoDB Streams source per configured table / stream ARN. Raises SourceError.
+    ``describe_retry_s``: how long DescribeTable's transient errors are retried (default
+    :data:`connectors.dynamodb_streams.source.DESCRIBE_TABLE_RETRY_S`; 0 for one attempt)."""
     from connectors.aws import make_client
-    from connectors.dynamodb_streams.source import DynamoDBStreamSource
+    from connectors.dynamodb_streams.source import DESCRIBE_TABLE_RETRY_S, DynamoDBStreamSource
 
     streams = make_client("dynamodbstreams", settings.aws, max_pool_connections=50)
     dynamodb = make_client("dynamodb", settings.aws)
@@ -27,7 +29,9 @@ def build_sources(settings: Settings) -> list[Any]:
     for kind, value in settings.source.stream_specs():
         kwargs = {kind: value}
         sources.append(DynamoDBStreamSource(settings.aws, dynamodb=dynamodb, streams=streams,
-                                            read_path=settings.source.read_path, **kwargs))
+                                            read_path=settings.source.read_path,
+                                            describe_retry_s=(DESCRIBE_TABLE_RETRY_S if describe_retry_s is None
+                                                              else describe_retry_s), **kwargs))
     return sources
 
 

@@ -230,7 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for kind, value in settings.source.stream_specs():  # one at a time: one bad stream hides no other
             one = settings.model_copy(update={"source": settings.source.model_copy(update={**empty, kind: value})})
             try:
-                sources.extend(build_sources(one))
+                sources.extend(build_sources(one, describe_retry_s=0))  # status reports, never waits
             except Exception as exc:
                 sources.append(SourceUnavailable(value, f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
         return sources
@@ -318,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err(f"config error: {line}")
         return EXIT_CONFIG
     except CdcError as exc:
-        _err(f"{type(exc).__name__}: {exc}")
+        # a transient error that outlasted its retries reads as its base kind (SourceError, …)
+        _err(f"{type(exc).__name__.removeprefix('Transient')}: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED

@@ -113,7 +113,7 @@ def source_error(exc: BaseException, operation: str, what: str) -> SourceError:
     if kind == "permanent":
         return SourceError(f"{what}: {describe(exc)}")
     count_transient(operation)
-    return TransientSourceError(f"{what}: {describe(exc)} (transient; retried)", operation=operation)
+    return TransientSourceError(f"{what}: {describe(exc)} (transient)", operation=operation)
 
 
 def store_error(exc: BaseException, operation: str, what: str) -> CheckpointStoreError:
@@ -124,4 +124,4 @@ def store_error(exc: BaseException, operation: str, what: str) -> CheckpointStor
     if kind == "permanent":
         return CheckpointStoreError(f"{what}: {describe(exc)}")
     count_transient(operation)
-    return TransientCheckpointStoreError(f"{what}: {describe(exc)} (transient; retried)", operation=operation)
+    return TransientCheckpointStoreError(f"{what}: {describe(exc)} (transient)", operation=operation)
