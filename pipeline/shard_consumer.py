@@ -307,17 +307,10 @@ class ShardConsumer(threading.Thread):
         """
         policy = self.settings.on_trimmed
         vanished = isinstance(exc, ShardVanishedError)
-        gap = Gap(stream_arn=self.source.stream_arn, table=self.source.table, shard_id=self.shard_id,
-                  last_checkpoint=self._resume_position(), first_position_after=None,
-                  detected_at=datetime.now(timezone.utc).isoformat(), policy=policy,
-                  error=f"{type(exc).__name__}: {exc}"[:1000])
-        self.coordinator.record_gap(gap)
-        self.stats.gaps += 1
-        metrics.GAPS.labels(table=self.source.table, shard=self.shard_id).inc()
-        self.log.error("trimmed_data_gap", last_checkpoint=gap.last_checkpoint, policy=policy,
-                       shard_vanished=vanished, error=gap.error,
-                       hint="records between the last checkpoint and the stream's trim horizon were lost "
-                            "before this worker read them; the gap is recorded in the lease table")
+        gap = self._record_gap(exc, last_checkpoint=self._resume_position(), first_position_after=None,
+                               hint="records between the last checkpoint and the stream's trim horizon were lost "
+                                    "before this worker read them; the gap is recorded in the lease table",
+                               shard_vanished=vanished)
         if policy != "skip":
             raise exc
         if vanished:
@@ -325,6 +318,22 @@ class ShardConsumer(threading.Thread):
             return None
         self._pending_gap = gap
         return self.source.get_iterator(self.shard_id, TRIM_HORIZON)
+
+    def _record_gap(self, exc: TrimmedDataError, *, last_checkpoint: str, first_position_after: str | None,
+                    hint: str, **log_fields: Any) -> Gap:
+        """Record a gap in the lease table, count it and log it (``trimmed_data_gap``); returns it."""
+        gap = Gap(stream_arn=self.source.stream_arn, table=self.source.table, shard_id=self.shard_id,
+                  last_checkpoint=last_checkpoint, first_position_after=first_position_after,
+                  detected_at=datetime.now(timezone.utc).isoformat(), policy=self.settings.on_trimmed,
+                  error=f"{type(exc).__name__}: {exc}"[:1000])
+        self.coordinator.record_gap(gap)
+        self.stats.gaps += 1
+        metrics.GAPS.labels(table=self.source.table, shard=self.shard_id).inc()
+        if first_position_after is not None:
+            log_fields["first_position_after"] = first_position_after
+        self.log.error("trimmed_data_gap", last_checkpoint=last_checkpoint, policy=gap.policy, error=gap.error,
+                       hint=hint, **log_fields)
+        return gap
 
     def _check_head(self, records: list) -> None:
         """First page of a shard that must be read from its start (``Lease.starting_sequence_number``):
@@ -340,17 +349,10 @@ class ShardConsumer(threading.Thread):
             return
         exc = TrimmedDataError(f"shard {self.shard_id} starts at sequence number {expected}, but its first "
                                f"readable record is {first}: its head was trimmed before it was read")
-        gap = Gap(stream_arn=self.source.stream_arn, table=self.source.table, shard_id=self.shard_id,
-                  last_checkpoint=TRIM_HORIZON, first_position_after=first,
-                  detected_at=datetime.now(timezone.utc).isoformat(), policy=self.settings.on_trimmed,
-                  error=f"{type(exc).__name__}: {exc}"[:1000])
-        self.coordinator.record_gap(gap)
-        self.stats.gaps += 1
-        metrics.GAPS.labels(table=self.source.table, shard=self.shard_id).inc()
-        self.log.error("trimmed_data_gap", last_checkpoint=TRIM_HORIZON, policy=gap.policy,
-                       starting_sequence_number=expected, first_position_after=first, error=gap.error,
-                       hint="the head of this shard was trimmed (older than 24 h) before this worker read it; "
-                            "the gap is recorded in the lease table")
+        gap = self._record_gap(exc, last_checkpoint=TRIM_HORIZON, first_position_after=first,
+                               hint="the head of this shard was trimmed (older than 24 h) before this worker "
+                                    "read it; the gap is recorded in the lease table",
+                               starting_sequence_number=expected)
         if gap.policy != "skip":
             raise exc
 

@@ -1,8 +1,10 @@
-"""Small helpers shared by the tests: polling for a condition, reading a worker's JSON log."""
+"""Small helpers shared by the tests: polling for a condition, running a worker to its end,
+reading a worker's JSON log."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +18,20 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0, 
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
+
+
+def run_to_exit(worker: Any, timeout: float, what: str = "") -> int:
+    """Run ``worker.run()`` in a thread and return its exit code; if it has not returned after
+    ``timeout`` s, stop it and raise AssertionError (``what`` says why it might hang)."""
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(worker.run()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        worker.stop()
+        thread.join(10)
+        raise AssertionError(f"worker.run() did not return within {timeout} s{what}")
+    return result[0]
 
 
 def json_log_events(path: Path, name: str | None = None) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from pipeline.awsconfig import AwsConfig
 from pipeline.config import DeadLetterConfig, Settings
 from pipeline.deadletter import DirectoryDeadLetterQueue, delivery_entry
 from pipeline.s3_sse import S3Encryption
+from tests.test_packaging_files import final_stage
 from pipeline.testing import make_batch, make_stream_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,31 +95,13 @@ def test_put_into_a_new_directory_also_fsyncs_its_parent(tmp_path, io_calls):
 # -- the image's dead-letter volume ------------------------------------------------------------
 
 
-def final_stage_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile's last stage; continuations joined, comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        instruction, _, args = (pending + stripped).partition(" ")
-        pending = ""
-        out.append((instruction.upper(), args.strip()))
-    last_from = max(i for i, (ins, _) in enumerate(out) if ins == "FROM")
-    return out[last_from:]
-
-
 def volume_paths(args: str) -> list[str]:
     """VOLUME takes a JSON array or space-separated paths (Dockerfile reference, VOLUME)."""
     return json.loads(args) if args.startswith("[") else args.split()
 
 
 def test_image_declares_the_default_dead_letter_directory_a_volume_owned_by_its_user():
-    stage = final_stage_instructions()
+    stage = final_stage()
     workdir = [args for ins, args in stage if ins == "WORKDIR"][-1]
     user = [args for ins, args in stage if ins == "USER"][-1].split(":")[0]
     default_dir = posixpath.join(workdir, DeadLetterConfig().directory)  # where the worker writes

@@ -36,6 +36,7 @@ from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_batch, make_stream_record
 from pipeline.worker import Worker
+from tests.helpers import run_to_exit
 from streams_double import STREAM_ARN, FakeStreams, seq
 
 SHARD = "shardId-00000001700000000000-0000flsh"
@@ -70,15 +71,7 @@ def make_worker(fake: FakeStreams, tmp_path, sink: Any, policy: FailurePolicy, *
 
 
 def run_to_idle(worker: Worker, timeout: float = 20.0) -> int:
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(worker.run()), daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        worker.stop()
-        thread.join(10)
-        raise AssertionError(f"worker.run() did not return within {timeout} s (a flush retried forever?)")
-    return result[0]
+    return run_to_exit(worker, timeout, " (a flush retried forever?)")
 
 
 def checkpoint(tmp_path) -> str:

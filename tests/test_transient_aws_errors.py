@@ -53,7 +53,7 @@ from pipeline.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.worker import Worker
 from streams_double import STREAM_ARN, seq
-from tests.helpers import wait_until
+from tests.helpers import run_to_exit, wait_until
 
 P = "shardId-00000001700000000000-0000000p"
 C = "shardId-00000001700000100000-000000c1"
@@ -96,15 +96,7 @@ def sqlite_store(tmp_path) -> SQLiteLeaseStore:
 
 
 def run(worker: Worker, timeout: float = 30.0) -> int:
-    box: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: box.setdefault("code", worker.run()), daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        worker.stop()
-        thread.join(10)
-        raise AssertionError(f"worker did not finish within {timeout} s")
-    return box["code"]
+    return run_to_exit(worker, timeout)
 
 
 def delivered(sink: RecordingSink) -> list[str]:
