@@ -45,7 +45,7 @@ from pipeline.events import TRIM_HORIZON, Batch, ChangeEvent
 from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.leases import LeaseCoordinator
 from pipeline.redrive import redrive
-from pipeline.render import event_from_record_dict, event_to_record_dict
+from pipeline.render import event_to_record_dict
 from pipeline.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.sink import SinkContext
 from pipeline.testing import RecordingSink, make_stream_record
