@@ -8,8 +8,11 @@ Listing is by ``/``-delimited levels, so skipped tables and day partitions are n
 by key: ``{prefix}/`` → tables (or only the ``--table`` ones), ``{prefix}/{table}/`` → ``dt=…``
 partitions (skipped when they cannot hold events of the window, see
 :func:`pipeline.archive_replay.day_may_hold`), then every key of each kept partition. Objects are
-read one at a time (a gzip stream over the GetObject body), so memory holds one object's
-decompression buffer and one batch, never the archive.
+streamed (a gzip stream over the GetObject body), one shard at a time, and merged by sequence
+number: an object is opened only when the merge reaches its first sequence number and closed at its
+end, so memory holds the decompression buffers of the objects whose ranges overlap at the current
+position (usually one) and one batch, never the archive. De-duplication is per event; see
+:mod:`pipeline.archive_replay`.
 
 Permissions: ``s3:ListBucket`` on the bucket and ``s3:GetObject`` on the objects (plus
 ``kms:Decrypt`` for SSE-KMS objects).

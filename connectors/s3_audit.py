@@ -34,6 +34,17 @@ shard ids, comma-joined, taken from ``batch.extra["parent_shard_ids"]`` of the b
 that shard (empty when the batches did not carry it). The archive replay
 (:mod:`connectors.archive`) reads it to deliver parents before children.
 
+Ownership periods. Each object holds the events of *one* reader of the shard, so its range
+``first_seq``..``last_seq`` holds every record that reader read in between (nothing in between was
+skipped, except records a recorded trimmed-data gap lost or, in a windowed replay, records outside
+the window). When a new reader of the shard starts (this worker took the shard's lease, took it back
+after losing it, applied a checkpoint move, restarted the shard), the worker calls
+:meth:`S3AuditSink.reset_shard` first, and the shard's unflushed buffer is dropped: those events lie
+after the checkpoint, so they are re-read, or were archived by the worker whose checkpoint passed
+them. Still, the archive replay does not rely on ranges: it de-duplicates per event (see
+:mod:`pipeline.archive_replay`), so objects may overlap, nest, repeat or have holes — e.g. a redriven
+dead letter is its own one-event object ``103-103`` inside ``100-105``.
+
 Durability: nothing is durable until uploaded. The worker calls :meth:`S3AuditSink.flush` before
 every checkpoint, and ``flush`` uploads every non-empty buffer; a crash before that loses only
 events whose checkpoint has not moved, which the next run replays.
@@ -369,6 +380,35 @@ class S3AuditSink(Sink):
                 self.context.logger.warning("s3_audit.buffers_discarded", sink=self.name, events=dropped)
             except TypeError:  # a stdlib logger does not take keyword fields
                 self.context.logger.warning("s3_audit: discarded %d unflushed events", dropped)
+
+    def reset_shard(self, table: str, shard_id: str) -> None:
+        """A new reader of the shard starts from its checkpoint (lease taken or taken back, a
+        checkpoint move, a restart; :mod:`pipeline.sink`): drop the shard's buffered, not yet
+        uploaded events, and log how many (``s3_audit.shard_reset``).
+
+        Why dropping is safe: the worker checkpoints only after ``flush`` uploaded every buffer,
+        so no checkpoint of this worker passed a buffered event; if another worker's checkpoint
+        passed it, that worker uploaded it first (the archive holds it); otherwise the new reader
+        reads it again. Why it is needed: the buffer would otherwise join the events of the earlier
+        ownership period with those read after the new checkpoint — one object spanning a hole
+        (e.g. ``100-120`` without ``106``..``110``, which another worker archived). The shard's
+        parents are kept (they never change).
+        """
+        with self._lock:
+            buf = self._buffers.get((table, shard_id))
+        if buf is None:
+            return
+        with buf.lock:
+            dropped = len(buf.lines)
+            first, last = buf.first_seq, buf.last_seq
+            buf.clear()
+        if dropped and self.context is not None and self.context.logger is not None:
+            try:
+                self.context.logger.info("s3_audit.shard_reset", sink=self.name, table=table, shard_id=shard_id,
+                                         dropped_events=dropped, first_sequence_number=first,
+                                         last_sequence_number=last)
+            except TypeError:  # a stdlib logger does not take keyword fields
+                self.context.logger.info("s3_audit: shard %s reset, %d unflushed events dropped", shard_id, dropped)
 
     def pending_events(self) -> int:
         """Number of events buffered and not yet uploaded (all shards)."""

@@ -17,18 +17,30 @@ Order. Shards are replayed one at a time, one table after the other (tables in n
   a root. Among shards that are ready at the same time, the one with the smaller first sequence
   number (as an integer) goes first, then the smaller shard id. Should the metadata ever form a
   cycle, the smallest remaining shard is released so that every shard is still replayed once;
-- within a shard, objects by first sequence number (as an integer), events in their order inside
-  each object.
+- within a shard, events by sequence number (as integers), each distinct event once.
 
 All changes of one item pass through one shard lineage in order, so every item's changes are
 delivered in the order they happened.
 
-De-duplication. The archive is at-least-once (a restarted worker re-uploads events under other
-keys), so objects of one shard may overlap. A high-water mark per shard — the largest sequence
-number seen so far — drops every event at or below it and counts it as a ``duplicate``. This relies
-on what the sink guarantees: a shard is read contiguously, so an object that spans sequence
-numbers a..b holds every archived record of the shard in a..b (overlaps are copies, never
-interleavings).
+De-duplication is per event, by (stream ARN, shard id, sequence number), never by object ranges.
+The archive is at-least-once and its objects need not hold contiguous runs: a restarted worker
+re-uploads events under other keys (overlaps, repeats), a redriven dead letter is its own object
+(``103-103`` inside ``100-105``, which does not hold 103: nesting with a hole), a reader that
+skipped a trimmed gap leaves a hole. Every distinct archived event is delivered exactly once per
+shard, in sequence order; the copies in other objects count as ``duplicates``. Copies written by the
+worker are identical (decoded from the same stream record); should two copies of one event differ
+(e.g. processors changed between runs), the one in the object that sorts first by (first sequence
+number, last sequence number, key) is delivered and ``archive_copies_differ`` is logged as a
+warning. Sequence numbers the archive does not hold are not known to exist and cannot be replayed.
+
+Memory stays bounded however large the archive: shards are replayed one at a time, and within a
+shard the objects (sorted by their key's first sequence number) are merged with a heap: an object
+is opened (a GetObject stream) only when the merge reaches its first sequence number, and closed
+when its last line was read. At any moment the open objects are those whose key range holds the
+current position — one in a plain archive, a few where objects overlap — each holding a gzip
+window and one parsed line; plus one batch. Every line of an object must lie in its key's range and
+rise strictly (as the sink writes them); anything else is an ArchiveError, never a silent
+mis-order.
 
 Time window. ``since`` ≤ ``source.approximate_creation_time`` ≤ ``until``, both bounds inclusive,
 either may be None (open). Events before ``since`` count as ``skipped_before``, after ``until`` as
@@ -236,32 +248,84 @@ def normalize_window(since: datetime | None, until: datetime | None) -> tuple[da
 
 def shard_events(shard: ArchiveShard, read_object: Callable[[ArchiveObject], Iterable[Mapping[str, Any]]],
                  row: ShardReplay, *, since: datetime | None, until: datetime | None,
-                 on_object: Callable[[ArchiveObject], None] | None = None) -> Iterator[ChangeEvent]:
-    """The shard's events to deliver, in sequence order, de-duplicated and inside the window.
+                 on_object: Callable[[ArchiveObject], None] | None = None, logger: Any = None) -> Iterator[ChangeEvent]:
+    """The shard's events to deliver: every distinct archived event once, in sequence order, inside
+    the window (see the module doc: de-duplication per event, the heap merge, memory).
 
     ``read_object(obj)`` yields the object's lines as dicts (the audit line shape,
-    :func:`pipeline.render.event_to_record_dict`). Counts ``duplicates``, ``skipped_before`` and
+    :func:`pipeline.render.event_to_record_dict`); it is called lazily, when the merge reaches
+    ``obj.first_seq``, and its iterator is closed when exhausted or when this generator is closed.
+    Counts ``duplicates`` (copies of an event already delivered or skipped), ``skipped_before`` and
     ``skipped_after`` into ``row`` (delivered events are counted by the caller); fills
-    ``row.stream_arn`` from the first event. ``on_object(obj)`` runs after each object is read.
+    ``row.stream_arn`` from the first event. ``on_object(obj)`` runs after each object is read to
+    its end. ``logger`` (structlog, optional) gets ``archive_copies_differ`` warnings.
 
-    Raises ArchiveError for a line that is not a change event (never skipped silently); whatever
-    ``read_object`` raises passes through.
+    Raises ArchiveError for a line that is not a change event, or whose sequence number lies
+    outside its object's key range or does not rise within the object (never skipped silently);
+    whatever ``read_object`` raises passes through.
     """
-    high_water: int | None = None
-    for obj in shard.objects:
-        for number, record in enumerate(read_object(obj), start=1):
+    objects = list(shard.objects)
+    heap: list[tuple[int, int, int, ChangeEvent, Mapping[str, Any]]] = []  # (seq, object index, line, event, record)
+    open_objects: dict[int, _OpenObject] = {}
+
+    def pull(index: int) -> None:
+        """Read the next line of object ``index`` onto the heap, or close the object at its end."""
+        current = open_objects[index]
+        obj = current.obj
+        for record in current.lines:
+            current.line += 1
             try:
                 event = event_from_record_dict(record)
                 seq = int(event.sequence_number)
             except (DecodeError, ValueError, TypeError) as exc:
-                raise ArchiveError(f"{obj.key} line {number}: not a change event ({exc}): "
+                raise ArchiveError(f"{obj.key} line {current.line}: not a change event ({exc}): "
                                    "the object is corrupt or not written by the s3_audit sink") from None
-            if high_water is not None and seq <= high_water:
+            if not current.low <= seq <= current.high:
+                raise ArchiveError(f"{obj.key} line {current.line}: sequence number {event.sequence_number} is "
+                                   "outside the object's key range: the object is corrupt or not written by the "
+                                   "s3_audit sink")
+            if current.last_seq is not None and seq <= current.last_seq:
+                raise ArchiveError(f"{obj.key} line {current.line}: sequence number {event.sequence_number} does "
+                                   "not rise within the object: the object is corrupt or not written by the "
+                                   "s3_audit sink")
+            current.last_seq = seq
+            heapq.heappush(heap, (seq, index, current.line, event, record))
+            return
+        del open_objects[index]
+        current.close()
+        if on_object is not None:
+            on_object(obj)
+
+    next_object = 0
+    current_seq: int | None = None
+    copies: dict[str, tuple[int, dict]] = {}  # stream ARN → (object index, record) of the current seq's first copy
+    try:
+        while True:
+            # open every object whose range starts at or before the smallest line on the heap, so
+            # no copy of that sequence number (nor a smaller one) is still unread
+            while next_object < len(objects) and (not heap or int(objects[next_object].first_seq) <= heap[0][0]):
+                index = next_object
+                next_object += 1
+                open_objects[index] = _OpenObject(objects[index], iter(read_object(objects[index])))
+                pull(index)
+            if not heap:
+                break
+            seq, index, _number, event, record = heapq.heappop(heap)
+            pull(index)
+            arn = event.source.stream_arn
+            if seq != current_seq:
+                current_seq, copies = seq, {}
+            first_copy = copies.get(arn)
+            if first_copy is not None:
                 row.duplicates += 1
+                if first_copy[1] != record and logger is not None:
+                    logger.warning("archive_copies_differ", table=shard.table, shard_id=shard.shard_id,
+                                   sequence_number=event.sequence_number, delivered_from=objects[first_copy[0]].key,
+                                   ignored_from=objects[index].key)
                 continue
-            high_water = seq
+            copies[arn] = (index, record)
             if not row.stream_arn:
-                row.stream_arn = event.source.stream_arn
+                row.stream_arn = arn
             created = event.source.approximate_creation_time
             if created is not None:
                 created = _utc(created)
@@ -272,8 +336,33 @@ def shard_events(shard: ArchiveShard, read_object: Callable[[ArchiveObject], Ite
                     row.skipped_after += 1
                     continue
             yield event
-        if on_object is not None:
-            on_object(obj)
+    finally:
+        for current in open_objects.values():
+            current.close()
+
+
+@dataclass
+class _OpenObject:
+    """Internal: an object being merged — its lines (an iterator), the key range as integers, the
+    number and sequence number of the last line read."""
+
+    obj: ArchiveObject
+    lines: Iterator[Mapping[str, Any]]
+    line: int = 0
+    last_seq: int | None = None
+
+    @property
+    def low(self) -> int:
+        return int(self.obj.first_seq)
+
+    @property
+    def high(self) -> int:
+        return int(self.obj.last_seq)
+
+    def close(self) -> None:
+        close = getattr(self.lines, "close", None)
+        if close is not None:
+            close()  # a GetObject stream: give the connection back
 
 
 def batches(events: Iterable[ChangeEvent], *, table: str, shard_id: str,
@@ -364,8 +453,9 @@ def replay_archive(shards: Sequence[ArchiveShard], *,
                     raise _Stopped()
                 bar.update(task, description=f"{shard.table} {shard.shard_id}")
                 events = shard_events(shard, read_object, row, since=since, until=until,
-                                      on_object=lambda _o: bar.advance(task))
-                for batch in batches(events, table=shard.table, shard_id=shard.shard_id, size=batch_size):
+                                      on_object=lambda _o: bar.advance(task), logger=logger)
+                for batch in _closing(batches(events, table=shard.table, shard_id=shard.shard_id, size=batch_size),
+                                      events):
                     if stop_event.is_set():
                         raise _Stopped()
                     if not dry_run and deliver is not None:
@@ -406,6 +496,16 @@ def replay_archive(shards: Sequence[ArchiveShard], *,
                          shard_id=current.shard_id if current is not None else None)
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _closing(items: Iterator[Batch], events: Iterator[ChangeEvent]) -> Iterator[Batch]:
+    """``items``, closing ``events`` (and so the open GetObject streams) when done or abandoned."""
+    try:
+        yield from items
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
 
 class _Stopped(Exception):

@@ -335,6 +335,22 @@ class FanOut:
         """Each sink's age in seconds (see :meth:`SinkRunner.age_s`)."""
         return {runner.name: runner.age_s(now) for runner in self.runners}
 
+    def reset_shard(self, table: str, shard_id: str) -> None:
+        """Tell every sink that has ``reset_shard`` (see :mod:`pipeline.sink`) that a new reader of
+        the shard starts from its checkpoint. A sink's error is logged, not raised (the new reader
+        re-sends the events anyway); raises DeliveryAborted when the sinks are fenced off."""
+        for runner in self.runners:
+            reset = getattr(runner.sink, "reset_shard", None)
+            if reset is None:
+                continue
+            try:
+                runner.call(lambda r=reset: r(table, shard_id))
+            except DeliveryAborted:
+                raise
+            except Exception as exc:  # noqa: BLE001 - best effort, see the docstring
+                self.log.warning("sink_reset_shard_failed", sink=runner.name, table=table, shard_id=shard_id,
+                                 error=f"{type(exc).__name__}: {exc}"[:500])
+
     def flush(self) -> None:
         """Flush every sink; returns when every event given to a sink so far is durable in it or
         in the dead-letter destination (see the module doc for the rules).

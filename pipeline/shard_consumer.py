@@ -206,6 +206,9 @@ class ShardConsumer(threading.Thread):
         if lease.finished:
             return "shard_end"
         self.version_floor = self.coordinator.version_floor(lease)
+        # a new ownership period reads again from the checkpoint: sinks drop what they buffered
+        # for this shard and did not flush (pipeline/sink.py, reset_shard)
+        self.fanout.reset_shard(self.source.table, self.shard_id)
         try:
             iterator = self._iterator_for(lease.checkpoint)
         except TrimmedDataError as exc:

@@ -5,6 +5,15 @@ order (never concurrently for the same shard, but possibly from several shard th
 that keeps per-shard state keys it by ``batch.shard_id``), ``flush()`` before every checkpoint,
 and ``close()`` at shutdown.
 
+``reset_shard(table, shard_id)`` (optional; the base class's is a no-op): a new reader of that shard
+is about to start — this worker took the shard's lease (or took it back after losing it), a
+checkpoint move was applied, or the shard's reader restarted — and it reads again from the
+shard's checkpoint. A sink that buffers per shard must drop what it holds for that shard and has not
+made durable yet: those events are after the checkpoint (a checkpoint never passes an event some
+sink has not flushed), so they are either sent again by the new reader or were made durable by the
+worker that checkpointed past them. Keeping them would mix two ownership periods, with a hole
+between them, in one unit of output. Called between batches of that shard, never during one.
+
 Returning from ``flush`` means everything written before the call is durable. Delivery is
 at-least-once, so a sink must be idempotent: the same event twice gives the same end state.
 Errors are typed (:mod:`pipeline.errors`): ``RetriableSinkError`` (retry with backoff),
@@ -120,6 +129,10 @@ class Sink:
         """Drop every buffered event that is not durable yet (all shards); called by the fan-out
         after it dead-lettered them because ``flush`` could not succeed (see the module doc).
         Must not raise. The default does nothing: right for sinks that buffer nothing."""
+
+    def reset_shard(self, table: str, shard_id: str) -> None:
+        """A new reader of ``(table, shard_id)`` starts from the shard's checkpoint: drop
+        per-shard state not yet made durable (see the module doc). No-op by default."""
 
     def close(self) -> None:
         """Release connections. Called once, after the last flush."""

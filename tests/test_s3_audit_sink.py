@@ -315,6 +315,24 @@ def test_two_shards_give_two_objects(s3, bucket, moto_endpoint):
     assert len(_keys(s3, bucket)) == 2
 
 
+def test_reset_shard_drops_only_that_shards_unflushed_buffer(s3, bucket, moto_endpoint):
+    """A new reader of a shard (lease taken back, checkpoint moved) re-reads from the checkpoint:
+    the old ownership period's unflushed events must not end up in one object with the new ones
+    (issue 13, item 3b: e.g. 50-71 without 52..69, which another worker archived)."""
+    sink = _sink(bucket, moto_endpoint, prefix="audit")
+    sink.write(_batch([_event(n, shard=SHARD) for n in (50, 51)], SHARD))
+    sink.write(_batch([_event(n, shard=SHARD_2) for n in (60, 61)], SHARD_2))
+    sink.reset_shard(TABLE, SHARD)
+    sink.reset_shard(TABLE, "shardId-never-seen")  # nothing buffered: a no-op
+    assert sink.pending_events() == 2
+    sink.write(_batch([_event(n, shard=SHARD) for n in (70, 71)], SHARD))  # the new reader, after the checkpoint
+    sink.flush()
+    assert sorted(_keys(s3, bucket)) == sorted([
+        f"audit/{TABLE}/dt=2024-05-01/{SHARD}/{_seq(70)}-{_seq(71)}.jsonl.gz",
+        f"audit/{TABLE}/dt=2024-05-01/{SHARD_2}/{_seq(60)}-{_seq(61)}.jsonl.gz",
+    ])
+
+
 def test_missing_creation_time_goes_under_dt_unknown(s3, bucket, moto_endpoint):
     sink = _sink(bucket, moto_endpoint)
     sink.write(_batch([_event(70, created=None)]))
