@@ -64,7 +64,10 @@ class LeaseCoordinator:
         On the first sync of a stream (no lease of it exists) shards start at ``start_position``;
         with LATEST, closed shards are created as SHARD_END (their data is older than "now").
         Shards found later always start at TRIM_HORIZON, so a child never loses records.
-        Returns the leases created.
+        A LATEST lease is made concrete by the first reader that takes it, before it delivers
+        anything (``AT_TIMESTAMP:`` then ``AT_SEQUENCE_NUMBER:`` checkpoints; see
+        :meth:`pipeline.shard_consumer.ShardConsumer._resolve_latest`), so a hand-off never
+        takes a fresh LATEST iterator. Returns the leases created.
         """
         shards = list(shards)
         existing = {lease.shard_id for lease in self.store.list_leases() if lease.stream_arn == stream_arn}
