@@ -71,7 +71,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
         lease_store=lease_store if lease_store is not None else build_lease_store(settings),
         sinks=sinks,
         dead_letter=build_dead_letter(settings),
-        worker_id=worker_id or settings.worker.id,
+        worker_id=worker_id or settings.worker.lease_owner,  # unique per process (issue 13, 6a)
         logger=logger,
         start_position=src.start_position,
         shard_settings=ShardSettings(max_records_per_call=src.max_records_per_call,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.awsconfig import AwsConfig
@@ -130,7 +130,11 @@ class SinkConfig(_Strict):
 class WorkerConfig(_Strict):
     """The worker process.
 
-    - ``id``: lease owner name (default host:pid:random);
+    - ``id``: this worker's name (default ``host:pid:random``). The lease owner is
+      :attr:`lease_owner`: the default id as it is, a configured id with ``:{pid}:{8 hex}`` appended
+      per process (``orders-a`` → ``orders-a:4242:9f1c2d3e``), so two processes given the same id
+      (two containers from one config, ``--processes N`` with an id set) are two lease owners, not
+      one that takes its leases back from itself on every renewal;
     - ``shutdown_grace_s``: SIGTERM/SIGINT → flush, checkpoint, exit within this (s);
     - ``sink_open_timeout_s``: a sink that cannot open (its service not up yet) is retried with
       backoff for this long (s) — not ready meanwhile — before the worker exits 1;
@@ -153,6 +157,18 @@ class WorkerConfig(_Strict):
     iterator_age_error_s: float = Field(72000.0, gt=0)
     iterator_age_log_interval_s: float = Field(300.0, gt=0)
     max_pages_in_flight: int = Field(DEFAULT_MAX_PAGES_IN_FLIGHT, ge=0, le=10_000)
+    _lease_owner: str | None = PrivateAttr(default=None)
+
+    @property
+    def lease_owner(self) -> str:
+        """The lease owner name of this process (see ``id``): unique per process and per loaded
+        configuration even when ``id`` is configured, fixed once computed. Lease owners compare
+        as strings: with one shared owner name, each process would count the other's leases as
+        its own ("own" leases are taken back at once) and both would lose them on every renewal."""
+        if self._lease_owner is None:
+            configured = "id" in self.model_fields_set
+            self._lease_owner = f"{self.id}:{os.getpid()}:{uuid.uuid4().hex[:8]}" if configured else self.id
+        return self._lease_owner
 
 
 class MetricsConfig(_Strict):
