@@ -90,5 +90,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
            "iterator_age_log_interval_s": settings.worker.iterator_age_log_interval_s,
            "health_stall_s": settings.metrics.health_stall_s,
            "max_pages_in_flight": settings.worker.max_pages_in_flight,
+           # a configured id: leases of a dead earlier process of it are re-taken at once
+           "worker_name": settings.worker.id if "id" in settings.worker.model_fields_set else None,
            **worker_kwargs},
     )

@@ -111,7 +111,8 @@ class Worker:
                  on_consumer_done: Callable[[ShardConsumer], None] | None = None,
                  sink_open_timeout_s: float = 0.0, iterator_age_warning_s: float = 3600.0,
                  iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
-                 health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT):
+                 health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT,
+                 worker_name: str | None = None):
         self.sources = list(sources or []) + ([source] if source is not None else [])
         if not self.sources:
             raise ValueError("a worker needs at least one stream source")
@@ -136,9 +137,12 @@ class Worker:
         policies = policies or {}
         self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
         self.fanout = FanOut(self.runners, dead_letter, stop_event=self.stop_event, logger=self.log)
+        self.worker_name = worker_name
+        self._workers_seen: tuple[float, dict[str, WorkerInfo]] | None = None
         self.coordinator = LeaseCoordinator(
             lease_store, worker_id=worker_id, stream_arns=list(self.by_arn),
-            failover_time_s=failover_time_s, logger=self.log, clock=clock)
+            failover_time_s=failover_time_s, logger=self.log, clock=clock,
+            reclaimable=self._dead_predecessor if worker_name else None)
         self.consumers: dict[str, ShardConsumer] = {}
         self.read_budget = ReadBudget(max_pages_in_flight, self.shard_settings.max_records_per_call)
         self.failed: list[tuple[str, str, str]] = []  # (shard id or "*", outcome, error)
@@ -365,6 +369,44 @@ class Worker:
         label = _label(lease.stream_arn)
         return not any(other.table == lease.table and other.stream_arn != lease.stream_arn
                        and _label(other.stream_arn) < label and other.needs_reader for other in all_leases)
+
+    def _dead_predecessor(self, owner: str) -> bool:
+        """True when lease owner ``owner`` is an earlier process of this worker that is dead.
+
+        With a configured ``worker.id`` the lease owner is ``{id}:{pid}:{random}``, unique per
+        process (:attr:`pipeline.config.WorkerConfig.lease_owner`), so two live processes with one
+        id never share leases. A restarted process still re-takes its predecessor's leases at once
+        when it can *prove* the predecessor dead: the owner starts with ``{worker_name}:``, its
+        announcement (worker record) names this host, and its pid is this process's own (a
+        container's PID 1 restarted) or no longer exists (``kill(pid, 0)``: ESRCH), and its last
+        heartbeat is older than this process's start. Anything else
+        (another host, a live pid, no record) waits for ``failover_time_s`` as for any worker.
+        """
+        if not self.worker_name or not owner.startswith(self.worker_name + ":") or owner == self.worker_id:
+            return False
+        now = self.clock()
+        if self._workers_seen is None or now - self._workers_seen[0] > 1.0:  # one read per acquire
+            try:
+                self._workers_seen = (now, {w.worker_id: w for w in self.lease_store.list_workers()})
+            except (CdcError, AttributeError):
+                return False
+        info = self._workers_seen[1].get(owner)
+        if info is None or info.host != socket.gethostname():
+            return False
+        try:
+            if datetime.fromisoformat(info.heartbeat_at) >= datetime.fromisoformat(self._started_at):
+                return False  # it was alive after this process started
+        except (TypeError, ValueError):
+            return False
+        if info.pid == os.getpid():
+            return True
+        try:
+            os.kill(info.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # e.g. EPERM: a live process of another user
+        return False
 
     def _announce(self) -> None:
         info = WorkerInfo(worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),

@@ -10,8 +10,16 @@ the leases and keep them.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
 
 from connectors.runtime import build_worker
 from pipeline.config import load_settings
@@ -105,3 +113,70 @@ def test_two_workers_with_the_same_configured_id_both_hold_leases_and_checkpoint
         steady = [(e, kw) for e, kw in log.events[start:] if e in ("lease_lost", "shard_lease_lost", "lease_taken")]
         assert not steady, f"no lease passes back and forth once split: {steady}"
     assert all(lease.checkpoint.isdigit() for lease in leases), [lease.checkpoint for lease in leases]
+
+
+def _fake_worker(tmp_path, store_path, name, failover_s):
+    import structlog
+
+    from connectors.dynamodb_streams.source import DynamoDBStreamSource
+    from connectors.sqlite_store import SQLiteLeaseStore
+    from pipeline.awsconfig import AwsConfig
+    from pipeline.deadletter import DirectoryDeadLetterQueue
+    from pipeline.shard_consumer import ShardSettings
+    from pipeline.worker import Worker
+    from tests.streams_double import STREAM_ARN, FakeStreams
+
+    fake = FakeStreams()
+    fake.add_shard("shardId-1", [], closed=False)
+    log = EventLog()
+    worker = Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
+                    lease_store=SQLiteLeaseStore(store_path), sinks=[RecordingSink()],
+                    dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id=f"{name}:{os.getpid()}:new",
+                    worker_name=name, logger=log, shard_settings=ShardSettings(idle_interval_ms=10),
+                    discovery_interval_s=0.1, failover_time_s=failover_s, shutdown_grace_s=5)
+    return worker, log
+
+
+def _leave_lease(store_path, owner, pid, heartbeat_at):
+    from connectors.sqlite_store import SQLiteLeaseStore
+    from pipeline.checkpoint import Lease, WorkerInfo, lease_key_for
+    from tests.streams_double import STREAM_ARN
+
+    store = SQLiteLeaseStore(store_path)
+    store.ensure_table()
+    lease = Lease(lease_key=lease_key_for("orders", STREAM_ARN, "shardId-1"), table="orders",
+                  stream_arn=STREAM_ARN, shard_id="shardId-1")
+    store.create_lease_if_absent(lease)
+    store.take_lease(lease, owner)
+    store.announce_worker(WorkerInfo(worker_id=owner, host=socket.gethostname(), pid=pid,
+                                     started_at=heartbeat_at, heartbeat_at=heartbeat_at))
+    return store
+
+
+@pytest.mark.parametrize("predecessor", ["dead-pid", "live-pid"])
+def test_a_restarted_process_retakes_a_dead_predecessors_leases_at_once_but_not_a_live_ones(tmp_path, predecessor):
+    """kill -9, restart: the new process (new suffix) takes the lease of its dead predecessor
+    (same configured id, this host, pid gone, last heartbeat before this start) at once — as a
+    fixed id did before — but a live process's lease only after failover_time_s."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that no longer exists
+    pid = proc.pid if predecessor == "dead-pid" else os.getppid()
+    old = (datetime.now(timezone.utc) - timedelta(seconds=2)).isoformat()
+    store = _leave_lease(tmp_path / "l.sqlite", f"same-id:{pid}:old", pid, old)
+    worker, log = _fake_worker(tmp_path, tmp_path / "l.sqlite", "same-id", failover_s=30)
+    thread = threading.Thread(target=worker.run)
+    started = time.monotonic()
+    thread.start()
+    try:
+        if predecessor == "dead-pid":
+            wait_until(lambda: store.list_leases()[0].owner == worker.worker_id, "the lease re-taken", timeout=10)
+            assert time.monotonic() - started < 5, "at once, not after failover_time_s (30 s)"
+            assert [kw["reason"] for e, kw in log.events if e == "lease_taken"] == ["own"]
+        else:
+            wait_until(lambda: log.named("worker_started"), "started")
+            wait_until(lambda: len([e for e in log.events if e[0] == "lease_taken"]) > 0
+                       or time.monotonic() - started > 2, "two seconds of renewals")
+            assert store.list_leases()[0].owner == f"same-id:{pid}:old", "a live process keeps its lease"
+    finally:
+        worker.stop()
+        thread.join(10)
