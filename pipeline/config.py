@@ -39,7 +39,11 @@ class SourceConfig(_Strict):
 
     - ``start_position``: where a shard with no checkpoint starts, TRIM_HORIZON (oldest record
       still in the stream, default) or LATEST (only new records). Shards that appear later
-      (children of a split) always start at TRIM_HORIZON so nothing is missed.
+      (children of a split) always start at TRIM_HORIZON so nothing is missed. A LATEST start is
+      made concrete by its first reader before it delivers anything (``AT_TIMESTAMP:`` then
+      ``AT_SEQUENCE_NUMBER:`` checkpoints), so a hand-off loses nothing written after it.
+      A table's stream that is disabled and enabled again is followed (see
+      :mod:`pipeline.worker`): the new stream starts at TRIM_HORIZON after the old one ended.
     - ``max_records_per_call``: GetRecords ``Limit``, 1–1,000 (DynamoDB Streams API reference).
     - ``idle_interval_ms``: wait after an empty GetRecords before the next (default 250 ms);
       while records flow there is no wait.
@@ -134,7 +138,9 @@ class WorkerConfig(_Strict):
       :attr:`lease_owner`: the default id as it is, a configured id with ``:{pid}:{8 hex}`` appended
       per process (``orders-a`` → ``orders-a:4242:9f1c2d3e``), so two processes given the same id
       (two containers from one config, ``--processes N`` with an id set) are two lease owners, not
-      one that takes its leases back from itself on every renewal;
+      one that takes its leases back from itself on every renewal. A restarted process still
+      re-takes at once the leases of an earlier process of the same id that is provably dead
+      (same host, pid gone, last heartbeat before the restart); otherwise after failover_time_s;
     - ``shutdown_grace_s``: SIGTERM/SIGINT → flush, checkpoint, exit within this (s);
     - ``sink_open_timeout_s``: a sink that cannot open (its service not up yet) is retried with
       backoff for this long (s) — not ready meanwhile — before the worker exits 1;
