@@ -75,7 +75,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
         lease_store=lease_store if lease_store is not None else build_lease_store(settings),
         sinks=sinks,
         dead_letter=build_dead_letter(settings),
-        worker_id=worker_id or settings.worker.id,
+        worker_id=worker_id or settings.worker.lease_owner,  # unique per process (issue 13, 6a)
         logger=logger,
         start_position=src.start_position,
         shard_settings=ShardSettings(max_records_per_call=src.max_records_per_call,
@@ -95,5 +95,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
            "health_stall_s": settings.metrics.health_stall_s,
            "aws_unready_after_s": settings.metrics.aws_unready_after_s,
            "max_pages_in_flight": settings.worker.max_pages_in_flight,
+           # a configured id: leases of a dead earlier process of it are re-taken at once
+           "worker_name": settings.worker.id if "id" in settings.worker.model_fields_set else None,
            **worker_kwargs},
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.awsconfig import AwsConfig
@@ -40,7 +40,11 @@ class SourceConfig(_Strict):
 
     - ``start_position``: where a shard with no checkpoint starts, TRIM_HORIZON (oldest record
       still in the stream, default) or LATEST (only new records). Shards that appear later
-      (children of a split) always start at TRIM_HORIZON so nothing is missed.
+      (children of a split) always start at TRIM_HORIZON so nothing is missed. A LATEST start is
+      made concrete by its first reader before it delivers anything (``AT_TIMESTAMP:`` then
+      ``AT_SEQUENCE_NUMBER:`` checkpoints), so a hand-off loses nothing written after it.
+      A table's stream that is disabled and enabled again is followed (see
+      :mod:`pipeline.worker`): the new stream starts at TRIM_HORIZON after the old one ended.
     - ``max_records_per_call``: GetRecords ``Limit``, 1–1,000 (DynamoDB Streams API reference).
     - ``idle_interval_ms``: wait after an empty GetRecords before the next (default 250 ms);
       while records flow there is no wait.
@@ -140,7 +144,13 @@ class SinkConfig(_Strict):
 class WorkerConfig(_Strict):
     """The worker process.
 
-    - ``id``: lease owner name (default host:pid:random);
+    - ``id``: this worker's name (default ``host:pid:random``). The lease owner is
+      :attr:`lease_owner`: the default id as it is, a configured id with ``:{pid}:{8 hex}`` appended
+      per process (``orders-a`` → ``orders-a:4242:9f1c2d3e``), so two processes given the same id
+      (two containers from one config, ``--processes N`` with an id set) are two lease owners, not
+      one that takes its leases back from itself on every renewal. A restarted process still
+      re-takes at once the leases of an earlier process of the same id that is provably dead
+      (same host, pid gone, last heartbeat before the restart); otherwise after failover_time_s;
     - ``shutdown_grace_s``: SIGTERM/SIGINT → flush, checkpoint, exit within this (s);
     - ``sink_open_timeout_s``: a sink that cannot open (its service not up yet) is retried with
       backoff for this long (s) — not ready meanwhile — before the worker exits 1;
@@ -163,6 +173,18 @@ class WorkerConfig(_Strict):
     iterator_age_error_s: float = Field(72000.0, gt=0)
     iterator_age_log_interval_s: float = Field(300.0, gt=0)
     max_pages_in_flight: int = Field(DEFAULT_MAX_PAGES_IN_FLIGHT, ge=0, le=10_000)
+    _lease_owner: str | None = PrivateAttr(default=None)
+
+    @property
+    def lease_owner(self) -> str:
+        """The lease owner name of this process (see ``id``): unique per process and per loaded
+        configuration even when ``id`` is configured, fixed once computed. Lease owners compare
+        as strings: with one shared owner name, each process would count the other's leases as
+        its own ("own" leases are taken back at once) and both would lose them on every renewal."""
+        if self._lease_owner is None:
+            configured = "id" in self.model_fields_set
+            self._lease_owner = f"{self.id}:{os.getpid()}:{uuid.uuid4().hex[:8]}" if configured else self.id
+        return self._lease_owner
 
 
 class MetricsConfig(_Strict):

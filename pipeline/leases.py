@@ -48,12 +48,15 @@ class LeaseCoordinator:
     """Owns this worker's view of the lease table, for every stream in ``stream_arns``.
 
     ``clock`` returns monotonic seconds (injectable for tests). ``max_steal``: leases taken from
-    other workers per :meth:`acquire` call (default 1).
+    other workers per :meth:`acquire` call (default 1). ``reclaimable(owner) -> bool``: True for
+    another owner name known to be an earlier, dead process of this worker (see
+    :meth:`pipeline.worker.Worker._dead_predecessor`); its leases are taken at once, like this
+    worker's own (``reason: own``), instead of after ``failover_time_s``.
     """
 
     def __init__(self, store: LeaseStore, *, worker_id: str, stream_arns: Iterable[str],
                  failover_time_s: float, logger: Any, clock: Callable[[], float] = time.monotonic,
-                 max_steal: int = 1):
+                 max_steal: int = 1, reclaimable: Callable[[str], bool] | None = None):
         self.store = store
         self.worker_id = worker_id
         self.stream_arns = set(stream_arns)
@@ -61,6 +64,7 @@ class LeaseCoordinator:
         self.log = logger
         self.clock = clock
         self.max_steal = max_steal
+        self.reclaimable = reclaimable
         self._lock = threading.RLock()
         self._held: dict[str, Lease] = {}
         self._observed: dict[str, tuple[int, float]] = {}
@@ -81,7 +85,10 @@ class LeaseCoordinator:
         Shards found later always start at TRIM_HORIZON, so a child never loses records; such a
         shard (and a child of a shard listed with it) also records its StartingSequenceNumber,
         so that a head trimmed before it was read is seen as a gap (``ShardConsumer``).
-        Returns the leases created.
+        A LATEST lease is made concrete by the first reader that takes it, before it delivers
+        anything (``AT_TIMESTAMP:`` then ``AT_SEQUENCE_NUMBER:`` checkpoints; see
+        :meth:`pipeline.shard_consumer.ShardConsumer._resolve_latest`), so a hand-off never
+        takes a fresh LATEST iterator. Returns the leases created.
         """
         shards = list(shards)
         existing = {lease.shard_id for lease in self.store.list_leases() if lease.stream_arn == stream_arn}
@@ -185,8 +192,20 @@ class LeaseCoordinator:
                     self.log.warning("lease_lost", shard_id=lease.shard_id, new_owner=lease.owner)
             held_keys = set(self._held)
         active = [lease for lease in leases if lease.needs_reader]
+        verdicts: dict[str, bool] = {}
+
+        def own(owner: str | None) -> bool:
+            """This worker's name, or an earlier dead process of it (``reclaimable``)."""
+            if owner == self.worker_id:
+                return True
+            if owner is None or self.reclaimable is None:
+                return False
+            if owner not in verdicts:
+                verdicts[owner] = bool(self.reclaimable(owner))
+            return verdicts[owner]
+
         owners = Counter(lease.owner for lease in active
-                         if lease.owner and lease.owner != self.worker_id and not self._is_expired(lease, now))
+                         if lease.owner and not own(lease.owner) and not self._is_expired(lease, now))
         live_workers = len(owners) + 1
         target = math.ceil(len(active) / live_workers) if active else 0
         taken: list[Lease] = []
@@ -214,12 +233,12 @@ class LeaseCoordinator:
 
         # ours from before (e.g. a failed release): the counter check protects the take
         candidates = [lease for lease in active if lease.lease_key not in held_keys and (
-            lease.owner is None or lease.owner == self.worker_id or self._is_expired(lease, now))]
-        candidates.sort(key=lambda lease: (lease.owner is not None and lease.owner != self.worker_id, lease.lease_key))
+            lease.owner is None or own(lease.owner) or self._is_expired(lease, now))]
+        candidates.sort(key=lambda lease: (lease.owner is not None and not own(lease.owner), lease.lease_key))
         for lease in candidates:
             if len(held_keys) + len(taken) >= target:
                 break
-            take(lease, "free" if lease.owner is None else "own" if lease.owner == self.worker_id else "expired")
+            take(lease, "free" if lease.owner is None else "own" if own(lease.owner) else "expired")
         stolen = 0
         while len(held_keys) + len(taken) < target and stolen < self.max_steal and owners:
             victim, count = owners.most_common(1)[0]

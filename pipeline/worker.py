@@ -19,6 +19,26 @@ Transient AWS errors (5xx, timeouts, reset connections) never stop the worker: e
 retried with backoff where it is made (see :mod:`pipeline.aws_health` for the table of calls and
 caps) — discovery is scheduled again after a backoff instead of blocking the lease renewals —
 and ``ready()`` turns false while a dependency has been failing longer than ``aws_unready_after_s``.
+
+Following a table's stream (a source named by ``source.table``; issue 13, 6b). Disabling a
+table's stream closes it (its records stay readable for 24 h); enabling it again — to change the
+view type, say — creates a new stream with a new ARN and label. Every discovery re-reads the
+table's ``LatestStreamArn`` / ``StreamSpecification`` (DescribeTable) and applies this rule:
+
+- *disabled*: logged once (``stream_disabled``, ``ddb_cdc_stream_enabled{table} 0``); the old
+  stream's shards are still read to SHARD_END;
+- *a new LatestStreamArn*: logged (``stream_followed``, ``ddb_cdc_stream_changes_total``) and
+  followed: its shards get leases starting at TRIM_HORIZON whatever ``start_position`` says (every
+  record of a new stream is newer than the worker's start), and
+- *order*: a shard of a table's stream is read only once every lease of an older stream of the
+  same table (an older stream label; labels are creation times) has reached SHARD_END, so the old
+  stream's changes all reach the sinks before the new stream's;
+- *restart*: unfinished leases of an older stream of a followed table found in the lease table are
+  adopted (``stream_adopted``) and read first; one whose stream is gone (more than 24 h later) ends
+  as a vanished shard: a gap is recorded, per ``on_trimmed``.
+
+Lease keys carry the stream label, so the two streams' leases stay apart. A source named by
+``source.stream_arn`` follows nothing.
 """
 
 from __future__ import annotations
@@ -41,8 +61,10 @@ from pipeline.aws_health import (
     backoff_s,
     retry_startup,
 )
+from pipeline import metrics
 from pipeline.checkpoint import Lease, LeaseStore, WorkerInfo
 from pipeline.deadletter import DeadLetterQueue
+from pipeline.events import TRIM_HORIZON
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
 from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.leases import LeaseCoordinator
@@ -73,6 +95,11 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_GENERATION0_THRESHOLD, gen1, gen2)
 
 
+def _label(stream_arn: str) -> str:
+    """A stream's label (the last part of its ARN: its creation time, so labels order streams)."""
+    return stream_arn.rsplit("/", 1)[-1]
+
+
 class Worker:
     """One worker process's run loop over one or more streams (``sources``).
 
@@ -100,7 +127,8 @@ class Worker:
                  sink_open_timeout_s: float = 0.0, iterator_age_warning_s: float = 3600.0,
                  iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
                  health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT,
-                 aws_unready_after_s: float = DEFAULT_UNREADY_AFTER_S):
+                 aws_unready_after_s: float = DEFAULT_UNREADY_AFTER_S,
+                 worker_name: str | None = None):
         self.stop_event = threading.Event()
         self._signal: int | None = None
         #: since when each AWS dependency has been failing (ready() and the metrics read it)
@@ -130,9 +158,12 @@ class Worker:
         policies = policies or {}
         self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
         self.fanout = FanOut(self.runners, dead_letter, stop_event=self.stop_event, logger=self.log)
+        self.worker_name = worker_name
+        self._workers_seen: tuple[float, dict[str, WorkerInfo]] | None = None
         self.coordinator = LeaseCoordinator(
             self.lease_store, worker_id=worker_id, stream_arns=list(self.by_arn),
-            failover_time_s=failover_time_s, logger=self.log, clock=clock)
+            failover_time_s=failover_time_s, logger=self.log, clock=clock,
+            reclaimable=self._dead_predecessor if worker_name else None)
         self.consumers: dict[str, ShardConsumer] = {}
         self.read_budget = ReadBudget(max_pages_in_flight, self.shard_settings.max_records_per_call)
         self.failed: list[tuple[str, str, str]] = []  # (shard id or "*", outcome, error)
@@ -149,6 +180,9 @@ class Worker:
         self._lease_store_error: str | None = "not checked yet"
         self._lag_logged: dict[str, float] = {}
         self._running = False
+        self._stream_disabled: set[str] = set()  # followed tables whose stream is disabled now
+        self._adopted: set[str] = set()  # older streams taken up from the lease table
+        self._older_streams_seen: set[tuple[str, str]] = set()  # (table, stream label) in the lease table
 
     @property
     def source(self) -> StreamSource:
@@ -293,13 +327,22 @@ class Worker:
             delay = min(delay * 2, 15.0)
 
     def _discover(self, first: bool) -> bool:
-        """Discover every stream's shards; False when one failed transiently (try again soon)."""
+        """Discover every stream's shards (following table streams first, see the module doc);
+        False when one failed transiently (try again soon)."""
         ok = True
-        for source in self.sources:
+        self._follow_table_streams(first)
+        successors = self._successor_streams()
+        for source in list(self.sources):
             try:
-                shards = source.list_shards()
+                try:
+                    shards = source.list_shards()
+                except CdcError:
+                    if source.stream_arn not in self._adopted:
+                        raise
+                    shards = []  # an older stream that is gone: its leases end as vanished shards (a gap)
                 self._shards[source.stream_arn] = shards
-                self.coordinator.sync_shards(source.table, source.stream_arn, shards, self.start_position)
+                start = TRIM_HORIZON if source.stream_arn in successors else self.start_position
+                self.coordinator.sync_shards(source.table, source.stream_arn, shards, start)
                 self.coordinator.remove_finished_parents(source.stream_arn, [s.shard_id for s in shards])
             except TransientError as exc:
                 ok = False
@@ -309,6 +352,121 @@ class Worker:
                     raise  # a stream or lease table that cannot be used at start is a set-up problem
                 self.log.warning("shard_discovery_failed", table=source.table, error=str(exc))
         return ok
+
+    # -- following a table's stream (see the module doc) -----------------------------------------
+
+    def _add_source(self, source: StreamSource) -> None:
+        """Read one more stream (of a followed table), its calls tracked like the others'."""
+        if not isinstance(source, TrackedSource):
+            source = TrackedSource(source, self.health, stopping=self._stopping, sleep=self._pause,
+                                   logger=self.log)
+        self.sources.append(source)
+        self.by_arn[source.stream_arn] = source
+        self.coordinator.stream_arns.add(source.stream_arn)
+
+    def _follow_table_streams(self, first: bool) -> None:
+        """DescribeTable for every followed table: follow a new LatestStreamArn, notice a disabled
+        stream, adopt unfinished leases of older streams of the table (see the module doc)."""
+        followed = {}
+        for source in list(self.sources):
+            table = getattr(source, "followed_table", None)
+            if table is None or table in followed:
+                continue
+            followed[table] = source
+            try:
+                arn, enabled = source.latest_stream()
+            except CdcError as exc:
+                self.log.warning("stream_check_failed", table=table, error=str(exc))
+                continue
+            metrics.STREAM_ENABLED.labels(table=table).set(1 if enabled else 0)
+            if not enabled:
+                if table not in self._stream_disabled:
+                    self._stream_disabled.add(table)
+                    metrics.STREAM_CHANGES.labels(table=table, change="disabled").inc()
+                    self.log.warning("stream_disabled", table=table, stream_arn=arn,
+                                     hint="the table's stream is disabled: the open shards are read to "
+                                          "SHARD_END; a stream enabled again is followed from TRIM_HORIZON")
+                continue
+            self._stream_disabled.discard(table)
+            if arn and arn not in self.by_arn:
+                self._add_source(source.for_stream(arn))
+                metrics.STREAM_CHANGES.labels(table=table, change="new_stream").inc()
+                self.log.warning("stream_followed", table=table, stream_arn=arn,
+                                 previous_stream_arns=[s.stream_arn for s in self.sources
+                                                       if s.table == table and s.stream_arn != arn],
+                                 rule="older streams' shards are read to SHARD_END first, then this stream "
+                                      "from TRIM_HORIZON")
+        if not followed:
+            return
+        try:
+            leases = self.lease_store.list_leases()
+        except CdcError as exc:
+            if first:
+                raise
+            self.log.warning("stream_adoption_check_failed", error=str(exc))
+            return
+        self._older_streams_seen = {(lease.table, _label(lease.stream_arn)) for lease in leases
+                                    if lease.table in followed}
+        for lease in leases:
+            if lease.table in followed and lease.stream_arn not in self.by_arn and lease.needs_reader:
+                self._add_source(followed[lease.table].for_stream(lease.stream_arn))
+                self._adopted.add(lease.stream_arn)
+                metrics.STREAM_CHANGES.labels(table=lease.table, change="adopted").inc()
+                self.log.warning("stream_adopted", table=lease.table, stream_arn=lease.stream_arn,
+                                 hint="unfinished leases of an older stream of this table: read to SHARD_END "
+                                      "before the table's current stream")
+
+    def _successor_streams(self) -> set[str]:
+        """Stream ARNs of this worker's followed tables that have an older stream of the same table
+        among its sources or in the lease table (finished leases too): they start at TRIM_HORIZON."""
+        older = set(self._older_streams_seen) | {(s.table, _label(s.stream_arn)) for s in self.sources}
+        return {source.stream_arn for source in self.sources
+                if getattr(source, "followed_table", None) is not None
+                and any(table == source.table and label < _label(source.stream_arn) for table, label in older)}
+
+    def _older_streams_done(self, lease: Lease, all_leases: list[Lease]) -> bool:
+        """True when no lease of an older stream of ``lease``'s table still needs a reader."""
+        label = _label(lease.stream_arn)
+        return not any(other.table == lease.table and other.stream_arn != lease.stream_arn
+                       and _label(other.stream_arn) < label and other.needs_reader for other in all_leases)
+
+    def _dead_predecessor(self, owner: str) -> bool:
+        """True when lease owner ``owner`` is an earlier process of this worker that is dead.
+
+        With a configured ``worker.id`` the lease owner is ``{id}:{pid}:{random}``, unique per
+        process (:attr:`pipeline.config.WorkerConfig.lease_owner`), so two live processes with one
+        id never share leases. A restarted process still re-takes its predecessor's leases at once
+        when it can *prove* the predecessor dead: the owner starts with ``{worker_name}:``, its
+        announcement (worker record) names this host, and its pid is this process's own (a
+        container's PID 1 restarted) or no longer exists (``kill(pid, 0)``: ESRCH), and its last
+        heartbeat is older than this process's start. Anything else
+        (another host, a live pid, no record) waits for ``failover_time_s`` as for any worker.
+        """
+        if not self.worker_name or not owner.startswith(self.worker_name + ":") or owner == self.worker_id:
+            return False
+        now = self.clock()
+        if self._workers_seen is None or now - self._workers_seen[0] > 1.0:  # one read per acquire
+            try:
+                self._workers_seen = (now, {w.worker_id: w for w in self.lease_store.list_workers()})
+            except (CdcError, AttributeError):
+                return False
+        info = self._workers_seen[1].get(owner)
+        if info is None or info.host != socket.gethostname():
+            return False
+        try:
+            if datetime.fromisoformat(info.heartbeat_at) >= datetime.fromisoformat(self._started_at):
+                return False  # it was alive after this process started
+        except (TypeError, ValueError):
+            return False
+        if info.pid == os.getpid():
+            return True
+        try:
+            os.kill(info.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # e.g. EPERM: a live process of another user
+        return False
 
     def _announce(self) -> None:
         info = WorkerInfo(worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
@@ -400,7 +558,9 @@ class Worker:
                    if lease.lease_key not in self.consumers and lease.lease_key not in self._stopped_keys]
         # the lease table is read (for the parents' state) only when a held shard waits for a reader
         # and has parents, not on every tick of the loop
-        all_leases = self.lease_store.list_leases() if any(w.parent_shard_ids for w in waiting) else []
+        several = {s.table for s in self.sources if sum(o.table == s.table for o in self.sources) > 1}
+        all_leases = (self.lease_store.list_leases()
+                      if any(w.parent_shard_ids or w.table in several for w in waiting) else [])
         for lease in waiting:
             if not lease.needs_reader:
                 self.coordinator.release(lease.lease_key)
@@ -412,6 +572,8 @@ class Worker:
             in_stream = {s.shard_id for s in self._shards.get(lease.stream_arn, [])}
             if not self._parents_done(lease, leases, in_stream):
                 continue
+            if lease.table in several and not self._older_streams_done(lease, all_leases):
+                continue  # an older stream of this table is not finished yet (see the module doc)
             try:
                 consumer = ShardConsumer(lease.lease_key, source=source, coordinator=self.coordinator,
                                          fanout=self.fanout, dead_letter=self.dead_letter,

@@ -87,12 +87,16 @@ class DynamoDBStreamSource:
         self.read_path = read_path
         if read_path == "fast" and hasattr(self.streams, "meta"):  # a boto3 client (not a test double)
             install_fast_get_records(self.streams)
+        #: the table whose LatestStreamArn this source follows (named by table), else None
+        self.followed_table: str | None = None
+        self._dynamodb = dynamodb
         if stream_arn:
             self.stream_arn = stream_arn
             self.table = table or table_from_stream_arn(stream_arn)
         elif table:
-            client = dynamodb or make_client("dynamodb", aws)
+            client = self._dynamodb = dynamodb or make_client("dynamodb", aws)
             self.table = table
+            self.followed_table = table
             self.stream_arn = self._latest_stream_arn_retrying(client, table, describe_retry_s)
         else:
             raise SourceError("no stream named: set source.table or source.stream_arn")
@@ -136,6 +140,36 @@ class DynamoDBStreamSource:
             raise SourceError(f"table {table!r} has no stream: enable DynamoDB Streams with "
                               "StreamViewType NEW_AND_OLD_IMAGES")
         return arn
+
+    # -- following the table's stream (issue 13, 6b) --------------------------------------------
+
+    def latest_stream(self) -> tuple[str | None, bool]:
+        """``(LatestStreamArn, enabled)`` of the followed table now (DescribeTable).
+
+        A stream that was disabled keeps its ARN in ``LatestStreamArn`` with no (or a disabled)
+        ``StreamSpecification``; re-enabling creates a new stream with a new ARN and label
+        (DynamoDB Developer Guide, "Change data capture for DynamoDB Streams": disabling a stream
+        closes it, its records stay readable for 24 hours; measured the same on DynamoDB Local).
+        Raises SourceError (also for a source named by stream ARN: it follows nothing), its
+        transient kind for 5xx, throttling and timeouts (:func:`source_error`).
+        """
+        if self.followed_table is None or self._dynamodb is None:
+            raise SourceError(f"{self.stream_arn} was named by stream ARN: there is no table stream to follow")
+        try:
+            desc = self._dynamodb.describe_table(TableName=self.followed_table)["Table"]
+        except (ClientError, BotoCoreError) as exc:
+            raise source_error(exc, "describe_table", f"cannot describe table {self.followed_table!r}") from None
+        spec = desc.get("StreamSpecification") or {}
+        arn = desc.get("LatestStreamArn")
+        return arn, bool(arn) and bool(spec.get("StreamEnabled", False))
+
+    def for_stream(self, stream_arn: str) -> "DynamoDBStreamSource":
+        """A source for another stream of the same table (an older or newer one), sharing this
+        source's clients; it follows the same table."""
+        other = DynamoDBStreamSource(self.aws, stream_arn=stream_arn, table=self.table, dynamodb=self._dynamodb,
+                                     streams=self.streams, read_path=self.read_path)
+        other.followed_table = self.followed_table
+        return other
 
     def list_shards(self) -> list[ShardInfo]:
         """Every shard of the stream, following ``LastEvaluatedShardId`` pagination."""
