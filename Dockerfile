@@ -6,7 +6,7 @@
 #
 # Signals: the entrypoint is exec form, so `ddb-cdc run` is PID 1 and receives SIGTERM from
 # `docker stop` itself. It installs its own SIGTERM/SIGINT handlers first, before any AWS call
-# (pipeline/cli.py cmd_run; as PID 1 a signal without a handler is dropped by the kernel): during
+# (connectors/app/cli.py cmd_run; as PID 1 a signal without a handler is dropped by the kernel): during
 # start-up (DescribeTable retrying an endpoint that does not answer) SIGTERM exits 0 at once;
 # later it stops reading, flushes every sink, checkpoints, releases leases and exits 0 within
 # worker.shutdown_grace_s (default 30 s). No init process (tini, --init) is needed; only the

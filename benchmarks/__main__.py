@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.logs import configure_logging
 
     configure_logging("WARNING", "json")  # warnings and errors only, to stderr
-    import pipeline.worker  # noqa: F401 — every section runs with a worker's imports loaded
+    import pipeline.runtime.worker  # noqa: F401 — every section runs with a worker's imports loaded
 
     quick = args.quick
     reps = args.repetitions

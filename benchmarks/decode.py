@@ -12,7 +12,7 @@ signing, the ``before-parse`` hook; the bytes come from :class:`benchmarks.input
 — what :class:`DynamoDBStreamSource` pays per call on top of the parse.
 
 The process first loads a worker's imports and sets the garbage collector as a worker does when
-it starts (``pipeline.worker.tune_garbage_collector``: ``gc.freeze()`` + a higher generation-0
+it starts (``pipeline.runtime.worker.tune_garbage_collector``: ``gc.freeze()`` + a higher generation-0
 threshold). Diagnostic rows: the three ways with the cyclic garbage collector disabled — parsing
 1,000 records creates ~10⁵ containers, which triggers collections whose cost grows with the
 process's heap (a worker's imports: botocore, pydantic, …); the difference is what is left of
@@ -103,16 +103,16 @@ def orjson_path() -> Callable[[list[bytes]], int]:
 
 def worker_gc() -> str:
     """Load a worker's imports (the collector's cost grows with the heap) and set the garbage
-    collector as a worker does when it starts (``pipeline.worker.tune_garbage_collector``, when
+    collector as a worker does when it starts (``pipeline.runtime.worker.tune_garbage_collector``, when
     there is one), so every way is measured in the conditions of a worker process."""
-    import pipeline.worker as worker_module
+    import pipeline.runtime.worker as worker_module
 
     tune = getattr(worker_module, "tune_garbage_collector", None)
     if tune is None:
-        return "CPython defaults (no pipeline.worker.tune_garbage_collector)"
+        return "CPython defaults (no pipeline.runtime.worker.tune_garbage_collector)"
     tune()
     return (f"as a worker sets it: gc.freeze() after imports, thresholds {gc.get_threshold()} "
-            "(pipeline.worker.tune_garbage_collector)")
+            "(pipeline.runtime.worker.tune_garbage_collector)")
 
 
 def gc_off(way: Callable[[list[bytes]], int]) -> Callable[[list[bytes]], int]:

@@ -2,10 +2,10 @@
 
 ``python -m benchmarks.latency [--rates 200,1000] [--duration 20] [--json FILE]``
 
-What runs, all on 127.0.0.1 (:mod:`connectors.embedded`): DynamoDB Local (table and stream, and the
+What runs, all on 127.0.0.1 (:mod:`connectors.embedded.servers`): DynamoDB Local (table and stream, and the
 worker's lease table), moto server (S3, in this process), osmem-server (OpenSearch API) and
 redis-server. A table with a NEW_AND_OLD_IMAGES stream is created and a real
-:class:`pipeline.worker.Worker` is built by :func:`connectors.runtime.build_worker` from a
+:class:`pipeline.runtime.worker.Worker` is built by :func:`connectors.app.wiring.build_worker` from a
 :class:`pipeline.config.Settings` as a user would write it (defaults for everything the latency
 depends on: ``idle_interval_ms`` 250, ``checkpoint_interval_s`` 5, ``max_records_per_call`` 1000,
 DynamoDB lease table), with the three built-in sinks ``opensearch`` → ``s3_audit`` →
@@ -19,7 +19,7 @@ pool of threads sends PutItem requests at a steady rate (change ``i`` is due at 
 a late thread sends at once, and the achieved rate is reported). Each request is SigV4-signed by
 botocore and sent over a kept-alive ``http.client`` connection — boto3's ``put_item`` costs about
 2 ms of client CPU per call, so one process cannot drive 1,000/s on two cores. Items are
-:class:`connectors.workload.Workload` items (every DynamoDB type: nested maps and lists, string /
+:class:`connectors.embedded.workload.Workload` items (every DynamoDB type: nested maps and lists, string /
 number / binary sets, binary, 38-digit numbers, unicode; one type per attribute name, so OpenSearch's
 dynamic mapping accepts every document) padded with a text attribute to 1–4 KB (mean ≈ 1.6 KB);
 about 40 % of the puts overwrite an item written earlier in the same phase (MODIFY with both
@@ -224,13 +224,13 @@ def _image_target(rng: random.Random) -> int:
 def _plan_bodies(table: str, phase: str, total: int, seed: int) -> list[bytes]:
     """``total`` PutItem request bodies (wire JSON) with the write-time placeholder; deterministic.
 
-    Images are :class:`connectors.workload.Workload` items (every DynamoDB type, nested maps and
+    Images are :class:`connectors.embedded.workload.Workload` items (every DynamoDB type, nested maps and
     lists, sets, binary, 38-digit numbers, unicode; one type per attribute name, so OpenSearch's
     dynamic mapping takes every document) padded with a text attribute to 1–4 KB.
     """
     import orjson
 
-    from connectors.workload import Workload
+    from connectors.embedded.workload import Workload
     from pipeline.codec import encode_item
 
     rng = random.Random(f"{seed}/{phase}")
@@ -427,7 +427,7 @@ def _servers(endpoints: Endpoints | None, say: Any) -> Iterator[Endpoints]:
     if endpoints is not None:
         yield endpoints
         return
-    from connectors.embedded import DynamoDBLocal, MotoServer, OpenSearchServer, RedisServer
+    from connectors.embedded.servers import DynamoDBLocal, MotoServer, OpenSearchServer, RedisServer
 
     with contextlib.ExitStack() as stack:
         say("starting DynamoDB Local, moto server, osmem-server and redis-server on 127.0.0.1 …")
@@ -535,7 +535,7 @@ class _Run:
         self.worker_error: list[BaseException] = []
 
     def run(self) -> dict[str, Any]:
-        from connectors.workload import create_table
+        from connectors.embedded.workload import create_table
 
         ddb = _boto_client("dynamodb", self.servers.dynamodb)
         s3 = _boto_client("s3", self.servers.s3)
@@ -586,7 +586,7 @@ class _Run:
         }
 
     def _settings(self) -> Any:
-        from connectors.workload import CACHE_KEY_TEMPLATES
+        from connectors.embedded.workload import CACHE_KEY_TEMPLATES
         from pipeline.config import Settings
 
         available = {
@@ -610,7 +610,7 @@ class _Run:
         )
 
     def _start_worker(self, settings: Any) -> tuple[_ReadTimer, Any]:
-        from connectors.runtime import build_worker
+        from connectors.app.wiring import build_worker
         from pipeline.logs import get_logger
         from pipeline.registry import build_sinks
 

@@ -1,4 +1,4 @@
-"""Section ``pipeline``: recorded GetRecords responses through a real :class:`pipeline.worker.Worker`.
+"""Section ``pipeline``: recorded GetRecords responses through a real :class:`pipeline.runtime.worker.Worker`.
 
 The stream is one closed shard of recorded response bodies (:func:`benchmarks.inputs.recorded_stream`)
 served at the HTTP boundary (:class:`benchmarks.inputs.StreamsHTTPDouble`) to a real botocore client
@@ -73,8 +73,8 @@ def build_worker(sources: list[Any], workdir: str, *, worker_id: str = "bench", 
     import structlog
 
     from pipeline.deadletter import DirectoryDeadLetterQueue
-    from pipeline.shard_consumer import ShardSettings
-    from pipeline.worker import Worker
+    from pipeline.runtime.shard_consumer import ShardSettings
+    from pipeline.runtime.worker import Worker
 
     store = store or timed_store(os.path.join(workdir, "leases.sqlite"))
     sinks = [make_noop_sink(f"noop{i}") for i in (1, 2, 3)]
@@ -153,7 +153,7 @@ def run_pipeline_once(stream: inputs.RecordedStream, *, read_path: str = "fast",
 
 def _profile_consumers(profiles: list[cProfile.Profile]):
     """Run every ShardConsumer thread under cProfile (the worker's loop thread is mostly waiting)."""
-    import pipeline.worker as worker_module
+    import pipeline.runtime.worker as worker_module
 
     original = worker_module.ShardConsumer
 

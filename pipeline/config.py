@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import ConfigError
-from pipeline.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT
+from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT
 from pipeline.s3_sse import S3Encryption
 
 ENV_PREFIX = "DDB_CDC_"
@@ -44,7 +44,7 @@ class SourceConfig(_Strict):
       made concrete by its first reader before it delivers anything (``AT_TIMESTAMP:`` then
       ``AT_SEQUENCE_NUMBER:`` checkpoints), so a hand-off loses nothing written after it.
       A table's stream that is disabled and enabled again is followed (see
-      :mod:`pipeline.worker`): the new stream starts at TRIM_HORIZON after the old one ended.
+      :mod:`pipeline.runtime.worker`): the new stream starts at TRIM_HORIZON after the old one ended.
     - ``max_records_per_call``: GetRecords ``Limit``, 1–1,000 (DynamoDB Streams API reference).
     - ``idle_interval_ms``: wait after an empty GetRecords before the next (default 250 ms);
       while records flow there is no wait.
@@ -163,7 +163,7 @@ class WorkerConfig(_Strict):
       GetRecords ``Limit`` before the call (a full page, or 100 records while it is caught up) and
       keeps only what arrived until the page is delivered, so empty polls and small pages hold
       little; a worker behind on many shards holds at most this many full pages in memory
-      (:mod:`pipeline.read_budget`).
+      (:mod:`pipeline.runtime.read_budget`).
     """
 
     id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")

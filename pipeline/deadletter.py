@@ -10,7 +10,7 @@ record twice — e.g. after a restart replays it — rewrites one entry instead 
 
 :class:`DirectoryDeadLetterQueue` writes one JSON file per entry (atomic rename, then the
 directory is fsynced so the new name survives a power loss);
-``connectors.deadletter_s3.S3DeadLetterQueue`` writes one S3 object per entry.
+``connectors.s3.deadletter.S3DeadLetterQueue`` writes one S3 object per entry.
 """
 
 from __future__ import annotations

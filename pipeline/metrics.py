@@ -96,7 +96,7 @@ class WorkerCollector:
     - ``ddb_cdc_leases_held{table}``: leases this worker holds;
     - ``ddb_cdc_aws_failing_seconds{dependency}``: how long ``dynamodb_streams`` / ``lease_table``
       calls have been failing transiently (0 when the last call succeeded; see
-      :mod:`pipeline.aws_health`);
+      :mod:`pipeline.runtime.aws_health`);
     - ``ddb_cdc_aws_degraded``: 1 while one of them has been failing for longer than
       ``metrics.aws_unready_after_s`` (``/readyz`` is then 503), else 0.
     """

@@ -25,8 +25,8 @@ ENTRY_POINT_GROUP = "ddb_cdc.sinks"
 
 #: Built-in sinks by type name, as ``module:Class`` so nothing is imported until used.
 BUILTIN_SINKS: dict[str, str] = {
-    "opensearch": "connectors.opensearch:OpenSearchSink",
-    "s3_audit": "connectors.s3_audit:S3AuditSink",
+    "opensearch": "connectors.opensearch.sink:OpenSearchSink",
+    "s3_audit": "connectors.s3.audit:S3AuditSink",
     "redis_cache": "connectors.redis_cache:RedisCacheSink",
 }
 

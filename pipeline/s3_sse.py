@@ -1,9 +1,9 @@
 """Server-side encryption options for the objects this project writes to S3, in one model.
 
 Used by the S3 audit sink (``sinks[].options.sse`` / ``kms_key_id``,
-:class:`connectors.s3_audit.S3AuditOptions`) and by the S3 dead-letter destination
+:class:`connectors.s3.audit.S3AuditOptions`) and by the S3 dead-letter destination
 (``dead_letter.sse`` / ``kms_key_id``, :class:`pipeline.config.DeadLetterConfig`,
-:class:`connectors.deadletter_s3.S3DeadLetterQueue`), so both accept the same values and send
+:class:`connectors.s3.deadletter.S3DeadLetterQueue`), so both accept the same values and send
 the same PutObject parameters. Plain pydantic: no boto3 here.
 """
 

@@ -20,7 +20,7 @@ Errors are typed (:mod:`pipeline.errors`): ``RetriableSinkError`` (retry with ba
 ``PartialSinkError`` (these events failed), ``PermanentSinkError`` (dead-letter),
 ``FatalSinkError`` (stop the shard).
 
-Errors from ``flush`` (the rule :class:`pipeline.fanout.FanOut` implements):
+Errors from ``flush`` (the rule :class:`pipeline.runtime.fanout.FanOut` implements):
 
 - ``RetriableSinkError`` (or any unexpected exception): the fan-out calls ``flush`` again with
   backoff. The sink keeps what it buffered, so the next ``flush`` tries it again.
@@ -36,7 +36,7 @@ Errors from ``flush`` (the rule :class:`pipeline.fanout.FanOut` implements):
 
 When the retries of a flush run out — only with ``on_failure: dead_letter``, after
 ``retry_budget_s`` seconds — the fan-out dead-letters every event it gave the sink since the
-sink's last successful flush (it keeps those per sink, see :class:`pipeline.fanout.FanOut`), with
+sink's last successful flush (it keeps those per sink, see :class:`pipeline.runtime.fanout.FanOut`), with
 the sink name and the last error, then calls the sink's ``discard_unflushed()`` so the buffer is
 not tried again, and the checkpoint moves. ``on_failure: block`` retries a flush until it
 succeeds (or the worker shuts down), holding the checkpoint.

@@ -40,7 +40,7 @@ hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI", "").lower() == "true":
     hypothesis_settings.load_profile("ci")
 
-from connectors.embedded import (
+from connectors.embedded.servers import (
     DynamoDBLocal,
     EmbeddedServerError,
     MotoServer,

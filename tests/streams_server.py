@@ -1,6 +1,6 @@
 """The DynamoDB Streams API double (:class:`tests.streams_double.FakeStreams`) served over HTTP.
 
-A worker in another process (``python -m pipeline.cli run`` with ``aws.streams_endpoint_url``)
+A worker in another process (``python -m connectors.app.cli run`` with ``aws.streams_endpoint_url``)
 then reads shard splits, trims and injected errors that DynamoDB Local cannot produce, while it
 can be killed with SIGKILL like a real one. The wire format is the AWS JSON 1.0 protocol of the
 DynamoDB Streams API (botocore's ``dynamodbstreams`` service model): ``POST /`` with

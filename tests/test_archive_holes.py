@@ -11,7 +11,7 @@
   real ShardConsumers and lease coordinators, real S3AuditSinks on moto S3).
 
 Both parts also run through ``opensearch reindex --from-archive``'s code path:
-:func:`connectors.archive.run_archive_replay` is what it calls to fill the new index.
+:func:`connectors.s3.archive.run_archive_replay` is what it calls to fill the new index.
 """
 
 from __future__ import annotations
@@ -30,23 +30,23 @@ import pytest
 import structlog
 import structlog.testing
 
-from connectors.archive import run_archive_replay
+from connectors.s3.archive import run_archive_replay
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
-from connectors.s3_audit import S3AuditSink
+from connectors.s3.audit import S3AuditSink
 from connectors.sqlite_store import SQLiteLeaseStore
-from connectors.verify import read_stream_events
-from connectors.workload import Workload, apply_change, create_table
-from pipeline.archive_replay import ArchiveObject, group_objects, order_shards, replay_archive
+from connectors.embedded.verify import read_stream_events
+from connectors.embedded.workload import Workload, apply_change, create_table
+from pipeline.replay.archive import ArchiveObject, group_objects, order_shards, replay_archive
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import decode_record
 from pipeline.config import Settings
 from pipeline.deadletter import DirectoryDeadLetterQueue, delivery_entry, utc_now
 from pipeline.events import TRIM_HORIZON, Batch, ChangeEvent
-from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.leases import LeaseCoordinator
-from pipeline.redrive import redrive
+from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.ops.redrive import redrive
 from pipeline.render import event_to_record_dict
-from pipeline.shard_consumer import ShardConsumer, ShardSettings
+from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.sink import SinkContext
 from pipeline.testing import RecordingSink, make_stream_record
 from tests.helpers import wait_until

@@ -1,6 +1,6 @@
 """Replay from the S3 audit archive (issue 5, part 3).
 
-- Pure logic (pipeline/archive_replay.py): key parsing, partition pruning, lineage order, overlap
+- Pure logic (pipeline/replay/archive.py): key parsing, partition pruning, lineage order, overlap
   de-duplication, the inclusive time window, batch size, dry run, failures.
 - Real servers: archives written by the real S3AuditSink to moto S3 (split lineage through object
   metadata; several days for the window), and the whole path — a live worker on DynamoDB Local
@@ -24,12 +24,12 @@ import pytest
 import structlog
 import yaml
 
-from connectors.archive import list_archive, parse_archive_uri, run_archive_replay
-from connectors.runtime import build_worker
-from connectors.s3_audit import S3AuditSink, read_audit_objects
-from connectors.verify import check_opensearch, read_stream_events
-from connectors.workload import Workload, apply_change, create_table, scan_items
-from pipeline.archive_replay import (
+from connectors.s3.archive import list_archive, parse_archive_uri, run_archive_replay
+from connectors.app.wiring import build_worker
+from connectors.s3.audit import S3AuditSink, read_audit_objects
+from connectors.embedded.verify import check_opensearch, read_stream_events
+from connectors.embedded.workload import Workload, apply_change, create_table, scan_items
+from pipeline.replay.archive import (
     BATCH_MAX_EVENTS,
     ArchiveError,
     ArchiveObject,
@@ -331,7 +331,7 @@ def test_progress_bar_and_summary_render():
 
     from rich.console import Console
 
-    from pipeline.replay_report import render_replay_report, replay_report_to_dict
+    from pipeline.replay.report import render_replay_report, replay_report_to_dict
 
     archive = MemoryArchive()
     archive.add([event(n) for n in range(1, 4)])
@@ -580,7 +580,7 @@ def test_live_changes_archived_then_replayed_into_a_fresh_index(tmp_path, aws_en
 
 
 def test_cli_replay_from_archive_into_opensearch(s3, bucket, moto_server, opensearch_url, tmp_path, capsys):
-    from pipeline.cli import main
+    from connectors.app.cli import main
 
     sink = audit_sink(bucket, moto_server.endpoint, prefix="audit")
     archive(sink, [event(1, pk="a", op="INSERT"), event(2, pk="b", op="INSERT"), event(3, pk="a")])

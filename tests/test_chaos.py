@@ -32,8 +32,8 @@ import pytest
 import redis
 import yaml
 
-from connectors.opensearch import document_id, restore_document
-from connectors.s3_audit import read_audit_objects
+from connectors.opensearch.sink import document_id, restore_document
+from connectors.s3.audit import read_audit_objects
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.codec import record_version
 from pipeline.events import SHARD_END
@@ -155,7 +155,7 @@ def test_chaos_splits_kills_outage_and_aws_errors_end_with_sinks_equal_to_the_ta
 
         def start(n: int) -> subprocess.Popen:
             out = open(logs / f"worker-{n}.log", "wb")
-            return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)],
+            return subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(config)],
                                     cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
 

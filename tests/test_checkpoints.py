@@ -4,7 +4,7 @@ boundary; lease namespaces; ``ddb-cdc checkpoints list|export|import|set``; GetR
 - Store level, both stores (DynamoDB Local lease table and a SQLite file): ``request_move``,
   ``apply_move``, ``set_checkpoint``, namespaces, and the SQLite schema upgrade.
 - A real Worker on DynamoDB Local (stream + DynamoDBLeaseStore) in a thread with a RecordingSink;
-  the CLI runs in-process against the same lease table (``pipeline.cli.main``). The worker logs
+  the CLI runs in-process against the same lease table (``connectors.app.cli.main``). The worker logs
   JSON lines to its own file (``tests/helpers.json_log_events``), so the CLI's
   ``configure_logging`` does not redirect it.
 - Throttling cannot be produced by DynamoDB Local: the API double (tests/streams_double.py)
@@ -33,14 +33,14 @@ from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import Gap, Lease, MoveRequest, WorkerInfo, lease_key_for
-from pipeline.cli import main
+from connectors.app.cli import main
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import LeaseLostError, LeaseNotFoundError
 from pipeline.events import SHARD_END, TRIM_HORIZON
-from pipeline.leases import LeaseCoordinator
-from pipeline.shard_consumer import ShardConsumer, ShardSettings
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.helpers import json_log_events, wait_until
 from tests.streams_double import STREAM_ARN, FakeStreams, seq
 
@@ -74,7 +74,7 @@ def _json_logger(path: Path) -> Any:
 
 @pytest.fixture(autouse=True)
 def _restore_logging():
-    """``pipeline.cli.main`` configures structlog and the root logger for the process (pointing at
+    """``connectors.app.cli.main`` configures structlog and the root logger for the process (pointing at
     pytest's captured stderr): put both back after each test."""
     saved = structlog.get_config()
     handlers = logging.root.handlers[:]

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "connectors.app.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=str(ROOT), timeout=120)
 
 

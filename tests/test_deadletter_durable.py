@@ -25,9 +25,9 @@ import boto3
 import pytest
 from pydantic import ValidationError
 
-from connectors.deadletter_s3 import S3DeadLetterQueue
-from connectors.runtime import build_dead_letter
-from connectors.s3_audit import S3AuditOptions
+from connectors.s3.deadletter import S3DeadLetterQueue
+from connectors.app.wiring import build_dead_letter
+from connectors.s3.audit import S3AuditOptions
 from pipeline.awsconfig import AwsConfig
 from pipeline.config import DeadLetterConfig, Settings
 from pipeline.deadletter import DirectoryDeadLetterQueue, delivery_entry

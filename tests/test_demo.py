@@ -1,7 +1,7 @@
 """``ddb-cdc demo`` end to end, and proof that its closing checks can fail.
 
 The first test runs the real command in a subprocess (embedded moto, osmem-server, Redis, the
-worker in a thread) and reads what it prints. The others feed :mod:`connectors.verify`'s checks
+worker in a thread) and reads what it prints. The others feed :mod:`connectors.embedded.verify`'s checks
 deliberately wrong expectations against real servers, so a passing demo means something.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.demo import CHECK_NAMES
-from connectors.opensearch import OpenSearchSink
-from connectors.verify import check_opensearch, check_redis, check_s3_audit
+from connectors.embedded.demo import CHECK_NAMES
+from connectors.opensearch.sink import OpenSearchSink
+from connectors.embedded.verify import check_opensearch, check_redis, check_s3_audit
 from pipeline.codec import decode_record, key_id
 from pipeline.events import Batch
 from pipeline.render import event_to_record_dict
@@ -38,7 +38,7 @@ BIG_PLUS_2 = Decimal("12345678901234567890123456789012345680")
 def test_demo_command_runs_the_pipeline_and_every_check_passes() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONIOENCODING": "utf-8", "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--changes", "150"],
+    proc = subprocess.run([sys.executable, "-m", "connectors.app.cli", "demo", "--changes", "150"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, encoding="utf-8", timeout=280)
     out = proc.stdout
     if proc.returncode != 0 and "ServiceNotInstalledError" in out:

@@ -17,10 +17,10 @@ import redis
 import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
-from connectors.s3_audit import read_audit_objects
+from connectors.s3.audit import read_audit_objects
 from connectors.redis_cache import RedisCacheSink
-from connectors.verify import check_opensearch, check_redis, check_s3_audit, read_stream_events
-from connectors.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, create_table, scan_items
+from connectors.embedded.verify import check_opensearch, check_redis, check_s3_audit, read_stream_events
+from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, create_table, scan_items
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import key_id
 from pipeline.events import Operation
@@ -81,7 +81,7 @@ class Stack:
         log = self.config_path.parent / f"worker-{len(self.logs)}.log"
         self.logs.append(log)
         fh = open(log, "wb")
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config_path)],
+        return subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
     def stop_worker(self, proc: subprocess.Popen, timeout: float = 45) -> int:

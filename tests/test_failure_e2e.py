@@ -46,11 +46,11 @@ import redis
 import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
-from connectors.embedded import free_port
+from connectors.embedded.servers import free_port
 from connectors.redis_cache import RedisCacheSink
-from connectors.s3_audit import read_audit_objects
-from connectors.verify import check_opensearch, check_redis, check_s3_audit, read_stream_events
-from connectors.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, create_table, scan_items
+from connectors.s3.audit import read_audit_objects
+from connectors.embedded.verify import check_opensearch, check_redis, check_s3_audit, read_stream_events
+from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, create_table, scan_items
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import encode_item, key_id
 from pipeline.deadletter import DirectoryDeadLetterQueue
@@ -253,7 +253,7 @@ class WorkloadThread(threading.Thread):
 
 
 class Worker:
-    """One ``python -m pipeline.cli run`` process with its own log file."""
+    """One ``python -m connectors.app.cli run`` process with its own log file."""
 
     def __init__(self, proc: subprocess.Popen, log: Path):
         self.proc = proc
@@ -352,7 +352,7 @@ class Stack:
     def start_worker(self) -> Worker:
         log = self.tmp / f"worker-{len(self.workers)}.log"
         with open(log, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config_path)],
+            proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path)],
                                     stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=str(ROOT))
         worker = Worker(proc, log)
         self.workers.append(worker)
@@ -373,7 +373,7 @@ class Stack:
             pytest.fail(f"worker did not exit within {timeout} s of SIGTERM; log:\n{worker.tail(12000)}")
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=self.env(), cwd=str(ROOT),
+        return subprocess.run([sys.executable, "-m", "connectors.app.cli", *args], env=self.env(), cwd=str(ROOT),
                               capture_output=True, text=True, timeout=timeout)
 
     def close(self) -> None:
@@ -724,7 +724,7 @@ class DlqRun:
 def _redrive_available() -> bool:
     if not (ROOT / "pipeline" / "redrive.py").exists():
         return False
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dlq", "redrive", "--help"], cwd=str(ROOT),
+    proc = subprocess.run([sys.executable, "-m", "connectors.app.cli", "dlq", "redrive", "--help"], cwd=str(ROOT),
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     return proc.returncode == 0 and "--sink" in proc.stdout
@@ -806,7 +806,7 @@ def test_redis_outage_with_dead_letter_goes_on_and_dead_letters_full_events(dlq_
 
 def test_dlq_redrive_delivers_the_dead_lettered_cache_invalidations(dlq_run):
     if not _redrive_available():
-        pytest.xfail("dlq redrive not yet available (no pipeline/redrive.py or `ddb-cdc dlq redrive --sink`)")
+        pytest.xfail("dlq redrive not yet available (no pipeline/ops/redrive.py or `ddb-cdc dlq redrive --sink`)")
     run, stack = dlq_run, dlq_run.stack
     by_seq = {ev.sequence_number: ev for ev in run.events}
     redrive = [by_seq[e.sequence_number] for e in run.entries if e.sink == "cache"]

@@ -1,4 +1,4 @@
-"""pipeline.fanout.FanOut: order, retries, partial failures, dead-lettering, failure policies,
+"""pipeline.runtime.fanout.FanOut: order, retries, partial failures, dead-lettering, failure policies,
 shutdown during retries, serialisation of non-thread-safe sinks."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.errors import (
     RetriableSinkError,
 )
 from pipeline.events import Batch
-from pipeline.fanout import DeliveryAborted, FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.fanout import DeliveryAborted, FailurePolicy, FanOut, SinkRunner
 from pipeline.sink import Sink
 from pipeline.testing import RecordingSink, make_batch, make_stream_record
 
@@ -456,7 +456,7 @@ def test_stall_and_retries_are_visible_in_metrics(tmp_path):
     from pipeline import metrics  # noqa: F401  (registers the metrics)
     from pipeline.deadletter import DirectoryDeadLetterQueue
     from pipeline.errors import RetriableSinkError
-    from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
+    from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
     from pipeline.testing import RecordingSink, sample_batch
     import structlog
     import threading

@@ -89,7 +89,7 @@ def test_fast_path_decodes_exactly_what_the_boto3_path_decodes(recs, next_iterat
 def table_with_changes(dynamodb_local, aws_env):
     creds = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     ddb = boto3.client("dynamodb", endpoint_url=dynamodb_local.endpoint, **creds)
-    from connectors.workload import Workload, create_table, write_changes
+    from connectors.embedded.workload import Workload, create_table, write_changes
 
     table = f"fastpath-{os.urandom(4).hex()}"
     create_table(ddb, table)

@@ -26,16 +26,16 @@ import structlog
 
 from connectors.aws import make_client
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
-from connectors.s3_audit import S3AuditOptions, S3AuditSink, read_audit_objects
+from connectors.s3.audit import S3AuditOptions, S3AuditSink, read_audit_objects
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import PartialSinkError, RetriableSinkError
 from pipeline.events import SHARD_END
-from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_batch, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.helpers import run_to_exit
 from streams_double import STREAM_ARN, FakeStreams, seq
 

@@ -1,7 +1,7 @@
 """Hostile input, end to end through all three built-in sinks: every stream record is delivered or
 dead-lettered (with its full before/after images), and the worker never crashes.
 
-1. The real worker (``python -m pipeline.cli run``) in a subprocess against DynamoDB Local, four
+1. The real worker (``python -m connectors.app.cli run``) in a subprocess against DynamoDB Local, four
    tables (composite key; BINARY partition key; KEYS_ONLY stream; NEW_IMAGE stream) holding items
    near the 400 KB limit, 38-digit numbers and exponents at DynamoDB's range ends, empty strings
    and binary, unicode and emoji in keys and attribute names, OpenSearch-reserved and dotted
@@ -37,20 +37,20 @@ import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
-from connectors.opensearch import OpenSearchSink, document_id, restore_document
+from connectors.opensearch.sink import OpenSearchSink, document_id, restore_document
 from connectors.redis_cache import RedisCacheSink
-from connectors.s3_audit import S3AuditSink, read_audit_objects
+from connectors.s3.audit import S3AuditSink, read_audit_objects
 from connectors.sqlite_store import SQLiteLeaseStore
-from connectors.verify import check_s3_audit, read_stream_events, values_match
+from connectors.embedded.verify import check_s3_audit, read_stream_events, values_match
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import DYNAMODB_CONTEXT
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import ChangeEvent, Operation
-from pipeline.fanout import FailurePolicy
+from pipeline.runtime.fanout import FailurePolicy
 from pipeline.render import event_to_record_dict
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from streams_double import STREAM_ARN, FakeStreams, seq
 
 pytestmark = pytest.mark.e2e
@@ -306,7 +306,7 @@ def test_hostile_items_reach_every_sink_or_the_dead_letter_directory(
     log_path = tmp_path / "worker.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     try:
         last = {t.stream_arn: events[t.table_name][-1].sequence_number for t in tables.all}

@@ -20,10 +20,10 @@ from pipeline.codec import decode_record
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import DecodeError
 from pipeline.events import SHARD_END
-from pipeline.redrive import redrive
-from pipeline.shard_consumer import ShardSettings
+from pipeline.ops.redrive import redrive
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
 from tests.streams_double import STREAM_ARN, FakeStreams, seq
 

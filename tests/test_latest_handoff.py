@@ -13,7 +13,7 @@ Two cases, each on the streams double and on DynamoDB Local:
   ``AT_SEQUENCE_NUMBER:<first record A read>``): B resumes at that record.
 
 A is driven below the worker (its coordinator never renews: the process that "died"); B is a full
-:class:`pipeline.worker.Worker` that takes the lease once it expired.
+:class:`pipeline.runtime.worker.Worker` that takes the lease once it expired.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import LATEST
-from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.leases import LeaseCoordinator
-from pipeline.shard_consumer import AT_SEQUENCE_PREFIX, AT_TIMESTAMP_PREFIX, ShardConsumer, ShardSettings
+from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, AT_TIMESTAMP_PREFIX, ShardConsumer, ShardSettings
 from pipeline.sink import SinkContext
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
 from tests.streams_double import STREAM_ARN, FakeStreams, seq
 
@@ -169,7 +169,7 @@ def test_double_takeover_after_a_delivered_unchecked_records_resumes_at_a_first_
 def test_skip_bound_is_never_after_a_record_created_in_the_start_second(tmp_path, monkeypatch):
     """The bound of the AT_TIMESTAMP checkpoint lies LATEST_CLOCK_MARGIN_S before the start's
     second: a record stamped in the very second A started (rounded down) is delivered."""
-    import pipeline.shard_consumer as sc
+    import pipeline.runtime.shard_consumer as sc
 
     fake, source, store, store_path = _double(tmp_path)
     start = time.time()

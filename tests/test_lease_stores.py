@@ -6,7 +6,7 @@ raw stored record (DynamoDB item from a boto3 ``scan`` / SQLite row) is checked 
 contract names attributes (KCL's names: leaseKey, leaseOwner, leaseCounter, checkpoint,
 checkpointSubSequenceNumber, ownerSwitchesSinceCheckpoint, parentShardId).
 
-The coordinator tests (pipeline/leases.py) use one fake clock per worker: lease expiry is
+The coordinator tests (pipeline/runtime/leases.py) use one fake clock per worker: lease expiry is
 judged on the observing worker's own clock only.
 
 The last tests run two OS processes on one SQLite file and check from their recorded write
@@ -31,13 +31,13 @@ import pytest
 import structlog
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
-from connectors.embedded import free_port
+from connectors.embedded.servers import free_port
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import Lease, lease_key_for
 from pipeline.errors import CheckpointStoreError, LeaseLostError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
-from pipeline.leases import LeaseCoordinator
+from pipeline.runtime.leases import LeaseCoordinator
 from pipeline.source import ShardInfo
 
 log = structlog.get_logger()

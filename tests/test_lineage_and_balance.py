@@ -17,9 +17,9 @@ from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import SHARD_END
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.streams_double import STREAM_ARN, FakeStreams, seq
 from tests.helpers import wait_until as _wait_until
 

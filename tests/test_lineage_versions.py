@@ -23,15 +23,15 @@ import structlog
 from hypothesis import given, settings, strategies as st
 
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
-from connectors.opensearch import OpenSearchSink, document_id, restore_document
+from connectors.opensearch.sink import OpenSearchSink, document_id, restore_document
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import VERSION_EPOCH_S, record_version
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import SHARD_END, TRIM_HORIZON
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
 from tests.streams_double import STREAM_ARN, FakeStreams
 
@@ -266,7 +266,7 @@ def test_a_replay_in_its_own_namespace_from_inside_the_lineage_gives_the_live_ve
     """`replay --from sequence` after the splits starts inside a child: the replay's leases take the
     live leases' floors, so the replayed versions equal the live ones (else a repair could not
     re-apply them and a replayed REMOVE could be older than the change it should remove)."""
-    from pipeline.replay import StartSpec, StreamReplay
+    from pipeline.replay.stream import StartSpec, StreamReplay
 
     fake = FakeStreams(seed=5)
     written = hot_lineage(fake, ["a", "b", "c"], generations=4, per_generation=6, rng=random.Random(5))
@@ -301,7 +301,7 @@ def test_a_replay_in_its_own_namespace_from_inside_the_lineage_gives_the_live_ve
 
 def test_a_redriven_decode_entry_keeps_its_shards_version_floor(tmp_path):
     from pipeline.deadletter import decode_entry
-    from pipeline.redrive import redrive
+    from pipeline.ops.redrive import redrive
 
     rec = change("MODIFY", "x", 2, T0)
     rec["dynamodb"]["SequenceNumber"] = "1683700000000000001135967"

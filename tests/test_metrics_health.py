@@ -18,8 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from connectors.embedded import free_port
-from connectors.workload import CACHE_KEY_TEMPLATES, Workload, create_table, write_changes
+from connectors.embedded.servers import free_port
+from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, create_table, write_changes
 from tests.helpers import json_log_events, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +60,7 @@ class MetricsStack:
     def start(self) -> None:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
     def stop(self) -> int:
@@ -223,7 +223,7 @@ def test_iterator_age_logs_warn_then_error_at_most_once_per_interval_per_shard()
     """The lag-log rule on its own, with a stand-in reader whose age the test sets."""
     import structlog
 
-    from pipeline.worker import Worker
+    from pipeline.runtime.worker import Worker
 
     class Reader:
         def __init__(self):
@@ -278,7 +278,7 @@ def test_processes_serve_one_endpoint_per_slot(stack):
     s.config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
-    s.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--processes", "2", "--config",
+    s.proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--processes", "2", "--config",
                                str(s.config_path)], stdout=open(s.log, "ab"), stderr=subprocess.STDOUT, env=env,
                               cwd=str(ROOT))
     base = s.port

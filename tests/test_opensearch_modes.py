@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from connectors.opensearch import OpenSearchSink, restore_document
-from connectors.opensearch_mapping import MappingSpec, MappingSpecError
+from connectors.opensearch.sink import OpenSearchSink, restore_document
+from connectors.opensearch.mapping import MappingSpec, MappingSpecError
 from pipeline.errors import FatalSinkError, PartialSinkError
 from pipeline.render import to_plain
 from tests.test_opensearch_sink import T0, batch, context, item, make_event

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from connectors.opensearch import document_id
-from connectors.verify import check_opensearch, read_stream_events
-from connectors.workload import Workload, apply_change, scan_items, write_changes
+from connectors.opensearch.sink import document_id
+from connectors.embedded.verify import check_opensearch, read_stream_events
+from connectors.embedded.workload import Workload, apply_change, scan_items, write_changes
 from pipeline.codec import encode_item, key_id
 from tests.helpers import json_log_events, wait_until
 from tests.test_replay import ROOT, ReplayStack
@@ -50,7 +50,7 @@ class ReindexStack(ReplayStack):
         self.explicit_config_path.write_text(yaml.safe_dump(explicit))
 
     def reindex_cmd(self, *args: str, config: Path | None = None) -> list[str]:
-        return [sys.executable, "-m", "pipeline.cli", "opensearch", "reindex", "--sink", "search", *args,
+        return [sys.executable, "-m", "connectors.app.cli", "opensearch", "reindex", "--sink", "search", *args,
                 "--config", str(config or self.config_path)]
 
     def reindex(self, *args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from connectors.sqlite_store import SQLiteLeaseStore
-from connectors.verify import check_opensearch, read_stream_events
-from connectors.workload import scan_items
+from connectors.embedded.verify import check_opensearch, read_stream_events
+from connectors.embedded.workload import scan_items
 from pipeline.codec import key_id
 from tests.test_hostile_input import check_dead_letters, dead_letters
 from tests.test_opensearch_modes import field_count, request
@@ -112,7 +112,7 @@ def test_single_table_workload_in_every_mapping_mode(tmp_path, dynamodb_local, o
            "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     try:
         events = read_stream_events(streams, stream_arn, table)

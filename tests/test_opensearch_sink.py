@@ -24,7 +24,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from connectors.opensearch import MAX_ID_BYTES, OpenSearchSink, document_id
+from connectors.opensearch.sink import MAX_ID_BYTES, OpenSearchSink, document_id
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import decode_record
 from pipeline.errors import FatalSinkError, PartialSinkError, RetriableSinkError
@@ -611,7 +611,7 @@ def test_missing_new_image_is_permanent_for_that_event_only(url, table, view):
     ("_ddb%2E", True, "_ddb_ddb%252E"),
 ])
 def test_field_name_escaping_is_reversible(name, top, escaped):
-    from connectors.opensearch import escape_field_name, unescape_field_name
+    from connectors.opensearch.sink import escape_field_name, unescape_field_name
 
     assert escape_field_name(name, top_level=top) == escaped
     assert unescape_field_name(escaped) == name
@@ -639,7 +639,7 @@ HOSTILE_NAMES_IMAGE = item(
 
 
 def test_hostile_attribute_names_are_indexed_and_restored(url, table):
-    from connectors.opensearch import restore_document
+    from connectors.opensearch.sink import restore_document
 
     sink = open_sink(url)
     try:
@@ -665,7 +665,7 @@ def _nested(levels: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("levels", [19, 20, 32])
 def test_deep_maps_are_flattened_below_the_depth_limit(url, table, levels):
-    from connectors.opensearch import restore_document
+    from connectors.opensearch.sink import restore_document
     from pipeline.render import to_plain
 
     sink = open_sink(url)
@@ -686,7 +686,7 @@ def test_deep_maps_are_flattened_below_the_depth_limit(url, table, levels):
 
 
 def test_depth_limit_option_moves_the_flattening_point(url, table):
-    from connectors.opensearch import restore_document
+    from connectors.opensearch.sink import restore_document
 
     sink = open_sink(url, depth_limit=3)
     try:

@@ -255,7 +255,7 @@ def test_the_sink_options_load_with_the_sink_models(monkeypatch):
 
 
 def test_init_creates_the_table_the_bucket_and_the_index_the_worker_uses(monkeypatch):
-    from connectors.workload import TABLE_ATTRIBUTES, TABLE_KEY_SCHEMA
+    from connectors.embedded.workload import TABLE_ATTRIBUTES, TABLE_KEY_SCHEMA
 
     settings = settings_of("worker", monkeypatch)
     svc = services()
@@ -263,7 +263,7 @@ def test_init_creates_the_table_the_bucket_and_the_index_the_worker_uses(monkeyp
     table = settings.source.table
     assert f"--endpoint-url {settings.aws.endpoint_url} dynamodb create-table --table-name {table} " in init
     assert "StreamEnabled=true,StreamViewType=NEW_AND_OLD_IMAGES" in init
-    # the key schema of the demo writer's items (connectors.workload)
+    # the key schema of the demo writer's items (connectors.embedded.workload)
     attrs = " ".join(f"AttributeName={a['AttributeName']},AttributeType={a['AttributeType']}" for a in TABLE_ATTRIBUTES)
     keys = " ".join(f"AttributeName={k['AttributeName']},KeyType={k['KeyType']}" for k in TABLE_KEY_SCHEMA)
     assert f"--attribute-definitions {attrs} " in init and f"--key-schema {keys} " in init
@@ -290,7 +290,7 @@ def test_init_creates_the_table_the_bucket_and_the_index_the_worker_uses(monkeyp
 
 
 def test_cache_key_templates_match_the_demo_writers_items(monkeypatch):
-    from connectors.workload import Workload
+    from connectors.embedded.workload import Workload
 
     settings = settings_of("worker", monkeypatch)
     item = Workload(seed=1).item(3)
@@ -340,7 +340,7 @@ def test_profiles_dashboards_and_demo():
 
 
 def test_writer_runs_ddb_cdc_workload_against_the_workers_table(monkeypatch):
-    from pipeline.cli import build_parser
+    from connectors.app.cli import build_parser
 
     svc = services()
     worker, writer = settings_of("worker", monkeypatch), settings_of("writer", monkeypatch)
@@ -354,7 +354,7 @@ def test_writer_runs_ddb_cdc_workload_against_the_workers_table(monkeypatch):
 
 
 def test_worker_entrypoint_command_and_config_path_agree_with_the_dockerfile(monkeypatch):
-    from pipeline.cli import build_parser
+    from connectors.app.cli import build_parser
 
     worker = services()["worker"]
     assert "build" in worker and worker["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
@@ -518,7 +518,7 @@ def test_dockerignore_sends_the_wheels_inputs_and_nothing_else():
 def test_pyproject_declares_console_script_and_entry_points():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert data["project"]["name"] == "ddb-cdc"
-    assert data["project"]["scripts"]["ddb-cdc"] == "pipeline.cli:main"
+    assert data["project"]["scripts"]["ddb-cdc"] == "connectors.app.cli:main"
     assert data["project"]["requires-python"] == ">=3.11"
     eps = data["project"]["entry-points"]["ddb_cdc.sinks"]
     assert set(eps) == {"opensearch", "s3_audit", "redis_cache"}

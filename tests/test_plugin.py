@@ -171,7 +171,7 @@ def test_registry_finds_the_plugin_in_a_fresh_process(plugin_installed, tmp_path
 
 
 def test_cli_sinks_lists_the_plugin(plugin_installed, tmp_path):
-    proc = _python(["-m", "pipeline.cli", "sinks"], cwd=tmp_path)
+    proc = _python(["-m", "connectors.app.cli", "sinks"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert f"jsonl_file\t{ENTRY_POINT_VALUE}" in lines
@@ -186,7 +186,7 @@ def test_config_check_accepts_a_valid_plugin_sink(plugin_installed, tmp_path):
             directory: {tmp_path / 'out'}
             fsync: false
         """)
-    proc = _python(["-m", "pipeline.cli", "config", "check", "--config", str(config)], cwd=tmp_path)
+    proc = _python(["-m", "connectors.app.cli", "config", "check", "--config", str(config)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "files (jsonl_file)" in proc.stdout
     assert not (tmp_path / "out").exists()  # a check starts nothing
@@ -226,7 +226,7 @@ def test_config_check_accepts_a_valid_plugin_sink(plugin_installed, tmp_path):
 )
 def test_config_check_reports_plugin_config_errors_in_one_line(plugin_installed, tmp_path, sinks_yaml, expected):
     config = _config(tmp_path, sinks_yaml)
-    proc = _python(["-m", "pipeline.cli", "config", "check", "--config", str(config)], cwd=tmp_path)
+    proc = _python(["-m", "connectors.app.cli", "config", "check", "--config", str(config)], cwd=tmp_path)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr

@@ -1,4 +1,4 @@
-"""The worker-wide read budget (``worker.max_pages_in_flight``, pipeline/read_budget.py): at most N
+"""The worker-wide read budget (``worker.max_pages_in_flight``, pipeline/runtime/read_budget.py): at most N
 GetRecords pages fetched and not yet delivered at once, every record still delivered exactly once
 in order; idle shards, throttled shards and waiting shards hold no share; stop ends the waits.
 
@@ -20,11 +20,11 @@ from pipeline.awsconfig import AwsConfig
 from pipeline.config import WorkerConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import Batch
-from pipeline.fanout import FailurePolicy
-from pipeline.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.fanout import FailurePolicy
+from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.sink import Sink
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from streams_double import STREAM_ARN, FakeStreams, seq
 from test_worker_source import Running, recs
 from tests.helpers import wait_until

@@ -19,7 +19,7 @@ import redis
 import structlog
 import yaml
 
-from connectors.opensearch import OpenSearchSink
+from connectors.opensearch.sink import OpenSearchSink
 from connectors.redis_cache import RedisCacheSink
 from pipeline.codec import decode_record, record_sequence_number
 from pipeline.deadletter import (
@@ -31,8 +31,8 @@ from pipeline.deadletter import (
 )
 from pipeline.errors import PermanentSinkError
 from pipeline.events import Batch
-from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.redrive import redrive, unjsonable
+from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.ops.redrive import redrive, unjsonable
 from pipeline.sink import Sink, SinkContext
 from pipeline.testing import make_stream_record
 
@@ -360,7 +360,7 @@ def test_decode_entry_redriven_to_some_sinks_leaves_delivery_entries_for_others(
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env = {k: v for k, v in env.items() if not k.startswith("DDB_CDC_")}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "connectors.app.cli", *args], capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=120)
 
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
-from connectors.verify import check_opensearch, read_stream_events
-from connectors.workload import CACHE_KEY_TEMPLATES, Workload, create_table, scan_items, write_changes
+from connectors.embedded.verify import check_opensearch, read_stream_events
+from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, create_table, scan_items, write_changes
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import key_id
 
@@ -70,12 +70,12 @@ class ReplayStack:
         self.worker_log = tmp_path / "worker.log"
 
     def start_worker(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config_path)],
+        return subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path)],
                                 stdout=open(self.worker_log, "ab"), stderr=subprocess.STDOUT, env=self.env,
                                 cwd=str(ROOT))
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--config", str(self.config_path)],
+        return subprocess.run([sys.executable, "-m", "connectors.app.cli", *args, "--config", str(self.config_path)],
                               capture_output=True, text=True, env=self.env, cwd=str(ROOT), timeout=timeout)
 
     def store(self, namespace: str = "") -> DynamoDBLeaseStore:
@@ -136,7 +136,7 @@ def test_rebuild_dropped_index_while_live_worker_writes(stack: ReplayStack):
             for change in Workload(seed=12, items=60).changes(10_000):
                 if stop_writer.is_set():
                     return
-                from connectors.workload import apply_change
+                from connectors.embedded.workload import apply_change
 
                 apply_change(stack.ddb, stack.table, change)
                 written["n"] += 1
@@ -188,11 +188,11 @@ def test_time_window_replays_exactly_the_changes_in_the_window(stack: ReplayStac
     assert len(times) >= 2, times
 
     def replay_window(since: datetime | None, until: datetime) -> list[str]:
-        from connectors.runtime import build_sources
-        from connectors.runtime import build_worker
+        from connectors.app.wiring import build_sources
+        from connectors.app.wiring import build_worker
         from pipeline.config import load_settings
         from pipeline.logs import get_logger
-        from pipeline.replay import StartSpec, StreamReplay, new_replay_id
+        from pipeline.replay.stream import StartSpec, StreamReplay, new_replay_id
         from pipeline.testing import RecordingSink
 
         settings = load_settings(str(stack.config_path))

@@ -21,7 +21,7 @@ import yaml
 from opensearchpy import OpenSearch
 
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
-from connectors.opensearch import OpenSearchSink
+from connectors.opensearch.sink import OpenSearchSink
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import decode_record
 from pipeline.events import Batch
@@ -62,7 +62,7 @@ class Recipe:
         self.fake = FakeStreams(page_size=100)
         self.fake.add_shard(SHARD, records, closed=False)
         self.source = DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=self.fake)
-        monkeypatch.setattr("connectors.runtime.build_sources", lambda settings: [self.source])
+        monkeypatch.setattr("connectors.app.wiring.build_sources", lambda settings: [self.source])
 
     def live(self, records: list[dict]) -> None:
         """Deliver ``records`` as the live worker does: through a sink of its own."""
@@ -76,7 +76,7 @@ class Recipe:
             sink.close()
 
     def replay(self, *args: str) -> tuple[int, dict]:
-        from pipeline.cli import main
+        from connectors.app.cli import main
 
         import contextlib
         import io
@@ -214,7 +214,7 @@ def test_archive_replay_with_until_into_opensearch_is_refused(recipe_factory, ca
     """`--from-archive … --until U --sink search` cannot know which items changed after U:
     refused with one line, exit 2, before anything is read."""
     r = recipe_factory([])
-    from pipeline.cli import main
+    from connectors.app.cli import main
 
     code = main(["replay", "--config", str(r.config), "--from-archive", "s3://b/p", "--until",
                  T0.isoformat(), "--sink", "search"])

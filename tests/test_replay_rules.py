@@ -15,10 +15,10 @@ from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import Lease, lease_key_for
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import TRIM_HORIZON
-from pipeline.replay import StartSpec, StreamReplay, dry_run, start_positions
-from pipeline.shard_consumer import ShardSettings
+from pipeline.replay.stream import StartSpec, StreamReplay, dry_run, start_positions
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.streams_double import STREAM_ARN, FakeStreams, seq
 
 T0 = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
@@ -186,13 +186,13 @@ def test_throttled_replay_reader_backs_off_and_delivers_everything(tmp_path):
     (["replay", "--from", "trim-horizon", "--sink", "nope"], "--sink 'nope' is not a configured sink"),
 ])
 def test_replay_usage_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
-    from pipeline.cli import main
+    from connectors.app.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("source: {stream_arn: '%s'}\ncheckpoints: {store: sqlite, sqlite_path: '%s'}\n"
                    "sinks: [{name: cache, type: redis_cache, options: {url: 'redis://127.0.0.1:1/0', "
                    "key_templates: ['k:{pk}']}}]\n" % (STREAM_ARN, tmp_path / "l.sqlite"))
-    monkeypatch.setattr("connectors.runtime.build_sources", lambda settings: [
+    monkeypatch.setattr("connectors.app.wiring.build_sources", lambda settings: [
         DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=split_stream())])
     code = main([*argv, "--config", str(cfg), "--no-progress"])
     err = capsys.readouterr().err

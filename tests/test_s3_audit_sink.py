@@ -15,7 +15,7 @@ from botocore.config import Config
 import pytest
 from pydantic import ValidationError
 
-from connectors.s3_audit import S3AuditSink, audit_object_key, read_audit_objects
+from connectors.s3.audit import S3AuditSink, audit_object_key, read_audit_objects
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import decode_record
 from pipeline.errors import FatalSinkError, RetriableSinkError

@@ -43,16 +43,16 @@ import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
-from connectors.verify import check_opensearch, read_stream_events
-from connectors.workload import Workload, apply_change, create_table, scan_items
+from connectors.embedded.verify import check_opensearch, read_stream_events
+from connectors.embedded.workload import Workload, apply_change, create_table, scan_items
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import key_id
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import CdcError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
-from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.leases import LeaseCoordinator
-from pipeline.shard_consumer import ShardConsumer, ShardSettings
+from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.testing import RecordingSink
 from tests.helpers import json_log_events
 
@@ -224,7 +224,7 @@ class WorkloadThread(threading.Thread):
 
 
 class WorkerProc:
-    """One ``python -m pipeline.cli run`` process (or a supervisor) with its own log file."""
+    """One ``python -m connectors.app.cli run`` process (or a supervisor) with its own log file."""
 
     def __init__(self, name: str, proc: subprocess.Popen, log: Path):
         self.name = name
@@ -289,7 +289,7 @@ class Cluster:
         name = name or f"worker-{len(self.workers)}"
         log = self.tmp / f"{name}.log"
         fh = open(log, "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config_path),
+        proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path),
                                  *extra], stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
                                 cwd=str(ROOT))
         fh.close()

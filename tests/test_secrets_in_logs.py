@@ -102,7 +102,7 @@ def test_a_failing_worker_run_logs_no_configured_secret(tmp_path):
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DDB_CDC_", "AWS_"))}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(config)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and out.strip()

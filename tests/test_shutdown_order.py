@@ -25,11 +25,11 @@ from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import FatalSinkError
 from pipeline.events import Batch
-from pipeline.fanout import FailurePolicy, SinkFenced
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.fanout import FailurePolicy, SinkFenced
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.sink import Sink, SinkContext
 from pipeline.testing import RecordingSink
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from streams_double import STREAM_ARN, FakeStreams, seq
 from test_worker_source import Running, make_worker, recs
 from tests.helpers import wait_until

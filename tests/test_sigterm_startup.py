@@ -64,7 +64,7 @@ def _start(tmp_path: Path, config: Path) -> tuple[subprocess.Popen, int, Path]:
     env.update(PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
                AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
-    argv = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)]
+    argv = [sys.executable, "-m", "connectors.app.cli", "run", "--config", str(config)]
     if UNSHARE:
         argv = ["unshare", "-p", "-f", "--mount-proc"] + argv
     log = tmp_path / "worker.log"

@@ -23,7 +23,7 @@ import yaml
 
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.checkpoint import Lease, WorkerInfo
-from pipeline.status import format_duration_ms, gather_status, render_status, short_checkpoint, status_to_dict
+from pipeline.ops.status import format_duration_ms, gather_status, render_status, short_checkpoint, status_to_dict
 from tests.helpers import wait_until as _wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_EC2_METADATA_DISABLED": "true"}
     env.pop("COLUMNS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "connectors.app.cli", *args], capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=60)
 
 
@@ -199,7 +199,7 @@ def test_gather_status_with_fake_now_and_a_described_stream(sqlite_store):
 
 
 def test_status_module_does_not_import_boto3():
-    code = "import sys, pipeline.status; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
+    code = "import sys, pipeline.ops.status; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -263,9 +263,9 @@ def test_status_of_a_running_worker_on_dynamodb_local(tmp_path, aws_env, dynamod
     from pipeline.awsconfig import AwsConfig
     from pipeline.deadletter import DirectoryDeadLetterQueue
     from pipeline.logs import get_logger
-    from pipeline.shard_consumer import ShardSettings
+    from pipeline.runtime.shard_consumer import ShardSettings
     from pipeline.testing import RecordingSink
-    from pipeline.worker import Worker
+    from pipeline.runtime.worker import Worker
 
     client, table, stream_arn = make_table("status")
     aws = AwsConfig(region="us-east-1", dynamodb_endpoint_url=dynamodb_local.endpoint, max_attempts=3)

@@ -20,9 +20,9 @@ from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline import metrics
 from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
 
 

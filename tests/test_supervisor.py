@@ -1,4 +1,4 @@
-"""The multi-process supervisor (pipeline/supervisor.py), driven with a tiny fake child program.
+"""The multi-process supervisor (pipeline/runtime/supervisor.py), driven with a tiny fake child program.
 
 The fake child (written to ``tmp_path``) records ``start-<slot>-<pid>`` (JSON: start time, parent pid,
 slot from DDB_CDC_SUPERVISOR_CHILD, a marker variable) and, on SIGTERM/SIGINT, ``term-<slot>-<pid>``
@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from pipeline.errors import ConfigError
-from pipeline.supervisor import CHILD_ENV, Supervisor, resolve_processes, restart_delay, run_supervised
+from pipeline.runtime.supervisor import CHILD_ENV, Supervisor, resolve_processes, restart_delay, run_supervised
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ RUNNER = textwrap.dedent(
     """
     import json, sys
     from pipeline.logs import configure_logging, get_logger
-    from pipeline.supervisor import run_supervised
+    from pipeline.runtime.supervisor import run_supervised
 
     child, processes, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     configure_logging("INFO", "json")

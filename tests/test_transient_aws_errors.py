@@ -47,11 +47,11 @@ from pipeline.checkpoint import Lease
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import LeaseLostError, SourceError
 from pipeline.events import SHARD_END
-from pipeline.fanout import FailurePolicy
-from pipeline.leases import LeaseCoordinator
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.fanout import FailurePolicy
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from streams_double import STREAM_ARN, seq
 from tests.helpers import run_to_exit, wait_until
 

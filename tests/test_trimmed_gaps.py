@@ -24,9 +24,9 @@ from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import Gap
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import SHARD_END
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.streams_double import STREAM_ARN, FakeStreams, seq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def test_gap_in_dynamodb_lease_table_and_status(tmp_path, dynamodb_local, aws_en
         "sinks": [{"name": "c", "type": "redis_cache", "options": {"url": "redis://x", "key_templates": ["k:{pk}"]}}],
     }))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--config", str(config), "--json"],
+    out = subprocess.run([sys.executable, "-m", "connectors.app.cli", "status", "--config", str(config), "--json"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -144,6 +144,6 @@ def test_gap_in_dynamodb_lease_table_and_status(tmp_path, dynamodb_local, aws_en
                              "last_checkpoint": seq(1, 1), "first_position_after": seq(1, 4),
                              "detected_at": "2026-11-21T10:00:00+00:00", "policy": "skip", "error": "trimmed"}]
     assert data["summary"]["gaps"] == 1
-    text = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--config", str(config)],
+    text = subprocess.run([sys.executable, "-m", "connectors.app.cli", "status", "--config", str(config)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert "Recorded gaps" in text.stdout and "shardId-A" in text.stdout and seq(1, 4)[-6:] in text.stdout

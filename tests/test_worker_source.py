@@ -24,11 +24,11 @@ from pipeline.codec import decode_record
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import FatalSinkError, SourceError
 from pipeline.events import SHARD_END
-from pipeline.fanout import FailurePolicy
-from pipeline.shard_consumer import ShardSettings
+from pipeline.runtime.fanout import FailurePolicy
+from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.source import IteratorExpiredError, TrimmedDataError
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from streams_double import STREAM_ARN, FakeStreams, seq
 from tests.helpers import wait_until as _wait_until
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
+from connectors.app.cli import main
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_workload_refuses_a_missing_table_or_a_wrong_key_schema(workload_table, 
 
 def test_unbounded_workload_runs_until_sigterm_and_exits_0(workload_table, dynamodb_local, aws_client):
     _, table, stream_arn = workload_table
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "workload", "--table", table, "--rate", "50"],
+    proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "workload", "--table", table, "--rate", "50"],
                             cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: len(stream_records(aws_client, dynamodb_local.endpoint, stream_arn)) >= 5,

@@ -45,7 +45,7 @@ from pipeline.source import (
 )
 
 #: How long resolving a table's stream at start (DescribeTable) retries errors that pass, in s;
-#: then SourceError (exit 1). SIGTERM ends the wait at once (pipeline/cli.py).
+#: then SourceError (exit 1). SIGTERM ends the wait at once (connectors/app/cli.py).
 DESCRIBE_TABLE_RETRY_S = 120.0
 #: Backoff between those attempts: jittered exponential from 0.5 s, capped at 10 s (tenacity).
 DESCRIBE_TABLE_BACKOFF_INITIAL_S = 0.5

@@ -32,7 +32,7 @@ Object metadata (S3 user metadata, ``x-amz-meta-*``): ``records`` (number of lin
 ``first-sequence-number``, ``last-sequence-number``, and ``parent-shard-ids`` — the shard's parent
 shard ids, comma-joined, taken from ``batch.extra["parent_shard_ids"]`` of the batches written to
 that shard (empty when the batches did not carry it). The archive replay
-(:mod:`connectors.archive`) reads it to deliver parents before children.
+(:mod:`connectors.s3.archive`) reads it to deliver parents before children.
 
 Ownership periods. Each object holds the events of *one* reader of the shard, so its range
 ``first_seq``..``last_seq`` holds every record that reader read in between (nothing in between was
@@ -42,7 +42,7 @@ after losing it, applied a checkpoint move, restarted the shard), the worker cal
 :meth:`S3AuditSink.reset_shard` first, and the shard's unflushed buffer is dropped: those events lie
 after the checkpoint, so they are re-read, or were archived by the worker whose checkpoint passed
 them. Still, the archive replay does not rely on ranges: it de-duplicates per event (see
-:mod:`pipeline.archive_replay`), so objects may overlap, nest, repeat or have holes — e.g. a redriven
+:mod:`pipeline.replay.archive`), so objects may overlap, nest, repeat or have holes — e.g. a redriven
 dead letter is its own one-event object ``103-103`` inside ``100-105``.
 
 Durability: nothing is durable until uploaded. The worker calls :meth:`S3AuditSink.flush` before

@@ -94,7 +94,7 @@ class ReindexReport:
 
 
 def _open_sink(settings: Any, name: str, where: str, logger: Any, *, pin: dict[str, str] | None = None) -> Any:
-    from connectors.opensearch import OpenSearchSink
+    from connectors.opensearch.sink import OpenSearchSink
     from pipeline.registry import build_sinks
     from pipeline.sink import SinkContext
 
@@ -114,7 +114,7 @@ def _open_sink(settings: Any, name: str, where: str, logger: Any, *, pin: dict[s
 
 def plan_reindex(sink: Any, tables: Sequence[str]) -> list[IndexPlan]:
     """One :class:`IndexPlan` per index name of ``tables`` (names shared by tables count once)."""
-    from connectors.opensearch_indices import version_index
+    from connectors.opensearch.indices import version_index
 
     admin = sink.admin
     wanted = sink.options.spec()
@@ -154,7 +154,7 @@ def run_reindex(settings: Any, *, sink_name: str, where: str, logger: Any, table
     sinks (default ``reindex_check_s`` + 1 s). Raises ReindexError (one line) when it cannot start
     or must stop before the swap, ConfigError for a bad configuration.
     """
-    from connectors.runtime import build_sources
+    from connectors.app.wiring import build_sources
 
     say = on_step or (lambda _text: None)
     started = time.monotonic()
@@ -196,7 +196,7 @@ def run_reindex(settings: Any, *, sink_name: str, where: str, logger: Any, table
         fill_sink = _open_sink(settings, sink_name, where, log, pin=pins)
         say(f"filling {', '.join(pins.values())} from the {source_text}")
         fill = _fill(settings, where, fill_sink, sources, table_names, from_archive, show_progress, pins)
-        from pipeline.replay_report import replay_report_to_dict
+        from pipeline.replay.report import replay_report_to_dict
 
         report.fill = replay_report_to_dict(fill)
         if not fill.ok:
@@ -226,12 +226,12 @@ def _fill(settings: Any, where: str, fill_sink: Any, sources: list, tables: Sequ
           from_archive: str | None, show_progress: bool, pins: dict[str, str]) -> Any:
     from pipeline.logs import get_logger
 
-    from pipeline.cli_replay import run_stream_replay
-    from pipeline.replay import StartSpec
+    from connectors.app.cli_replay import run_stream_replay
+    from pipeline.replay.stream import StartSpec
 
     archived = None
     if from_archive:
-        from connectors.archive import run_archive_replay
+        from connectors.s3.archive import run_archive_replay
 
         archived = run_archive_replay(settings, from_archive, sinks=[fill_sink], since=None, until=None,
                                       tables=list(tables), dry_run=False,
@@ -298,7 +298,7 @@ def abort_reindex(settings: Any, *, sink_name: str, where: str, logger: Any,
     their writes would re-create it. Returns one line per index name acted on. Never touches
     the index the alias points at.
     """
-    from connectors.runtime import build_sources
+    from connectors.app.wiring import build_sources
 
     sink = _open_sink(settings, sink_name, where, logger)
     lines: list[str] = []

@@ -6,7 +6,7 @@
     ddb-cdc workload --table orders --rate 20                # 20 changes/s until SIGTERM / SIGINT
     ddb-cdc workload --table orders --changes 0 --rate 5 --seed 3
 
-The changes come from connectors.workload.Workload (puts, UpdateItem calls and deletes
+The changes come from connectors.embedded.workload.Workload (puts, UpdateItem calls and deletes
 over items of every DynamoDB type), so the table needs its key schema: ``pk`` (S, hash) and
 ``sk`` (N, range). DynamoDB is reached with the ``aws`` settings of the configuration
 (``--config`` / ``$DDB_CDC_CONFIG`` and ``DDB_CDC_AWS__*``); only that section is used, so
@@ -52,7 +52,7 @@ def _aws_settings(config: str | None) -> Any:
 
 
 def _check_table(client: Any, table: str) -> None:
-    from connectors.workload import TABLE_ATTRIBUTES, TABLE_KEY_SCHEMA
+    from connectors.embedded.workload import TABLE_ATTRIBUTES, TABLE_KEY_SCHEMA
 
     try:
         described = client.describe_table(TableName=table)["Table"]
@@ -81,7 +81,7 @@ def cmd_workload(args: argparse.Namespace) -> int:
     log = get_logger(command="workload", table=args.table)
 
     from connectors.aws import make_client
-    from connectors.workload import Workload, write_changes
+    from connectors.embedded.workload import Workload, write_changes
 
     client = make_client("dynamodb", aws)
     _check_table(client, args.table)

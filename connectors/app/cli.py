@@ -93,11 +93,11 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level, settings.log.format)
     register_secrets_of(settings)
     if args.processes is not None:
-        from pipeline.supervisor import resolve_processes, run_supervised
+        from pipeline.runtime.supervisor import resolve_processes, run_supervised
 
         processes = resolve_processes(args.processes)
         if processes > 1:
-            child = [sys.executable, "-m", "pipeline.cli", "run"]
+            child = [sys.executable, "-m", "connectors.app.cli", "run"]
             if args.config:
                 child += ["--config", os.path.abspath(args.config)]
             if args.exit_when_idle:
@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
             return run_supervised(child, processes, logger=get_logger(supervisor_pid=os.getpid()),
                                   shutdown_grace_s=settings.worker.shutdown_grace_s,
                                   restart_clean_exits=not args.exit_when_idle)
-    from connectors.runtime import build_worker
+    from connectors.app.wiring import build_worker
 
     holder: dict = {}
     if settings.metrics.enabled:
@@ -147,7 +147,7 @@ def cmd_sinks(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from connectors.demo import run_demo
+    from connectors.embedded.demo import run_demo
 
     return run_demo(changes=args.changes, seed=args.seed)
 
@@ -156,7 +156,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from pipeline.config import load_settings
 
     settings = load_settings(args.config)
-    from connectors.runtime import build_dead_letter
+    from connectors.app.wiring import build_dead_letter
 
     dlq = build_dead_letter(settings)
     if args.dlq_command == "list":
@@ -169,7 +169,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.dlq_command == "redrive":
         from pipeline.logs import configure_logging, get_logger, register_secrets_of
-        from pipeline.redrive import redrive, render_report
+        from pipeline.ops.redrive import redrive, render_report
         from pipeline.registry import build_sinks
 
         names = [c.name for c in settings.sinks]
@@ -201,7 +201,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 def existing_lease_store(settings) -> object:
     """The configured lease store, without creating a SQLite file that is not there (opening a
     missing file would create it). Raises CheckpointStoreError with the fix."""
-    from connectors.runtime import build_lease_store
+    from connectors.app.wiring import build_lease_store
     from pipeline.errors import CheckpointStoreError
 
     cfg = settings.checkpoints
@@ -216,14 +216,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     and a summary (``--json``: the same data as JSON). Streams that cannot be described show
     "in stream ?"; an unreadable lease store is exit 1 (CheckpointStoreError, one line)."""
     from pipeline.config import load_settings
-    from pipeline.status import SourceUnavailable, gather_status, render_status, status_to_dict
+    from pipeline.ops.status import SourceUnavailable, gather_status, render_status, status_to_dict
 
     settings = load_settings(args.config)
     cfg = settings.checkpoints
     store = existing_lease_store(settings)
 
     def describe_sources() -> list:
-        from connectors.runtime import build_sources
+        from connectors.app.wiring import build_sources
 
         empty = {"table": None, "stream_arn": None, "tables": [], "stream_arns": []}
         sources: list = []
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("--dry-run", action="store_true", help="show what would be redriven; change nothing")
     dlq.set_defaults(func=cmd_dlq)
 
-    from pipeline import cli_checkpoints, cli_opensearch, cli_replay, cli_workload
+    from connectors.app import cli_checkpoints, cli_opensearch, cli_replay, cli_workload
 
     cli_checkpoints.add_parser(sub)
     cli_replay.add_parser(sub)

@@ -1,8 +1,8 @@
 """Replay from the S3 audit archive, the pure part: key layout, ordering, de-duplication, time
-window, batching, counting. No boto3 here; :mod:`connectors.archive` lists and reads S3 and hands
+window, batching, counting. No boto3 here; :mod:`connectors.s3.archive` lists and reads S3 and hands
 this module plain :class:`ArchiveObject` descriptions and a function that reads one of them.
 
-What the archive is (written by the ``s3_audit`` sink, see :mod:`connectors.s3_audit`)::
+What the archive is (written by the ``s3_audit`` sink, see :mod:`connectors.s3.audit`)::
 
     {prefix}/{table}/dt=YYYY-MM-DD/{shard_id}/{first_seq}-{last_seq}.jsonl.gz
 
@@ -67,7 +67,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from pipeline.errors import CdcError, ConfigError, DecodeError
 from pipeline.events import Batch, ChangeEvent
 from pipeline.render import event_from_record_dict
-from pipeline.replay_report import ReplayReport, ShardReplay
+from pipeline.replay.report import ReplayReport, ShardReplay
 
 #: Most events in one Batch (the same bound as one GetRecords call).
 BATCH_MAX_EVENTS = 1000
@@ -412,7 +412,7 @@ def replay_archive(shards: Sequence[ArchiveShard], *,
                    flush_every: int = FLUSH_EVERY_BATCHES) -> ReplayReport:
     """Replay ``shards`` (already in :func:`order_shards` order) and return the report.
 
-    ``deliver(batch)`` gives one batch to every sink (e.g. :meth:`pipeline.fanout.FanOut.deliver`),
+    ``deliver(batch)`` gives one batch to every sink (e.g. :meth:`pipeline.runtime.fanout.FanOut.deliver`),
     ``flush()`` makes everything delivered durable; both are unused when ``dry_run`` (read and
     count only). ``since`` / ``until``: the window (see the module doc). ``logger``: structlog.
     ``console``: rich console of the progress bar over objects (default: stderr); ``progress``:

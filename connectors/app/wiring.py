@@ -10,10 +10,10 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.deadletter import DirectoryDeadLetterQueue
-from pipeline.fanout import FailurePolicy
+from pipeline.runtime.fanout import FailurePolicy
 from pipeline.registry import build_sinks
-from pipeline.shard_consumer import ShardSettings
-from pipeline.worker import Worker
+from pipeline.runtime.shard_consumer import ShardSettings
+from pipeline.runtime.worker import Worker
 
 
 def build_sources(settings: Settings, *, describe_retry_s: float | None = None) -> list[Any]:
@@ -51,7 +51,7 @@ def build_lease_store(settings: Settings, namespace: str = "") -> Any:
 def build_dead_letter(settings: Settings) -> Any:
     """The dead-letter destination: S3 when ``dead_letter.s3_uri`` is set, else the directory."""
     if settings.dead_letter.s3_uri:
-        from connectors.deadletter_s3 import S3DeadLetterQueue
+        from connectors.s3.deadletter import S3DeadLetterQueue
 
         return S3DeadLetterQueue(settings.aws, settings.dead_letter.s3_uri, encryption=settings.dead_letter)
     return DirectoryDeadLetterQueue(settings.dead_letter.directory or "dead-letter")

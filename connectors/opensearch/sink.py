@@ -21,10 +21,10 @@ What it writes
 - REMOVE → a bulk ``delete`` action (it needs only the keys, so it works with every view type).
 - Index name: ``Options.index`` with ``{table}`` replaced by the table name, then lower-cased.
   It is an alias: documents live in its versions ``{name}-v{N}``, created from the index template
-  ``ddb-cdc-{name}`` (:mod:`connectors.opensearch_indices`); index actions carry
+  ``ddb-cdc-{name}`` (:mod:`connectors.opensearch.indices`); index actions carry
   ``require_alias`` so a bare index is never auto-created.
 - Mapping modes (``Options.mapping``: ``typed`` | ``explicit`` | ``dynamic``) decide the shape of
-  ``_source`` and the mappings (:mod:`connectors.opensearch_mapping`); the *plain* rendering
+  ``_source`` and the mappings (:mod:`connectors.opensearch.mapping`); the *plain* rendering
   below is the ``explicit`` / ``dynamic`` one, ``typed`` writes DynamoDB AttributeValue JSON.
 - ``_id``: ``event.key_id`` (see :func:`pipeline.codec.key_id`). OpenSearch refuses ids longer
   than 512 bytes, so a key id whose UTF-8 encoding is longer than 512 bytes is replaced by
@@ -144,7 +144,7 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from connectors.opensearch_mapping import MALFORMED_PREFIX, OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item
+from connectors.opensearch.mapping import MALFORMED_PREFIX, OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item
 from pipeline.errors import FatalSinkError, PartialSinkError, RetriableSinkError
 from pipeline.events import Batch, ChangeEvent, Operation
 from pipeline.redact import redact_url
@@ -257,7 +257,7 @@ class OpenSearchOptions(SinkOptions):
       jitter, at most 10 s (default 0.5).
     - ``depth_limit``: the index's ``index.mapping.depth.limit`` (default 20, OpenSearch's
       default); values whose fields would be nested deeper are stored as JSON strings (module doc).
-    - ``mapping``: ``dynamic`` | ``explicit`` | ``typed`` (:mod:`connectors.opensearch_mapping`);
+    - ``mapping``: ``dynamic`` | ``explicit`` | ``typed`` (:mod:`connectors.opensearch.mapping`);
       default ``explicit`` when ``fields`` are declared, otherwise ``typed``.
     - ``fields``: explicit mode's indexed fields, dotted attribute path → type name or
       ``{type: ..., <mapping parameters>}`` (types: keyword, text, long, integer, short, byte,
@@ -302,7 +302,7 @@ class OpenSearchOptions(SinkOptions):
         return self
 
     def spec(self) -> MappingSpec:
-        """The :class:`~connectors.opensearch_mapping.MappingSpec` these options ask for new index versions."""
+        """The :class:`~connectors.opensearch.mapping.MappingSpec` these options ask for new index versions."""
         return MappingSpec.build(self.mapping, self.fields, total_fields_limit=self.total_fields_limit,
                                  depth_limit=self.depth_limit)
 
@@ -590,7 +590,7 @@ class OpenSearchSink(Sink):
 
     ``OpenSearchSink(name, OpenSearchSink.Options(hosts=["https://..."]))``; see the module
     docstring for the document shape, ids, versioning and error mapping, and
-    :mod:`connectors.opensearch_mapping` / :mod:`connectors.opensearch_indices` for the mapping
+    :mod:`connectors.opensearch.mapping` / :mod:`connectors.opensearch.indices` for the mapping
     modes, the index template and the alias. ``client`` is the ``opensearchpy.OpenSearch``
     client once :meth:`open` has run (None before and after :meth:`close`).
     """
@@ -644,12 +644,12 @@ class OpenSearchSink(Sink):
           replay's ``--until``: their events are not written (counted in
           :attr:`superseded_skipped`) — the index already holds a newer state of the item, or the
           item was deleted and its tombstone may have expired, so writing the window's change
-          could only re-create a deleted item (see :func:`pipeline.replay.scan_superseded`).
+          could only re-create a deleted item (see :func:`pipeline.replay.stream.scan_superseded`).
         - ``tables``: tables whose index names :meth:`open` sets up (and raises ``gc_deletes``
           on) at once, before the replay reads anything; others are set up on first write.
         """
         if gc_deletes is not None:
-            from connectors.opensearch_indices import duration_ms
+            from connectors.opensearch.indices import duration_ms
 
             duration_ms(gc_deletes)  # ValueError for a bad time value, before anything is written
         self.replay_settings = ReplayDeletes(gc_deletes=gc_deletes, repair=repair, superseded=frozenset(superseded),
@@ -665,7 +665,7 @@ class OpenSearchSink(Sink):
         Raises FatalSinkError (one line, naming the host(s)) when the cluster cannot be reached,
         refuses the credentials, or the TLS handshake fails.
         """
-        from connectors.opensearch_indices import IndexAdmin
+        from connectors.opensearch.indices import IndexAdmin
 
         super().open(context)
         self.client = self._make_client(context)

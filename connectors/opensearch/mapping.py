@@ -10,7 +10,7 @@ Modes
 -----
 ``dynamic``
     ``_source`` is the item in the *plain* rendering (:mod:`pipeline.render`; names escaped, deep
-    values flattened, see :mod:`connectors.opensearch`); OpenSearch's dynamic mapping decides the
+    values flattened, see :mod:`connectors.opensearch.sink`); OpenSearch's dynamic mapping decides the
     types from the first document that carries a field. A later document whose value does not fit
     (``mapper_parsing_exception``) or that adds fields past ``total_fields_limit`` is refused by
     OpenSearch: the sink dead-letters it with its event and images and counts it in
@@ -23,7 +23,7 @@ Modes
     searchable, and can never be refused for its type. A declared field whose value does not fit
     its type (a string in a ``long`` field, a map in a ``keyword`` field, a string where a
     declared map path expects a map, …) is *moved* within its map to the name ``_ddm`` + the
-    attribute name (not indexed; :func:`connectors.opensearch.restore_document` moves it back) and
+    attribute name (not indexed; :func:`connectors.opensearch.sink.restore_document` moves it back) and
     the field's path is listed in ``_cdc.malformed``, so the document is never refused and
     ``{"term": {"_cdc.malformed": "total"}}`` finds the items whose ``total`` is not a ``long``.
     Numeric, ``date`` and ``ip`` fields also get ``ignore_malformed: true`` as a backstop.
@@ -241,7 +241,7 @@ class MappingSpec:
 
 
 def _normalize_field(path: str, decl: Any) -> dict[str, Any]:
-    from connectors.opensearch import escape_field_name
+    from connectors.opensearch.sink import escape_field_name
 
     if not isinstance(path, str) or not path:
         raise MappingSpecError(f"field {path!r}: a field path is a non-empty dotted attribute path like address.city")
@@ -311,7 +311,7 @@ def _tree_mapping(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fit_map(doc: dict[str, Any], tree: Mapping[str, Any], prefix: str, malformed: list[str]) -> None:
-    from connectors.opensearch import _percent_escape
+    from connectors.opensearch.sink import _percent_escape
 
     for name, node in tree.items():
         if name not in doc:
@@ -403,13 +403,13 @@ def typed_item(item: Mapping[str, Any]) -> dict[str, Any]:
     ``{"a.b": Decimal("1"), "m": {"_id": b"\\x00"}}`` → ``{"_ddba%2Eb": {"N": "1"}, "m": {"M":
     {"_id": {"B": "AA=="}}}}`` (``_id`` is escaped only at the top level). Sets are sorted.
     """
-    from connectors.opensearch import escape_field_name
+    from connectors.opensearch.sink import escape_field_name
 
     return {escape_field_name(k, top_level=True): _typed_value(v) for k, v in item.items()}
 
 
 def _typed_value(value: Any) -> dict[str, Any]:
-    from connectors.opensearch import escape_field_name
+    from connectors.opensearch.sink import escape_field_name
     from pipeline.codec import encode_value
 
     if isinstance(value, Mapping):
@@ -425,7 +425,7 @@ def restore_typed(source: Mapping[str, Any]) -> dict[str, Any]:
     Undoes :func:`typed_item` (names unescaped at every level) and the ``_ddo`` overflow field;
     ``_cdc`` is dropped.
     """
-    from connectors.opensearch import unescape_field_name
+    from connectors.opensearch.sink import unescape_field_name
     from pipeline.codec import decode_value
 
     merged: dict[str, Any] = {}
@@ -440,7 +440,7 @@ def restore_typed(source: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _unescape_typed(value: Any) -> Any:
-    from connectors.opensearch import unescape_field_name
+    from connectors.opensearch.sink import unescape_field_name
 
     if isinstance(value, Mapping):
         if "M" in value and isinstance(value["M"], Mapping):

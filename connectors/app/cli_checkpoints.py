@@ -19,7 +19,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _store(args: argparse.Namespace) -> tuple[Any, Any]:
-    from pipeline.cli import existing_lease_store
+    from connectors.app.cli import existing_lease_store
     from pipeline.config import load_settings
 
     settings = load_settings(args.config)
@@ -39,7 +39,7 @@ def _logger(settings: Any, command: str) -> Any:
 
 
 def _behind(ms: int | None) -> str:
-    from pipeline.status import format_duration_ms
+    from pipeline.ops.status import format_duration_ms
 
     return "-" if ms is None else format_duration_ms(ms)
 
@@ -79,7 +79,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint_ops import default_requester, export_snapshot
+    from pipeline.ops.checkpoint_moves import default_requester, export_snapshot
 
     _, store = _store(args)
     snapshot = export_snapshot(store, exported_by=args.by or default_requester())
@@ -108,7 +108,7 @@ def _print_results(results: list, dry_run: bool = False) -> None:
 
 
 def _finish(store: Any, results: list, wait_s: float | None) -> int:
-    from pipeline.checkpoint_ops import wait_applied
+    from pipeline.ops.checkpoint_moves import wait_applied
 
     requested = [r for r in results if r.how == "requested"]
     if requested and wait_s:
@@ -126,7 +126,7 @@ def _finish(store: Any, results: list, wait_s: float | None) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint_ops import (
+    from pipeline.ops.checkpoint_moves import (
         CheckpointOperationError,
         MoveResult,
         default_requester,
@@ -153,7 +153,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint_ops import (
+    from pipeline.ops.checkpoint_moves import (
         CheckpointOperationError,
         MoveResult,
         apply_import,

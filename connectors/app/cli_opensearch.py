@@ -2,7 +2,7 @@
 
 ``ddb-cdc opensearch reindex --sink NAME`` builds the next index version with the configured
 mapping, fills it by replay while live workers write to both versions, then swaps the alias
-atomically (see :mod:`connectors.opensearch_reindex`). ``--dry-run`` prints the plan;
+atomically (see :mod:`connectors.app.reindex`). ``--dry-run`` prints the plan;
 ``--abort`` removes an unfinished reindex.
 
 Exit codes: 0 done (or plan printed), 1 stopped before the swap (the message says why and what to
@@ -81,7 +81,7 @@ def _print_result(report: Any) -> None:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     """``ddb-cdc opensearch reindex``; returns the exit code."""
-    from connectors.opensearch_reindex import abort_reindex, run_reindex
+    from connectors.app.reindex import abort_reindex, run_reindex
     from pipeline.config import load_settings
     from pipeline.logs import configure_logging, get_logger, register_secrets_of
 

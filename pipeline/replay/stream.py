@@ -1,12 +1,12 @@
 """Stream replay: a separate, finite consumer in its own lease namespace.
 
 ``ddb-cdc replay --from …`` reads the stream again into chosen sinks while the live worker keeps
-running. It is an ordinary :class:`pipeline.worker.Worker` (lineage order, checkpoints, dead
+running. It is an ordinary :class:`pipeline.runtime.worker.Worker` (lineage order, checkpoints, dead
 letters, backoff) with three differences:
 
 - its leases live in the namespace ``replay-{id}`` of the same lease store, created up front at
   the positions asked for, so the live consumer's leases and checkpoints are never touched;
-- its shard readers have a :class:`pipeline.shard_consumer.ReadWindow`: records before
+- its shard readers have a :class:`pipeline.runtime.shard_consumer.ReadWindow`: records before
   ``since`` are skipped, a shard ends at the first record after ``until`` (default: the moment
   the replay started) or once an open shard is caught up; finished leases are SHARD_END in the
   namespace, and the worker exits when every shard is done;
@@ -36,8 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 from pipeline.checkpoint import Lease, lease_key_for
 from pipeline.errors import CdcError
 from pipeline.events import SHARD_END, TRIM_HORIZON
-from pipeline.replay_report import ReplayReport, ShardReplay
-from pipeline.shard_consumer import AT_SEQUENCE_PREFIX, ReadWindow, _record_time
+from pipeline.replay.report import ReplayReport, ShardReplay
+from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, ReadWindow, _record_time
 from pipeline.source import ShardInfo, StreamSource, TrimmedDataError
 
 
@@ -132,7 +132,7 @@ def start_positions(spec: StartSpec, source: StreamSource, shards: Sequence[Shar
 class StreamReplay:
     """Runs one replay. ``sources``: the configured streams; ``store``: the lease store in the
     replay's namespace (``drop_namespace`` is called after a complete replay); ``make_worker``:
-    builds the :class:`~pipeline.worker.Worker` from keyword arguments (sources, lease_store,
+    builds the :class:`~pipeline.runtime.worker.Worker` from keyword arguments (sources, lease_store,
     worker_id, read_window, on_event_counts, on_consumer_done)."""
 
     def __init__(self, *, sources: Sequence[StreamSource], store: Any, spec: StartSpec,

@@ -16,7 +16,7 @@ A child shard is read only after its parent reached SHARD_END; a parent that is 
 stream and from the lease table (trimmed, or removed after its children started) counts as done.
 
 Transient AWS errors (5xx, timeouts, reset connections) never stop the worker: each call is
-retried with backoff where it is made (see :mod:`pipeline.aws_health` for the table of calls and
+retried with backoff where it is made (see :mod:`pipeline.runtime.aws_health` for the table of calls and
 caps) — discovery is scheduled again after a backoff instead of blocking the lease renewals —
 and ``ready()`` turns false while a dependency has been failing longer than ``aws_unready_after_s``.
 
@@ -51,7 +51,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from pipeline.aws_health import (
+from pipeline.runtime.aws_health import (
     DEFAULT_UNREADY_AFTER_S,
     DISCOVERY_BACKOFF_INITIAL_S,
     RENEWAL_BACKOFF_INITIAL_S,
@@ -66,10 +66,10 @@ from pipeline.checkpoint import Lease, LeaseStore, WorkerInfo
 from pipeline.deadletter import DeadLetterQueue
 from pipeline.events import TRIM_HORIZON
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
-from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.leases import LeaseCoordinator
-from pipeline.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
-from pipeline.shard_consumer import ReadWindow, ShardConsumer, ShardSettings
+from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
+from pipeline.runtime.shard_consumer import ReadWindow, ShardConsumer, ShardSettings
 from pipeline.sink import SinkContext
 from pipeline.source import ShardInfo, StreamSource
 
@@ -111,7 +111,7 @@ class Worker:
     ``shard_settings.max_records_per_call`` records; counted in records, so small pages count for
     their size; a caught-up shard asks for and reserves at most 100 records) are held
     fetched-and-not-yet-delivered at once across all shards
-    (:mod:`pipeline.read_budget`); 0 = no bound. Raises ValueError for a negative value or no source.
+    (:mod:`pipeline.runtime.read_budget`); 0 = no bound. Raises ValueError for a negative value or no source.
     """
 
     def __init__(self, *, sources: Sequence[StreamSource] | None = None, source: StreamSource | None = None,
@@ -229,7 +229,7 @@ class Worker:
     def ready(self) -> tuple[bool, list[str]]:
         """(ready, reasons not): configuration loaded (this object exists), lease table reachable
         (the last lease-table call succeeded), every sink opened, no AWS dependency failing for
-        longer than ``aws_unready_after_s`` (:class:`~pipeline.aws_health.DependencyHealth`), and
+        longer than ``aws_unready_after_s`` (:class:`~pipeline.runtime.aws_health.DependencyHealth`), and
         not stopping."""
         reasons = list(self.health.ready_reasons())
         unopened = [sink.name for sink in self.sinks if sink not in self._opened]
@@ -650,7 +650,7 @@ class Worker:
         1. ``stop_event`` is set: consumers stop reading, flush every sink and checkpoint.
         2. Each consumer is joined until ``shutdown_grace_s`` after the stop (one deadline for all).
         3. The sinks are fenced (:meth:`FanOut.fence`): from now on a shard thread that reaches a
-           sink gets :class:`~pipeline.fanout.SinkFenced` (a :class:`DeliveryAborted`), so a
+           sink gets :class:`~pipeline.runtime.fanout.SinkFenced` (a :class:`DeliveryAborted`), so a
            straggler cannot write to or flush a sink, nor checkpoint a batch that did not reach
            every sink.
         4. Only when every consumer ended: leases are released and this worker deregistered

@@ -1,18 +1,18 @@
 """Replay from the S3 audit archive, the S3 side: parse ``s3://bucket/prefix``, list the audit
 objects, read shard parents from object metadata, stream objects, deliver through the fan-out.
 
-The ordering, de-duplication, window and counting rules are in :mod:`pipeline.archive_replay`;
-the object layout in :mod:`connectors.s3_audit`.
+The ordering, de-duplication, window and counting rules are in :mod:`pipeline.replay.archive`;
+the object layout in :mod:`connectors.s3.audit`.
 
 Listing is by ``/``-delimited levels, so skipped tables and day partitions are never listed key
 by key: ``{prefix}/`` → tables (or only the ``--table`` ones), ``{prefix}/{table}/`` → ``dt=…``
 partitions (skipped when they cannot hold events of the window, see
-:func:`pipeline.archive_replay.day_may_hold`), then every key of each kept partition. Objects are
+:func:`pipeline.replay.archive.day_may_hold`), then every key of each kept partition. Objects are
 streamed (a gzip stream over the GetObject body), one shard at a time, and merged by sequence
 number: an object is opened only when the merge reaches its first sequence number and closed at its
 end, so memory holds the decompression buffers of the objects whose ranges overlap at the current
 position (usually one) and one batch, never the archive. De-duplication is per event; see
-:mod:`pipeline.archive_replay`.
+:mod:`pipeline.replay.archive`.
 
 Permissions: ``s3:ListBucket`` on the bucket and ``s3:GetObject`` on the objects (plus
 ``kms:Decrypt`` for SSE-KMS objects).
@@ -33,9 +33,9 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from connectors.aws import make_client
-from connectors.runtime import build_dead_letter
+from connectors.app.wiring import build_dead_letter
 from pipeline.config import Settings
-from pipeline.archive_replay import (
+from pipeline.replay.archive import (
     ArchiveError,
     ArchiveObject,
     ArchiveShard,
@@ -48,8 +48,8 @@ from pipeline.archive_replay import (
     replay_archive,
 )
 from pipeline.errors import CdcError, ConfigError, FatalSinkError
-from pipeline.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.replay_report import ReplayReport
+from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.replay.report import ReplayReport
 from pipeline.sink import SinkContext
 
 #: Object metadata key (``x-amz-meta-parent-shard-ids``) written by the s3_audit sink.

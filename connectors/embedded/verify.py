@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Iterable, Mapping
 
-from connectors.opensearch import restore_document
+from connectors.opensearch.sink import restore_document
 from pipeline.codec import decode_record
 from pipeline.events import ChangeEvent
 

@@ -5,7 +5,7 @@ Layout for an index name ``N`` (``options.index`` with ``{table}`` filled in):
 - ``N`` is an **alias**; writes go to its write index. Searches use ``N`` and never see a
   version change.
 - ``N-v1``, ``N-v2``, … are the concrete **index versions**; each one records the
-  :class:`~connectors.opensearch_mapping.MappingSpec` it was created with in its mapping's
+  :class:`~connectors.opensearch.mapping.MappingSpec` it was created with in its mapping's
   ``_meta.ddb_cdc``, and the sink renders documents for that spec.
 - ``ddb-cdc-N`` is the composable **index template** for ``N-v*``: the settings (the
   ``total_fields`` guard, the depth limit, ``index_settings``) and the mappings of the configured
@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from connectors.opensearch_mapping import MappingSpec, MappingSpecError
+from connectors.opensearch.mapping import MappingSpec, MappingSpecError
 
 #: Prefix of the index templates the sink manages.
 TEMPLATE_PREFIX = "ddb-cdc-"
@@ -272,8 +272,8 @@ class IndexAdmin:
 DEFAULT_GC_DELETES = "60s"
 
 def duration_ms(text: str) -> float:
-    """An OpenSearch time value in milliseconds (:func:`pipeline.replay.time_value_ms`)."""
-    from pipeline.replay import time_value_ms
+    """An OpenSearch time value in milliseconds (:func:`pipeline.replay.stream.time_value_ms`)."""
+    from pipeline.replay.stream import time_value_ms
 
     return time_value_ms(text)
 

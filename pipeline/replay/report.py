@@ -1,7 +1,7 @@
 """What a replay did, per shard: counts, time range, how each shard ended; the final summary.
 
-Shared by the stream replay (:mod:`pipeline.replay`) and the archive replay
-(:mod:`pipeline.archive_replay`), so both print the same table and JSON.
+Shared by the stream replay (:mod:`pipeline.replay.stream`) and the archive replay
+(:mod:`pipeline.replay.archive`), so both print the same table and JSON.
 
 How a shard can end (``ShardReplay.ended``):
 

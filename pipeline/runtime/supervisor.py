@@ -185,7 +185,7 @@ class Supervisor:
 
     Parameters (all durations in seconds):
 
-    - ``child_argv``: the command line of one child (e.g. ``[sys.executable, "-m", "pipeline.cli",
+    - ``child_argv``: the command line of one child (e.g. ``[sys.executable, "-m", "connectors.app.cli",
       "run", "--config", path]``); non-empty list of strings.
     - ``processes``: number of children, >= 1 (see :func:`resolve_processes`).
     - ``logger``: a structlog (bound) logger; the supervisor logs ``supervisor_started``,

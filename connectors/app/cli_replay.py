@@ -1,7 +1,7 @@
 """``ddb-cdc replay``: re-deliver changes from the stream or from the S3 audit archive into chosen sinks.
 
 From the stream (a separate finite consumer in its own lease namespace; the live worker keeps
-running — see :mod:`pipeline.replay`)::
+running — see :mod:`pipeline.replay.stream`)::
 
     ddb-cdc replay --from trim-horizon --sink search
     ddb-cdc replay --from time 2026-11-22T09:00:00Z --until 2026-11-22T09:30:00Z --sink search
@@ -38,8 +38,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _start_spec(args: argparse.Namespace):
-    from pipeline.checkpoint_ops import parse_snapshot
-    from pipeline.replay import ReplayError, StartSpec, parse_time
+    from pipeline.ops.checkpoint_moves import parse_snapshot
+    from pipeline.replay.stream import ReplayError, StartSpec, parse_time
 
     kind, *values = args.from_
     kind = kind.lower()
@@ -90,7 +90,7 @@ def _chosen_sinks(settings: Any, names: Sequence[str] | None, where: str, requir
 
 
 def _report_out(report: Any, as_json: bool) -> int:
-    from pipeline.replay_report import render_replay_report, replay_report_to_dict
+    from pipeline.replay.report import render_replay_report, replay_report_to_dict
 
     if as_json:
         print(orjson.dumps(replay_report_to_dict(report), option=orjson.OPT_INDENT_2).decode())
@@ -112,7 +112,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from pipeline.config import load_settings
     from pipeline.logs import configure_logging, get_logger, register_secrets_of
-    from pipeline.replay import ReplayError, parse_time
+    from pipeline.replay.stream import ReplayError, parse_time
 
     settings = load_settings(args.config)
     where = str(args.config) if args.config else "environment"
@@ -123,7 +123,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.from_archive:
         if args.from_:
             raise ReplayError("use either --from (the stream) or --from-archive (S3), not both")
-        from connectors.archive import run_archive_replay
+        from connectors.s3.archive import run_archive_replay
 
         import threading
 
@@ -153,7 +153,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.since:
         raise ReplayError("--since is for --from-archive; from the stream use --from time T")
     spec = _start_spec(args)
-    from connectors.runtime import build_sources
+    from connectors.app.wiring import build_sources
 
     sources = build_sources(settings)
     if args.table:
@@ -164,7 +164,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if until is None:
         until = started  # the end of the data asked for: what the stream held when the replay started
     if args.dry_run:
-        from pipeline.replay import dry_run
+        from pipeline.replay.stream import dry_run
 
         with _progress(show_progress) as progress:
             task = progress.add_task("counting", total=None)
@@ -180,7 +180,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     superseded: frozenset = frozenset()
     if args.until and any(callable(getattr(s, "prepare_replay", None)) for s in sinks):
         from pipeline.logs import get_logger
-        from pipeline.replay import scan_superseded
+        from pipeline.replay.stream import scan_superseded
 
         scan = scan_superseded(sources, spec.since, until, max_records_per_call=settings.source.max_records_per_call,
                                idle_reads=args.idle_reads)
@@ -195,9 +195,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _guard(sinks: list, args: argparse.Namespace, *, superseded: frozenset, tables: Sequence[str]) -> list[str]:
-    """:func:`pipeline.replay.guard_sinks` with the command's ``--gc-deletes`` / ``--repair``;
+    """:func:`pipeline.replay.stream.guard_sinks` with the command's ``--gc-deletes`` / ``--repair``;
     ConfigError (exit 2) for a ``--gc-deletes`` that is not a time value."""
-    from pipeline.replay import guard_sinks, time_value_ms
+    from pipeline.replay.stream import guard_sinks, time_value_ms
 
     try:
         time_value_ms(args.gc_deletes)
@@ -212,19 +212,19 @@ def run_stream_replay(settings: Any, *, where: str, sinks: list, spec: Any, unti
                       gc_deletes: str | None = "12h"):
     """Replay ``sources``' streams from ``spec`` into ``sinks`` (unopened sink objects) and wait.
 
-    Runs a :class:`pipeline.replay.StreamReplay` in its own lease namespace with a progress bar
+    Runs a :class:`pipeline.replay.stream.StreamReplay` in its own lease namespace with a progress bar
     on stderr when ``show_progress``; SIGINT/SIGTERM stop it gracefully. Sinks with
     ``prepare_replay`` (OpenSearch) not prepared by the caller are prepared with ``gc_deletes``
     (the tombstones of deletes made during the replay must outlive it); a replay that runs
     longer than ``gc_deletes`` gets a problem in its report (exit 1): a delete made early in it
-    may have been undone. Returns the :class:`pipeline.replay_report.ReplayReport`. Raises
+    may have been undone. Returns the :class:`pipeline.replay.report.ReplayReport`. Raises
     ReplayError / ConfigError / SourceError.
     """
-    from connectors.runtime import build_lease_store, build_worker
+    from connectors.app.wiring import build_lease_store, build_worker
     from pipeline.logs import get_logger
-    from pipeline.replay import StreamReplay, new_replay_id
+    from pipeline.replay.stream import StreamReplay, new_replay_id
 
-    from pipeline.replay import guard_sinks
+    from pipeline.replay.stream import guard_sinks
 
     guard_sinks([s for s in sinks if getattr(s, "replay_settings", True) is None], gc_deletes=gc_deletes,
                 repair=False, tables=[s.table for s in sources])  # not prepared by the caller (the reindex fill)
@@ -270,7 +270,7 @@ def check_gc_deletes_held(report: Any, sinks: Sequence[Any]) -> None:
     """Add a problem to ``report`` (so exit 1) when the replay ran longer than the shortest
     ``index.gc_deletes`` held for its OpenSearch sinks: a delete the live worker made early in
     the replay may have lost its tombstone before the replay's older change of that item arrived."""
-    from pipeline.replay import time_value_ms
+    from pipeline.replay.stream import time_value_ms
 
     held = {s.name: time_value_ms(s.replay_settings.gc_deletes) / 1000 for s in sinks
             if getattr(getattr(s, "replay_settings", None), "gc_deletes", None)}

@@ -12,10 +12,10 @@ Where each kind of call is retried, and the backoff caps (jittered exponential, 
 call                          backoff             retried until
 ============================  ==================  =====================================================
 GetRecords                    0.25 → 10           it passes, the worker stops or the lease is lost
-                                                  (:class:`pipeline.shard_consumer.ShardConsumer`)
+                                                  (:class:`pipeline.runtime.shard_consumer.ShardConsumer`)
 GetShardIterator              0.25 → 10           it passes or the worker stops (:class:`TrackedSource`)
 DescribeStream (discovery)    1 → discovery       it passes; the main loop keeps renewing meanwhile
-                              interval            (:class:`pipeline.worker.Worker`)
+                              interval            (:class:`pipeline.runtime.worker.Worker`)
 DescribeTable (start-up)      0.5 → 10            120 s, then exit 1 (connectors/dynamodb_streams/source.py)
 lease table create (start-up) 0.5 → 10            120 s (:data:`STARTUP_RETRY_S`), then exit 1
 lease renewal                 0.25 → renewal      the lease would have expired: ``failover_time_s``

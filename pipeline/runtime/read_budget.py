@@ -11,7 +11,7 @@ The budget is counted in records, ``pages × max_records_per_call``:
 
 - a shard reader reserves its GetRecords ``Limit`` before each call — a full page, or only
   ``CAUGHT_UP_LIMIT`` (100) records when its last page was smaller than that, so the polls of
-  caught-up shards hold little (:mod:`pipeline.shard_consumer`) — and waits (FIFO) while the budget
+  caught-up shards hold little (:mod:`pipeline.runtime.shard_consumer`) — and waits (FIFO) while the budget
   is used up;
 - as soon as the page arrives it gives back what the page did not fill — an empty read gives back
   everything, so a caught-up shard holds nothing while it waits between polls, and a small page

@@ -22,9 +22,9 @@ from pipeline.codec import decode_record, parse_creation_time, record_sequence_n
 from pipeline.deadletter import DeadLetterQueue, decode_entry
 from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError, TransientError, TransientSourceError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON, Batch, ChangeEvent
-from pipeline.fanout import DeliveryAborted, FanOut
-from pipeline.leases import LeaseCoordinator
-from pipeline.read_budget import ReadBudget, Reservation
+from pipeline.runtime.fanout import DeliveryAborted, FanOut
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.runtime.read_budget import ReadBudget, Reservation
 from pipeline.checkpoint import Gap
 from pipeline.source import (
     IteratorExpiredError,
@@ -123,7 +123,7 @@ class ShardConsumer(threading.Thread):
     :class:`~pipeline.errors.TransientSourceError`) are retried the same way, until they pass, the
     worker stops or the lease is lost (log line ``get_records_retry``).
 
-    ``read_budget`` (shared by every consumer of a worker; see :mod:`pipeline.read_budget`): each
+    ``read_budget`` (shared by every consumer of a worker; see :mod:`pipeline.runtime.read_budget`): each
     GetRecords call first reserves its ``Limit`` (a full page; :data:`CAUGHT_UP_LIMIT` records for a
     shard whose last page was smaller than that), an arrived page keeps only its own size, and
     the page's share is given back once it was delivered to every sink — before any flush,

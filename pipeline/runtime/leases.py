@@ -17,7 +17,7 @@ All methods are thread-safe: shard threads checkpoint while the main loop renews
 
 Transient lease-table errors (:class:`pipeline.errors.TransientError`: 5xx, timeouts) do not lose
 a lease by themselves: a renewal that fails is tried again at the next renewal, a checkpoint is
-retried with backoff (:mod:`pipeline.aws_health`). But a lease whose writes have been failing is
+retried with backoff (:mod:`pipeline.runtime.aws_health`). But a lease whose writes have been failing is
 treated as lost once ``failover_time_s`` has passed since the *send* time of its last write that
 succeeded — the earliest moment another worker can see it expired — so this worker never keeps
 acting as owner past that. A conditional-write failure right after a failed (possibly applied)
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from pipeline import metrics
-from pipeline.aws_health import CHECKPOINT_BACKOFF_INITIAL_S, CHECKPOINT_BACKOFF_MAX_S
+from pipeline.runtime.aws_health import CHECKPOINT_BACKOFF_INITIAL_S, CHECKPOINT_BACKOFF_MAX_S
 from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, lease_key_for
 from pipeline.codec import child_version_floor
 from pipeline.errors import LeaseLostError, TransientError
@@ -50,7 +50,7 @@ class LeaseCoordinator:
     ``clock`` returns monotonic seconds (injectable for tests). ``max_steal``: leases taken from
     other workers per :meth:`acquire` call (default 1). ``reclaimable(owner) -> bool``: True for
     another owner name known to be an earlier, dead process of this worker (see
-    :meth:`pipeline.worker.Worker._dead_predecessor`); its leases are taken at once, like this
+    :meth:`pipeline.runtime.worker.Worker._dead_predecessor`); its leases are taken at once, like this
     worker's own (``reason: own``), instead of after ``failover_time_s``.
     """
 
@@ -87,7 +87,7 @@ class LeaseCoordinator:
         so that a head trimmed before it was read is seen as a gap (``ShardConsumer``).
         A LATEST lease is made concrete by the first reader that takes it, before it delivers
         anything (``AT_TIMESTAMP:`` then ``AT_SEQUENCE_NUMBER:`` checkpoints; see
-        :meth:`pipeline.shard_consumer.ShardConsumer._resolve_latest`), so a hand-off never
+        :meth:`pipeline.runtime.shard_consumer.ShardConsumer._resolve_latest`), so a hand-off never
         takes a fresh LATEST iterator. Returns the leases created.
         """
         shards = list(shards)

