@@ -11,6 +11,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping
 
+__all__ = [  # the public plugin API: tests/test_layout.py holds the list
+    "Operation",
+    "Position",
+    "Source",
+    "ChangeEvent",
+    "Batch",
+    "sequence_key",
+    "TRIM_HORIZON",
+    "LATEST",
+    "SHARD_END",
+    "SENTINELS",
+]
+
 # Sentinels a checkpoint may hold instead of a sequence number (KCL's names).
 TRIM_HORIZON = "TRIM_HORIZON"
 LATEST = "LATEST"

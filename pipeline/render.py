@@ -29,6 +29,15 @@ from pipeline.codec import decode_item, encode_item
 from pipeline.errors import DecodeError
 from pipeline.events import ChangeEvent, Operation, Source
 
+__all__ = [  # the public plugin API: tests/test_layout.py holds the list
+    "plain_number",
+    "plain_json_bytes",
+    "to_plain",
+    "event_to_record_dict",
+    "event_to_json_line",
+    "event_from_record_dict",
+]
+
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 

@@ -61,6 +61,13 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.events import Batch
 
+__all__ = [  # the public plugin API: tests/test_layout.py holds the list
+    "SinkOptions",
+    "SinkContext",
+    "SinkProtocol",
+    "Sink",
+]
+
 
 class SinkOptions(BaseModel):
     """Base for a sink's options model: unknown keys are errors, so typos are caught at start-up;

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from pipeline.errors import SourceError, TransientSourceError
+from pipeline.errors import IteratorExpiredError, TrimmedDataError, ThrottledError, ShardNotFoundError, ShardVanishedError  # noqa: F401 (defined in the one error tree)
 
 
 @dataclass(frozen=True)
@@ -41,26 +42,9 @@ class ReadResult:
     next_iterator: str | None
 
 
-class IteratorExpiredError(SourceError):
-    """The shard iterator is older than 15 minutes; get a new one after the last processed record."""
 
 
-class TrimmedDataError(SourceError):
-    """The requested position is behind the stream's trim horizon (older than 24 hours): a gap."""
 
-
-class ThrottledError(TransientSourceError):
-    """GetRecords / GetShardIterator was throttled (LimitExceededException: too many readers on the
-    shard or too many calls) after botocore's own retries; back off and call again (transient, but
-    not an outage: it does not make the worker "degraded")."""
-
-
-class ShardNotFoundError(SourceError):
-    """The shard is no longer in the stream (trimmed away or the stream was deleted)."""
-
-
-class ShardVanishedError(TrimmedDataError):
-    """A shard left the stream before it was read to SHARD_END: its unread records are lost."""
 
 
 class StreamSource(Protocol):

@@ -17,6 +17,14 @@ from pipeline.codec import decode_record, encode_item
 from pipeline.events import Batch, ChangeEvent
 from pipeline.sink import Sink, SinkContext, SinkOptions
 
+__all__ = [  # the public plugin API: tests/test_layout.py holds the list
+    "RecordingSink",
+    "make_stream_record",
+    "make_batch",
+    "sample_batch",
+    "check_sink_contract",
+]
+
 
 class RecordingSink(Sink):
     """Keeps every written event in memory (``written``) and what was flushed (``flushed``).

@@ -649,13 +649,14 @@ def test_list_json_shows_a_pending_move_on_a_lease_whose_owner_is_not_running(
         assert code == 0, err
         parent = store.get_lease(_lease(PARENT).lease_key)
         assert (parent.checkpoint, parent.move, parent.owner, parent.counter) == (TRIM_HORIZON, None, None, 4)
-        # a sequence number names a position in one shard: with several leases, exit 1, nothing moved
+        # a sequence number names a position in one shard: with several leases, a usage error
+        # (exit 2), nothing moved
         code, _, err = _cli(capsys, "checkpoints", "set", "--config", cfg, "--all", "--to", SEQ_2)
-        assert code == 1 and len(err.strip().splitlines()) == 1 and "--shard" in err and "Traceback" not in err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--shard" in err and "Traceback" not in err
         assert store.get_lease(_lease().lease_key).move.checkpoint == "LATEST"
-        # an unknown shard: exit 1, one line
+        # an unknown shard: a usage error, exit 2, one line
         code, _, err = _cli(capsys, "checkpoints", "set", "--config", cfg, "--shard", "shardId-nope", "--to", "LATEST")
-        assert code == 1 and len(err.strip().splitlines()) == 1 and "shardId-nope" in err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "shardId-nope" in err
     finally:
         client.delete_table(TableName=lease_table)
 

@@ -99,14 +99,41 @@ def ensure_plugin_installed() -> importlib.metadata.Distribution:
 
     Installs the main project first (editable, no deps) only if ``ddb-cdc`` is not installed as a
     distribution, since the plugin's metadata depends on it and its entry points list the built-ins.
+
+    Concurrent test processes (pytest-xdist workers, other checkouts on the machine) share one
+    site-packages: a reinstall while another process imports the plugin removes it for a moment.
+    So the install runs under an exclusive file lock, and is skipped when the plugin is already
+    installed editable from this very directory.
     """
-    try:
-        importlib.metadata.distribution("ddb-cdc")
-    except importlib.metadata.PackageNotFoundError:
-        _pip_install("-e", str(ROOT))
-    _pip_install("-e", str(EXAMPLE_DIR))
+    import fcntl
+
+    lock_path = Path(sys.prefix) / ".ddb-cdc-test-plugin-install.lock"
+    with open(lock_path, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            try:
+                importlib.metadata.distribution("ddb-cdc")
+            except importlib.metadata.PackageNotFoundError:
+                _pip_install("-e", str(ROOT))
+            if not _installed_from(DIST_NAME, EXAMPLE_DIR):
+                _pip_install("-e", str(EXAMPLE_DIR))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     _activate_in_this_process(DIST_NAME, "ddb_cdc_jsonl_sink")
     return importlib.metadata.distribution(DIST_NAME)
+
+
+def _installed_from(dist_name: str, directory: Path) -> bool:
+    """True when ``dist_name`` is installed editable from ``directory`` (PEP 610 direct_url.json)."""
+    try:
+        text = importlib.metadata.distribution(dist_name).read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if not text:
+        return False
+    info = json.loads(text)
+    return (info.get("dir_info", {}).get("editable", False)
+            and info.get("url", "").rstrip("/") == directory.resolve().as_uri().rstrip("/"))
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ import signal
 import sys
 from typing import Sequence
 
-from pipeline.errors import CdcError, ConfigError
+from pipeline.errors import CdcError, ConfigError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -316,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for line in exc.problems:
             _err(f"config error: {line}")
+        return EXIT_CONFIG
+    except UsageError as exc:
+        _err(f"usage error: {exc}")
         return EXIT_CONFIG
     except CdcError as exc:
         # a transient error that outlasted its retries reads as its base kind (SourceError, …)

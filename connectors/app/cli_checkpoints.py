@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from pipeline.errors import InputFileError
+
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
@@ -135,9 +137,11 @@ def cmd_set(args: argparse.Namespace) -> int:
         select_leases,
     )
 
-    settings, store = _store(args)
     target = args.to.upper() if args.to.upper() in ("TRIM_HORIZON", "LATEST", "SHARD_END") else args.to
-    new_move(target, "check")  # validates the target before anything is written
+    new_move(target, "check")  # validates the target before anything is read or written
+    if target.isdigit() and not args.shard:  # a usage mistake: told before the store is opened
+        raise CheckpointOperationError("a sequence number belongs to one shard: name it with --shard")
+    settings, store = _store(args)
     leases = select_leases(store, shard=args.shard, table=args.table, all_leases=args.all)
     if target.isdigit() and len(leases) != 1:
         raise CheckpointOperationError("a sequence number belongs to one shard: name it with --shard")
@@ -166,9 +170,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         with open(args.file, "rb") as fh:
             data = orjson.loads(fh.read())
     except OSError as exc:
-        raise CheckpointOperationError(f"cannot read {args.file}: {exc.strerror}") from None
+        raise InputFileError(f"cannot read {args.file}: {exc.strerror}") from None
     except orjson.JSONDecodeError as exc:
-        raise CheckpointOperationError(f"{args.file} is not JSON: {exc}") from None
+        raise InputFileError(f"{args.file} is not JSON: {exc}") from None
     snapshot = parse_snapshot(data, args.file)
     settings, store = _store(args)
     steps = plan_import(store, snapshot)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import orjson
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputFileError
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -68,7 +68,7 @@ def _start_spec(args: argparse.Namespace):
             with open(values[0], "rb") as fh:
                 data = orjson.loads(fh.read())
         except (OSError, orjson.JSONDecodeError) as exc:
-            raise ReplayError(f"cannot read checkpoint file {values[0]}: {exc}") from None
+            raise InputFileError(f"cannot read checkpoint file {values[0]}: {exc}") from None
         return StartSpec("checkpoint-file", snapshot=parse_snapshot(data, values[0]))
     raise ReplayError(f"--from {kind!r}: use trim-horizon, time ISO8601, sequence SHARD=SEQ or checkpoint-file FILE")
 

@@ -26,14 +26,12 @@ import time
 from typing import Any
 
 from pipeline.errors import CdcError, ConfigError
+from pipeline.errors import WorkloadError  # noqa: F401 (defined in the one error tree)
 
 EXIT_OK = 0
 UNBOUNDED_DEFAULT_RATE = 10.0
 PROGRESS_EVERY_S = 10.0
 
-
-class WorkloadError(CdcError):
-    """The workload cannot be written (table missing, wrong key schema)."""
 
 
 class _Stop(Exception):
@@ -54,11 +52,16 @@ def _aws_settings(config: str | None) -> Any:
 def _check_table(client: Any, table: str) -> None:
     from connectors.embedded.workload import TABLE_ATTRIBUTES, TABLE_KEY_SCHEMA
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         described = client.describe_table(TableName=table)["Table"]
     except client.exceptions.ResourceNotFoundException:
         raise WorkloadError(f"table {table!r} not found at {client.meta.endpoint_url}: create it "
                             "(pk S hash, sk N range) or check --table and aws.region / aws.endpoint_url") from None
+    except (BotoCoreError, ClientError) as exc:
+        raise WorkloadError(f"cannot describe table {table!r} at {client.meta.endpoint_url}: {exc}; "
+                            "check aws.endpoint_url / aws.region and the credentials") from None
     types = {a["AttributeName"]: a["AttributeType"] for a in described.get("AttributeDefinitions", [])}
     want = {a["AttributeName"]: a["AttributeType"] for a in TABLE_ATTRIBUTES}
     keys = [(k["AttributeName"], k["KeyType"]) for k in described["KeySchema"]]
@@ -68,6 +71,8 @@ def _check_table(client: Any, table: str) -> None:
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     if args.changes < 0:
         raise ConfigError([f"--changes must be 0 (until stopped) or more, got {args.changes}"])
     if args.rate is not None and args.rate <= 0:
@@ -114,6 +119,8 @@ def cmd_workload(args: argparse.Namespace) -> int:
                       on_change=on_change, rate_per_s=rate)
     except _Stop:
         log.info("workload_stopped", signal=signal.Signals(stop[0]).name, changes=written)
+    except (BotoCoreError, ClientError) as exc:
+        raise WorkloadError(f"writing to table {args.table!r} failed after {written} changes: {exc}") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

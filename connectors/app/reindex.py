@@ -33,10 +33,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 from pipeline.errors import CdcError
+from pipeline.errors import ReindexError, UsageError
 
-
-class ReindexError(CdcError):
-    """The reindex cannot go on; the message says what to do (one line)."""
 
 
 @dataclass
@@ -100,11 +98,11 @@ def _open_sink(settings: Any, name: str, where: str, logger: Any, *, pin: dict[s
 
     configs = [c for c in settings.sinks if c.name == name]
     if not configs:
-        raise ReindexError(f"--sink {name!r} is not a configured sink; configured: "
+        raise UsageError(f"--sink {name!r} is not a configured sink; configured: "
                            f"{', '.join(c.name for c in settings.sinks)}")
     sink = build_sinks(configs, where)[0]
     if not isinstance(sink, OpenSearchSink):
-        raise ReindexError(f"sink {name!r} is of type {configs[0].type!r}; reindex works on opensearch sinks")
+        raise UsageError(f"sink {name!r} is of type {configs[0].type!r}; reindex works on opensearch sinks")
     if pin is not None:
         sink.pin(pin)
         return sink
@@ -165,7 +163,7 @@ def run_reindex(settings: Any, *, sink_name: str, where: str, logger: Any, table
         if tables:
             sources = [s for s in sources if s.table in set(tables)]
             if not sources:
-                raise ReindexError(f"--table {', '.join(tables)}: not among the configured streams")
+                raise UsageError(f"--table {', '.join(tables)}: not among the configured streams")
         table_names = [s.table for s in sources]
         source_text = f"archive {from_archive}" if from_archive else "stream from TRIM_HORIZON"
         report = ReindexReport(sink=sink_name, source=source_text, dry_run=dry_run)

@@ -78,6 +78,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from connectors.embedded.verify import CheckResult
+from pipeline.errors import DemoError  # noqa: F401 (defined in the one error tree)
 
 __all__ = ["run_demo", "DemoError", "TABLE", "INDEX", "BUCKET", "AUDIT_PREFIX", "SENTINEL_KEY", "CHECK_NAMES"]
 
@@ -96,9 +97,6 @@ _LOOPBACK_HOSTS = "127.0.0.1,localhost"
 #: Nothing listens on TCP port 9 (discard) on loopback: a request sent through this proxy is refused.
 _BLACKHOLE_PROXY = "http://127.0.0.1:9"
 
-
-class DemoError(Exception):
-    """A step of the demo failed; the message is one line saying which and why."""
 
 
 # --------------------------------------------------------------------------------------------

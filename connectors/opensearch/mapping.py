@@ -58,6 +58,7 @@ from decimal import Decimal
 from typing import Any, Literal, Mapping
 
 import orjson
+from pipeline.errors import MappingSpecError  # noqa: F401 (defined in the one error tree)
 
 #: The three mapping modes.
 MODES = ("dynamic", "explicit", "typed")
@@ -111,9 +112,6 @@ TYPED_TEMPLATES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("M", {"type": "flat_object"}), ("L", {"type": "flat_object"}),
 )
 
-
-class MappingSpecError(ValueError):
-    """A field declaration that cannot be used (bad path, unknown type, conflicting paths)."""
 
 
 @dataclass(frozen=True)

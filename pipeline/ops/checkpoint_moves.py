@@ -31,14 +31,12 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, valid_move_target
-from pipeline.errors import CdcError, LeaseLostError, LeaseNotFoundError
+from pipeline.errors import CdcError, LeaseLostError, LeaseNotFoundError, InputFileError
 from pipeline.events import SHARD_END, TRIM_HORIZON
+from pipeline.errors import CheckpointOperationError  # noqa: F401 (defined in the one error tree)
 
 SNAPSHOT_FORMAT = "ddb-cdc/checkpoints/v1"
 
-
-class CheckpointOperationError(CdcError):
-    """A checkpoint command cannot be carried out as asked (unknown shard, bad target, bad file)."""
 
 
 def default_requester() -> str:
@@ -163,7 +161,7 @@ def export_snapshot(store: LeaseStore, *, exported_by: str) -> dict[str, Any]:
 def parse_snapshot(data: Any, where: str = "snapshot") -> list[Lease]:
     """The leases of a snapshot dict. Raises CheckpointOperationError naming what is wrong."""
     if not isinstance(data, Mapping) or data.get("format") != SNAPSHOT_FORMAT:
-        raise CheckpointOperationError(f"{where} is not a checkpoint snapshot (expected \"format\": "
+        raise InputFileError(f"{where} is not a checkpoint snapshot (expected \"format\": "
                                        f"\"{SNAPSHOT_FORMAT}\"; make one with `ddb-cdc checkpoints export`)")
     leases = []
     for i, entry in enumerate(data.get("leases") or []):
@@ -176,7 +174,7 @@ def parse_snapshot(data: Any, where: str = "snapshot") -> list[Lease]:
                                 checkpoint=checkpoint,
                                 parent_shard_ids=tuple(str(p) for p in entry.get("parent_shard_ids") or ())))
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointOperationError(f"{where}: lease #{i + 1} is malformed ({type(exc).__name__}: {exc})") from None
+            raise InputFileError(f"{where}: lease #{i + 1} is malformed ({type(exc).__name__}: {exc})") from None
     return leases
 
 

@@ -68,6 +68,7 @@ from pipeline.errors import CdcError, ConfigError, DecodeError
 from pipeline.events import Batch, ChangeEvent
 from pipeline.render import event_from_record_dict
 from pipeline.replay.report import ReplayReport, ShardReplay
+from pipeline.errors import ArchiveError  # noqa: F401 (defined in the one error tree)
 
 #: Most events in one Batch (the same bound as one GetRecords call).
 BATCH_MAX_EVENTS = 1000
@@ -80,10 +81,6 @@ _KEY_RE = re.compile(
     r"^(?P<table>[^/]+)/dt=(?P<day>[^/]+)/(?P<shard>[^/]+)/(?P<first>[0-9]+)-(?P<last>[0-9]+)\.jsonl\.gz$"
 )
 
-
-class ArchiveError(CdcError):
-    """The S3 audit archive cannot be listed or read (missing bucket, no access, corrupt object):
-    check the ``s3://`` URI, the S3 endpoint and the credentials."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,10 +39,8 @@ from pipeline.events import SHARD_END, TRIM_HORIZON
 from pipeline.replay.report import ReplayReport, ShardReplay
 from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, ReadWindow, _record_time
 from pipeline.source import ShardInfo, StreamSource, TrimmedDataError
+from pipeline.errors import ReplayError  # noqa: F401 (defined in the one error tree)
 
-
-class ReplayError(CdcError):
-    """A replay cannot start as asked (bad --from, unknown shard, unreadable file)."""
 
 
 _UNITS_MS = {"nanos": 1e-6, "micros": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0,

@@ -59,17 +59,9 @@ from pipeline.errors import (
     SinkError,
 )
 from pipeline.events import Batch, ChangeEvent, sequence_key
+from pipeline.errors import DeliveryAborted, SinkFenced  # noqa: F401 (defined in the one error tree)
 
 
-class DeliveryAborted(CdcError):
-    """Delivery stopped before every sink had the batch (shutdown during retries); do not checkpoint."""
-
-
-class SinkFenced(DeliveryAborted):
-    """A sink call was refused because shutdown fenced the sinks off (:meth:`SinkRunner.fence`):
-    the worker's grace period ran out while this shard thread was still delivering. Like any
-    :class:`DeliveryAborted`, the batch (or flush) did not reach every sink, so nothing after the
-    last checkpoint is checkpointed; the events are read again by the shard's next owner."""
 
 
 @dataclass
