@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from datetime import datetime, timezone
 from decimal import Clamped, Context, Decimal, Inexact, InvalidOperation, Overflow, Underflow
 from typing import Any, Mapping
@@ -419,6 +420,29 @@ def parse_creation_time(value: Any) -> datetime | None:
         else:
             return _from_epoch(number)
     raise DecodeError(f"ApproximateCreationDateTime {_preview(value)} is neither a datetime nor epoch seconds")
+
+
+def record_creation_time(record: Any) -> datetime | None:
+    """ApproximateCreationDateTime of a raw stream record (boto3: datetime; Lambda JSON: epoch
+    seconds) as a UTC datetime, or None when absent or not a valid time — never raises (the
+    decoder then dead-letters such a record; readers that only need the time skip it)."""
+    body = record.get("dynamodb") if isinstance(record, dict) else None
+    if not isinstance(body, dict):
+        return None
+    try:
+        return parse_creation_time(body.get("ApproximateCreationDateTime"))
+    except DecodeError:
+        return None
+
+
+def record_creation_epoch(record: Any) -> float | None:
+    """:func:`record_creation_time` as finite epoch seconds (float), None when absent or unreadable."""
+    try:
+        created = record_creation_time(record)
+        value = created.timestamp() if created is not None else None
+    except (ValueError, OverflowError, OSError, TypeError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _from_epoch(value: Any) -> datetime:

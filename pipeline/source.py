@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from pipeline.errors import SourceError, TransientSourceError
 from pipeline.errors import IteratorExpiredError, TrimmedDataError, ThrottledError, ShardNotFoundError, ShardVanishedError  # noqa: F401 (defined in the one error tree)
 
 

@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, valid_move_target
-from pipeline.errors import CdcError, LeaseLostError, LeaseNotFoundError, InputFileError
+from pipeline.errors import InputFileError, LeaseLostError, LeaseNotFoundError
+from pipeline.lineage import ancestors
 from pipeline.events import SHARD_END, TRIM_HORIZON
 from pipeline.errors import CheckpointOperationError  # noqa: F401 (defined in the one error tree)
 
@@ -178,17 +179,6 @@ def parse_snapshot(data: Any, where: str = "snapshot") -> list[Lease]:
     return leases
 
 
-def _ancestors(shard_id: str, parents: Mapping[str, tuple[str, ...]]) -> set[str]:
-    seen: set[str] = set()
-    todo = list(parents.get(shard_id, ()))
-    while todo:
-        p = todo.pop()
-        if p not in seen:
-            seen.add(p)
-            todo.extend(parents.get(p, ()))
-    return seen
-
-
 @dataclass(frozen=True)
 class ImportStep:
     """One lease of an import plan: ``action`` ``move``, ``create``, ``unchanged`` or ``untouched``
@@ -220,7 +210,7 @@ def plan_import(store: LeaseStore, snapshot_leases: list[Lease]) -> list[ImportS
         parents = {lease.shard_id: lease.parent_shard_ids for lease in list(current.values()) + snapshot_leases
                    if lease.stream_arn == arn}
         exported = {lease.shard_id for lease in snapshot_leases if lease.stream_arn == arn}
-        older = set().union(*(_ancestors(s, parents) for s in exported)) if exported else set()
+        older = set().union(*(ancestors(s, parents) for s in exported)) if exported else set()
         for key, lease in current.items():
             if lease.stream_arn != arn or key in wanted:
                 continue

@@ -65,6 +65,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from pipeline.errors import CdcError, ConfigError, DecodeError
+from pipeline.lineage import parents_first
 from pipeline.events import Batch, ChangeEvent
 from pipeline.render import event_from_record_dict
 from pipeline.replay.report import ReplayReport, ShardReplay
@@ -184,40 +185,17 @@ def group_objects(objects: Iterable[ArchiveObject]) -> list[ArchiveShard]:
 
 def order_shards(shards: Iterable[ArchiveShard]) -> list[ArchiveShard]:
     """Shards in replay order: tables by name; within a table, parents before children
-    (topological), ties by (first sequence number as int, shard id). A parent that is not among
-    ``shards`` is ignored (the child is a root). A cycle is broken at its smallest shard."""
-    by_table: dict[str, dict[str, ArchiveShard]] = {}
+    (topological, :func:`pipeline.lineage.parents_first`), ties by (first sequence number as int,
+    shard id). A parent that is not among ``shards`` is ignored (the child is a root). A cycle is
+    broken at its smallest shard."""
+    by_table: dict[str, list[ArchiveShard]] = {}
     for shard in shards:
-        by_table.setdefault(shard.table, {})[shard.shard_id] = shard
+        by_table.setdefault(shard.table, []).append(shard)
     ordered: list[ArchiveShard] = []
     for table in sorted(by_table):
-        members = by_table[table]
-        waiting = {sid: {p for p in s.parent_shard_ids if p in members and p != sid} for sid, s in members.items()}
-        children: dict[str, list[str]] = {}
-        for sid, parents in waiting.items():
-            for parent in parents:
-                children.setdefault(parent, []).append(sid)
-
-        def rank(sid: str) -> tuple[int, str]:
-            return members[sid].first_sequence_key, sid
-
-        ready = [rank(sid) for sid, parents in waiting.items() if not parents]
-        heapq.heapify(ready)
-        done: set[str] = set()
-        while len(done) < len(members):
-            if not ready:  # a cycle in the metadata: release the smallest shard still waiting
-                heapq.heappush(ready, min(rank(sid) for sid in members if sid not in done))
-            _, sid = heapq.heappop(ready)
-            if sid in done:
-                continue
-            done.add(sid)
-            ordered.append(members[sid])
-            for child in children.get(sid, ()):
-                pending = waiting[child]
-                if sid in pending:
-                    pending.discard(sid)
-                    if not pending and child not in done:
-                        heapq.heappush(ready, rank(child))
+        ordered += parents_first(by_table[table], shard_id=lambda s: s.shard_id,
+                                 parents=lambda s: s.parent_shard_ids,
+                                 rank=lambda s: (s.first_sequence_key, s.shard_id))
     return ordered
 
 

@@ -36,8 +36,10 @@ from typing import Any, Callable, Mapping, Sequence
 from pipeline.checkpoint import Lease, lease_key_for
 from pipeline.errors import CdcError
 from pipeline.events import SHARD_END, TRIM_HORIZON
+from pipeline.lineage import ancestors, parents_first
 from pipeline.replay.report import ReplayReport, ShardReplay
-from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, ReadWindow, _record_time
+from pipeline.codec import record_creation_time
+from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, ReadWindow
 from pipeline.source import ShardInfo, StreamSource, TrimmedDataError
 from pipeline.errors import ReplayError  # noqa: F401 (defined in the one error tree)
 
@@ -86,15 +88,6 @@ def parse_time(text: str, what: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def _ancestors(shard_id: str, parents: Mapping[str, str | None]) -> set[str]:
-    out: set[str] = set()
-    p = parents.get(shard_id)
-    while p and p not in out:
-        out.add(p)
-        p = parents.get(p)
-    return out
-
-
 def start_positions(spec: StartSpec, source: StreamSource, shards: Sequence[ShardInfo]) -> dict[str, str]:
     """shard id → the replay lease's first checkpoint (SHARD_END: not replayed)."""
     parents = {s.shard_id: s.parent_shard_id for s in shards}
@@ -107,14 +100,14 @@ def start_positions(spec: StartSpec, source: StreamSource, shards: Sequence[Shar
         for sid in ids:
             if sid in named:
                 out[sid] = AT_SEQUENCE_PREFIX + named[sid]
-            elif _ancestors(sid, parents) & set(named):
+            elif ancestors(sid, parents) & set(named):
                 out[sid] = TRIM_HORIZON
             else:
                 out[sid] = SHARD_END
         return out
     if spec.kind == "checkpoint-file":
         exported = {lease.shard_id: lease.checkpoint for lease in spec.snapshot if lease.stream_arn == source.stream_arn}
-        older = set().union(*(_ancestors(s, parents) for s in exported)) if exported else set()
+        older = set().union(*(ancestors(s, parents) for s in exported)) if exported else set()
         out = {}
         for sid in ids:
             if sid in exported:
@@ -269,23 +262,8 @@ class StreamReplay:
 
 
 def _topological(shards: Sequence[ShardInfo]) -> list[ShardInfo]:
-    """Parents before children (a parent missing from the list counts as done)."""
-    by_id = {s.shard_id: s for s in shards}
-    out: list[ShardInfo] = []
-    seen: set[str] = set()
-
-    def visit(s: ShardInfo, depth: int = 0) -> None:
-        if s.shard_id in seen or depth > 10_000:
-            return
-        parent = by_id.get(s.parent_shard_id or "")
-        if parent is not None:
-            visit(parent, depth + 1)
-        seen.add(s.shard_id)
-        out.append(s)
-
-    for s in shards:
-        visit(s)
-    return out
+    """Parents before children, else in listing order (:func:`pipeline.lineage.parents_first`)."""
+    return parents_first(shards, shard_id=lambda s: s.shard_id, parents=lambda s: s.parent_shard_id)
 
 
 def dry_run(sources: Sequence[StreamSource], spec: StartSpec, until: datetime | None, *,
@@ -341,7 +319,7 @@ def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: date
         if result.records:
             empty = 0
             for record in result.records:
-                created = _record_time(record)
+                created = record_creation_time(record)
                 if created is not None and until is not None and created > until:
                     row.skipped_after += 1
                     return "until"
@@ -413,7 +391,7 @@ def scan_superseded(sources: Sequence[StreamSource], since: datetime | None, unt
                 empty = 0 if result.records else empty + 1
                 for record in result.records:
                     scan.records += 1
-                    created = _record_time(record)
+                    created = record_creation_time(record)
                     if created is None or (since is not None and created < since):
                         continue
                     body = record.get("dynamodb") if isinstance(record, dict) else None

@@ -51,7 +51,6 @@ from tenacity import (
 from pipeline import metrics
 from pipeline.deadletter import DeadLetterQueue, delivery_entry, utc_now
 from pipeline.errors import (
-    CdcError,
     FatalSinkError,
     PartialSinkError,
     PermanentSinkError,

@@ -18,7 +18,12 @@ from typing import Any, Callable
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from pipeline import metrics
-from pipeline.codec import decode_record, parse_creation_time, record_sequence_number
+from pipeline.codec import (
+    decode_record,
+    record_creation_epoch,
+    record_creation_time,
+    record_sequence_number,
+)
 from pipeline.deadletter import DeadLetterQueue, decode_entry
 from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError, TransientError, TransientSourceError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON, Batch, ChangeEvent
@@ -488,7 +493,7 @@ class ShardConsumer(threading.Thread):
         for record in records:
             seq = record_sequence_number(record)
             if self._skip_before is not None:  # an AT_TIMESTAMP start (a LATEST start handed off)
-                created_s = _created_epoch(record)
+                created_s = record_creation_epoch(record)
                 if created_s is not None and created_s < self._skip_before:
                     self.skipped_before_start += 1
                     if seq is not None:
@@ -498,7 +503,7 @@ class ShardConsumer(threading.Thread):
                 self.log.info("latest_handoff_resumed", skipped_records=self.skipped_before_start,
                               sequence_number=seq)
             if window is not None and (window.since is not None or window.until is not None):
-                created = _record_time(record)
+                created = record_creation_time(record)
                 if created is not None and window.until is not None and created > window.until:
                     window_end = True
                     skipped_after += 1
@@ -674,28 +679,7 @@ def _from_oldest(position: str) -> bool:
     return position == TRIM_HORIZON or position.startswith(AT_TIMESTAMP_PREFIX)
 
 
-def _created_epoch(record: Any) -> float | None:
-    """ApproximateCreationDateTime of a raw record as finite epoch seconds, None when absent or
-    unreadable (a hostile value is left to the decoder, which dead-letters the record)."""
-    try:
-        created = _record_time(record)
-        value = created.timestamp() if created is not None else None
-    except (ValueError, OverflowError, OSError, TypeError):
-        return None
-    return value if value is not None and math.isfinite(value) else None
-
-
 #: the budget of a consumer built without one: no bound
 _UNBOUNDED = ReadBudget(0, 1)
 
 
-def _record_time(record: Any) -> datetime | None:
-    """ApproximateCreationDateTime of a raw record (boto3: datetime; Lambda JSON: epoch seconds),
-    or None when absent or not a valid time (the decoder then dead-letters the record)."""
-    body = record.get("dynamodb") if isinstance(record, dict) else None
-    if not isinstance(body, dict):
-        return None
-    try:
-        return parse_creation_time(body.get("ApproximateCreationDateTime"))
-    except DecodeError:
-        return None

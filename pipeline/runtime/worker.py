@@ -63,6 +63,7 @@ from pipeline.runtime.aws_health import (
 )
 from pipeline import metrics
 from pipeline.checkpoint import Lease, LeaseStore, WorkerInfo
+from pipeline.lineage import blocked_by, parents_done
 from pipeline.deadletter import DeadLetterQueue
 from pipeline.events import TRIM_HORIZON
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
@@ -590,15 +591,10 @@ class Worker:
 
     @staticmethod
     def _parents_done(lease: Lease, leases: dict[str, Lease], in_stream: set[str]) -> bool:
-        for parent in lease.parent_shard_ids:
-            parent_lease = leases.get(parent)
-            if parent_lease is None:
-                if parent in in_stream:
-                    return False  # its lease is about to be created
-                continue  # trimmed away, removed after its children started, or never seen: done
-            if parent_lease.needs_reader:  # unfinished, or finished but moved back
-                return False
-        return True
+        """May ``lease``'s shard start? (:func:`pipeline.lineage.parents_done`)"""
+        return parents_done(lease.parent_shard_ids,
+                            unfinished=lambda p: leases[p].needs_reader if p in leases else None,
+                            in_stream=in_stream.__contains__)
 
     def _all_done(self) -> bool:
         """True when nothing is left to read: every lease finished, stopped (trimmed/failed), or
@@ -611,16 +607,9 @@ class Worker:
             any_lease = any_lease or bool(leases)
             stopped = {lease.shard_id for lease in leases.values() if lease.lease_key in self._stopped_keys}
 
-            def blocked(shard_id: str, depth: int = 0) -> bool:
-                for parent in leases[shard_id].parent_shard_ids:
-                    if parent in stopped:
-                        return True
-                    if (parent in leases and leases[parent].needs_reader and depth < 1000
-                            and blocked(parent, depth + 1)):
-                        return True
-                return False
-
-            done = done and all(not lease.needs_reader or sid in stopped or blocked(sid)
+            parents = {sid: lease.parent_shard_ids for sid, lease in leases.items()}
+            done = done and all(not lease.needs_reader or sid in stopped
+                                or blocked_by(sid, parents, stopped, lambda p: leases[p].needs_reader)
                                 for sid, lease in leases.items())
         return any_lease and done
 
