@@ -158,7 +158,6 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from pipeline.ops.checkpoint_moves import (
-        CheckpointOperationError,
         MoveResult,
         apply_import,
         default_requester,

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from pipeline.errors import CdcError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.errors import WorkloadError  # noqa: F401 (defined in the one error tree)
 
 EXIT_OK = 0

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from pipeline.errors import CdcError
 from pipeline.errors import ReindexError, UsageError
 
 
@@ -94,7 +93,7 @@ class ReindexReport:
 def _open_sink(settings: Any, name: str, where: str, logger: Any, *, pin: dict[str, str] | None = None) -> Any:
     from connectors.opensearch.sink import OpenSearchSink
     from pipeline.registry import build_sinks
-    from pipeline.sink import SinkContext
+    from pipeline.runtime.sink_lifecycle import open_sink
 
     configs = [c for c in settings.sinks if c.name == name]
     if not configs:
@@ -106,7 +105,7 @@ def _open_sink(settings: Any, name: str, where: str, logger: Any, *, pin: dict[s
     if pin is not None:
         sink.pin(pin)
         return sink
-    sink.open(SinkContext(sink_name=name, worker_id="reindex", logger=logger, aws=getattr(settings, "aws", None)))
+    open_sink(sink, worker_id="reindex", logger=logger, aws=getattr(settings, "aws", None))
     return sink
 
 

@@ -66,9 +66,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
     namespaced store); ``worker_kwargs`` go to :class:`Worker` as they are (``read_window`` …).
     """
     sinks = sinks if sinks is not None else build_sinks(settings.sinks, where)
-    policies = {c.name: FailurePolicy(on_failure=c.on_failure, retry_budget_s=c.retry_budget_s,
-                                      max_backoff_s=c.max_backoff_s)
-                for c in settings.sinks}
+    policies = {c.name: FailurePolicy.from_config(c) for c in settings.sinks}
     src = settings.source
     return Worker(
         sources=sources if sources is not None else build_sources(settings),

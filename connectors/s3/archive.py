@@ -47,10 +47,10 @@ from pipeline.replay.archive import (
     partition_day,
     replay_archive,
 )
-from pipeline.errors import CdcError, ConfigError, FatalSinkError
+from pipeline.errors import ConfigError
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.replay.report import ReplayReport
-from pipeline.sink import SinkContext
+from pipeline.runtime.sink_lifecycle import opened_sinks
 
 #: Object metadata key (``x-amz-meta-parent-shard-ids``) written by the s3_audit sink.
 PARENTS_METADATA_KEY = "parent-shard-ids"
@@ -216,37 +216,6 @@ def iter_object_records(client: Any, bucket: str, obj: ArchiveObject) -> Iterato
         body.close()
 
 
-def _open_sinks(sinks: Sequence[Any], settings: Settings, worker_id: str, logger: Any, dead_letter: Any) -> list[Any]:
-    """Open every sink as the worker does; on failure close those opened and raise FatalSinkError."""
-    opened: list[Any] = []
-    for sink in sinks:
-        ctx = SinkContext(sink_name=sink.name, worker_id=worker_id, logger=logger.bind(sink=sink.name),
-                          aws=settings.aws, dead_letter=dead_letter)
-        try:
-            sink.open(ctx)
-        except Exception as exc:
-            _close_sinks(opened, logger)
-            if isinstance(exc, FatalSinkError):
-                raise
-            text = str(exc) if isinstance(exc, CdcError) else f"{type(exc).__name__}: {exc}"
-            raise FatalSinkError(f"sink {sink.name!r} could not open: {text}") from exc
-        opened.append(sink)
-    return opened
-
-
-def _close_sinks(sinks: Sequence[Any], logger: Any) -> None:
-    for sink in sinks:
-        try:
-            sink.close()
-        except Exception as exc:  # noqa: BLE001 - closing is best effort
-            logger.warning("sink_close_failed", sink=sink.name, error=str(exc)[:500])
-
-
-def _policies(settings: Settings) -> dict[str, FailurePolicy]:
-    return {c.name: FailurePolicy(on_failure=c.on_failure, retry_budget_s=c.retry_budget_s,
-                                  max_backoff_s=c.max_backoff_s) for c in settings.sinks}
-
-
 def run_archive_replay(settings: Settings, uri: str, *, sinks: Sequence[Any], since: datetime | None = None,
                        until: datetime | None = None, tables: Sequence[str] | None = None,
                        dry_run: bool = False, logger: Any, console: Any = None, progress: bool = True,
@@ -299,14 +268,12 @@ def run_archive_replay(settings: Settings, uri: str, *, sinks: Sequence[Any], si
             report = replay_archive(ordered, deliver=None, flush=None, **common)
         else:
             dead_letter = build_dead_letter(settings)
-            opened = _open_sinks(sinks, settings, f"archive-replay:{replay_id}", log, dead_letter)
-            policies = _policies(settings)
-            runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in opened]
-            fanout = FanOut(runners, dead_letter, stop_event=stop_event or threading.Event(), logger=log)
-            try:
+            configs = {c.name: c for c in settings.sinks}
+            with opened_sinks(sinks, worker_id=f"archive-replay:{replay_id}", logger=log, aws=settings.aws,
+                              dead_letter=dead_letter) as opened:
+                runners = [SinkRunner(sink, FailurePolicy.from_config(configs.get(sink.name))) for sink in opened]
+                fanout = FanOut(runners, dead_letter, stop_event=stop_event or threading.Event(), logger=log)
                 report = replay_archive(ordered, deliver=fanout.deliver, flush=fanout.flush, **common)
-            finally:
-                _close_sinks(opened, log)
             report.dead_lettered = sum(r.stats.dead_lettered for r in runners)
     finally:
         if hasattr(client, "close"):

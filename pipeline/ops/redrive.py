@@ -69,7 +69,7 @@ from pipeline.deadletter import DeadLetterEntry, delivery_entry, utc_now
 from pipeline.errors import CdcError, FatalSinkError
 from pipeline.events import Batch, ChangeEvent, sequence_key
 from pipeline.render import event_from_record_dict
-from pipeline.sink import SinkContext
+from pipeline.runtime.sink_lifecycle import open_sink
 
 __all__ = ["EntryResult", "RedriveReport", "redrive", "unjsonable", "render_report"]
 
@@ -317,9 +317,9 @@ def _deliver_to_sink(name: str, sink: Any, jobs: list[_Plan], *, aws: Any, worke
                      logger: Any) -> None:
     log = logger.bind(sink=name) if hasattr(logger, "bind") else logger
     try:
-        sink.open(SinkContext(sink_name=name, worker_id=worker_id, logger=log, aws=aws, dead_letter=dlq))
-    except Exception as exc:
-        reason = f"sink {name!r} could not be opened: {type(exc).__name__}: {exc}"
+        open_sink(sink, worker_id=worker_id, logger=logger, aws=aws, dead_letter=dlq)
+    except FatalSinkError as exc:
+        reason = str(exc)
         log.error("dlq_redrive_sink_unavailable", error=reason[:500])
         for p in jobs:
             p.failures[name] = reason

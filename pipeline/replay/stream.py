@@ -39,7 +39,7 @@ from pipeline.events import SHARD_END, TRIM_HORIZON
 from pipeline.lineage import ancestors, parents_first
 from pipeline.replay.report import ReplayReport, ShardReplay
 from pipeline.codec import record_creation_time
-from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, ReadWindow
+from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, FINISHED_OUTCOMES, ReadWindow, ShardOutcome
 from pipeline.source import ShardInfo, StreamSource, TrimmedDataError
 from pipeline.errors import ReplayError  # noqa: F401 (defined in the one error tree)
 
@@ -195,13 +195,13 @@ class StreamReplay:
 
     def _on_done(self, consumer: Any) -> None:
         row = self._row(consumer.source.stream_arn, consumer.source.table, consumer.shard_id)
-        outcome = consumer.outcome or "failed"
+        outcome = consumer.outcome or ShardOutcome.FAILED
         with self._lock:
-            if outcome == "trimmed":
+            if outcome == ShardOutcome.TRIMMED:
                 row.ended, row.error = "gap", str(consumer.error or "")[:300]
-            elif outcome in ("shard_end", "until", "caught_up", "stopped", "failed"):
-                row.ended = outcome
-                row.error = str(consumer.error or "")[:300] if outcome in ("failed", "stopped") else ""
+            elif outcome in FINISHED_OUTCOMES | {ShardOutcome.STOPPED, ShardOutcome.FAILED}:
+                row.ended = str(outcome)
+                row.error = str(consumer.error or "")[:300] if outcome in (ShardOutcome.FAILED, ShardOutcome.STOPPED) else ""
 
     def run(self, *, on_tick: Callable[["StreamReplay"], None] | None = None) -> ReplayReport:
         """Run the replay to its end (or until :meth:`stop`); returns the report."""

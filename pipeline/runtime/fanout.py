@@ -79,6 +79,16 @@ class FailurePolicy:
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 20.0
 
+    @classmethod
+    def from_config(cls, sink_config: Any | None) -> "FailurePolicy":
+        """The policy a sink's configuration (:class:`pipeline.config.SinkConfig`: ``on_failure``,
+        ``retry_budget_s``, ``max_backoff_s``) asks for; the defaults for None (a sink that is
+        not configured, e.g. one a test passes in)."""
+        if sink_config is None:
+            return cls()
+        return cls(on_failure=sink_config.on_failure, retry_budget_s=sink_config.retry_budget_s,
+                   max_backoff_s=sink_config.max_backoff_s)
+
 
 @dataclass
 class SinkStats:

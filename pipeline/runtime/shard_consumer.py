@@ -8,6 +8,7 @@ the events since the last checkpoint are read again.
 
 from __future__ import annotations
 
+import enum
 import math
 import threading
 import time
@@ -68,6 +69,32 @@ LATEST_CLOCK_MARGIN_S = 60
 #: the shard is behind: the next call asks for ``max_records_per_call`` again.
 CAUGHT_UP_LIMIT = 100
 
+
+
+class ShardOutcome(enum.StrEnum):
+    """How a :class:`ShardConsumer` ended (``consumer.outcome``; equal to its string value).
+
+    ``shard_end``, ``until`` (a read window's end), ``caught_up`` (a finite read reached the
+    stream's tip) — finished: the lease is released; ``moved`` — a checkpoint move was applied,
+    a new reader starts from it; ``lease_lost`` — another worker owns the lease; ``stopped`` —
+    shutdown (or fenced) before the end, nothing undelivered checkpointed; ``trimmed`` — a gap
+    stopped the shard (``on_trimmed: fail``); ``failed`` — any other error stopped the shard.
+    """
+
+    SHARD_END = "shard_end"
+    UNTIL = "until"
+    CAUGHT_UP = "caught_up"
+    MOVED = "moved"
+    LEASE_LOST = "lease_lost"
+    STOPPED = "stopped"
+    TRIMMED = "trimmed"
+    FAILED = "failed"
+
+
+#: outcomes after which the shard is done for this run and its lease is released
+FINISHED_OUTCOMES = frozenset({ShardOutcome.SHARD_END, ShardOutcome.UNTIL, ShardOutcome.CAUGHT_UP})
+#: outcomes that stop the shard for good in this worker (reported, not retried)
+STOPPING_OUTCOMES = frozenset({ShardOutcome.FAILED, ShardOutcome.TRIMMED})
 
 @dataclass(frozen=True)
 class ReadWindow:
@@ -158,7 +185,7 @@ class ShardConsumer(threading.Thread):
         self.clock = clock
         self.log = logger.bind(shard_id=lease.shard_id)
         self.stats = ShardStats()
-        self.outcome: str | None = None
+        self.outcome: ShardOutcome | None = None
         self.error: BaseException | None = None
         self._done_position: str | None = None  # last sequence number given to every sink
         self._checkpointed: str = lease.checkpoint
@@ -196,34 +223,34 @@ class ShardConsumer(threading.Thread):
         try:
             self.outcome = self._run()
         except LeaseLostError as exc:
-            self.outcome, self.error = "lease_lost", exc
+            self.outcome, self.error = ShardOutcome.LEASE_LOST, exc
             self.log.warning("shard_lease_lost", error=str(exc))
         except DeliveryAborted as exc:
-            self.outcome, self.error = "stopped", exc
+            self.outcome, self.error = ShardOutcome.STOPPED, exc
             self.log.warning("shard_delivery_aborted", error=str(exc),
                              checkpoint=self._checkpointed)
         except TrimmedDataError as exc:
-            self.outcome, self.error = "trimmed", exc
+            self.outcome, self.error = ShardOutcome.TRIMMED, exc
             self.log.error("shard_trimmed_data", error=str(exc), checkpoint=self._checkpointed,
                            hint="the checkpoint is behind the stream's 24 h trim horizon: records were lost "
                                 "before this worker read them; nothing was skipped silently, the shard is stopped")
         except FatalSinkError as exc:
-            self.outcome, self.error = "failed", exc
+            self.outcome, self.error = ShardOutcome.FAILED, exc
             self.log.error("shard_failed", error=str(exc))
         except TransientError as exc:  # retried until the stop or lease loss that ended the retries
             if self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token):
-                self.outcome, self.error = ("stopped" if self.stop_event.is_set() else "lease_lost"), exc
+                self.outcome, self.error = (ShardOutcome.STOPPED if self.stop_event.is_set() else ShardOutcome.LEASE_LOST), exc
                 self.log.warning("shard_stopped_while_retrying", error=str(exc), checkpoint=self._checkpointed)
             else:
-                self.outcome, self.error = "failed", exc
+                self.outcome, self.error = ShardOutcome.FAILED, exc
                 self.log.error("shard_failed", error=str(exc))
         except Exception as exc:  # keep the worker alive; report the shard
-            self.outcome, self.error = "failed", exc
+            self.outcome, self.error = ShardOutcome.FAILED, exc
             self.log.exception("shard_failed", error=f"{type(exc).__name__}: {exc}")
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _run(self) -> str:
+    def _run(self) -> ShardOutcome:
         lease = self.coordinator.get(self.lease_key)
         if lease is None:
             raise LeaseLostError(f"lease {self.lease_key} is not held")
@@ -233,7 +260,7 @@ class ShardConsumer(threading.Thread):
                 return moved
             lease = self.coordinator.get(self.lease_key) or lease
         if lease.finished:
-            return "shard_end"
+            return ShardOutcome.SHARD_END
         self.version_floor = self.coordinator.version_floor(lease)
         # a new ownership period reads again from the checkpoint: sinks drop what they buffered
         # for this shard and did not flush (pipeline/sink.py, reset_shard)
@@ -246,13 +273,13 @@ class ShardConsumer(threading.Thread):
         except TrimmedDataError as exc:
             iterator = self._handle_gap(exc)
             if iterator is None:
-                return "shard_end"
+                return ShardOutcome.SHARD_END
         last_checkpoint_at = self.clock()
         idle_s = self.settings.idle_interval_ms / 1000.0
         while True:
             if self.stop_event.is_set():
                 self._flush_and_checkpoint()
-                return "stopped"
+                return ShardOutcome.STOPPED
             if not self.coordinator.owns(self.lease_key, self.token):
                 raise LeaseLostError(f"lease {self.lease_key} was lost")
             move = self.coordinator.pending_move(self.lease_key)
@@ -287,7 +314,7 @@ class ShardConsumer(threading.Thread):
                     continue
                 iterator = self._handle_gap(exc)
                 if iterator is None:
-                    return "shard_end"
+                    return ShardOutcome.SHARD_END
                 continue
             if fetched is None:
                 continue  # stopped while waiting for the read budget: the loop's top flushes and checkpoints
@@ -313,7 +340,7 @@ class ShardConsumer(threading.Thread):
             if window_end:
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("replay_window_end", until=self.window.until.isoformat())
-                return "until"
+                return ShardOutcome.UNTIL
             if had_no_records:
                 self._empty_reads += 1
                 self.coordinator.report_behind(self.lease_key, 0)  # caught up
@@ -321,11 +348,11 @@ class ShardConsumer(threading.Thread):
                         and self._empty_reads >= self.window.idle_reads):
                     self._flush_and_checkpoint(shard_end=True)
                     self.log.info("replay_caught_up", empty_reads=self._empty_reads)
-                    return "caught_up"
+                    return ShardOutcome.CAUGHT_UP
             if next_iterator is None:
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("shard_end_reached", records_read=self.stats.records_read)
-                return "shard_end"
+                return ShardOutcome.SHARD_END
             iterator = next_iterator
             if self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
                 self._flush_and_checkpoint()
@@ -476,7 +503,7 @@ class ShardConsumer(threading.Thread):
         self._done_position = None
         self.log.warning("checkpoint_moved", requested_by=move.requested_by, request_id=move.request_id,
                          requested_at=move.requested_at, from_checkpoint=before, to_checkpoint=move.checkpoint)
-        return "moved"
+        return ShardOutcome.MOVED
 
     def _process(self, records, *, shard_end: bool) -> bool:
         """Decode and deliver one GetRecords page; True when a :class:`ReadWindow` ended here."""

@@ -64,14 +64,21 @@ from pipeline.runtime.aws_health import (
 from pipeline import metrics
 from pipeline.checkpoint import Lease, LeaseStore, WorkerInfo
 from pipeline.lineage import blocked_by, parents_done
+from pipeline.runtime.sink_lifecycle import open_sink
 from pipeline.deadletter import DeadLetterQueue
 from pipeline.events import TRIM_HORIZON
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.runtime.leases import LeaseCoordinator
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
-from pipeline.runtime.shard_consumer import ReadWindow, ShardConsumer, ShardSettings
-from pipeline.sink import SinkContext
+from pipeline.runtime.shard_consumer import (
+    FINISHED_OUTCOMES,
+    STOPPING_OUTCOMES,
+    ReadWindow,
+    ShardConsumer,
+    ShardOutcome,
+    ShardSettings,
+)
 from pipeline.source import ShardInfo, StreamSource
 
 
@@ -275,7 +282,7 @@ class Worker:
                     self._on_stop_signal()
         except FatalSinkError as exc:
             self.log.error("worker_failed", error=str(exc))
-            self.failed.append(("*", "failed", str(exc)))
+            self.failed.append(("*", ShardOutcome.FAILED, str(exc)))
             self.stop_event.set()
         finally:
             clean = self._shutdown()
@@ -299,13 +306,11 @@ class Worker:
             for sink in self.sinks:
                 if sink in self._opened:
                     continue
-                ctx = SinkContext(sink_name=sink.name, worker_id=self.worker_id,
-                                  logger=self.log.bind(sink=sink.name), aws=self.aws, dead_letter=self.dead_letter)
                 try:
-                    sink.open(ctx)
-                except Exception as exc:
-                    text = str(exc) if isinstance(exc, CdcError) else f"{type(exc).__name__}: {exc}"
-                    errors.append((sink, exc, f"sink {sink.name!r} could not open: {text}"))
+                    open_sink(sink, worker_id=self.worker_id, logger=self.log, aws=self.aws,
+                              dead_letter=self.dead_letter)
+                except FatalSinkError as exc:
+                    errors.append((sink, exc.__cause__ or exc, str(exc)))
                     continue
                 self._opened.append(sink)
             self._tick()
@@ -511,7 +516,7 @@ class Worker:
             self._tick()
             self._reap()
             self._log_iterator_ages()
-            if any(outcome == "failed" for _, outcome, _ in self.failed):
+            if any(outcome == ShardOutcome.FAILED for _, outcome, _ in self.failed):
                 self.stop_event.set()
                 break
             try:
@@ -618,19 +623,19 @@ class Worker:
             if consumer.is_alive():
                 continue  # a consumer whose lease was lost stops at its next read (owns() check)
             del self.consumers[key]
-            outcome = consumer.outcome or "failed"
+            outcome = consumer.outcome or ShardOutcome.FAILED
             if self.on_consumer_done is not None:
                 self.on_consumer_done(consumer)
-            if outcome in ("shard_end", "until", "caught_up"):
+            if outcome in FINISHED_OUTCOMES:
                 self.coordinator.release(key)
-            elif outcome == "moved":
+            elif outcome == ShardOutcome.MOVED:
                 pass  # a requested checkpoint move was applied: a new reader starts from it (parents first)
-            elif outcome in ("failed", "trimmed"):
+            elif outcome in STOPPING_OUTCOMES:
                 self._stopped_keys.add(key)
                 self.failed.append((consumer.shard_id, outcome, str(consumer.error)))
                 self.log.error("shard_stopped", shard_id=consumer.shard_id, outcome=outcome,
                                error=str(consumer.error))
-            elif outcome == "lease_lost":
+            elif outcome == ShardOutcome.LEASE_LOST:
                 self.coordinator.drop(key, token=consumer.token)  # keeps a lease taken back since
 
     def _shutdown(self) -> bool:
