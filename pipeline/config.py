@@ -200,6 +200,9 @@ class MetricsConfig(_Strict):
     #: ``/readyz`` answers 503 while an AWS dependency (streams, lease table) has been failing
     #: transiently (5xx, timeouts; retried with backoff) for longer than this (s)
     aws_unready_after_s: float = Field(30.0, gt=0)
+    #: a shard's series (``shard`` label) are removed this long after the shard ended here
+    #: (SHARD_END, released, lease lost) — several scrape intervals, so its last values are seen (s)
+    shard_series_ttl_s: float = Field(600.0, ge=0)
 
 
 class LogConfig(_Strict):

@@ -10,6 +10,7 @@ failure at run time). Plugins raise the sink errors.
     │   ├── CheckpointOperationError  ddb-cdc checkpoints: the move cannot be made as asked
     │   └── ReplayError ............. ddb-cdc replay: cannot start as asked
     ├── InputFileError .............. a file named on the command line is unreadable or malformed (exit 1)
+    ├── InstallationError ........... another distribution installs pipeline/ or connectors/ (exit 2)
     ├── DecodeError ................. a record cannot be decoded (dead-lettered, the shard goes on)
     ├── SinkError ................... raised by sinks from write / flush
     │   ├── RetriableSinkError ...... retried with backoff
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigError",
     "UsageError",
     "InputFileError",
+    "InstallationError",
     "DecodeError",
     "SinkError",
     "RetriableSinkError",
@@ -108,6 +110,12 @@ class InputFileError(CdcError):
     """A file named on the command line (a checkpoint snapshot, a checkpoint file) cannot be read
     or is not what the command expects: nothing was changed; the message names the file and the
     problem (exit 1 — the input is wrong, not the command line)."""
+
+
+class InstallationError(CdcError):
+    """ddb-cdc's environment is broken — another installed distribution provides one of its
+    top-level packages (``pipeline``, ``connectors``): install it in an environment of its own
+    (exit 2: nothing ran, a restart cannot help)."""
 
 
 class DecodeError(CdcError):

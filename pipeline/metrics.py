@@ -81,6 +81,53 @@ SINK_STALLED = Gauge("ddb_cdc_sink_stalled_seconds",
                      "How long the current batch of a shard has been failing for a sink (0 when flowing)",
                      ["sink", "shard"])
 
+#: the ``error`` label values of ``ddb_cdc_get_records_errors_total`` (pipeline.runtime.shard_consumer)
+GET_RECORDS_ERROR_KINDS = ("expired_iterator", "trimmed", "vanished", "throttled", "transient", "other")
+#: every counter with a ``(table, shard)`` label pair
+_PER_SHARD_COUNTERS = (RECORDS_READ, GET_RECORDS_CALLS, GET_RECORDS_THROTTLES, GAPS, CHECKPOINT_WRITES,
+                       CHECKPOINT_FAILURES)
+
+# -- the build ------------------------------------------------------------------------------------
+BUILD_INFO = Gauge("ddb_cdc_build_info", "Always 1; the labels say which ddb-cdc and Python run here",
+                   ["version", "python"])
+
+
+def _set_build_info() -> None:
+    import importlib.metadata
+    import platform
+
+    try:
+        version = importlib.metadata.version("ddb-cdc")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        version = "unknown"
+    BUILD_INFO.labels(version=version, python=platform.python_version()).set(1)
+
+
+_set_build_info()
+
+
+def forget_shard(table: str, shard: str, sinks: Iterable[str] = ()) -> None:
+    """Remove every series labelled with ``(table, shard)`` — the per-shard counters, each
+    ``error`` kind of ``ddb_cdc_get_records_errors_total`` — and ``ddb_cdc_sink_stalled_seconds``
+    of ``(sink, shard)`` for each of ``sinks``. Shards roll over every few hours, so without this
+    the series grow without bound. Never raises (a series never created is skipped).
+
+    The worker calls it some time after the shard ended here (``metrics.shard_series_ttl_s``), so
+    that scrapes see the last values first (an ``increase()`` over a removed series sees nothing).
+    """
+    def remove(metric: Any, *labels: str) -> None:
+        try:
+            metric.remove(*labels)
+        except KeyError:  # older prometheus-client versions raise for a series never created
+            pass
+
+    for counter in _PER_SHARD_COUNTERS:
+        remove(counter, table, shard)
+    for kind in GET_RECORDS_ERROR_KINDS:
+        remove(GET_RECORDS_ERRORS, table, shard, kind)
+    for sink in sinks:
+        remove(SINK_STALLED, sink, shard)
+
 
 class WorkerCollector:
     """Scrape-time gauges of the live workers (``workers()`` returns them):

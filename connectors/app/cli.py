@@ -32,7 +32,8 @@ import signal
 import sys
 from typing import Sequence
 
-from pipeline.errors import CdcError, ConfigError, UsageError
+from connectors.app.install_check import check_package_ownership
+from pipeline.errors import CdcError, ConfigError, InstallationError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -312,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_package_ownership()
+    except InstallationError as exc:
+        _err(f"installation error: {exc}")
+        return EXIT_CONFIG
+    try:
         return args.func(args)
     except ConfigError as exc:
         for line in exc.problems:
@@ -325,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"{type(exc).__name__.removeprefix('Transient')}: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
+        return EXIT_FAILED
+    except BrokenPipeError:  # e.g. `ddb-cdc sinks | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python docs, "Note on SIGPIPE"
         return EXIT_FAILED
 
 

@@ -92,6 +92,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
            "iterator_age_log_interval_s": settings.worker.iterator_age_log_interval_s,
            "health_stall_s": settings.metrics.health_stall_s,
            "aws_unready_after_s": settings.metrics.aws_unready_after_s,
+           "shard_series_ttl_s": settings.metrics.shard_series_ttl_s,
            "max_pages_in_flight": settings.worker.max_pages_in_flight,
            # a configured id: leases of a dead earlier process of it are re-taken at once
            "worker_name": settings.worker.id if "id" in settings.worker.model_fields_set else None,

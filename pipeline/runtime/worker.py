@@ -135,7 +135,7 @@ class Worker:
                  sink_open_timeout_s: float = 0.0, iterator_age_warning_s: float = 3600.0,
                  iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
                  health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT,
-                 aws_unready_after_s: float = DEFAULT_UNREADY_AFTER_S,
+                 aws_unready_after_s: float = DEFAULT_UNREADY_AFTER_S, shard_series_ttl_s: float = 600.0,
                  worker_name: str | None = None):
         self.stop_event = threading.Event()
         self._signal: int | None = None
@@ -188,6 +188,9 @@ class Worker:
         self._lease_store_error: str | None = "not checked yet"
         self._lag_logged: dict[str, float] = {}
         self._running = False
+        #: shards that ended here: (table, shard id) -> when to remove their metric series
+        self.shard_series_ttl_s = shard_series_ttl_s
+        self._forget_series_at: dict[tuple[str, str], float] = {}
         self._stream_disabled: set[str] = set()  # followed tables whose stream is disabled now
         self._adopted: set[str] = set()  # older streams taken up from the lease table
         self._older_streams_seen: set[tuple[str, str]] = set()  # (table, stream label) in the lease table
@@ -515,6 +518,7 @@ class Worker:
                                       if renewal_failures else renew_every)
             self._tick()
             self._reap()
+            self._forget_ended_shards()
             self._log_iterator_ages()
             if any(outcome == ShardOutcome.FAILED for _, outcome, _ in self.failed):
                 self.stop_event.set()
@@ -626,6 +630,10 @@ class Worker:
             outcome = consumer.outcome or ShardOutcome.FAILED
             if self.on_consumer_done is not None:
                 self.on_consumer_done(consumer)
+            if outcome in FINISHED_OUTCOMES or outcome == ShardOutcome.LEASE_LOST:
+                # read no more here: its series go after the TTL (metrics.forget_shard)
+                self._forget_series_at[(consumer.source.table, consumer.shard_id)] = (
+                    self.clock() + self.shard_series_ttl_s)
             if outcome in FINISHED_OUTCOMES:
                 self.coordinator.release(key)
             elif outcome == ShardOutcome.MOVED:
@@ -637,6 +645,20 @@ class Worker:
                                error=str(consumer.error))
             elif outcome == ShardOutcome.LEASE_LOST:
                 self.coordinator.drop(key, token=consumer.token)  # keeps a lease taken back since
+
+    def _forget_ended_shards(self) -> None:
+        """Remove the metric series of shards that ended here ``shard_series_ttl_s`` ago and are
+        not being read here again (a lease taken back keeps its series)."""
+        if not self._forget_series_at:
+            return
+        now = self.clock()
+        reading = {(c.source.table, c.shard_id) for c in self.consumers.values()}
+        for shard, due in list(self._forget_series_at.items()):
+            if shard in reading:
+                del self._forget_series_at[shard]
+            elif now >= due:
+                del self._forget_series_at[shard]
+                metrics.forget_shard(shard[0], shard[1], [r.name for r in self.runners])
 
     def _shutdown(self) -> bool:
         """Stop every consumer, then close the sinks — in that order, and never under a running call.
