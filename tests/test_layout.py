@@ -115,3 +115,57 @@ def test_no_public_error_class_is_defined_outside_the_error_tree():
                     if bases & (known | {"Exception", "BaseException", "ValueError", "RuntimeError"}):
                         bad.append(f"{path.relative_to(ROOT)}: class {node.name}")
     assert bad == []
+
+
+def _module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> project modules it imports (function-level imports included)."""
+    modules = {_module_name(p): p for package in ("pipeline", "connectors")
+               for p in (ROOT / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for target in targets:
+                if target in modules and target != name and not name.startswith(target + "."):
+                    graph[name].add(target)
+    return graph
+
+
+def test_no_import_cycles_between_the_projects_modules():
+    """Modules depend one way (no ``a`` imports ``b`` imports ``a``, even lazily inside a
+    function): e.g. the OpenSearch sink and its mapping modes share ``connectors.opensearch.names``
+    instead of importing each other's helpers."""
+    graph = _import_graph()
+    cycles = set()
+
+    def visit(node, stack, on_stack, done):
+        on_stack.add(node)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt in on_stack:
+                cycle = stack[stack.index(nxt):]
+                start = cycle.index(min(cycle))
+                cycles.add(" -> ".join(cycle[start:] + cycle[:start]))
+            elif nxt not in done:
+                visit(nxt, stack, on_stack, done)
+        stack.pop()
+        on_stack.discard(node)
+        done.add(node)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [], set(), done)
+    assert sorted(cycles) == []

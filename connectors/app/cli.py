@@ -199,24 +199,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def existing_lease_store(settings) -> object:
-    """The configured lease store, without creating a SQLite file that is not there (opening a
-    missing file would create it). Raises CheckpointStoreError with the fix."""
-    from connectors.app.wiring import build_lease_store
-    from pipeline.errors import CheckpointStoreError
-
-    cfg = settings.checkpoints
-    if cfg.store == "sqlite" and not os.path.isfile(cfg.sqlite_path):
-        raise CheckpointStoreError(f"no checkpoint file at {cfg.sqlite_path}: check checkpoints.sqlite_path "
-                                   "(a worker creates it on its first start)")
-    return build_lease_store(settings)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Read the lease store (never write to it, never take a lease) and print leases, workers
     and a summary (``--json``: the same data as JSON). Streams that cannot be described show
     "in stream ?"; an unreadable lease store is exit 1 (CheckpointStoreError, one line)."""
     from pipeline.config import load_settings
+    from connectors.app.wiring import existing_lease_store
     from pipeline.ops.status import SourceUnavailable, gather_status, render_status, status_to_dict
 
     settings = load_settings(args.config)

@@ -21,7 +21,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _store(args: argparse.Namespace) -> tuple[Any, Any]:
-    from connectors.app.cli import existing_lease_store
+    from connectors.app.wiring import existing_lease_store
     from pipeline.config import load_settings
 
     settings = load_settings(args.config)

@@ -223,7 +223,7 @@ def _fill(settings: Any, where: str, fill_sink: Any, sources: list, tables: Sequ
           from_archive: str | None, show_progress: bool, pins: dict[str, str]) -> Any:
     from pipeline.logs import get_logger
 
-    from connectors.app.cli_replay import run_stream_replay
+    from connectors.app.replays import run_stream_replay
     from pipeline.replay.stream import StartSpec
 
     archived = None

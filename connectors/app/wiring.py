@@ -6,6 +6,7 @@ Kept in ``connectors`` so that ``pipeline`` never imports boto3; the CLI calls
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pipeline.config import Settings
@@ -98,3 +99,15 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
            "worker_name": settings.worker.id if "id" in settings.worker.model_fields_set else None,
            **worker_kwargs},
     )
+
+
+def existing_lease_store(settings) -> object:
+    """The configured lease store, without creating a SQLite file that is not there (opening a
+    missing file would create it). Raises CheckpointStoreError with the fix."""
+    from pipeline.errors import CheckpointStoreError
+
+    cfg = settings.checkpoints
+    if cfg.store == "sqlite" and not os.path.isfile(cfg.sqlite_path):
+        raise CheckpointStoreError(f"no checkpoint file at {cfg.sqlite_path}: check checkpoints.sqlite_path "
+                                   "(a worker creates it on its first start)")
+    return build_lease_store(settings)

@@ -58,6 +58,8 @@ from decimal import Decimal
 from typing import Any, Literal, Mapping
 
 import orjson
+
+from connectors.opensearch.names import MALFORMED_PREFIX, escape_field_name, percent_escape, unescape_field_name
 from pipeline.errors import MappingSpecError  # noqa: F401 (defined in the one error tree)
 
 #: The three mapping modes.
@@ -68,8 +70,6 @@ Mode = Literal["dynamic", "explicit", "typed"]
 FIELD_TYPES = ("keyword", "text", "long", "integer", "short", "byte", "double", "float", "boolean", "date",
                "flat_object", "binary", "ip")
 
-#: Prefix of a declared field's value moved aside because it does not fit the declared type.
-MALFORMED_PREFIX = "_ddm"
 #: The flat_object field holding a whole typed item that would pass the field limit.
 OVERFLOW_FIELD = "_ddo"
 
@@ -239,7 +239,6 @@ class MappingSpec:
 
 
 def _normalize_field(path: str, decl: Any) -> dict[str, Any]:
-    from connectors.opensearch.sink import escape_field_name
 
     if not isinstance(path, str) or not path:
         raise MappingSpecError(f"field {path!r}: a field path is a non-empty dotted attribute path like address.city")
@@ -309,7 +308,6 @@ def _tree_mapping(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fit_map(doc: dict[str, Any], tree: Mapping[str, Any], prefix: str, malformed: list[str]) -> None:
-    from connectors.opensearch.sink import _percent_escape
 
     for name, node in tree.items():
         if name not in doc:
@@ -320,7 +318,7 @@ def _fit_map(doc: dict[str, Any], tree: Mapping[str, Any], prefix: str, malforme
         else:
             ok = _object_fits(value, node, prefix + name + ".", malformed)
         if not ok:
-            doc[MALFORMED_PREFIX + _percent_escape(name)] = doc.pop(name)
+            doc[MALFORMED_PREFIX + percent_escape(name)] = doc.pop(name)
             malformed.append(node.path if isinstance(node, _Leaf) else prefix + name)
 
 
@@ -401,13 +399,11 @@ def typed_item(item: Mapping[str, Any]) -> dict[str, Any]:
     ``{"a.b": Decimal("1"), "m": {"_id": b"\\x00"}}`` → ``{"_ddba%2Eb": {"N": "1"}, "m": {"M":
     {"_id": {"B": "AA=="}}}}`` (``_id`` is escaped only at the top level). Sets are sorted.
     """
-    from connectors.opensearch.sink import escape_field_name
 
     return {escape_field_name(k, top_level=True): _typed_value(v) for k, v in item.items()}
 
 
 def _typed_value(value: Any) -> dict[str, Any]:
-    from connectors.opensearch.sink import escape_field_name
     from pipeline.codec import encode_value
 
     if isinstance(value, Mapping):
@@ -423,7 +419,6 @@ def restore_typed(source: Mapping[str, Any]) -> dict[str, Any]:
     Undoes :func:`typed_item` (names unescaped at every level) and the ``_ddo`` overflow field;
     ``_cdc`` is dropped.
     """
-    from connectors.opensearch.sink import unescape_field_name
     from pipeline.codec import decode_value
 
     merged: dict[str, Any] = {}
@@ -438,7 +433,6 @@ def restore_typed(source: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _unescape_typed(value: Any) -> Any:
-    from connectors.opensearch.sink import unescape_field_name
 
     if isinstance(value, Mapping):
         if "M" in value and isinstance(value["M"], Mapping):

@@ -129,7 +129,6 @@ translog), so ``flush`` has nothing to do.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import string
@@ -144,7 +143,20 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from connectors.opensearch.mapping import MALFORMED_PREFIX, OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item
+from connectors.opensearch.mapping import OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item
+from connectors.opensearch.names import (  # noqa: F401 (also this module's public names)
+    ESCAPE_PREFIX,
+    FLATTEN_PREFIX,
+    MALFORMED_PREFIX,
+    MAX_ID_BYTES,
+    RESERVED_FIELD_NAMES,
+    _RESERVED_PREFIX,
+    document_id,
+    escape_field_name,
+    percent_escape,
+    percent_unescape,
+    unescape_field_name,
+)
 from pipeline.errors import FatalSinkError, PartialSinkError, RetriableSinkError
 from pipeline.events import Batch, ChangeEvent, Operation
 from pipeline.redact import redact_url
@@ -164,23 +176,6 @@ __all__ = [
     "unescape_field_name",
     "restore_document",
 ]
-
-#: OpenSearch's limit on ``_id`` length, in UTF-8 bytes.
-MAX_ID_BYTES = 512
-
-#: Top-level attribute names that are escaped (see the module doc): OpenSearch's metadata fields
-#: (current and historical, so older clusters and plugins are covered too), which it refuses at
-#: the top level of ``_source``, and ``_cdc``, the sink's own object.
-RESERVED_FIELD_NAMES = frozenset({
-    "_id", "_source", "_index", "_routing", "_version", "_seq_no", "_primary_term", "_field_names",
-    "_ignored", "_nested_path", "_data_stream_timestamp", "_doc_count", "_type", "_uid", "_parent",
-    "_all", "_size", "_timestamp", "_ttl", "_tier", "_meta", "_feature", "_cdc",
-})
-
-#: Prefix of an escaped attribute name, and of a value flattened into a JSON string.
-ESCAPE_PREFIX = "_ddb"
-FLATTEN_PREFIX = "_ddj"
-_RESERVED_PREFIX = "_dd"
 
 _MIB = 1024 * 1024
 _INT64_MIN = -(1 << 63)
@@ -342,61 +337,6 @@ class OpenSearchOptions(SinkOptions):
 # --------------------------------------------------------------------------------------------
 
 
-def document_id(key_id: str) -> str:
-    """The OpenSearch ``_id`` for an item: ``key_id`` itself, or ``"sha256:" + hexdigest`` of its
-    UTF-8 bytes when that encoding is longer than :data:`MAX_ID_BYTES` (512) bytes.
-
-    Hashed ids are 71 ASCII characters; a collision would need a SHA-256 collision.
-    """
-    raw = key_id.encode("utf-8")
-    if len(raw) <= MAX_ID_BYTES:
-        return key_id
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
-def _percent_escape(name: str) -> str:
-    return name.replace("%", "%25").replace(".", "%2E")
-
-
-def _percent_unescape(text: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text.startswith("%2E", i):
-            out.append(".")
-            i += 3
-        elif text.startswith("%25", i):
-            out.append("%")
-            i += 3
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def escape_field_name(name: str, *, top_level: bool = False) -> str:
-    """The name an attribute gets in ``_source`` (see the module doc, "Attribute names").
-
-    ``"_id"`` (top level) → ``"_ddb_id"``; ``"a.b"`` → ``"_ddba%2Eb"``; ``""`` → ``"_ddb"``;
-    ``"_ddbx"`` → ``"_ddb_ddbx"``; ``"name"`` → ``"name"``.
-    """
-    if (
-        not name.strip()
-        or "." in name
-        or name.startswith(_RESERVED_PREFIX)
-        or (top_level and name in RESERVED_FIELD_NAMES)
-    ):
-        return ESCAPE_PREFIX + _percent_escape(name)
-    return name
-
-
-def unescape_field_name(name: str) -> str:
-    """Inverse of :func:`escape_field_name` (also accepts a flattened ``_ddj`` or moved-aside ``_ddm`` name)."""
-    if name.startswith(ESCAPE_PREFIX) or name.startswith(FLATTEN_PREFIX) or name.startswith(MALFORMED_PREFIX):
-        return _percent_unescape(name[len(ESCAPE_PREFIX):])
-    return name
-
-
 def restore_document(source: Any) -> Any:
     """The item a document's ``_source`` holds: escaping and flattening undone, ``_cdc`` left out.
 
@@ -486,7 +426,7 @@ def _escape_map(image: Mapping[str, Any], depth: int, limit: int, *, top_level: 
     out: dict[str, Any] = {}
     for name, value in image.items():
         if _needs_flattening(value, depth, limit):
-            out[FLATTEN_PREFIX + _percent_escape(name)] = plain_json_bytes(value).decode("utf-8")
+            out[FLATTEN_PREFIX + percent_escape(name)] = plain_json_bytes(value).decode("utf-8")
         else:
             out[escape_field_name(name, top_level=top_level)] = _escape_value(value, depth, limit)
     return out
