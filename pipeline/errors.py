@@ -95,3 +95,14 @@ class TransientSourceError(SourceError, TransientError):
 class TransientCheckpointStoreError(CheckpointStoreError, TransientError):
     """The lease table failed transiently (see :class:`TransientError`); a conditional-write
     failure is never this (it is :class:`LeaseLostError`)."""
+
+
+class FilterPatternError(ConfigError):
+    """A ``sinks[].filter`` is not a valid AWS event filter pattern (or uses an operator ddb-cdc
+    does not support); ``problems`` holds one line naming the bad part (``dynamodb.NewImage.x.S``)
+    and how to fix it."""
+
+    def __init__(self, where: str, message: str):
+        self.where = where
+        self.message = message
+        super().__init__([f"{where}: {message}" if where else message])
