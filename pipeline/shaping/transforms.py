@@ -87,7 +87,10 @@ class Transform:
 
 
 def _secret_fields(options: BaseModel) -> set[str]:
-    return {name for name, value in options if isinstance(value, SecretStr)}
+    """Fields holding a secret (a ``SecretStr`` value, or declared as one): never described."""
+    fields = type(options).model_fields
+    return {name for name, value in options
+            if isinstance(value, SecretStr) or "SecretStr" in str(fields[name].annotation)}
 
 
 def with_images(event: ChangeEvent, *, before: Mapping[str, Any] | None,
