@@ -34,7 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
 
 import orjson
 
@@ -96,7 +97,7 @@ class Condition:
     numeric_text: bool  # the leaf is under N / NS: numeric rules read strings as numbers
 
     def matches(self, view: LambdaView) -> bool:
-        leaves = [v for v in view.resolve(self.path) if not isinstance(v, Mapping)]
+        leaves = [v for v in view.resolve(self.path) if type(v) is not dict and not isinstance(v, Mapping)]
         if not leaves:
             return self.exists is False
         if self.exists is True:

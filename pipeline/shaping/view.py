@@ -25,7 +25,8 @@ time, never the whole image.
 from __future__ import annotations
 
 import base64
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pipeline.codec import encode_value
 from pipeline.events import ChangeEvent, Operation
@@ -108,7 +109,7 @@ class LambdaView:
         """AttributeValue JSON of attribute ``name`` of ``image`` (Keys / NewImage / OldImage)."""
         raw_attr, decoded_attr = _IMAGES[image]
         raw = getattr(self.event, raw_attr, None)
-        if isinstance(raw, Mapping):
+        if raw is not None and isinstance(raw, Mapping):
             if name not in raw:
                 return MISSING
             return _jsonable_av(raw[name])
@@ -147,12 +148,16 @@ class LambdaView:
             rest = path[1:]
         if root is MISSING:
             return []
-        values = _flatten([root])
+        values = _flatten([root]) if type(root) is list else [root]
         for segment in rest:
             nxt: list[Any] = []
             for value in values:
-                if isinstance(value, Mapping) and segment in value:
-                    nxt.extend(_flatten([value[segment]]))
+                if (type(value) is dict or isinstance(value, Mapping)) and segment in value:
+                    child = value[segment]
+                    if type(child) is list:
+                        nxt.extend(_flatten(child))
+                    else:
+                        nxt.append(child)
             values = nxt
             if not values:
                 break
@@ -162,7 +167,7 @@ class LambdaView:
 def _flatten(values: list[Any]) -> list[Any]:
     out: list[Any] = []
     for value in values:
-        if isinstance(value, list):
+        if type(value) is list:
             out.extend(_flatten(value))
         else:
             out.append(value)
