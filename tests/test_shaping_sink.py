@@ -372,3 +372,25 @@ def test_unflushed_events_of_a_batch_keep_their_position():
     assert [(e.source, e.version, e.key_id) for e in rec.written] == [(e.source, e.version, e.key_id)
                                                                       for e in batch.events]
     assert isinstance(batch, Batch)
+
+
+def test_with_images_drops_stale_raw_images_of_an_event_that_keeps_them():
+    """An event type preserving raw AttributeValue maps (issue 19 item 5, the lazy event) must
+    not carry the untransformed raw image next to a redacted one."""
+    from dataclasses import dataclass, field
+
+    from pipeline.events import ChangeEvent
+
+    base = records(1).events[0]
+
+    @dataclass(frozen=True)
+    class RawEvent(ChangeEvent):
+        raw_new_image: dict | None = field(default=None)
+        raw_old_image: dict | None = field(default=None)
+
+    ev_raw = RawEvent(**{f: getattr(base, f) for f in ("operation", "keys", "key_id", "before", "after", "source",
+                                                       "version")},
+                      raw_new_image={"email": {"S": "u1@x.test"}}, raw_old_image={"x": {"S": "kept"}})
+    [out] = check_transform({"type": "redact", "paths": ["email"], "mode": "mask"}, [ev_raw])
+    assert out.after["email"] == "***" and out.raw_new_image is None
+    assert out.raw_old_image == {"x": {"S": "kept"}}  # before (None) was not changed

@@ -38,7 +38,7 @@ import hashlib
 import hmac
 import importlib
 import os
-from dataclasses import replace
+from dataclasses import fields, is_dataclass, replace
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Iterable, Literal, Mapping
 
@@ -100,7 +100,15 @@ def with_images(event: ChangeEvent, *, before: Mapping[str, Any] | None,
     method = getattr(event, "with_images", None)
     if callable(method):
         return method(before=before, after=after)
-    return replace(event, before=before, after=after)
+    changes: dict[str, Any] = {"before": before, "after": after}
+    # An event that preserves its raw AttributeValue maps must not keep the old ones next to the
+    # transformed images (a sink rendering the raw map would undo a redact): drop them.
+    names = {f.name: f for f in fields(event)} if is_dataclass(event) else {}
+    for raw, image, new in (("raw_old_image", "before", before), ("raw_new_image", "after", after)):
+        field_ = names.get(raw)
+        if field_ is not None and field_.init and new is not getattr(event, image):
+            changes[raw] = None
+    return replace(event, **changes)
 
 
 # -- paths --------------------------------------------------------------------------------------
