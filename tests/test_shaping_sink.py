@@ -394,3 +394,19 @@ def test_with_images_drops_stale_raw_images_of_an_event_that_keeps_them():
     [out] = check_transform({"type": "redact", "paths": ["email"], "mode": "mask"}, [ev_raw])
     assert out.after["email"] == "***" and out.raw_new_image is None
     assert out.raw_old_image == {"x": {"S": "kept"}}  # before (None) was not changed
+
+
+def test_reindex_opens_a_shaped_opensearch_sink():
+    """``opensearch reindex`` fills through the sink's shaping: the wrapper passes its type check
+    and forwards the OpenSearch-specific calls (pin, prepare_replay, …) to the wrapped sink."""
+    from connectors.app.reindex import _open_sink
+    from connectors.opensearch.sink import OpenSearchSink
+    from pipeline.config import Settings
+
+    settings = Settings(source={"table": "app"}, checkpoints={"store": "sqlite", "sqlite_path": "/nonexistent/x"},
+                        sinks=[{"name": "search", "type": "opensearch",
+                                "options": {"hosts": ["http://127.0.0.1:1"], "index": "{table}"},
+                                "filter": {"dynamodb": {"Keys": {"pk": {"S": [{"prefix": "ORDER#"}]}}}}}])
+    sink = _open_sink(settings, "search", "test", LOG, pin={"app": "app-v2"})
+    assert isinstance(sink, ShapedSink) and isinstance(sink.wrapped, OpenSearchSink)
+    assert sink.wrapped._pinned == {"app": "app-v2"} and callable(sink.prepare_replay)
