@@ -322,7 +322,7 @@ def test_config_check_accepts_a_pasted_filter_criteria_and_reports_ok(tmp_path):
     proc = _check(_config(tmp_path, {"filter": criteria, "tables": ["ap*"],
                                      "transforms": [{"type": "drop_ttl_deletes"}]}))
     assert proc.returncode == 0, proc.stderr
-    assert "configuration OK" in proc.stdout
+    assert "configuration OK" in proc.stdout and "cache (redis_cache; tables ap*; filter; 1 transform(s))" in proc.stdout
 
 
 def test_config_check_transform_and_tables_errors(tmp_path):
