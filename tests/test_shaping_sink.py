@@ -410,3 +410,26 @@ def test_reindex_opens_a_shaped_opensearch_sink():
     sink = _open_sink(settings, "search", "test", LOG, pin={"app": "app-v2"})
     assert isinstance(sink, ShapedSink) and isinstance(sink.wrapped, OpenSearchSink)
     assert sink.wrapped._pinned == {"app": "app-v2"} and callable(sink.prepare_replay)
+
+
+def test_a_flush_forgets_only_the_originals_written_before_it():
+    """Another shard's thread may write while a flush runs: its events stay mapped to their
+    originals, so a later PartialSinkError still dead-letters the stream's change."""
+    holder = {}
+
+    class Slow(RecordingSink):
+        def flush(self):
+            if "during" not in holder:
+                holder["during"] = True
+                holder["sink"].write(records(1, start=7))  # written while this flush runs
+                return super().flush()
+            raise PartialSinkError("later", permanent=[(self.written[-1], "lost")])
+
+    sink = shaped(Slow("slow"), transforms=[{"type": "redact", "paths": ["email"], "mode": "mask"}])
+    holder["sink"] = sink
+    sink.write(records(1))
+    sink.flush()
+    with pytest.raises(PartialSinkError) as info:
+        sink.flush()
+    (event, _), = info.value.permanent
+    assert event.keys["pk"] == "ORDER#7" and event.after["email"] == "u7@x.test"  # the original

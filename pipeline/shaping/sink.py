@@ -66,7 +66,9 @@ class ShapedSink:
         self.filter = filter
         self.transforms = tuple(transforms)
         self.descriptions = [t.describe() for t in self.transforms]
-        self._originals: dict[tuple[str, str], ChangeEvent] = {}
+        #: position → (generation, original event) of events handed on since their flush
+        self._originals: dict[tuple[str, str], tuple[int, ChangeEvent]] = {}
+        self._generation = 0
         self._lock = threading.Lock()
         self._log = logger
         self._table_ok: dict[str, bool] = {}
@@ -96,7 +98,7 @@ class ShapedSink:
                 extra["transforms"] = self.descriptions
             with self._lock:
                 for original, shaped in kept:
-                    self._originals[_position(shaped)] = original
+                    self._originals[_position(shaped)] = (self._generation, original)
             try:
                 self.wrapped.write(replace(batch, events=tuple(shaped for _, shaped in kept), extra=extra))
             except PartialSinkError as exc:
@@ -106,12 +108,15 @@ class ShapedSink:
                                    permanent=failed)
 
     def flush(self) -> None:
+        with self._lock:  # events written from now on (other shards' threads) are not covered by it
+            covered = self._generation
+            self._generation += 1
         try:
             self.wrapped.flush()
         except PartialSinkError as exc:
             raise self._remap(exc) from exc
         with self._lock:
-            self._originals.clear()
+            self._originals = {pos: item for pos, item in self._originals.items() if item[0] > covered}
 
     def discard_unflushed(self) -> None:
         discard = getattr(self.wrapped, "discard_unflushed", None)
@@ -198,7 +203,7 @@ class ShapedSink:
 
     def _remap(self, exc: PartialSinkError, extra_permanent: Sequence[tuple[ChangeEvent, str]] = ()) -> PartialSinkError:
         with self._lock:
-            originals = dict(self._originals)
+            originals = {pos: original for pos, (_, original) in self._originals.items()}
 
         def back(items):
             return [(originals.get(_position(ev), ev), reason) for ev, reason in items]

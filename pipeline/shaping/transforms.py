@@ -470,8 +470,5 @@ def build_transform(spec: Mapping[str, Any]) -> Transform:
         raise ConfigError([line.split(": ", 1)[1].removeprefix("(top level): ")
                            for line in validation_lines(exc, "x")]) from None
     transform = cls(validated)
-    if not getattr(cls, "type_name", ""):
-        transform.type_name = type_name  # type: ignore[misc]
-    elif cls.type_name != type_name:
-        transform.type_name = type_name  # type: ignore[misc]
+    transform.type_name = type_name  # type: ignore[misc]  # the configured name (descriptions, logs)
     return transform
