@@ -221,6 +221,9 @@ def run_pipeline(*, records: int = 50_000, repetitions: int = 5, decode_pages: i
         b = run_pipeline_once(boto3_stream, read_path="boto3")
         result["boto3_read_path"] = {"records": boto3_records, "rate": b["rate"], "repetitions": 1,
                                      "fast_vs_boto3": rate / b["rate"]}
+    from benchmarks import shaping_bench  # issue 19: the cost of a sink's filter and transforms
+
+    result["shaping"] = shaping_bench.run_shaping(records=min(records, 5_000), repetitions=repetitions)
     if profile and ratio < PIPELINE_VS_DECODE_TARGET:
         result["profile"] = profile_pipeline(records)
     return result
@@ -246,6 +249,11 @@ def report(result: dict[str, Any]) -> str:
     lines += ["", table(["ratio", "value", "target", "verdict"],
                         [["pipeline / fast decode", f"{result['pipeline_vs_decode']:.2f}", t["target"],
                           verdict(t["met"], by)]])]
+    if result.get("shaping"):
+        from benchmarks import shaping_bench
+
+        lines += ["", "Shaping cost per change (sinks[].filter / transforms; decoded once, not timed):", "",
+                  table(["measure", "per change", "notes"], shaping_bench.rows(result["shaping"]))]
     if result.get("profile"):
         lines += ["", "Profile of the pipeline (own time includes the garbage collections a function's "
                   "allocations trigger):", "", "```", *result["profile"], "```"]

@@ -131,7 +131,12 @@ class SinkConfig(_Strict):
     """One sink: a unique ``name``, its ``type`` (built-in or a plugin's entry-point name),
     its ``options`` (validated by the sink's own model), and its failure policy: ``on_failure``,
     ``retry_budget_s`` (s, for ``dead_letter``) and ``max_backoff_s`` (s, the longest wait between
-    retries; backoff starts at 0.2 s and doubles, with jitter)."""
+    retries; backoff starts at 0.2 s and doubles, with jitter).
+
+    Shaping (:mod:`pipeline.shaping`, README "Filters, routing and transforms"): ``tables`` (table
+    names or globs; empty = every table), ``filter`` (an AWS event filter pattern, a list of them,
+    or Lambda's ``FilterCriteria``), ``transforms`` (applied in order, each ``{"type": ..., options}``).
+    They are compiled and validated when the sinks are built (``config check``)."""
 
     name: str = Field(min_length=1)
     type: str = Field(min_length=1)
@@ -139,6 +144,16 @@ class SinkConfig(_Strict):
     on_failure: Literal["block", "dead_letter"] = "block"
     retry_budget_s: float = Field(300.0, gt=0)
     max_backoff_s: float = Field(20.0, gt=0)
+    tables: list[str] = Field(default_factory=list)
+    filter: Any = None
+    transforms: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, value: list[str]) -> list[str]:
+        if any(not t.strip() for t in value):
+            raise ValueError("table names / globs must not be empty")
+        return value
 
 
 class WorkerConfig(_Strict):
@@ -238,7 +253,22 @@ class Settings(BaseSettings):
             if sink.name in seen:
                 raise ValueError(f"sink name {sink.name!r} is used twice; give each sink its own name")
             seen.add(sink.name)
+        self._sink_tables_match_sources()
         return self
+
+    def _sink_tables_match_sources(self) -> None:
+        """Each sink's ``tables`` must match a configured source table (when every source is
+        given by table name; a stream ARN's table is known only once it is described)."""
+        import fnmatch
+
+        specs = self.source.stream_specs()
+        if any(kind != "table" for kind, _ in specs):
+            return
+        names = [value for _, value in specs]
+        for index, sink in enumerate(self.sinks):
+            if sink.tables and not any(fnmatch.fnmatchcase(n, g) for n in names for g in sink.tables):
+                raise ValueError(f"sinks[{index}] ({sink.name}): tables {sink.tables} match none of the source "
+                                 f"tables ({', '.join(names)}); fix the names or globs")
 
     @classmethod
     def settings_customise_sources(

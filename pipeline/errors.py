@@ -6,6 +6,7 @@ failure at run time). Plugins raise the sink errors.
 
     CdcError
     ├── ConfigError ................. bad configuration (exit 2)
+    │   └── FilterPatternError ...... a sinks[].filter that is not a valid AWS event filter pattern
     ├── UsageError .................. a command asked for what it cannot do (exit 2)
     │   ├── CheckpointOperationError  ddb-cdc checkpoints: the move cannot be made as asked
     │   └── ReplayError ............. ddb-cdc replay: cannot start as asked
@@ -56,6 +57,7 @@ __all__ = [
     "UsageError",
     "InputFileError",
     "InstallationError",
+    "FilterPatternError",
     "DecodeError",
     "SinkError",
     "RetriableSinkError",
@@ -274,3 +276,17 @@ class EmbeddedServerError(CdcError):
 
 class ServiceNotInstalledError(EmbeddedServerError):
     """A program the server needs (java, the DynamoDB Local jar, …) is missing; the message says how to install it."""
+
+
+# -- configuration of sinks (pipeline.shaping) --------------------------------------------------
+
+
+class FilterPatternError(ConfigError):
+    """A ``sinks[].filter`` is not a valid AWS event filter pattern (or uses an operator ddb-cdc
+    does not support); ``problems`` holds one line naming the bad part (``dynamodb.NewImage.x.S``)
+    and how to fix it."""
+
+    def __init__(self, where: str, message: str):
+        self.where = where
+        self.message = message
+        super().__init__([f"{where}: {message}" if where else message])

@@ -59,11 +59,15 @@ def load_sink_class(type_name: str) -> type:
 
 
 def build_sinks(configs: Sequence[SinkConfig], where: str = "config") -> list[Any]:
-    """Instantiate every configured sink with validated options.
+    """Instantiate every configured sink with validated options; a sink that configures
+    ``tables`` / ``filter`` / ``transforms`` comes wrapped in a
+    :class:`pipeline.shaping.sink.ShapedSink` (its ``wrapped`` is the sink itself).
 
     Raises ConfigError listing every problem (one line each, naming ``sinks[i] (name)`` and the
     field), so a user sees all mistakes at once.
     """
+    from pipeline.shaping.build import has_shaping, shape, shaping_problems_and_parts
+
     problems: list[str] = []
     sinks = []
     for index, cfg in enumerate(configs):
@@ -79,10 +83,18 @@ def build_sinks(configs: Sequence[SinkConfig], where: str = "config") -> list[An
         except ValidationError as exc:
             problems.extend(validation_lines(exc, f"{where}: {label}", prefix="options."))
             continue
+        shaping = None
+        if has_shaping(cfg):
+            shaping_problems, shaping = shaping_problems_and_parts(cfg, f"{where}: {label}")
+            if shaping_problems:
+                problems.extend(shaping_problems)
+                continue
         try:
-            sinks.append(cls(cfg.name, options))
+            sink = cls(cfg.name, options)
         except Exception as exc:
             problems.append(f"{where}: {label}: cannot create the sink ({type(exc).__name__}: {exc})")
+            continue
+        sinks.append(shape(sink, shaping) if shaping is not None else sink)
     if problems:
         raise ConfigError(problems)
     return sinks

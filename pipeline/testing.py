@@ -1,6 +1,12 @@
 """Helpers for sink authors and tests: a recording sink, stream-record builders, contract checks.
 
     from pipeline.testing import RecordingSink, make_stream_record, make_batch, check_sink_contract
+    from pipeline.testing import check_transform
+
+``check_transform(spec)`` builds a transform from its configuration mapping (``{"type": ...,
+options}``, validated exactly as ``sinks[].transforms`` entries are) and applies it to events,
+checking what every transform must keep: keys, ``key_id``, key attributes and the position
+unchanged, and the same output for the same input (a retried batch is transformed again).
 
 ``check_sink_contract(factory)`` runs the checks every sink should pass: it opens the sink,
 writes a batch covering INSERT/MODIFY/REMOVE, flushes, writes the same batch again (idempotence),
@@ -23,6 +29,7 @@ __all__ = [  # the public plugin API: tests/test_layout.py holds the list
     "make_batch",
     "sample_batch",
     "check_sink_contract",
+    "check_transform",
 ]
 
 
@@ -150,3 +157,35 @@ def check_sink_contract(factory: Callable[[], Sink], *, batch: Batch | None = No
     finally:
         sink.close()
     return sink
+
+
+def check_transform(spec: Mapping[str, Any], events: Sequence[ChangeEvent] | None = None) -> list[ChangeEvent | None]:
+    """Build the transform ``spec`` (``{"type": "redact", "paths": [...], ...}``; plugins by their
+    entry-point name) and apply it to ``events`` (default: :func:`sample_batch`'s INSERT / MODIFY /
+    REMOVE plus a TTL delete). Returns one output per event (None: the transform dropped it).
+
+    Raises :class:`pipeline.errors.ConfigError` for a bad spec, AssertionError when the transform
+    changed keys, ``key_id``, a key attribute or the position, or gave different output for the
+    same input twice.
+    """
+    from pipeline.shaping.sink import _key_change
+    from pipeline.shaping.transforms import build_transform
+
+    transform = build_transform(spec)
+    if events is None:
+        from decimal import Decimal
+
+        ttl = make_batch([make_stream_record(event_name="REMOVE", keys={"pk": "user#2"}, ttl=True,
+                                             old_image={"pk": "user#2", "name": "Bob", "n": Decimal("3")},
+                                             sequence_number="100000000000000000004")])
+        events = list(sample_batch().events) + list(ttl.events)
+    outputs: list[ChangeEvent | None] = []
+    for event in events:
+        first = transform.apply(event)
+        again = transform.apply(event)
+        assert first == again, f"{spec.get('type')}: different output for the same input ({first!r} vs {again!r})"
+        if first is not None:
+            problem = _key_change(event, first)
+            assert problem is None, f"{spec.get('type')}: {problem}; keys are never changed by a transform"
+        outputs.append(first)
+    return outputs

@@ -120,3 +120,5 @@ def test_quick_benchmark_runs_and_prints_ratios(tmp_path):
     data = orjson.loads(out_json.read_bytes())
     assert data["sections"]["decode"]["fast_vs_boto3"] > 0
     assert data["sections"]["pipeline"]["pipeline_vs_decode"] > 0
+    assert "filter of 3 conditions" in text and "redact (HMAC-SHA-256" in text  # issue 19 item 5
+    assert 0 < data["sections"]["pipeline"]["shaping"]["filter_3_us"] < data["sections"]["pipeline"]["shaping"]["decode_us"]

@@ -66,7 +66,7 @@ PUBLIC_API = {
     "pipeline.render": {"plain_number", "plain_json_bytes", "to_plain", "event_to_record_dict",
                         "event_to_json_line", "event_from_record_dict"},
     "pipeline.testing": {"RecordingSink", "make_stream_record", "make_batch", "sample_batch",
-                         "check_sink_contract"},
+                         "check_sink_contract", "check_transform"},
 }
 
 

@@ -51,11 +51,25 @@ def _load(path: str | None):
     return settings, sinks
 
 
+def _shaping_note(cfg) -> str:
+    """``; tables app-*; filter; 2 transforms`` for a sink with shaping (README "Filters, routing and
+    transforms"), else empty."""
+    parts = []
+    if cfg.tables:
+        parts.append("tables " + ",".join(cfg.tables))
+    if cfg.filter is not None:
+        parts.append("filter")
+    if cfg.transforms:
+        parts.append(f"{len(cfg.transforms)} transform(s)")
+    return "".join(f"; {p}" for p in parts)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings, sinks = _load(args.config)
     streams = ", ".join(value for _, value in settings.source.stream_specs())
     print(f"configuration OK: stream(s) {streams}, "
-          f"{len(sinks)} sink(s): " + ", ".join(f"{s.name} ({c.type})" for s, c in zip(sinks, settings.sinks)) +
+          f"{len(sinks)} sink(s): " + ", ".join(f"{s.name} ({c.type}{_shaping_note(c)})"
+                                                for s, c in zip(sinks, settings.sinks)) +
           f"; checkpoints in {settings.checkpoints.store}")
     return EXIT_OK
 

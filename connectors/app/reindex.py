@@ -100,7 +100,7 @@ def _open_sink(settings: Any, name: str, where: str, logger: Any, *, pin: dict[s
         raise UsageError(f"--sink {name!r} is not a configured sink; configured: "
                            f"{', '.join(c.name for c in settings.sinks)}")
     sink = build_sinks(configs, where)[0]
-    if not isinstance(sink, OpenSearchSink):
+    if not isinstance(getattr(sink, "wrapped", sink), OpenSearchSink):  # a ShapedSink wraps it
         raise UsageError(f"sink {name!r} is of type {configs[0].type!r}; reindex works on opensearch sinks")
     if pin is not None:
         sink.pin(pin)

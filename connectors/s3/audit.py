@@ -17,6 +17,10 @@ Object layout (one object per upload of one shard's buffer)::
   (38 digits survive), string / number / binary sets as ``SS`` / ``NS`` / ``BS`` lists, binary as
   base64 text in ``{"B": ...}``; ``approximate_creation_time`` in ISO 8601 UTC. Lossless:
   :func:`pipeline.render.event_from_record_dict` rebuilds an equal :class:`~pipeline.events.ChangeEvent`.
+  When the sink has ``transforms`` (:mod:`pipeline.shaping`), each line also holds
+  ``"transforms": [{"type": "redact", "paths": [...], "mode": "hmac", ...}, ...]`` — the
+  transforms applied to that line's event, in order (secret-free), so an archive replay knows the
+  images are not the stream's own; lines without the field hold the change as the stream gave it.
 
 Idempotency and replays. A retried batch (the fan-out calls ``write`` again after a
 ``RetriableSinkError``) is not appended twice: events whose sequence number is not above the last
@@ -74,7 +78,7 @@ from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import FatalSinkError, RetriableSinkError, SinkError
 from pipeline.events import Batch, ChangeEvent, sequence_key
-from pipeline.render import event_to_json_line
+from pipeline.render import event_to_json_line, event_to_record_dict
 from pipeline.s3_sse import S3Encryption
 from pipeline.sink import Sink, SinkContext, SinkOptions
 
@@ -203,8 +207,12 @@ class _ShardBuffer:
     parent_shard_ids: tuple[str, ...] = ()  # from batch.extra; kept across uploads (a shard's parents never change)
     retired: bool = False  # removed from the sink's map; writers must fetch a fresh buffer
 
-    def append(self, event: ChangeEvent) -> None:
-        line = event_to_json_line(event)
+    def append(self, event: ChangeEvent, transforms: Any = None) -> None:
+        if transforms:  # the sink's shaping transformed it: say how, so a replay knows what it holds
+            line = orjson.dumps({**event_to_record_dict(event), "transforms": transforms},
+                                option=orjson.OPT_APPEND_NEWLINE)
+        else:
+            line = event_to_json_line(event)
         if not self.lines:
             self.first_seq = event.sequence_number
             self.first_created = event.source.approximate_creation_time
@@ -315,12 +323,13 @@ class S3AuditSink(Sink):
         buf = self._locked_buffer(key)
         try:
             parents = batch.extra.get("parent_shard_ids") if batch.extra else None
+            transforms = batch.extra.get("transforms") if batch.extra else None
             if parents:
                 buf.parent_shard_ids = tuple(str(p) for p in parents)
             for event in batch.events:
                 if buf.last_seq is not None and sequence_key(event.sequence_number) <= sequence_key(buf.last_seq):
                     continue
-                buf.append(event)
+                buf.append(event, transforms)
             if buf.lines and (
                 buf.size >= self.options.max_buffer_bytes
                 or time.monotonic() - buf.started_at >= self.options.max_buffer_age_s

@@ -1,0 +1,1 @@
+"""Example ddb-cdc transform plugin: ``mask_digits``."""
