@@ -1,5 +1,35 @@
 """The sink contract (DESIGN.md, "Contracts"), shared by built-in sinks and plugins.
 
+The contract at a glance (what the runtime relies on; details below):
+
+=================  ==========================================================================
+call               rule
+=================  ==========================================================================
+``open(ctx)``      once before any write; if it raises, the worker calls it *again* on the same
+                   instance with backoff (1 s → 15 s) for ``worker.sink_open_timeout_s``, then
+                   stops (exit 1). Replays, redrive and reindex open a fresh instance once.
+``write(batch)``   one shard's events in sequence order; never two calls for the same shard at
+                   once; calls for different shards come from different shard threads, serialised
+                   by the fan-out unless the class sets ``thread_safe = True``. Keep per-shard
+                   state keyed by ``batch.shard_id``. Events are frozen: do not mutate them.
+``flush()``        before every checkpoint; returning means everything written before the call is
+                   durable. The checkpoint never passes an event some sink has not flushed.
+``reset_shard``    optional: a new reader of the shard starts from its checkpoint; drop what you
+                   buffered for it and have not made durable.
+``discard_...``    ``discard_unflushed()``, optional: the fan-out dead-lettered your unflushed
+                   events after ``retry_budget_s``; drop your buffer. Must not raise.
+``close()``        once, after the last call of every other method has returned — possibly from
+                   another thread than the writes (the worker's main thread at shutdown).
+=================  ==========================================================================
+
+Errors (from ``write`` and ``flush``; :mod:`pipeline.errors`): ``RetriableSinkError`` and any
+unexpected exception are retried with jittered backoff (``on_failure: block`` until it passes,
+holding the checkpoint; ``dead_letter`` for ``retry_budget_s``, then the events are
+dead-lettered); ``PartialSinkError`` names the events that failed (``retriable`` ones are
+retried, ``permanent`` ones dead-lettered, the rest counted delivered); ``PermanentSinkError``
+dead-letters the batch (from ``flush``: see below); ``FatalSinkError`` stops the shard and the
+worker exits 1. Delivery is at-least-once: the same event twice must give the same end state.
+
 A sink gets ``open(context)`` once, then ``write(batch)`` with one shard's events in sequence
 order (never concurrently for the same shard, but possibly from several shard threads, so a sink
 that keeps per-shard state keys it by ``batch.shard_id``), ``flush()`` before every checkpoint,
