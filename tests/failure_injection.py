@@ -1,12 +1,12 @@
 """Failure injection at the AWS API boundary, for the transient-error tests (issue 13 item 9).
 
-Kept apart from ``tests/streams_double.py`` (whose stream layout changes separately): this module
+Kept apart from ``connectors/dynamodb_streams/testing.py`` (whose stream layout changes separately): this module
 only adds failures on top of it.
 
 - :class:`FailurePlan` — rules "make operation X fail with error E", for the next ``times`` calls,
   for ``seconds`` from now, or until :meth:`Rule.stop`; optionally *after* the call was applied
   (a write that landed although its response was lost: the ambiguous timeout).
-- :class:`FlakyStreams` — :class:`streams_double.FakeStreams` whose ``describe_stream``,
+- :class:`FlakyStreams` — :class:`connectors.dynamodb_streams.testing.FakeStreams` whose ``describe_stream``,
   ``get_shard_iterator`` and ``get_records`` consult a plan first (operation names as in the API:
   ``DescribeStream``, ``GetShardIterator``, ``GetRecords``).
 - :class:`FlakyClient` — wraps any boto3 client (a DynamoDB Local ``dynamodb`` client for the lease
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 
-from streams_double import FakeStreams
+from connectors.dynamodb_streams.testing import FakeStreams
 
 ENDPOINT = "http://127.0.0.1:1"  # for messages only; nothing connects to it
 

@@ -1,4 +1,4 @@
-"""The DynamoDB Streams API double (:class:`tests.streams_double.FakeStreams`) served over HTTP.
+"""The DynamoDB Streams API double (:class:`connectors.dynamodb_streams.testing.FakeStreams`) served over HTTP.
 
 A worker in another process (``python -m connectors.app.cli run`` with ``aws.streams_endpoint_url``)
 then reads shard splits, trims and injected errors that DynamoDB Local cannot produce, while it
@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from botocore.exceptions import ClientError
 
-from tests.streams_double import FakeStreams
+from connectors.dynamodb_streams.testing import FakeStreams
 
 _OPERATIONS = {"DescribeStream": "describe_stream", "GetShardIterator": "get_shard_iterator",
                "GetRecords": "get_records"}
@@ -45,6 +45,8 @@ class StreamsServer:
         self._fail_until = 0.0
         self._fail_code = ("InternalServerError", 500)
         self.failed_calls = 0
+        #: every call received (answered or failed)
+        self.calls = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,6 +77,7 @@ class StreamsServer:
         self._fail_until = time.monotonic() + seconds
 
     def _call(self, operation: str, body: dict[str, Any]) -> tuple[int, Any]:
+        self.calls += 1
         if time.monotonic() < self._fail_until:
             self.failed_calls += 1
             code, status = self._fail_code

@@ -39,7 +39,7 @@ from pipeline.codec import record_version
 from pipeline.events import SHARD_END
 from pipeline.testing import make_stream_record
 from tests.helpers import wait_until
-from tests.streams_double import STREAM_ARN, FakeStreams
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams
 from tests.streams_server import StreamsServer
 
 pytestmark = pytest.mark.e2e
@@ -176,8 +176,12 @@ def test_chaos_splits_kills_outage_and_aws_errors_end_with_sinks_equal_to_the_ta
                         finally:
                             os.kill(pid, signal.SIGCONT)
                     if n == 6:  # a burst of AWS 5xx: every DynamoDB Streams call fails for 4 s
+                        # once this worker is reading (a loaded machine can take seconds to start it)
+                        base = server.calls
+                        wait_until(lambda: server.calls > base + 3, "the worker reads the stream", timeout=60)
                         server.fail_all(4)
                         time.sleep(4.5)
+                        assert server.failed_calls > 0, "the worker made no call during the outage"
                     if n in (3, 6):  # the worker rode it out: still running, shards still reading
                         time.sleep(1.0)
                         assert proc.poll() is None, (logs / f"worker-{n}.log").read_text()[-3000:]

@@ -7,7 +7,7 @@ boundary; lease namespaces; ``ddb-cdc checkpoints list|export|import|set``; GetR
   the CLI runs in-process against the same lease table (``connectors.app.cli.main``). The worker logs
   JSON lines to its own file (``tests/helpers.json_log_events``), so the CLI's
   ``configure_logging`` does not redirect it.
-- Throttling cannot be produced by DynamoDB Local: the API double (tests/streams_double.py)
+- Throttling cannot be produced by DynamoDB Local: the API double (connectors/dynamodb_streams/testing.py)
   raises LimitExceededException and the consumer's own tenacity backoff is exercised.
 """
 
@@ -42,7 +42,7 @@ from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import json_log_events, wait_until
-from tests.streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 TABLE = "orders"
 SHARD = "shardId-00000001700000000000-0000000a"

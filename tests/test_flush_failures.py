@@ -10,7 +10,7 @@
   nothing dead-lettered is uploaded afterwards.
 
 The worker runs for real (Worker + DynamoDBStreamSource + SQLite leases) over the streams API double
-(tests/streams_double.py), so "the checkpoint moves" is the lease table's checkpoint.
+(connectors/dynamodb_streams/testing.py), so "the checkpoint moves" is the lease table's checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_batch, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import run_to_exit
-from streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 SHARD = "shardId-00000001700000000000-0000flsh"
 

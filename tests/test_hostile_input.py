@@ -8,7 +8,7 @@ dead-lettered (with its full before/after images), and the worker never crashes.
    attribute names, 32-level nested maps, binary partition keys — with updates and deletes —
    fanned out to osmem-server (OpenSearch API), moto server (S3) and redis-server.
 2. Malformed records (missing fields, wrong types), which DynamoDB cannot produce, through the
-   test double at the DynamoDB Streams API boundary (tests/streams_double.py) and a real Worker
+   test double at the DynamoDB Streams API boundary (connectors/dynamodb_streams/testing.py) and a real Worker
    with the same three real sinks: they become ``decode`` dead-letter entries with their raw
    content and position; every other record is delivered.
 """
@@ -51,7 +51,7 @@ from pipeline.render import event_to_record_dict
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import make_stream_record
 from pipeline.runtime.worker import Worker
-from streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
-from tests.streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 
 #: plain key=value lines: the dev console renderer would pretty-print the deep locals of a traceback

@@ -37,7 +37,7 @@ from pipeline.sink import SinkContext
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
-from tests.streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 FAILOVER_S = 0.6
 

@@ -1,7 +1,7 @@
 """Versions across shard splits, trimmed child heads, and the version migration rule.
 
 DynamoDB Local never splits a shard, so the splits come from the DynamoDB Streams API double in
-its real layout (tests/streams_double.py: per-shard prefixes and counters as in the API
+its real layout (connectors/dynamodb_streams/testing.py: per-shard prefixes and counters as in the API
 reference's DescribeStream example, splits within the same second as changes). The versions go
 through a real Worker into a real OpenSearch API (osmem-server) with external versioning: a newer
 change that got a lower version would be refused there (409) and the document would keep the
@@ -33,7 +33,7 @@ from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
-from tests.streams_double import STREAM_ARN, FakeStreams
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc).timestamp()
 

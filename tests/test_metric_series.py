@@ -19,7 +19,7 @@ from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.runtime.worker import Worker
 from pipeline.testing import RecordingSink, make_stream_record
-from streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 from tests.helpers import wait_until
 from tests.test_worker_source import Running
 

@@ -3,7 +3,7 @@ GetRecords pages fetched and not yet delivered at once, every record still deliv
 in order; idle shards, throttled shards and waiting shards hold no share; stop ends the waits.
 
 Real Worker, DynamoDBStreamSource and SQLite lease store over the API double
-(tests/streams_double.py); ReadBudget itself is also tested directly."""
+(connectors/dynamodb_streams/testing.py); ReadBudget itself is also tested directly."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.sink import Sink
 from pipeline.runtime.worker import Worker
-from streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 from test_worker_source import Running, recs
 from tests.helpers import wait_until
 

@@ -6,7 +6,7 @@ a tombstone of 1 s is forgotten 1 s after the delete; raising the setting before
 The index template of every test sets ``index.gc_deletes: 1s``, so "a tombstone expired" takes a
 second instead of OpenSearch's default 60 s; tests wait for it on a probe document, not a sleep.
 
-The stream is the API double (:mod:`tests.streams_double`): recipes with ``--until`` need
+The stream is the API double (:mod:`connectors.dynamodb_streams.testing`): recipes with ``--until`` need
 creation times to the second, which DynamoDB Local (rounding to the minute) cannot give.
 """
 
@@ -27,7 +27,7 @@ from pipeline.codec import decode_record
 from pipeline.events import Batch
 from pipeline.sink import SinkContext
 from pipeline.testing import make_stream_record
-from tests.streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 T0 = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
 TABLE = "orders"  # from STREAM_ARN

@@ -19,7 +19,7 @@ from pipeline.replay.stream import StartSpec, StreamReplay, dry_run, start_posit
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
-from tests.streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 T0 = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
 

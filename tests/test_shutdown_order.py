@@ -9,7 +9,7 @@ that moment; when the slow call returned, the thread went on to the next sink, w
 — ``FatalSinkError: sink 'cache': write before open()``, as in the log of the 1,000 changes/s run.
 
 Real Worker, DynamoDBStreamSource and SQLite lease store; the stream is the API double
-(tests/streams_double.py).
+(connectors/dynamodb_streams/testing.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.sink import Sink, SinkContext
 from pipeline.testing import RecordingSink
 from pipeline.runtime.worker import Worker
-from streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 from test_worker_source import Running, make_worker, recs
 from tests.helpers import wait_until
 

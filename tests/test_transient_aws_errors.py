@@ -52,7 +52,7 @@ from pipeline.runtime.leases import LeaseCoordinator
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
-from streams_double import STREAM_ARN, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, seq
 from tests.helpers import run_to_exit, wait_until
 
 P = "shardId-00000001700000000000-0000000p"

@@ -2,7 +2,7 @@
 never skipped without a recorded gap (lease table, log, status), under ``on_trimmed: fail | skip``.
 
 DynamoDB Local never trims, so TrimmedDataAccessException / ResourceNotFoundException come from
-the API double (tests/streams_double.py); the lease store is the real SQLite store, and the gap
+the API double (connectors/dynamodb_streams/testing.py); the lease store is the real SQLite store, and the gap
 is also checked in the real DynamoDB lease table on DynamoDB Local.
 """
 
@@ -27,7 +27,7 @@ from pipeline.events import SHARD_END
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
-from tests.streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 ROOT = Path(__file__).resolve().parent.parent
 

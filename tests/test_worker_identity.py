@@ -126,7 +126,7 @@ def _fake_worker(tmp_path, store_path, name, failover_s):
     from pipeline.deadletter import DirectoryDeadLetterQueue
     from pipeline.runtime.shard_consumer import ShardSettings
     from pipeline.runtime.worker import Worker
-    from tests.streams_double import STREAM_ARN, FakeStreams
+    from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams
 
     fake = FakeStreams()
     fake.add_shard("shardId-1", [], closed=False)
@@ -142,7 +142,7 @@ def _fake_worker(tmp_path, store_path, name, failover_s):
 def _leave_lease(store_path, owner, pid, heartbeat_at):
     from connectors.sqlite_store import SQLiteLeaseStore
     from pipeline.checkpoint import Lease, WorkerInfo, lease_key_for
-    from tests.streams_double import STREAM_ARN
+    from connectors.dynamodb_streams.testing import STREAM_ARN
 
     store = SQLiteLeaseStore(store_path)
     store.ensure_table()

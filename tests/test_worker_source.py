@@ -1,5 +1,5 @@
 """The real Worker + DynamoDBStreamSource + SQLite lease store, driven through a test double at the
-DynamoDB Streams API boundary (tests/streams_double.py) for what DynamoDB Local cannot produce:
+DynamoDB Streams API boundary (connectors/dynamodb_streams/testing.py) for what DynamoDB Local cannot produce:
 shard lineage, late children, trimmed data, expired iterators; and a real botocore client against
 a tiny local HTTP server for throttling and 5xx (retried by botocore's standard retry mode)."""
 
@@ -29,7 +29,7 @@ from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.source import IteratorExpiredError, TrimmedDataError
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
-from streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 from tests.helpers import wait_until as _wait_until
 
 # shard ids in DynamoDB Streams' format
@@ -303,7 +303,7 @@ def test_trimmed_position_at_get_shard_iterator_is_reported(tmp_path):
 
     def trimmed_iterator(**kwargs):
         original(**kwargs)  # recorded
-        from streams_double import client_error
+        from connectors.dynamodb_streams.testing import client_error
         raise client_error("TrimmedDataAccessException", "behind the trim horizon", "GetShardIterator")
 
     fake.get_shard_iterator = trimmed_iterator

@@ -1,4 +1,7 @@
-"""A test double at the DynamoDB Streams API boundary (DESIGN.md, "Running the real thing in tests").
+"""A test double at the DynamoDB Streams API boundary (DESIGN.md, "Running the real thing in tests"),
+shipped for plugin authors and users too: test a sink, a filter or a whole worker against shard
+splits, late children, trimmed data and throttling, which DynamoDB Local never produces. Pass a
+:class:`FakeStreams` as ``streams=`` to :class:`~connectors.dynamodb_streams.source.DynamoDBStreamSource`.
 
 :class:`FakeStreams` has the methods of a boto3 ``dynamodbstreams`` client that
 :class:`connectors.dynamodb_streams.source.DynamoDBStreamSource` calls — ``describe_stream``,
