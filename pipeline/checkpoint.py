@@ -47,6 +47,33 @@ def lease_key_for(table: str, stream_arn: str, shard_id: str) -> str:
     return f"{table}:{label}:{shard_id}"
 
 
+#: A checkpoint of this form starts reading AT the sequence number (that record included); used
+#: for the start of a replay (``--from sequence SHARD=SEQ``) and for a LATEST start pinned to
+#: its first record (:meth:`pipeline.runtime.shard_consumer.ShardConsumer._pin_first_record`).
+AT_SEQUENCE_PREFIX = "AT_SEQUENCE_NUMBER:"
+
+#: A checkpoint of this form, ``AT_TIMESTAMP:<epoch s>``, is a LATEST start made concrete (see
+#: :meth:`pipeline.runtime.shard_consumer.ShardConsumer._resolve_latest`): read from TRIM_HORIZON, do not deliver the records whose
+#: ApproximateCreationDateTime lies before ``<epoch s>``, and deliver every record from the first one
+#: at or after it on (and every record without a readable creation time). Written only by a live
+#: worker, in place of LATEST, before it delivers anything from the shard.
+AT_TIMESTAMP_PREFIX = "AT_TIMESTAMP:"
+
+
+def valid_checkpoint(checkpoint: str) -> bool:
+    """True for every checkpoint a lease can hold: a move target (:func:`valid_move_target`),
+    ``AT_SEQUENCE_NUMBER:<digits>`` or ``AT_TIMESTAMP:<epoch s>`` (a LATEST start made concrete)."""
+    if valid_move_target(checkpoint):
+        return True
+    if checkpoint.startswith(AT_SEQUENCE_PREFIX):
+        rest = checkpoint[len(AT_SEQUENCE_PREFIX):]
+        return rest.isascii() and rest.isdigit()
+    if checkpoint.startswith(AT_TIMESTAMP_PREFIX):
+        rest = checkpoint[len(AT_TIMESTAMP_PREFIX):]
+        return rest.isascii() and rest.lstrip("-").isdigit()
+    return False
+
+
 def valid_move_target(checkpoint: str) -> bool:
     """True for TRIM_HORIZON, LATEST, SHARD_END (skip the rest of the shard) or a sequence number
     (decimal digits, as DynamoDB gives them)."""

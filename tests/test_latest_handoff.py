@@ -240,3 +240,19 @@ def test_dynamodb_local_takeover_delivers_every_record_written_after_a_started(
         thread.join(15)
     assert expected_keys <= keys(sink), f"lost on hand-off: {sorted(expected_keys - keys(sink))}"
     assert not a_reads_first or keys(a.sink) == {"new-0", "new-1"}
+
+
+def test_an_exported_concrete_latest_checkpoint_imports_back():
+    """`checkpoints export` writes what the lease holds, AT_TIMESTAMP:/AT_SEQUENCE_NUMBER: included;
+    `checkpoints import` takes those back (they used to be refused as malformed)."""
+    from pipeline.ops.checkpoint_moves import SNAPSHOT_FORMAT, new_move, parse_snapshot
+
+    arn = "arn:aws:dynamodb:us-east-1:000000000000:table/orders/stream/2026-01-01T00:00:00.000"
+    forms = [AT_TIMESTAMP_PREFIX + "1764720000", AT_SEQUENCE_PREFIX + seq(1, 3)]
+    snapshot = {"format": SNAPSHOT_FORMAT, "leases": [
+        {"lease_key": f"orders:x:shardId-{i}", "table": "orders", "stream_arn": arn, "shard_id": f"shardId-{i}",
+         "checkpoint": checkpoint, "parent_shard_ids": []} for i, checkpoint in enumerate(forms)]}
+    assert [lease.checkpoint for lease in parse_snapshot(snapshot)] == forms
+    assert [new_move(checkpoint, "t").checkpoint for checkpoint in forms] == forms
+    with pytest.raises(Exception, match="malformed"):
+        parse_snapshot({**snapshot, "leases": [{**snapshot["leases"][0], "checkpoint": AT_TIMESTAMP_PREFIX + "soon"}]})

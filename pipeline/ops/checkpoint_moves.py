@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
-from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, valid_move_target
+from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, valid_checkpoint
 from pipeline.errors import InputFileError, LeaseLostError, LeaseNotFoundError
 from pipeline.lineage import ancestors
 from pipeline.events import SHARD_END, TRIM_HORIZON
@@ -52,7 +52,7 @@ def default_requester() -> str:
 def new_move(checkpoint: str, requested_by: str) -> MoveRequest:
     """A :class:`MoveRequest` with a fresh id and the current time. Raises CheckpointOperationError
     for a target that is not TRIM_HORIZON, LATEST or a sequence number."""
-    if not valid_move_target(checkpoint):
+    if not valid_checkpoint(checkpoint):  # the AT_… forms come from exported snapshots of LATEST starts
         raise CheckpointOperationError(
             f"cannot move a checkpoint to {checkpoint!r}: use TRIM_HORIZON, LATEST, SHARD_END or a sequence number "
             "(digits)")
@@ -168,7 +168,7 @@ def parse_snapshot(data: Any, where: str = "snapshot") -> list[Lease]:
     for i, entry in enumerate(data.get("leases") or []):
         try:
             checkpoint = str(entry["checkpoint"])
-            if not valid_move_target(checkpoint):
+            if not valid_checkpoint(checkpoint):  # what `checkpoints export` writes, LATEST starts included
                 raise ValueError(f"checkpoint {checkpoint!r}")
             leases.append(Lease(lease_key=str(entry["lease_key"]), table=str(entry["table"]),
                                 stream_arn=str(entry["stream_arn"]), shard_id=str(entry["shard_id"]),

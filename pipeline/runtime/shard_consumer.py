@@ -41,16 +41,7 @@ from pipeline.source import (
     TrimmedDataError,
 )
 
-#: A checkpoint of this form starts reading AT the sequence number (that record included); used
-#: for the start of a replay (``--from sequence SHARD=SEQ``), never written by a live worker.
-AT_SEQUENCE_PREFIX = "AT_SEQUENCE_NUMBER:"
-
-#: A checkpoint of this form, ``AT_TIMESTAMP:<epoch s>``, is a LATEST start made concrete (see
-#: :meth:`ShardConsumer._resolve_latest`): read from TRIM_HORIZON, do not deliver the records whose
-#: ApproximateCreationDateTime lies before ``<epoch s>``, and deliver every record from the first one
-#: at or after it on (and every record without a readable creation time). Written only by a live
-#: worker, in place of LATEST, before it delivers anything from the shard.
-AT_TIMESTAMP_PREFIX = "AT_TIMESTAMP:"
+from pipeline.checkpoint import AT_SEQUENCE_PREFIX, AT_TIMESTAMP_PREFIX  # noqa: E402,F401 (checkpoint forms)
 
 #: Seconds subtracted from this host's clock when a LATEST start is made concrete: the bound of an
 #: ``AT_TIMESTAMP:`` checkpoint is ``floor(now) - LATEST_CLOCK_MARGIN_S``. It must cover the
