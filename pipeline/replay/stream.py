@@ -39,6 +39,7 @@ from pipeline.events import SHARD_END, TRIM_HORIZON
 from pipeline.lineage import ancestors, parents_first
 from pipeline.replay.report import ReplayReport, ShardReplay
 from pipeline.codec import record_creation_time
+from pipeline.checkpoint import AT_TIMESTAMP_PREFIX
 from pipeline.runtime.shard_consumer import AT_SEQUENCE_PREFIX, FINISHED_OUTCOMES, ReadWindow, ShardOutcome
 from pipeline.source import ShardInfo, StreamSource, TrimmedDataError
 from pipeline.errors import ReplayError  # noqa: F401 (defined in the one error tree)
@@ -309,6 +310,10 @@ def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: date
 
     if start in (TRIM_HORIZON, LATEST):
         iterator = source.get_iterator(shard.shard_id, start)
+    elif start.startswith(AT_TIMESTAMP_PREFIX):  # a LATEST start made concrete: from TRIM_HORIZON, not before T
+        bound = datetime.fromtimestamp(float(start[len(AT_TIMESTAMP_PREFIX):]), tz=timezone.utc)
+        since = bound if since is None else max(since, bound)
+        iterator = source.get_iterator(shard.shard_id, TRIM_HORIZON)
     elif start.startswith(AT_SEQUENCE_PREFIX):
         iterator = source.get_iterator(shard.shard_id, "AT_SEQUENCE_NUMBER", start[len(AT_SEQUENCE_PREFIX):])
     else:
