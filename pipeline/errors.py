@@ -95,3 +95,16 @@ class TransientSourceError(SourceError, TransientError):
 class TransientCheckpointStoreError(CheckpointStoreError, TransientError):
     """The lease table failed transiently (see :class:`TransientError`); a conditional-write
     failure is never this (it is :class:`LeaseLostError`)."""
+
+
+class LambdaEventError(CdcError):
+    """An AWS Lambda invocation's event is not a DynamoDB stream event (no ``Records`` list, no
+    DynamoDB stream ``eventSourceARN``), or names a table the configuration's ``source`` does not:
+    a misconfigured trigger, not bad data. The invocation fails (Lambda retries it); fix the event
+    source mapping or ``source.table`` / ``source.tables``."""
+
+
+class LambdaBatchError(CdcError):
+    """A Lambda invocation could not deliver a record and cannot name it in batchItemFailures (it
+    has no valid sequence number): the invocation fails as a whole, so Lambda retries the batch
+    (and bisects it with BisectBatchOnFunctionError)."""
