@@ -502,3 +502,24 @@ def test_budgets_leave_time_for_the_flush():
     assert options.budgets(60) == (47, 10)
     assert options.budgets(9) == (3, 3)
     assert options.budgets(1) == (0, 0)
+
+
+def test_a_flush_that_fails_reports_every_record_and_the_retry_converges(stack):
+    """The audit bucket vanishes after the cold start: the flush fails, so nothing of the
+    invocation is known to be durable — every record is reported and the audit buffer is dropped;
+    once the bucket is back, the re-sent batch converges."""
+    stack.write(8)
+    _, records = stack.get_records()
+    event = lambda_event(records, stream_arn=stack.stream_arn)
+    app = _app(stack, deadline_margin_s=0.5, flush_reserve_s=2)
+    try:
+        stack.s3.delete_bucket(Bucket=stack.bucket)
+        result = app.handle(event, Context(remaining_ms=5_000))
+        assert [f["itemIdentifier"] for f in result["batchItemFailures"]] == \
+            [r["dynamodb"]["SequenceNumber"] for r in records]
+        assert app.sinks[1].pending_events() == 0  # discarded: the retried batch starts clean
+        stack.s3.create_bucket(Bucket=stack.bucket)
+        assert app.handle(event, Context()) == {"batchItemFailures": []}
+    finally:
+        app.close()
+    assert sorted(stack.audit("lambda"), key=int) == [r["dynamodb"]["SequenceNumber"] for r in records]

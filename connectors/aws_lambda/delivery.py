@@ -120,7 +120,9 @@ def deliver_invocation(records: Sequence[LambdaRecord], *, shard_id: str, runner
                 except Exception as exc:  # noqa: BLE001 — DeliveryAborted, FatalSinkError, a dead-letter failure
                     undelivered = getattr(exc, "undelivered", None) or batch.events
                     first = min(index_of[(ev.source.stream_arn, ev.sequence_number)] for ev in undelivered)
-                    outcome.errors.append(f"sink {runner.name!r} stopped at record {first}: "
+                    why = (f"the invocation's write budget ({write_budget_s:.1f} s) ran out; last error: "
+                           if writes.event.is_set() else "")
+                    outcome.errors.append(f"sink {runner.name!r} stopped at record {first}: {why}"
                                           f"{type(exc).__name__}: {exc}"[:500])
                     cut = min(cut, first)
     finally:
@@ -130,7 +132,8 @@ def deliver_invocation(records: Sequence[LambdaRecord], *, shard_id: str, runner
     try:
         FanOut(runners, dead_letter, stop_event=flushes.event, logger=logger).flush()
     except Exception as exc:  # noqa: BLE001 — nothing of this invocation is known to be durable
-        outcome.errors.append(f"flush failed: {type(exc).__name__}: {exc}"[:500])
+        why = f"the flush budget ({flush_budget_s:.1f} s) ran out; " if flushes.event.is_set() else ""
+        outcome.errors.append(f"flush failed: {why}{type(exc).__name__}: {exc}"[:500])
         cut = 0
         _discard_unflushed(runners, logger)
     finally:
