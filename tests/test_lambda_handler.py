@@ -523,3 +523,32 @@ def test_a_flush_that_fails_reports_every_record_and_the_retry_converges(stack):
     finally:
         app.close()
     assert sorted(stack.audit("lambda"), key=int) == [r["dynamodb"]["SequenceNumber"] for r in records]
+
+
+def test_retried_and_bisected_batches_are_harmless(stack):
+    """Lambda may send a batch again (a retry) or in halves (BisectBatchOnFunctionError): with the
+    same external versions, the documents, audit lines and versions do not change."""
+    stack.write(BATCH_SIZE)
+    _, records = stack.get_records()
+    event = lambda_event(records, stream_arn=stack.stream_arn)
+    app = _app(stack)
+    try:
+        assert app.handle(event, Context()) == {"batchItemFailures": []}
+        once_docs, once_audit = stack.documents("lambda-idx"), stack.audit("lambda")
+        half = len(records) // 2
+        for again in (event, lambda_event(records[:half], stream_arn=stack.stream_arn),
+                      lambda_event(records[half:], stream_arn=stack.stream_arn), event):
+            assert app.handle(again, Context()) == {"batchItemFailures": []}
+    finally:
+        app.close()
+    assert stack.documents("lambda-idx") == once_docs
+    assert stack.audit("lambda") == once_audit and len(once_audit) == BATCH_SIZE
+
+
+@pytest.mark.parametrize("arn", ["", "arn:aws:kinesis:us-east-1:1:stream/x", "arn:aws:dynamodb:us-east-1:1:table/t",
+                                 "not an arn", None])
+def test_a_non_dynamodb_stream_arn_is_an_event_error(arn):
+    from connectors.aws_lambda.event import table_from_stream_arn
+
+    with pytest.raises(LambdaEventError, match="DynamoDB stream ARN"):
+        table_from_stream_arn(arn)
