@@ -85,7 +85,7 @@ class Stack:
         self.aws = {"region": "us-east-1", "dynamodb_endpoint_url": dynamodb_local.endpoint,
                     "s3_endpoint_url": moto_server.endpoint}
 
-    def settings(self, flavour: str, *, on_failure: str = "block") -> Settings:
+    def settings(self, flavour: str, *, on_failure: str = "block", retry_budget_s: float = 300.0) -> Settings:
         """Settings for ``flavour`` "worker" or "lambda": same sinks, own index / prefix / redis db."""
         db = 0 if flavour == "worker" else 1
         return Settings(
@@ -96,7 +96,7 @@ class Stack:
             dead_letter=({"directory": str(self.tmp / "worker-dlq")} if flavour == "worker"
                          else {"directory": None, "s3_uri": f"s3://{self.bucket}/dlq"}),
             sinks=[
-                {"name": "search", "type": "opensearch", "on_failure": on_failure,
+                {"name": "search", "type": "opensearch", "on_failure": on_failure, "retry_budget_s": retry_budget_s,
                  "options": {"hosts": [self.os_url], "index": f"{flavour}-idx"}},
                 {"name": "audit", "type": "s3_audit",
                  "options": {"bucket": self.bucket, "prefix": f"{flavour}-audit", "max_buffer_age_s": 3600}},
@@ -199,8 +199,9 @@ def stack(tmp_path, aws_env, dynamodb_local, moto_server, opensearch_url, redis_
     return Stack(tmp_path, dynamodb_local, moto_server, opensearch_url, redis_server)
 
 
-def _app(stack: Stack, *, sinks=None, on_failure: str = "block", **options) -> LambdaApp:
-    settings = stack.settings("lambda", on_failure=on_failure)
+def _app(stack: Stack, *, sinks=None, on_failure: str = "block", retry_budget_s: float = 300.0,
+         **options) -> LambdaApp:
+    settings = stack.settings("lambda", on_failure=on_failure, retry_budget_s=retry_budget_s)
     return LambdaApp(settings, sinks=sinks, options=LambdaOptions(**options), install_sigterm=False,
                      logger=get_logger(test="lambda"))
 
@@ -552,3 +553,24 @@ def test_a_non_dynamodb_stream_arn_is_an_event_error(arn):
 
     with pytest.raises(LambdaEventError, match="DynamoDB stream ARN"):
         table_from_stream_arn(arn)
+
+
+def test_on_failure_dead_letter_dead_letters_the_refused_record_within_the_invocation(stack):
+    """The sink's own policy applies as in the worker: with ``on_failure: dead_letter`` and a retry
+    budget shorter than the invocation's, the record the sink keeps refusing is dead-lettered with
+    its images, nothing is reported, and every other record reaches every sink."""
+    stack.write(10)
+    _, records = stack.get_records()
+    event = lambda_event(records, stream_arn=stack.stream_arn)
+    parsed, _ = parse_event(event)
+    refused = decode_record(parsed[3].record, table=stack.table, stream_arn=stack.stream_arn, shard_id="x")
+    RefusingOpenSearch.refused_key, RefusingOpenSearch.refusing = refused.key_id, True
+    app = _app(stack, sinks=_sinks_with(stack, RefusingOpenSearch), on_failure="dead_letter", retry_budget_s=1.0)
+    try:
+        assert app.handle(event, Context(remaining_ms=30_000)) == {"batchItemFailures": []}
+    finally:
+        app.close()
+    entries = stack.dead_letters()
+    assert entries and {e.kind for e in entries} == {"delivery"} and {e.sink for e in entries} == {"search"}
+    assert all(e.event["keys"] for e in entries)
+    assert len(stack.audit("lambda")) == 10  # the sinks after it got every record
