@@ -37,6 +37,8 @@ failure at run time). Plugins raise the sink errors.
     ├── MappingSpecError (also a ValueError): an OpenSearch mapping spec that cannot be used
     ├── WorkloadError ............... ddb-cdc workload cannot write
     ├── DemoError ................... a step of ddb-cdc demo failed
+    ├── LambdaEventError ............ a Lambda invocation whose event is not this table's stream event
+    ├── LambdaBatchError ............ a Lambda batch failure that batchItemFailures cannot name
     └── EmbeddedServerError ......... an embedded stand-in server could not start
         └── ServiceNotInstalledError
 
@@ -58,6 +60,8 @@ __all__ = [
     "InputFileError",
     "InstallationError",
     "FilterPatternError",
+    "LambdaEventError",
+    "LambdaBatchError",
     "DecodeError",
     "SinkError",
     "RetriableSinkError",
@@ -290,3 +294,19 @@ class FilterPatternError(ConfigError):
         self.where = where
         self.message = message
         super().__init__([f"{where}: {message}" if where else message])
+
+
+# -- the AWS Lambda handler (connectors.aws_lambda) ---------------------------------------------
+
+
+class LambdaEventError(CdcError):
+    """An AWS Lambda invocation's event is not a DynamoDB stream event (no ``Records`` list, no
+    DynamoDB stream ``eventSourceARN``), or names a table the configuration's ``source`` does not:
+    a misconfigured trigger, not bad data. The invocation fails (Lambda retries it); fix the event
+    source mapping or ``source.table`` / ``source.tables``."""
+
+
+class LambdaBatchError(CdcError):
+    """A Lambda invocation could not deliver a record and cannot name it in batchItemFailures (it
+    has no valid sequence number): the invocation fails as a whole, so Lambda retries the batch
+    (and bisects it with BisectBatchOnFunctionError)."""

@@ -326,6 +326,14 @@ class FanOut:
         for runner in self.runners:
             self._deliver_to(runner, batch)
 
+    def deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+        """Give ``batch`` to one sink (``runner``, one of :attr:`runners`) under the same rules as
+        :meth:`deliver`. Raises FatalSinkError or DeliveryAborted; either carries ``undelivered``,
+        the tuple of the batch's events the sink had not taken when it stopped (in batch order;
+        every earlier event is in the sink or in the dead-letter destination)."""
+        if batch.events:
+            self._deliver_to(runner, batch)
+
     def fence(self) -> None:
         """Refuse every further sink call of this fan-out (see :meth:`SinkRunner.fence`): a shard
         thread that reaches a sink afterwards gets :class:`SinkFenced` and does not checkpoint."""
@@ -517,6 +525,12 @@ class FanOut:
 
         try:
             self._retry(runner, batch, attempt, what="write")
+        except (DeliveryAborted, FatalSinkError) as exc:
+            # which events this sink has not taken: the Lambda handler reports them (and every
+            # later record) as batchItemFailures (connectors.aws_lambda.delivery)
+            if getattr(exc, "undelivered", None) is None:
+                exc.undelivered = tuple(pending)
+            raise
         except _BudgetSpent:
             for ev in pending:
                 self._dead_letter(runner, ev, f"retry budget spent: {state['last_error']}", state)
