@@ -1,0 +1,106 @@
+"""Canonical AttributeValue JSON straight from the wire form, without building Python values.
+
+The S3 audit line and the typed OpenSearch document write keys and images as DynamoDB
+AttributeValue JSON in one documented canonical form: what :func:`pipeline.codec.encode_item`
+makes of :func:`pipeline.codec.decode_item`'s result — numbers as the exact decimal text
+``str(Decimal)`` gives in DynamoDB's number context (``"007"`` → ``"7"``, ``"1e2"`` → ``"1E+2"``),
+string / number / binary sets sorted and without duplicates, binary as standard base64, ``NULL``
+as ``true``, DynamoDB Local's bare ``{}`` as ``{"M": {}}``.
+
+:func:`canonical_item` produces exactly that (``canonical_item(x) == encode_item(decode_item(x))``
+for every input, and it raises DecodeError exactly when ``decode_item`` does), but walks the
+parsed maps instead of decoding and re-encoding them: a value already in canonical form — S, BOOL,
+``NULL: true``, integers in plain text, sorted string sets, maps and lists of such — is returned
+as the very object it was parsed into; anything else goes through decode → encode for that value
+only. Tested differentially against the decode → encode path (tests/test_lazy_events.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.codec import MAX_NESTING_DEPTH, _create_decimal, decode_item, decode_number, decode_value, encode_item, encode_value
+from pipeline.errors import DecodeError
+
+_NULL = {"NULL": True}
+
+
+def canonical_item(image: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An item / image (``{"name": AttributeValue}``) in canonical AttributeValue JSON; None stays None.
+
+    The top-level dict is always a new one (callers may add to it); nested values may be the
+    input's own objects (read-only). Raises DecodeError as :func:`pipeline.codec.decode_item` does.
+    """
+    if image is None:
+        return None
+    if type(image) is not dict:
+        return encode_item(decode_item(image))
+    out: dict[str, Any] = {}
+    for name, av in image.items():
+        if type(name) is not str:
+            raise DecodeError(f"attribute name must be a string, got {type(name).__name__}")
+        out[name] = canonical_value(av, 0)
+    return out
+
+
+def canonical_value(av: Any, depth: int = 0) -> Any:
+    """One AttributeValue in canonical form (the same object when it is canonical already).
+
+    ``depth`` is the nesting level of ``av`` as in :func:`pipeline.codec.decode_value`. Raises
+    DecodeError as ``decode_value`` does.
+    """
+    if type(av) is dict and len(av) == 1:
+        for tag, value in av.items():
+            pass
+        kind = type(value)
+        if tag == "S":
+            if kind is str:
+                return av
+        elif tag == "N":
+            if kind is str:
+                if (value.isdigit() and value.isascii() and len(value) <= 38
+                        and (value[0] != "0" or len(value) == 1)):
+                    return av  # a plain non-negative integer: str(Decimal(text)) is the text
+                try:
+                    number = _create_decimal(value)
+                except ArithmeticError:
+                    decode_number(value)  # raises the DecodeError
+                    raise  # pragma: no cover — decode_number always raises here
+                if not number.is_finite():
+                    decode_number(value)  # raises
+                text = str(number)
+                return av if text == value else {"N": text}
+        elif tag == "M":
+            if kind is dict:
+                if depth > MAX_NESTING_DEPTH:
+                    decode_value(av, depth)  # raises the depth error
+                below = depth + 1
+                for name, child in value.items():
+                    if type(name) is not str:
+                        return encode_value(decode_value(av, depth))  # raises the name error
+                    if canonical_value(child, below) is not child:
+                        break
+                else:
+                    return av
+                return {"M": {name: canonical_value(child, below) for name, child in value.items()}}
+        elif tag == "L":
+            if kind is list:
+                if depth > MAX_NESTING_DEPTH:
+                    decode_value(av, depth)  # raises
+                below = depth + 1
+                for child in value:
+                    if canonical_value(child, below) is not child:
+                        break
+                else:
+                    return av
+                return {"L": [canonical_value(child, below) for child in value]}
+        elif tag == "BOOL":
+            if kind is bool:
+                return av
+        elif tag == "NULL":
+            return av if value is True else _NULL.copy()
+        elif tag == "SS":
+            if kind is list and all(type(v) is str for v in value) and all(
+                    a < b for a, b in zip(value, value[1:])):
+                return av  # sorted, no duplicates: what sorted(set(value)) gives
+    return encode_value(decode_value(av, depth))
