@@ -17,6 +17,7 @@ only. Tested differentially against the decode → encode path (tests/test_lazy_
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any, Mapping
 
 from pipeline.codec import MAX_NESTING_DEPTH, _create_decimal, decode_item, decode_number, decode_value, encode_item, encode_value
@@ -75,25 +76,31 @@ def canonical_value(av: Any, depth: int = 0) -> Any:
                 if depth > MAX_NESTING_DEPTH:
                     decode_value(av, depth)  # raises the depth error
                 below = depth + 1
-                for name, child in value.items():
+                out = None
+                for i, (name, child) in enumerate(value.items()):
                     if type(name) is not str:
                         return encode_value(decode_value(av, depth))  # raises the name error
-                    if canonical_value(child, below) is not child:
-                        break
-                else:
-                    return av
-                return {"M": {name: canonical_value(child, below) for name, child in value.items()}}
+                    canon = canonical_value(child, below)
+                    if out is None:
+                        if canon is child:
+                            continue
+                        out = dict(islice(value.items(), i))  # the unchanged ones before it
+                    out[name] = canon
+                return av if out is None else {"M": out}
         elif tag == "L":
             if kind is list:
                 if depth > MAX_NESTING_DEPTH:
                     decode_value(av, depth)  # raises
                 below = depth + 1
-                for child in value:
-                    if canonical_value(child, below) is not child:
-                        break
-                else:
-                    return av
-                return {"L": [canonical_value(child, below) for child in value]}
+                items = None
+                for i, child in enumerate(value):
+                    canon = canonical_value(child, below)
+                    if items is None:
+                        if canon is child:
+                            continue
+                        items = value[:i]
+                    items.append(canon)
+                return av if items is None else {"L": items}
         elif tag == "BOOL":
             if kind is bool:
                 return av

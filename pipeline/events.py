@@ -152,7 +152,8 @@ class ChangeEvent:
     source, version)``, the form plugins and tests use), the event is eager and its ``raw_*``
     parts are encoded from the values on first access (:func:`pipeline.codec.encode_item`).
 
-    Events compare equal when their decoded parts are equal (lazy or eager alike), are
+    Events compare equal when their decoded parts are equal (lazy or eager alike; when an image
+    cannot be decoded, when their wire forms are equal), are
     immutable (setting an attribute raises ``dataclasses.FrozenInstanceError``), unhashable, and
     pickle with their parts as they are (a lazy event stays lazy).
     """
@@ -414,9 +415,13 @@ class ChangeEvent:
             return NotImplemented
         if self is other:
             return True
-        return (self.operation == other.operation and self.key_id == other.key_id
-                and self.version == other.version and self.source == other.source
-                and self._keys == other._keys and self.before == other.before and self.after == other.after)
+        if not (self.operation == other.operation and self.key_id == other.key_id
+                and self.version == other.version and self.source == other.source and self._keys == other._keys):
+            return False
+        try:
+            return self.before == other.before and self.after == other.after
+        except Exception:  # noqa: BLE001 — an image that cannot be decoded: equal when the wire forms are
+            return self.raw_old_image == other.raw_old_image and self.raw_new_image == other.raw_new_image
 
     def __repr__(self) -> str:
         def part(slot: str) -> str:

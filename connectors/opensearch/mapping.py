@@ -55,6 +55,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from itertools import islice
 from typing import Any, Literal, Mapping
 
 import orjson
@@ -441,22 +442,26 @@ def _typed_av(av: dict[str, Any]) -> dict[str, Any]:
     no name inside needs escaping)."""
     inner = av.get("M")
     if inner is not None and len(av) == 1:
-        changed = False
-        for name, child in inner.items():
-            if _escaped_nested(name) != name or _typed_av(child) is not child:
-                changed = True
-                break
-        if not changed:
-            return av
-        return {"M": {_escaped_nested(name): _typed_av(child) for name, child in inner.items()}}
+        out = None
+        for i, (name, child) in enumerate(inner.items()):
+            escaped, typed = _escaped_nested(name), _typed_av(child)
+            if out is None:
+                if escaped == name and typed is child:
+                    continue
+                out = dict(islice(inner.items(), i))
+            out[escaped] = typed
+        return av if out is None else {"M": out}
     inner = av.get("L")
     if inner is not None and len(av) == 1:
-        for child in inner:
-            if _typed_av(child) is not child:
-                break
-        else:
-            return av
-        return {"L": [_typed_av(child) for child in inner]}
+        items = None
+        for i, child in enumerate(inner):
+            typed = _typed_av(child)
+            if items is None:
+                if typed is child:
+                    continue
+                items = inner[:i]
+            items.append(typed)
+        return av if items is None else {"L": items}
     return av
 
 
