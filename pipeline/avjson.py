@@ -40,6 +40,16 @@ def canonical_item(image: Mapping[str, Any] | None) -> dict[str, Any] | None:
     for name, av in image.items():
         if type(name) is not str:
             raise DecodeError(f"attribute name must be a string, got {type(name).__name__}")
+        if type(av) is dict and len(av) == 1:  # the common leaves inline, without a call
+            value = av.get("S")
+            if type(value) is str:
+                out[name] = av
+                continue
+            value = av.get("N")
+            if (type(value) is str and value.isdigit() and value.isascii() and len(value) <= 38
+                    and (value[0] != "0" or len(value) == 1)):
+                out[name] = av
+                continue
         out[name] = canonical_value(av, 0)
     return out
 
@@ -80,6 +90,14 @@ def canonical_value(av: Any, depth: int = 0) -> Any:
                 for i, (name, child) in enumerate(value.items()):
                     if type(name) is not str:
                         return encode_value(decode_value(av, depth))  # raises the name error
+                    if out is None and type(child) is dict and len(child) == 1:  # common leaves inline
+                        leaf = child.get("S")
+                        if type(leaf) is str:
+                            continue
+                        leaf = child.get("N")
+                        if (type(leaf) is str and leaf.isdigit() and leaf.isascii() and len(leaf) <= 38
+                                and (leaf[0] != "0" or len(leaf) == 1)):
+                            continue
                     canon = canonical_value(child, below)
                     if out is None:
                         if canon is child:
@@ -94,6 +112,14 @@ def canonical_value(av: Any, depth: int = 0) -> Any:
                 below = depth + 1
                 items = None
                 for i, child in enumerate(value):
+                    if items is None and type(child) is dict and len(child) == 1:  # common leaves inline
+                        leaf = child.get("S")
+                        if type(leaf) is str:
+                            continue
+                        leaf = child.get("N")
+                        if (type(leaf) is str and leaf.isdigit() and leaf.isascii() and len(leaf) <= 38
+                                and (leaf[0] != "0" or len(leaf) == 1)):
+                            continue
                     canon = canonical_value(child, below)
                     if items is None:
                         if canon is child:

@@ -427,7 +427,7 @@ def typed_item_from_av(item: Mapping[str, Any]) -> dict[str, Any]:
             escaped = escape_field_name(name, top_level=True)
             if len(cache) < _ESCAPE_CACHE_SIZE:
                 cache[name] = escaped
-        out[escaped] = _typed_av(av)
+        out[escaped] = av if ("M" not in av and "L" not in av) else _typed_av(av)
     return out
 
 
@@ -444,7 +444,8 @@ def _typed_av(av: dict[str, Any]) -> dict[str, Any]:
     if inner is not None and len(av) == 1:
         out = None
         for i, (name, child) in enumerate(inner.items()):
-            escaped, typed = _escaped_nested(name), _typed_av(child)
+            escaped = _ESCAPED_NESTED.get(name) or _escaped_nested(name)
+            typed = child if ("M" not in child and "L" not in child) else _typed_av(child)
             if out is None:
                 if escaped == name and typed is child:
                     continue
@@ -455,7 +456,7 @@ def _typed_av(av: dict[str, Any]) -> dict[str, Any]:
     if inner is not None and len(av) == 1:
         items = None
         for i, child in enumerate(inner):
-            typed = _typed_av(child)
+            typed = child if ("M" not in child and "L" not in child) else _typed_av(child)
             if items is None:
                 if typed is child:
                     continue
