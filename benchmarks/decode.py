@@ -297,6 +297,10 @@ def run_decode(*, pages: int = 3, repetitions: int = 7, profile: bool = True) ->
         "orjson_vs_render": orjson_vs_render,
         "targets": targets,
     }
+    from benchmarks.render import render_breakdown
+
+    result["render_breakdown_ms"] = render_breakdown(bodies, table=TABLE, stream_arn=STREAM_ARN, shard_id=SHARD,
+                                                     repetitions=min(3, repetitions))
     off = {k: v for k, v in rates.items() if k.startswith("diagnostic:")}
     if len(off) == 3:
         b_off, f_off, o_off = (off[k] for k in off)
@@ -364,6 +368,12 @@ def report(result: dict[str, Any]) -> str:
     rows.append(["full decode / boto3", f"{result['fast_vs_boto3']:.2f}x", t["fast_vs_boto3"]["target"],
                  verdict(t["fast_vs_boto3"]["met"], _by(result["fast_vs_boto3"], FAST_VS_BOTO3_TARGET, higher=True))])
     lines += ["", table(["ratio", "value", "target", "verdict"], rows)]
+    if result.get("render_breakdown_ms"):
+        b = result["render_breakdown_ms"]
+        lines += ["", "Render, part by part (CPU ms per 1,000 records, each measured apart on fresh lazy events; "
+                      "orjson.loads of the bodies is the floor):", "",
+                  table(["part", "CPU ms per 1,000 records", "× orjson.loads"],
+                        [[name, f"{ms:.1f}", f"{ms / b['parse']:.2f}"] for name, ms in b.items()])]
     if result.get("gc_off"):
         g = result["gc_off"]
         lines += ["", f"Diagnostic, with the garbage collector off: construction / boto3 {g['fast_vs_boto3']:.2f}x, "

@@ -93,3 +93,44 @@ def render_sinks() -> list[Any]:
 
     return [_Render("s3_audit_render", renderers.s3_body), _Render("opensearch_render", renderers.opensearch_lines),
             _Render("redis_render", renderers.redis_keys)]
+
+
+def render_breakdown(bodies: Sequence[bytes], *, table: str, stream_arn: str, shard_id: str,
+                     repetitions: int = 3) -> dict[str, float]:
+    """CPU ms per 1,000 records of each part of the render way, measured apart (median of
+    ``repetitions``; fresh lazy events for each part, so no part profits from another's cached
+    canonical form): ``parse`` (orjson), ``construction`` (decode_record), ``s3_lines``
+    (event_to_json_line), ``gzip`` (of those lines, level 6), ``opensearch`` (typed action
+    lines), ``redis`` (cache keys)."""
+    import time
+
+    from benchmarks import median
+    from benchmarks.decode import _parse_fast_body
+    from pipeline.codec import decode_record
+    from pipeline.render import event_to_json_line
+
+    parse, _ = _parse_fast_body()
+    renderers = Renderers()
+    records = 0
+    parts: dict[str, list[float]] = {k: [] for k in ("parse", "construction", "s3_lines", "gzip", "opensearch", "redis")}
+
+    def events_of(pages: list[dict]) -> list[list[Any]]:
+        return [[decode_record(r, table=table, stream_arn=stream_arn, shard_id=shard_id) for r in page["Records"]]
+                for page in pages]
+
+    def timed(name: str, fn: Any, arg: Any) -> Any:
+        start = time.thread_time()
+        out = fn(arg)
+        parts[name].append(time.thread_time() - start)
+        return out
+
+    for _ in range(repetitions):
+        pages = timed("parse", lambda bs: [parse(b) for b in bs], bodies)
+        records = sum(len(p["Records"]) for p in pages)
+        timed("construction", events_of, pages)
+        lines = timed("s3_lines", lambda evs: [b"".join([event_to_json_line(e) for e in page]) for page in evs],
+                      events_of(pages))
+        timed("gzip", lambda ls: [gzip.compress(x, 6, mtime=0) for x in ls], lines)
+        timed("opensearch", lambda evs: [renderers.opensearch_lines(page) for page in evs], events_of(pages))
+        timed("redis", lambda evs: [renderers.redis_keys(page) for page in evs], events_of(pages))
+    return {name: 1000 * median(ts) * 1000 / records for name, ts in parts.items()}

@@ -17,6 +17,8 @@ only. Tested differentially against the decode → encode path (tests/test_lazy_
 
 from __future__ import annotations
 
+import base64
+import binascii
 from itertools import islice
 from typing import Any, Mapping
 
@@ -24,6 +26,28 @@ from pipeline.codec import MAX_NESTING_DEPTH, _create_decimal, decode_item, deco
 from pipeline.errors import DecodeError
 
 _NULL = {"NULL": True}
+_b64decode = base64.b64decode
+_b64encode = base64.b64encode
+
+
+def _plain_number_text(text: str) -> bool:
+    """True when ``str(Decimal(text))`` in DynamoDB's context is ``text`` itself, decided from the
+    text alone: ``[-]digits[.digits]`` in ASCII, at most 38 digits, no leading zero (but a lone
+    ``0``), and for ``0.xxx`` at most 5 zeros after the point before the first non-zero digit (at
+    most 6 when all are zeros) — beyond that ``str`` writes an exponent (``1E-7``). Anything else
+    returns False and is decided by decoding (the Python decimal module's ``__str__`` rules)."""
+    body = text[1:] if text[:1] == "-" else text
+    whole, dot, frac = body.partition(".")
+    if not (whole.isdigit() and whole.isascii()) or (whole[0] == "0" and len(whole) > 1):
+        return False
+    if not dot:
+        return len(whole) <= 38
+    if not (frac.isdigit() and frac.isascii()) or len(whole) + len(frac) > 38:
+        return False
+    if whole != "0":
+        return True
+    significant = frac.lstrip("0")
+    return len(frac) - len(significant) <= 5 if significant else len(frac) <= 6
 
 
 def canonical_item(image: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -69,9 +93,8 @@ def canonical_value(av: Any, depth: int = 0) -> Any:
                 return av
         elif tag == "N":
             if kind is str:
-                if (value.isdigit() and value.isascii() and len(value) <= 38
-                        and (value[0] != "0" or len(value) == 1)):
-                    return av  # a plain non-negative integer: str(Decimal(text)) is the text
+                if _plain_number_text(value):
+                    return av  # str(Decimal(text)) is the text itself
                 try:
                     number = _create_decimal(value)
                 except ArithmeticError:
@@ -127,6 +150,16 @@ def canonical_value(av: Any, depth: int = 0) -> Any:
                         items = value[:i]
                     items.append(canon)
                 return av if items is None else {"L": items}
+        elif tag == "B":
+            if kind is str:
+                try:
+                    text = _b64encode(_b64decode(value, validate=True)).decode("ascii")
+                except (binascii.Error, ValueError):
+                    pass  # the general path raises the DecodeError
+                else:
+                    return av if text == value else {"B": text}
+            elif kind is bytes:
+                return {"B": _b64encode(value).decode("ascii")}
         elif tag == "BOOL":
             if kind is bool:
                 return av
