@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
         section("pipeline", lambda: pipeline_bench.run_pipeline(
             records=5_000 if quick else 30_000, repetitions=reps or (3 if quick else 5),
-            decode_pages=2 if quick else 10, boto3_records=0 if quick else 5_000), pipeline_bench.report)
+            decode_pages=2 if quick else 10, boto3_records=0 if quick else 5_000,
+            render_records=2_000 if quick else 10_000, render_repetitions=reps or 3), pipeline_bench.report)
     if "scale" in args.sections:
         from benchmarks import scale
 

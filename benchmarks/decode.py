@@ -1,22 +1,38 @@
-"""Section ``decode``: records/s of three ways through the same GetRecords response bodies.
+"""Section ``decode``: records/s of the ways through the same GetRecords response bodies, in one run.
+
+Peers:
 
 - **boto3 path**: botocore's JSON response parser for the ``dynamodbstreams`` GetRecords output
   shape (what a boto3 client runs on every response) + ``boto3.dynamodb.types.TypeDeserializer``
   over Keys / NewImage / OldImage of every record;
-- **fast path**: ``parse_get_records_body`` (orjson) + :func:`pipeline.codec.decode_record` per
-  record into ChangeEvents;
+- **Powertools**: AWS Lambda Powertools' ``DynamoDBStreamEvent`` data class (what a Lambda user
+  already has) over ``orjson.loads`` of the same bytes, reading ``keys``, ``new_image`` and
+  ``old_image`` of every record (benchmark-only dependency: the ``bench`` extra; the row is left
+  out when it is not installed);
 - **orjson**: bare ``orjson.loads`` of the same bytes (the floor).
 
-Plus, for information, the fast path *through a real botocore client* (request building, SigV4
-signing, the ``before-parse`` hook; the bytes come from :class:`benchmarks.inputs.StreamsHTTPDouble`)
-— what :class:`DynamoDBStreamSource` pays per call on top of the parse.
+Ours (issue 16):
+
+- **event construction**: ``parse_get_records_body`` (orjson) + :func:`pipeline.codec.decode_record`
+  per record — lazy events: keys, sequence number and the rest checked and decoded, images kept as
+  parsed;
+- **full decode**: the same + ``event.before`` and ``event.after`` of every event (every part
+  decoded, as the old eager decoder did);
+- **render**: event construction + what the three built-in sinks compute per change, without
+  network I/O (:mod:`benchmarks.render`: S3 audit lines + gzip, typed OpenSearch bulk action
+  lines, Redis cache keys).
+
+Targets: construction within 1.5× of ``orjson.loads``; full decode ≥ 2× Powertools (and ≥ 4× the
+boto3 path, the older target); render within 2.5× of ``orjson.loads``.
+
+Plus, for information, event construction *through a real botocore client* (request building,
+SigV4 signing, the ``before-parse`` hook; the bytes come from
+:class:`benchmarks.inputs.StreamsHTTPDouble`) — what :class:`DynamoDBStreamSource` pays per call on
+top of the parse.
 
 The process first loads a worker's imports and sets the garbage collector as a worker does when
 it starts (``pipeline.runtime.worker.tune_garbage_collector``: ``gc.freeze()`` + a higher generation-0
-threshold). Diagnostic rows: the three ways with the cyclic garbage collector disabled — parsing
-1,000 records creates ~10⁵ containers, which triggers collections whose cost grows with the
-process's heap (a worker's imports: botocore, pydantic, …); the difference is what is left of
-that cost.
+threshold). Diagnostic rows: three ways with the cyclic garbage collector disabled.
 
 Every repetition runs each way once over all bodies, interleaved (so drift of the machine hits all
 alike); figures are medians over the repetitions, ratios are computed from those medians. Time is
@@ -40,8 +56,17 @@ TABLE = "bench"
 STREAM_ARN = inputs.stream_arn(TABLE)
 SHARD = inputs.shard_id(0)
 
-FAST_VS_BOTO3_TARGET = 4.0
-ORJSON_VS_FAST_TARGET = 1.5
+FAST_VS_BOTO3_TARGET = 4.0  # full decode / boto3 path
+ORJSON_VS_FAST_TARGET = 1.5  # event construction within 1.5x of orjson.loads
+FULL_VS_POWERTOOLS_TARGET = 2.0  # full decode / Powertools
+RENDER_VS_ORJSON_TARGET = 2.5  # render within 2.5x of orjson.loads
+
+CONSTRUCT = "ours: event construction (orjson body parse + decode_record → lazy ChangeEvent)"
+FULL = "ours: full decode (construction + before + after of every event)"
+RENDER = "ours: render (construction + S3 line & gzip, typed OpenSearch actions, Redis keys)"
+BOTO3 = "peer: boto3 path (botocore parser + TypeDeserializer)"
+POWERTOOLS = "peer: Powertools DynamoDBStreamEvent (orjson.loads + keys, new_image, old_image)"
+ORJSON = "peer: bare orjson.loads"
 
 
 def _parse_fast_body() -> tuple[Callable[[bytes], dict[str, Any]], str]:
@@ -97,6 +122,63 @@ def fast_path() -> Callable[[list[bytes]], int]:
 def orjson_path() -> Callable[[list[bytes]], int]:
     def run(bodies: list[bytes]) -> int:
         return sum(len(orjson.loads(body)["Records"]) for body in bodies)
+
+    return run
+
+
+def powertools_path() -> Callable[[list[bytes]], int] | None:
+    """Powertools' DynamoDBStreamEvent over orjson.loads, every record's keys + new + old image
+    (None when aws-lambda-powertools is not installed: ``pip install -e '.[bench]'``)."""
+    try:
+        from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import DynamoDBStreamEvent
+    except ImportError:
+        return None
+
+    def run(bodies: list[bytes]) -> int:
+        n = 0
+        for body in bodies:
+            for record in DynamoDBStreamEvent(orjson.loads(body)).records:
+                data = record.dynamodb
+                data.keys, data.new_image, data.old_image
+                n += 1
+        return n
+
+    return run
+
+
+def full_decode_path() -> Callable[[list[bytes]], int]:
+    from pipeline.codec import decode_record
+
+    parse, _ = _parse_fast_body()
+
+    def run(bodies: list[bytes]) -> int:
+        n = 0
+        for body in bodies:
+            for record in parse(body)["Records"]:
+                event = decode_record(record, table=TABLE, stream_arn=STREAM_ARN, shard_id=SHARD)
+                event.before, event.after
+                n += 1
+        return n
+
+    return run
+
+
+def render_path() -> Callable[[list[bytes]], int]:
+    """Event construction + the three built-in sinks' rendering of each page's events."""
+    from benchmarks.render import Renderers
+    from pipeline.codec import decode_record
+
+    parse, _ = _parse_fast_body()
+    renderers = Renderers()
+
+    def run(bodies: list[bytes]) -> int:
+        n = 0
+        for body in bodies:
+            events = [decode_record(record, table=TABLE, stream_arn=STREAM_ARN, shard_id=SHARD)
+                      for record in parse(body)["Records"]]
+            renderers.render_batch(events)
+            n += len(events)
+        return n
 
     return run
 
@@ -158,16 +240,16 @@ def run_decode(*, pages: int = 3, repetitions: int = 7, profile: bool = True) ->
     gc_setting = worker_gc()
     records = pages * inputs.RECORDS_PER_PAGE
     _, parser_name = _parse_fast_body()
-    ways: dict[str, Callable[[list[bytes]], int]] = {
-        "boto3 path (botocore parser + TypeDeserializer)": boto3_path(),
-        "fast path (orjson body parse + decode_record → ChangeEvent)": fast_path(),
-        "bare orjson.loads": orjson_path(),
-    }
+    ways: dict[str, Callable[[list[bytes]], int]] = {BOTO3: boto3_path()}
+    powertools = powertools_path()
+    if powertools is not None:
+        ways[POWERTOOLS] = powertools
+    ways.update({ORJSON: orjson_path(), CONSTRUCT: fast_path(), FULL: full_decode_path(), RENDER: render_path()})
     client_way = fast_client_path(bodies)
     if client_way is not None:
-        ways["fast path via botocore client (sign + hook + decode_record)"] = client_way
-    ways["diagnostic: boto3 path with the garbage collector off"] = gc_off(ways[list(ways)[0]])
-    ways["diagnostic: fast path with the garbage collector off"] = gc_off(ways[list(ways)[1]])
+        ways["info: event construction via botocore client (sign + hook + decode_record)"] = client_way
+    ways["diagnostic: boto3 path with the garbage collector off"] = gc_off(ways[BOTO3])
+    ways["diagnostic: event construction with the garbage collector off"] = gc_off(ways[CONSTRUCT])
     ways["diagnostic: bare orjson.loads with the garbage collector off"] = gc_off(orjson_path())
     for way in ways.values():  # warm up (imports, caches) and check every way sees every record
         assert way(bodies[:1]) == inputs.RECORDS_PER_PAGE
@@ -182,10 +264,23 @@ def run_decode(*, pages: int = 3, repetitions: int = 7, profile: bool = True) ->
             walls[name].append(time.perf_counter() - start)
     rates = {name: records / median(ts) for name, ts in times.items()}
     wall_rates = {name: records / median(ts) for name, ts in walls.items()}
-    names = list(ways)
-    boto3_rate, fast_rate, orjson_rate = rates[names[0]], rates[names[1]], rates[names[2]]
-    fast_vs_boto3 = fast_rate / boto3_rate
-    orjson_vs_fast = orjson_rate / fast_rate
+    boto3_rate, orjson_rate = rates[BOTO3], rates[ORJSON]
+    construct_rate, full_rate, render_rate = rates[CONSTRUCT], rates[FULL], rates[RENDER]
+    fast_vs_boto3 = full_rate / boto3_rate
+    orjson_vs_fast = orjson_rate / construct_rate
+    orjson_vs_render = orjson_rate / render_rate
+    targets: dict[str, Any] = {
+        "orjson_vs_fast": {"target": f"<= {ORJSON_VS_FAST_TARGET}x", "value": orjson_vs_fast,
+                           "met": orjson_vs_fast <= ORJSON_VS_FAST_TARGET},
+    }
+    if POWERTOOLS in rates:
+        full_vs_powertools = full_rate / rates[POWERTOOLS]
+        targets["full_vs_powertools"] = {"target": f">= {FULL_VS_POWERTOOLS_TARGET}x", "value": full_vs_powertools,
+                                         "met": full_vs_powertools >= FULL_VS_POWERTOOLS_TARGET}
+    targets["orjson_vs_render"] = {"target": f"<= {RENDER_VS_ORJSON_TARGET}x", "value": orjson_vs_render,
+                                   "met": orjson_vs_render <= RENDER_VS_ORJSON_TARGET}
+    targets["fast_vs_boto3"] = {"target": f">= {FAST_VS_BOTO3_TARGET}x", "value": fast_vs_boto3,
+                                "met": fast_vs_boto3 >= FAST_VS_BOTO3_TARGET}
     result: dict[str, Any] = {
         "inputs": {"pages": pages, "records": records, "body_bytes": sum(len(b) for b in bodies),
                    "mean_record_bytes": sum(len(b) for b in bodies) / records, "repetitions": repetitions,
@@ -194,41 +289,51 @@ def run_decode(*, pages: int = 3, repetitions: int = 7, profile: bool = True) ->
         "wall_rates": wall_rates,
         "cpu_share": {name: sum(times[name]) / sum(walls[name]) for name in ways},
         "ms_per_1000_records": {name: 1000 * median(ts) / pages for name, ts in times.items()},
-        "wall_ratios": {"fast_vs_boto3": wall_rates[names[1]] / wall_rates[names[0]],
-                        "orjson_vs_fast": wall_rates[names[2]] / wall_rates[names[1]]},
+        "wall_ratios": {"fast_vs_boto3": wall_rates[FULL] / wall_rates[BOTO3],
+                        "orjson_vs_fast": wall_rates[ORJSON] / wall_rates[CONSTRUCT],
+                        "orjson_vs_render": wall_rates[ORJSON] / wall_rates[RENDER]},
         "fast_vs_boto3": fast_vs_boto3,
         "orjson_vs_fast": orjson_vs_fast,
-        "targets": {
-            "fast_vs_boto3": {"target": f">= {FAST_VS_BOTO3_TARGET}x", "value": fast_vs_boto3,
-                              "met": fast_vs_boto3 >= FAST_VS_BOTO3_TARGET},
-            "orjson_vs_fast": {"target": f"<= {ORJSON_VS_FAST_TARGET}x", "value": orjson_vs_fast,
-                               "met": orjson_vs_fast <= ORJSON_VS_FAST_TARGET},
-        },
+        "orjson_vs_render": orjson_vs_render,
+        "targets": targets,
     }
+    from benchmarks.render import render_breakdown
+
+    result["render_breakdown_ms"] = render_breakdown(bodies, table=TABLE, stream_arn=STREAM_ARN, shard_id=SHARD,
+                                                     repetitions=min(3, repetitions))
     off = {k: v for k, v in rates.items() if k.startswith("diagnostic:")}
     if len(off) == 3:
         b_off, f_off, o_off = (off[k] for k in off)
         result["gc_off"] = {"fast_vs_boto3": f_off / b_off, "orjson_vs_fast": o_off / f_off,
                             "fast_gc_off_vs_orjson_gc_on": orjson_rate / f_off}
-    if profile and not all(t["met"] for t in result["targets"].values()):
-        result["profile"] = profile_fast_path(bodies)
+    if profile:
+        missed = [name for name, t in targets.items() if not t["met"]]
+        if missed:
+            result["profile_of"] = missed
+            result["profile"] = profile_fast_path(bodies, way="render" if "orjson_vs_render" in missed else
+                                                  "full" if "full_vs_powertools" in missed or "fast_vs_boto3" in missed
+                                                  else "construct")
     return result
 
 
-def profile_fast_path(bodies: list[bytes]) -> list[str]:
-    """py-spy over the fast path in a separate process (8 s of work on the same bodies) if py-spy is
-    installed; else cProfile here (which inflates Python-level calls relative to orjson's C)."""
-    lines = pyspy_profile(["benchmarks.decode", "--workload-seconds", "8", "--pages", str(len(bodies))],
-                          markers=["run_workload ("])
+_WORKLOADS = {"construct": fast_path, "full": full_decode_path, "render": render_path}
+
+
+def profile_fast_path(bodies: list[bytes], way: str = "construct") -> list[str]:
+    """py-spy over one of our ways (``construct`` / ``full`` / ``render``) in a separate process
+    (8 s of work on the same bodies) if py-spy is installed; else cProfile here (which inflates
+    Python-level calls relative to orjson's C)."""
+    lines = pyspy_profile(["benchmarks.decode", "--workload-seconds", "8", "--pages", str(len(bodies)),
+                           "--way", way], markers=["run_workload ("])
     if lines:
-        return lines
-    way = fast_path()
+        return [f"py-spy of the {way} way", "", *lines]
+    run = _WORKLOADS[way]()
     prof = cProfile.Profile()
     prof.enable()
-    way(bodies)
+    run(bodies)
     prof.disable()
-    return ["cProfile (py-spy not installed), one pass over the bodies; own time includes the garbage "
-            "collections a function's allocations trigger", "", *profile_lines(prof)]
+    return [f"cProfile of the {way} way (py-spy not installed), one pass over the bodies; own time includes "
+            "the garbage collections a function's allocations trigger", "", *profile_lines(prof, limit=25)]
 
 
 def report(result: dict[str, Any]) -> str:
@@ -246,22 +351,37 @@ def report(result: dict[str, Any]) -> str:
     lines += ["", f"Rates and ratios are per CPU-second of the measuring thread (``time.thread_time``), so other "
                   f"programs on the machine do not count; on an idle machine they equal wall-clock rates. This run "
                   f"got {share:.0%}–{max(result['cpu_share'].values()):.0%} of a core; from wall-clock medians the "
-                  f"ratios would be fast / boto3 {w['fast_vs_boto3']:.2f}x, orjson / fast {w['orjson_vs_fast']:.2f}x."]
+                  f"ratios would be full decode / boto3 {w['fast_vs_boto3']:.2f}x, orjson / construction "
+                  f"{w['orjson_vs_fast']:.2f}x, orjson / render {w['orjson_vs_render']:.2f}x."]
     t = result["targets"]
-    lines += ["", table(["ratio", "value", "target", "verdict"], [
-        ["fast / boto3", f"{result['fast_vs_boto3']:.2f}x", t["fast_vs_boto3"]["target"],
-         verdict(t["fast_vs_boto3"]["met"], _by(result["fast_vs_boto3"], FAST_VS_BOTO3_TARGET, higher=True))],
-        ["orjson / fast (fast within N× of orjson)", f"{result['orjson_vs_fast']:.2f}x", t["orjson_vs_fast"]["target"],
-         verdict(t["orjson_vs_fast"]["met"], _by(result["orjson_vs_fast"], ORJSON_VS_FAST_TARGET, higher=False))],
-    ])]
+    rows = [["orjson / event construction (construction within N× of orjson)", f"{result['orjson_vs_fast']:.2f}x",
+             t["orjson_vs_fast"]["target"],
+             verdict(t["orjson_vs_fast"]["met"], _by(result["orjson_vs_fast"], ORJSON_VS_FAST_TARGET, higher=False))]]
+    if "full_vs_powertools" in t:
+        v = t["full_vs_powertools"]["value"]
+        rows.append(["full decode / Powertools", f"{v:.2f}x", t["full_vs_powertools"]["target"],
+                     verdict(t["full_vs_powertools"]["met"], _by(v, FULL_VS_POWERTOOLS_TARGET, higher=True))])
+    rows.append(["orjson / render (render within N× of orjson)", f"{result['orjson_vs_render']:.2f}x",
+                 t["orjson_vs_render"]["target"],
+                 verdict(t["orjson_vs_render"]["met"], _by(result["orjson_vs_render"], RENDER_VS_ORJSON_TARGET,
+                                                           higher=False))])
+    rows.append(["full decode / boto3", f"{result['fast_vs_boto3']:.2f}x", t["fast_vs_boto3"]["target"],
+                 verdict(t["fast_vs_boto3"]["met"], _by(result["fast_vs_boto3"], FAST_VS_BOTO3_TARGET, higher=True))])
+    lines += ["", table(["ratio", "value", "target", "verdict"], rows)]
+    if result.get("render_breakdown_ms"):
+        b = result["render_breakdown_ms"]
+        lines += ["", "Render, part by part (CPU ms per 1,000 records, each measured apart on fresh lazy events; "
+                      "orjson.loads of the bodies is the floor):", "",
+                  table(["part", "CPU ms per 1,000 records", "× orjson.loads"],
+                        [[name, f"{ms:.1f}", f"{ms / b['parse']:.2f}"] for name, ms in b.items()])]
     if result.get("gc_off"):
         g = result["gc_off"]
-        lines += ["", f"Diagnostic, every way with the garbage collector off: fast / boto3 {g['fast_vs_boto3']:.2f}x, "
-                      f"orjson / fast {g['orjson_vs_fast']:.2f}x (orjson with the collector on / fast path with it "
-                      f"off: {g['fast_gc_off_vs_orjson_gc_on']:.2f}x)."]
+        lines += ["", f"Diagnostic, with the garbage collector off: construction / boto3 {g['fast_vs_boto3']:.2f}x, "
+                      f"orjson / construction {g['orjson_vs_fast']:.2f}x (orjson with the collector on / "
+                      f"construction with it off: {g['fast_gc_off_vs_orjson_gc_on']:.2f}x)."]
     if result.get("profile"):
-        lines += ["", "Profile of the fast path (own time includes the garbage collections a function's "
-                  "allocations trigger):", "", "```", *result["profile"], "```"]
+        lines += ["", f"Profile (targets missed: {', '.join(result.get('profile_of', []))}; own time includes the "
+                  "garbage collections a function's allocations trigger):", "", "```", *result["profile"], "```"]
     return "\n".join(lines)
 
 
@@ -286,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="decode workload for the profiler (see benchmarks.decode)")
     parser.add_argument("--workload-seconds", type=float, required=True)
     parser.add_argument("--pages", type=int, default=3)
+    parser.add_argument("--way", choices=sorted(_WORKLOADS), default="construct")
     args = parser.parse_args(argv)
     bodies = inputs.decode_bodies(args.pages)
     inputs.release_pool()
     worker_gc()  # a worker's heap and collector settings, as in the measured runs
-    way = fast_path()
+    way = _WORKLOADS[args.way]()
     way(bodies[:1])  # warm-up: lazy imports
     run_workload(way, bodies, args.workload_seconds)
     return 0

@@ -35,7 +35,7 @@ import base64
 import string
 from dataclasses import dataclass
 from decimal import Context, Decimal
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import redis
 from pydantic import Field, field_validator
@@ -220,6 +220,7 @@ class RedisCacheSink(Sink):
         self.templates: tuple[KeyTemplate, ...] = self.templates_by_table.get("*", ())
         self._client: redis.Redis | None = None
         self.invalidated = 0  # keys deleted so far (for metrics and tests)
+        self._names_cache: dict[int, tuple[Sequence[KeyTemplate], tuple[str, ...]]] = {}
 
     def open(self, context: SinkContext) -> None:
         """Connect and PING. Raises FatalSinkError when Redis cannot be used."""
@@ -265,11 +266,14 @@ class RedisCacheSink(Sink):
         For each template (in configuration order), rendered against the old image then the new
         image, each merged with ``event.keys``; with neither image, against the keys alone.
         """
-        images = [img for img in (event.before, event.after) if img is not None] or [{}]
+        templates = self.templates_by_table.get(event.source.table, self.templates)
+        names = self._template_names(templates)
+        # only the attributes the templates name are decoded (issue 16), not the whole images
+        images = [img for img in (event.attributes("before", names), event.attributes("after", names))
+                  if img is not None] or [{}]
         merged = [{**img, **event.keys} for img in images]
         keys: list[str] = []
         seen: set[str] = set()
-        templates = self.templates_by_table.get(event.source.table, self.templates)
         for template in templates:
             for values in merged:
                 key = template.render(values)
@@ -277,6 +281,15 @@ class RedisCacheSink(Sink):
                     seen.add(key)
                     keys.append(key)
         return keys
+
+    def _template_names(self, templates: Sequence[KeyTemplate]) -> tuple[str, ...]:
+        """Every attribute name ``templates`` use, in first-use order (cached per template list)."""
+        cache = self._names_cache
+        names = cache.get(id(templates))
+        if names is None or names[0] is not templates:
+            ordered = dict.fromkeys(name for template in templates for name in template.fields)
+            names = cache[id(templates)] = (templates, tuple(ordered))
+        return names[1]
 
     def write(self, batch: Batch) -> None:
         """DEL (and PUBLISH) every key of the batch in one non-transactional pipeline.

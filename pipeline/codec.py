@@ -20,7 +20,7 @@ import binascii
 import math
 from datetime import datetime, timezone
 from decimal import Clamped, Context, Decimal, Inexact, InvalidOperation, Overflow, Underflow
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pipeline.errors import DecodeError
 from pipeline.events import ChangeEvent, Operation, Source
@@ -469,8 +469,8 @@ def is_ttl_delete(record: Mapping[str, Any]) -> bool:
 
 
 def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, shard_id: str,
-                  version_floor: int = 0) -> ChangeEvent:
-    """Decode one stream record (boto3 shape or Lambda JSON shape) into a :class:`ChangeEvent`.
+                  version_floor: int = 0, eager: bool = False) -> ChangeEvent:
+    """Read one stream record (boto3 shape or Lambda JSON shape) into a :class:`ChangeEvent`.
 
     ``record`` is one element of GetRecords' ``Records``: ``eventID``, ``eventName``
     (INSERT/MODIFY/REMOVE) and ``dynamodb`` (Keys, NewImage, OldImage, SequenceNumber,
@@ -479,8 +479,15 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
 
     ``version_floor`` is the shard's version floor from its lease (see :func:`record_version`).
 
-    Raises DecodeError (with what is wrong) for a record that cannot be decoded — including
-    images nested deeper than DynamoDB's 32 levels (:data:`MAX_NESTING_DEPTH`); the caller
+    What is checked *here*, at read time (issue 16): eventName, the ``dynamodb`` object, the
+    sequence number, ApproximateCreationDateTime, SizeBytes, StreamViewType, the Keys (decoded:
+    ``key_id`` needs them) and that NewImage / OldImage are objects or absent. The images are
+    kept as the parsed AttributeValue maps and decoded on first access of ``event.before`` /
+    ``event.after`` (``eager=True`` decodes them here, raising as the eager decoder always did).
+    A malformed image therefore surfaces as a DecodeError when a sink first reads it, and the
+    fan-out dead-letters the event's raw record (:mod:`pipeline.runtime.fanout`).
+
+    Raises DecodeError (with what is wrong) for a record that cannot be read — the caller
     dead-letters the raw record and goes on.
     """
     if type(record) is not dict and not isinstance(record, Mapping):
@@ -495,11 +502,15 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
     sequence_number = body.get("SequenceNumber")
     created = parse_creation_time(body.get("ApproximateCreationDateTime"))
     version = record_version(created, sequence_number, floor=version_floor)  # validates the sequence number
-    keys = decode_item(body.get("Keys"))
+    raw_keys = body.get("Keys")
+    keys = decode_item(raw_keys)
     if not keys:
         raise DecodeError("record has no Keys")
-    before = decode_item(body.get("OldImage"))
-    after = decode_item(body.get("NewImage"))
+    raw_old = body.get("OldImage")
+    raw_new = body.get("NewImage")
+    for part, image in (("OldImage", raw_old), ("NewImage", raw_new)):
+        if image is not None and type(image) is not dict and not isinstance(image, Mapping):
+            raise DecodeError(f"{part} must be an object of attributes, got {type(image).__name__}")
     size = body.get("SizeBytes", 0)
     if not isinstance(size, int) or isinstance(size, bool):
         raise DecodeError(f"SizeBytes {_preview(size)} is not an integer")
@@ -518,15 +529,34 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
         size_bytes=size,
         ttl_delete=operation is Operation.REMOVE and is_ttl_delete(record),
     )
-    return ChangeEvent(
-        operation=operation,
-        keys=keys,
-        key_id=key_id(keys),
-        before=before,
-        after=after,
-        source=source,
-        version=version,
-    )
+    event = ChangeEvent.from_raw(operation, raw_keys=raw_keys, raw_new_image=raw_new, raw_old_image=raw_old,
+                                 source=source, version=version, keys=keys, key_id=key_id(keys))
+    if eager:
+        error = event.decode_error()
+        if error is not None:
+            raise error
+    return event
+
+
+def event_from_item(item: Mapping[str, Any], key_names: "Sequence[str]", *, source: Source, version: int,
+                    operation: Operation = Operation.SNAPSHOT) -> ChangeEvent:
+    """A lazy event for one item read by Scan (a snapshot): ``after`` is the item, ``before`` None.
+
+    ``item`` is one element of Scan's ``Items`` (AttributeValue JSON — DynamoDB API reference,
+    Scan); ``key_names`` the table's key attribute names (KeySchema: partition key, then sort
+    key). The keys are taken from the item and decoded here; the rest of the item on first access
+    of ``event.after``.
+
+    Raises DecodeError when the item is not an object or lacks a key attribute.
+    """
+    if type(item) is not dict and not isinstance(item, Mapping):
+        raise DecodeError(f"item must be an object of attributes, got {type(item).__name__}")
+    missing = [name for name in key_names if name not in item]
+    if missing or not key_names:
+        raise DecodeError(f"item lacks key attribute(s) {missing or list(key_names)}")
+    raw_keys = {name: item[name] for name in key_names}
+    return ChangeEvent.from_raw(operation, raw_keys=raw_keys, raw_new_image=item, raw_old_image=None,
+                                source=source, version=version)
 
 
 def record_sequence_number(record: Any) -> str | None:

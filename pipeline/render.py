@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from pipeline.codec import decode_item, encode_item
+from pipeline.codec import decode_item
 from pipeline.errors import DecodeError
 from pipeline.events import ChangeEvent, Operation, Source
 
@@ -115,17 +115,23 @@ def event_to_record_dict(event: ChangeEvent) -> dict[str, Any]:
          "source": {"table", "stream_arn", "shard_id", "sequence_number", "event_id",
                     "approximate_creation_time" (ISO 8601 UTC) | null, "stream_view_type",
                     "size_bytes", "ttl_delete"}}
+
+    Keys and images are :meth:`ChangeEvent.typed_parts` — rendered from the wire form, byte for
+    byte what ``encode_item(decode_item(...))`` gives, without decoding what is canonical already.
+    The maps may share objects with the event's ``raw_*`` parts: treat the result as read-only.
+    Raises DecodeError when a part cannot be decoded.
     """
     src = event.source
     created = src.approximate_creation_time
+    keys, before, after = event.typed_parts()
     return {
         "op": event.op,
         "operation": event.operation.value,
         "key_id": event.key_id,
         "version": event.version,
-        "keys": encode_item(event.keys),
-        "before": encode_item(event.before),
-        "after": encode_item(event.after),
+        "keys": keys,
+        "before": before,
+        "after": after,
         "source": {
             "table": src.table,
             "stream_arn": src.stream_arn,

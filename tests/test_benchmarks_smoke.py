@@ -112,11 +112,14 @@ def test_quick_benchmark_runs_and_prints_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     assert "Machine: CPU " in text
-    for label in ("boto3 path", "fast path", "bare orjson.loads", "pipeline / fast decode"):
+    for label in ("boto3 path", "event construction", "full decode", "ours: render", "bare orjson.loads",
+                  "pipeline / fast decode", "pipeline with render sinks / render"):
         assert label in text
-    assert re.search(r"\| fast / boto3 +\| \d+\.\d\dx", text)
-    assert re.search(r"\| orjson / fast .*\| \d+\.\d\dx", text)
+    assert re.search(r"\| full decode / boto3 +\| \d+\.\d\dx", text)
+    assert re.search(r"\| orjson / event construction .*\| \d+\.\d\dx", text)
+    assert re.search(r"\| orjson / render .*\| \d+\.\d\dx", text)
     assert re.search(r"\| pipeline / fast decode +\| \d+\.\d\d", text)
+    assert re.search(r"\| pipeline with render sinks / render +\| \d+\.\d\d", text)
     data = orjson.loads(out_json.read_bytes())
     assert data["sections"]["decode"]["fast_vs_boto3"] > 0
     assert data["sections"]["pipeline"]["pipeline_vs_decode"] > 0

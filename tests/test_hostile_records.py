@@ -64,13 +64,32 @@ def hostile_records(deep: int = 2000) -> list[tuple[str, dict]]:
 @pytest.mark.parametrize("what,record", hostile_records(), ids=[w for w, _ in hostile_records()])
 def test_the_decoder_rejects_each_hostile_record_with_a_decode_error(what, record):
     with pytest.raises(DecodeError):
-        decode_record(record, table="orders", stream_arn=STREAM_ARN, shard_id="shardId-1")
+        decode_record(record, table="orders", stream_arn=STREAM_ARN, shard_id="shardId-1", eager=True)
+    if "nested" in what:  # an image problem: found on first access of the image (issue 16)
+        event = decode_record(record, table="orders", stream_arn=STREAM_ARN, shard_id="shardId-1")
+        for _ in range(2):  # every access raises, not only the first
+            with pytest.raises(DecodeError):
+                event.after
+        assert isinstance(event.decode_error(), DecodeError)
+    else:  # the parts every event needs: found when the record is read
+        with pytest.raises(DecodeError):
+            decode_record(record, table="orders", stream_arn=STREAM_ARN, shard_id="shardId-1")
 
 
 def test_32_levels_of_nesting_still_decode():
     rec = make_stream_record(event_name="INSERT", keys={"pk": "ok"}, new_image={"pk": "ok"})
     rec["dynamodb"]["NewImage"]["deep"] = nested(33)  # the attribute's own map and 32 below it
     assert decode_record(rec, table="orders", stream_arn=STREAM_ARN, shard_id="s").after["deep"]["a"]
+
+
+class ImageReadingSink(RecordingSink):
+    """A RecordingSink that reads ``after`` of every event before keeping the batch (as the
+    built-in sinks do), so an image that cannot be decoded raises inside ``write``."""
+
+    def write(self, batch):
+        for event in batch.events:
+            event.after
+        super().write(batch)
 
 
 def test_hostile_records_are_dead_lettered_and_the_shard_goes_on(tmp_path):
@@ -99,7 +118,7 @@ def _run_hostile(tmp_path):
     shard.records.extend(records)  # raw JSON shape, as the fast read path gives it
     path = tmp_path / "leases.sqlite"
     SQLiteLeaseStore(path).ensure_table()
-    sink = RecordingSink()
+    sink = ImageReadingSink()  # reads every image: a lazily found bad image is dead-lettered too
     dlq = DirectoryDeadLetterQueue(tmp_path / "dlq")
     worker = Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
                     lease_store=SQLiteLeaseStore(path), sinks=[sink], dead_letter=dlq, worker_id="w1",

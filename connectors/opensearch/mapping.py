@@ -55,6 +55,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from itertools import islice
 from typing import Any, Literal, Mapping
 
 import orjson
@@ -401,6 +402,74 @@ def typed_item(item: Mapping[str, Any]) -> dict[str, Any]:
     """
 
     return {escape_field_name(k, top_level=True): _typed_value(v) for k, v in item.items()}
+
+
+def typed_item_from_av(item: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`typed_item` from an item already in canonical AttributeValue JSON (what
+    :meth:`pipeline.events.ChangeEvent.typed_parts` gives): only the names are escaped, values
+    without a name to escape are reused as they are. ``typed_item_from_av(encode_item(x)) ==
+    typed_item(x)`` for every decoded item ``x`` (byte for byte once rendered as JSON).
+
+    The returned top-level dict is new; nested objects may be shared with the input (read-only).
+    """
+    from connectors.opensearch.sink import escape_field_name
+
+    cache = _ESCAPED_TOP
+    out: dict[str, Any] = {}
+    for name, av in item.items():
+        escaped = cache.get(name)
+        if escaped is None:
+            escaped = escape_field_name(name, top_level=True)
+            if len(cache) < _ESCAPE_CACHE_SIZE:
+                cache[name] = escaped
+        out[escaped] = av if ("M" not in av and "L" not in av) else _typed_av(av)
+    return out
+
+
+#: Escaped names by name (attribute names repeat from item to item); bounded, never evicted.
+_ESCAPED_TOP: dict[str, str] = {}
+_ESCAPED_NESTED: dict[str, str] = {}
+_ESCAPE_CACHE_SIZE = 65_536
+
+
+def _typed_av(av: dict[str, Any]) -> dict[str, Any]:
+    """One canonical AttributeValue with map names escaped at every level (the same object when
+    no name inside needs escaping)."""
+    inner = av.get("M")
+    if inner is not None and len(av) == 1:
+        out = None
+        for i, (name, child) in enumerate(inner.items()):
+            escaped = _ESCAPED_NESTED.get(name) or _escaped_nested(name)
+            typed = child if ("M" not in child and "L" not in child) else _typed_av(child)
+            if out is None:
+                if escaped == name and typed is child:
+                    continue
+                out = dict(islice(inner.items(), i))
+            out[escaped] = typed
+        return av if out is None else {"M": out}
+    inner = av.get("L")
+    if inner is not None and len(av) == 1:
+        items = None
+        for i, child in enumerate(inner):
+            typed = child if ("M" not in child and "L" not in child) else _typed_av(child)
+            if items is None:
+                if typed is child:
+                    continue
+                items = inner[:i]
+            items.append(typed)
+        return av if items is None else {"L": items}
+    return av
+
+
+def _escaped_nested(name: str) -> str:
+    escaped = _ESCAPED_NESTED.get(name)
+    if escaped is None:
+        from connectors.opensearch.sink import escape_field_name
+
+        escaped = escape_field_name(name)
+        if len(_ESCAPED_NESTED) < _ESCAPE_CACHE_SIZE:
+            _ESCAPED_NESTED[name] = escaped
+    return escaped
 
 
 def _typed_value(value: Any) -> dict[str, Any]:

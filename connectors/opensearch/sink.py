@@ -143,7 +143,7 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from connectors.opensearch.mapping import OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item
+from connectors.opensearch.mapping import OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item, typed_item_from_av
 from connectors.opensearch.names import (  # noqa: F401 (also this module's public names)
     ESCAPE_PREFIX,
     FLATTEN_PREFIX,
@@ -920,7 +920,11 @@ class OpenSearchSink(Sink):
 
     def _render_source(self, event: ChangeEvent, spec: MappingSpec, *, overflow: bool = False) -> bytes:
         """The ``_source`` bytes of an INSERT / MODIFY / SNAPSHOT for ``spec``. Raises _EventProblem."""
-        image = event.after
+        typed = spec.mode == "typed"
+        if typed:  # rendered from the wire form (issue 16): no decode → encode
+            typed_keys, _, image = event.typed_parts()
+        else:
+            image = event.after
         keys_only = False
         if image is None:
             view = event.source.stream_view_type or "not given"
@@ -929,11 +933,11 @@ class OpenSearchSink(Sink):
                     f"stream has no new image: use NEW_IMAGE or NEW_AND_OLD_IMAGES ({event.operation.value} "
                     f"record without NewImage although its stream view type is {view})"
                 )
-            image, keys_only = event.keys, True
+            image, keys_only = (typed_keys if typed else event.keys), True
         malformed: list[str] = []
         try:
-            if spec.mode == "typed":
-                document = typed_item(image)
+            if typed:
+                document = typed_item_from_av(image)
                 if overflow:
                     document = {OVERFLOW_FIELD: document}
             else:

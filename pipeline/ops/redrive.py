@@ -285,7 +285,8 @@ def _plan(entry_id: str, entry: DeadLetterEntry, sinks_by_name: Mapping[str, Any
             floor = entry.extra.get("version_floor", 0)
             event = decode_record(unjsonable(entry.raw_record), table=entry.table or "",
                                   stream_arn=entry.stream_arn, shard_id=entry.shard_id,
-                                  version_floor=floor if isinstance(floor, int) else 0)
+                                  version_floor=floor if isinstance(floor, int) else 0,
+                                  eager=True)  # images too: a still-bad image keeps the entry
         except Exception as exc:  # noqa: BLE001 — a hostile record is kept, never the end of the redrive
             reason = f"still undecodable: {exc if isinstance(exc, CdcError) else type(exc).__name__ + ': ' + str(exc)[:200]}"
             if not dry_run:

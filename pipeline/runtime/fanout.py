@@ -49,8 +49,10 @@ from tenacity import (
 )
 
 from pipeline import metrics
-from pipeline.deadletter import DeadLetterQueue, delivery_entry, utc_now
+from pipeline.codec import version_high
+from pipeline.deadletter import DeadLetterQueue, decode_entry, delivery_entry, utc_now
 from pipeline.errors import (
+    DecodeError,
     FatalSinkError,
     PartialSinkError,
     PermanentSinkError,
@@ -516,6 +518,22 @@ class FanOut:
             except RetriableSinkError as exc:
                 self._note_failure(state, exc)
                 raise
+            except DecodeError as exc:
+                # a lazily decoded image failed inside the sink (issue 16): its record is bad
+                # input, not a sink failure — dead-letter it as a decode entry, deliver the rest
+                self._note_failure(state, exc)
+                undecodable = [(ev, ev.decode_error()) for ev in pending]
+                undecodable = [(ev, err) for ev, err in undecodable if err is not None]
+                if not undecodable:  # a sink's own DecodeError, not an image of the batch: retry
+                    raise RetriableSinkError(f"unexpected {type(exc).__name__}: {exc}") from exc
+                for ev, err in undecodable:
+                    self._dead_letter_undecodable(runner, ev, err)
+                bad = {id(ev) for ev, _ in undecodable}
+                pending = [ev for ev in pending if id(ev) not in bad]
+                if pending:
+                    raise _Remaining(f"{len(pending)} events to write again after "
+                                     f"{len(undecodable)} undecodable one(s)") from exc
+                return
             except Exception as exc:  # a plugin bug or an unexpected library error: retry, never drop
                 self._note_failure(state, exc)
                 raise RetriableSinkError(f"unexpected {type(exc).__name__}: {exc}") from exc
@@ -606,7 +624,29 @@ class FanOut:
         state["last_failure"] = now
         state["last_error"] = f"{type(exc).__name__}: {exc}"[:2000]
 
+    def _dead_letter_undecodable(self, runner: SinkRunner, event: ChangeEvent, error: BaseException) -> None:
+        """Dead-letter an event whose image cannot be decoded as a ``decode`` entry holding its
+        raw record (:meth:`ChangeEvent.raw_record`) — the entry the shard consumer would have
+        written had the image been decoded at read time; its id does not name the sink, so
+        every sink that meets the record rewrites the one entry."""
+        src = event.source
+        entry = decode_entry(event.raw_record(), table=src.table, stream_arn=src.stream_arn,
+                             shard_id=src.shard_id, sequence_number=src.sequence_number,
+                             error=f"{type(error).__name__}: {error}"[:4000],
+                             version_floor=version_high(event.version))
+        entry_id = self.dead_letter.put(entry)
+        metrics.DECODE_ERRORS.labels(table=src.table).inc()
+        self.log.error("record_decode_failed", sink=runner.name, shard_id=src.shard_id,
+                       sequence_number=src.sequence_number, key_id=event.key_id,
+                       error=str(error)[:500], dead_letter_id=entry_id, when="first access of an image")
+
     def _dead_letter(self, runner: SinkRunner, event: ChangeEvent, reason: str, state: dict) -> None:
+        error = event.decode_error()
+        if error is not None:  # a delivery entry holds the rendered event, which this one has not
+            self._dead_letter_undecodable(runner, event, error)
+            runner.stats.dead_lettered += 1
+            metrics.SINK_DEAD_LETTERED.labels(sink=runner.name).inc()
+            return
         now = utc_now()
         first: datetime = state.get("first_failure") or now
         entry = delivery_entry(
