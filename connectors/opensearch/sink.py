@@ -143,7 +143,7 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from connectors.opensearch.mapping import OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item, typed_item_from_av
+from connectors.opensearch.mapping import OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item_from_av
 from connectors.opensearch.names import (  # noqa: F401 (also this module's public names)
     ESCAPE_PREFIX,
     FLATTEN_PREFIX,
