@@ -20,6 +20,8 @@ Secrets never reach the logs:
 
 from __future__ import annotations
 
+import json
+
 import logging
 import re
 import sys
@@ -44,7 +46,8 @@ def register_secret(value: str | None) -> None:
     are ignored."""
     if not value or len(value) < MIN_SECRET_LENGTH:
         return
-    forms = {value, orjson.dumps(value).decode()[1:-1], repr(value)[1:-1]}
+    # orjson keeps UTF-8; json.dumps (structlog's JSONRenderer, stdlib formatters) escapes it as \uXXXX
+    forms = {value, orjson.dumps(value).decode()[1:-1], json.dumps(value)[1:-1], repr(value)[1:-1]}
     with _secrets_lock:
         _secrets.update(f for f in forms if len(f) >= MIN_SECRET_LENGTH)
 

@@ -314,3 +314,35 @@ def test_a_redriven_decode_entry_keeps_its_shards_version_floor(tmp_path):
     report = redrive(dlq, {"recording": sink}, logger=structlog.get_logger())
     assert [r.status for r in report.results] == ["delivered"]
     assert sink.written[0].version >> 32 == floor
+
+
+def test_a_young_child_whose_first_record_is_after_its_starting_number_is_no_gap(tmp_path):
+    """A shard younger than the 24 h retention cannot have lost its head (its id carries its
+    creation time): a first record above StartingSequenceNumber is how the service numbers
+    records then, not a gap — the shard is read and nothing is recorded (no false stop)."""
+    import time as _time
+
+    fake = FakeStreams(seed=12)
+    parent = fake.open_shard()
+    fake.put(parent, change("INSERT", "p0", 1, T0))
+    fake.shards[parent].closed = True
+    child = fake.open_shard(parent=parent, created_ms=int(_time.time() * 1000))
+    child_seqs = [fake.put(child, change("INSERT", f"c{i}", 1, T0 + 1)) for i in range(3)]
+    path = tmp_path / "leases.sqlite"
+    fake.fail_get_records(parent, 0, "ProvisionedThroughputExceededException", times=None)
+    sink = RecordingSink()
+    worker = make_worker(fake, path, [sink], on_trimmed="fail")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        store = SQLiteLeaseStore(path)
+        wait_until(lambda: len(store.list_leases()) == 2, "both leases created")
+        fake.trim_head(child, 1)  # the first record the worker sees is above StartingSequenceNumber
+        with fake._lock:
+            fake._failures.clear()
+        wait_until(lambda: {"c1", "c2"} <= {e.key_id for e in sink.written}, "the child read")
+    finally:
+        worker.stop()
+        thread.join(15)
+    assert store.list_gaps() == [] and worker.failed == []
+    assert child_seqs[0] not in {e.sequence_number for e in sink.written}

@@ -57,6 +57,26 @@ def test_tracebacks_and_library_lines_carry_no_secret(log_stream):
     assert '"locals"' not in text
 
 
+@pytest.mark.parametrize("secret", ["Pässwört-2024!-long", 'quo"te\\back-slash-pw', "пароль-секрет-123"])
+def test_a_secret_with_non_ascii_quotes_or_backslashes_is_scrubbed_in_every_renderer(log_stream, secret):
+    """structlog's JSON renderer and the stdlib formatter escape non-ASCII as \\uXXXX and quote
+    ``"`` and ``\\``: the scrubber knows those forms too (a reviewer found the secret readable)."""
+    register_secrets_of({"aws": {"secret_access_key": secret}})
+    log = get_logger(worker_id="w1")
+    log.warning("connect_failed", detail=f"key={secret}")
+    try:
+        raise RuntimeError(f"bad key {secret}")
+    except RuntimeError:
+        log.exception("shard_failed")
+    logging.getLogger("botocore.credentials").warning("loaded key %s", secret)
+    text = log_stream.getvalue()
+    import json as _json
+
+    for form in {secret, _json.dumps(secret)[1:-1], orjson.dumps(secret).decode()[1:-1], repr(secret)[1:-1]}:
+        assert form not in text, (form, text)
+    assert "connect_failed" in text and "shard_failed" in text
+
+
 @pytest.mark.parametrize("url,leak", [
     ("redis://:hunter2hunter2@127.0.0.1:6379/0", "hunter2hunter2"),
     ("redis://127.0.0.1:6379/0?password=hunter2hunter2", "hunter2hunter2"),

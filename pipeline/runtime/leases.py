@@ -77,7 +77,8 @@ class LeaseCoordinator:
 
     # -- shards → leases -----------------------------------------------------------------------
 
-    def sync_shards(self, table: str, stream_arn: str, shards: Iterable[ShardInfo], start_position: str) -> list[Lease]:
+    def sync_shards(self, table: str, stream_arn: str, shards: Iterable[ShardInfo], start_position: str,
+                    *, whole_stream: bool = False) -> list[Lease]:
         """Create a lease for every shard of ``stream_arn`` that has none yet.
 
         On the first sync of a stream (no lease of it exists) shards start at ``start_position``;
@@ -88,7 +89,9 @@ class LeaseCoordinator:
         A LATEST lease is made concrete by the first reader that takes it, before it delivers
         anything (``AT_TIMESTAMP:`` then ``AT_SEQUENCE_NUMBER:`` checkpoints; see
         :meth:`pipeline.runtime.shard_consumer.ShardConsumer._resolve_latest`), so a hand-off never
-        takes a fresh LATEST iterator. Returns the leases created.
+        takes a fresh LATEST iterator. ``whole_stream``: every record of this stream must be read
+        (a table's new stream followed after an older one), so its first shards record their
+        StartingSequenceNumber too. Returns the leases created.
         """
         shards = list(shards)
         existing = {lease.shard_id for lease in self.store.list_leases() if lease.stream_arn == stream_arn}
@@ -104,7 +107,8 @@ class LeaseCoordinator:
                 checkpoint = TRIM_HORIZON
             # a shard whose parent this table reads, or any shard found after the first sync, must
             # be read from its first record: remember where that is, to see a trimmed head
-            from_start = checkpoint == TRIM_HORIZON and (not first_sync or shard.parent_shard_id in known)
+            from_start = checkpoint == TRIM_HORIZON and (whole_stream or not first_sync
+                                                         or shard.parent_shard_id in known)
             lease = Lease(
                 lease_key=lease_key_for(table, stream_arn, shard.shard_id),
                 table=table,

@@ -396,9 +396,16 @@ class ShardConsumer(threading.Thread):
         TRIM_HORIZON never raises TrimmedDataAccessException for that, so it is checked here and
         handled as any gap: recorded, counted, logged; ``on_trimmed: fail`` stops the shard
         (TrimmedDataError), ``skip`` goes on with this page."""
-        expected, self._expected_start = self._expected_start, None
-        first = record_sequence_number(records[0]) if records else None
-        if first is None or not expected.isdigit() or int(first) <= int(expected):
+        expected = self._expected_start
+        first = next((seq for seq in map(record_sequence_number, records) if seq and seq.isdigit()), None)
+        if first is None:
+            return  # no valid sequence number on this page (hostile records): check the next page
+        self._expected_start = None
+        if not expected.isdigit() or int(first) <= int(expected):
+            return
+        if not shard_may_be_trimmed(self.shard_id, time.time()):
+            # younger than the 24 h retention: nothing of it can have been trimmed, so a first record
+            # later than StartingSequenceNumber is only how the service numbers records, not a gap
             return
         exc = TrimmedDataError(f"shard {self.shard_id} starts at sequence number {expected}, but its first "
                                f"readable record is {first}: its head was trimmed before it was read")
@@ -690,6 +697,28 @@ class ShardConsumer(threading.Thread):
         except ShardNotFoundError as exc:
             raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream "
                                      f"(checkpoint {position}): {exc}") from exc
+
+
+#: DynamoDB Streams keeps records 24 hours (DynamoDB developer guide, "Change data capture for
+#: DynamoDB Streams"), so a shard created less than this long ago cannot have lost its head.
+STREAM_RETENTION_S = 24 * 3600
+
+
+def shard_created_epoch(shard_id: str) -> float | None:
+    """A DynamoDB Streams shard's creation time from its id, epoch seconds: the id is
+    ``shardId-<creation time, ms, 20 digits>-<8 hex>`` (e.g. ``shardId-00000001700000000000-0000000a``
+    — DynamoDB Streams API reference, DescribeStream examples). None for any other form."""
+    parts = shard_id.split("-")
+    if len(parts) >= 3 and parts[0] == "shardId" and parts[1].isascii() and parts[1].isdigit():
+        return int(parts[1]) / 1000.0
+    return None
+
+
+def shard_may_be_trimmed(shard_id: str, now_s: float) -> bool:
+    """False only when the shard id proves the shard is younger than the 24 h retention (then no
+    record of it was trimmed yet); True otherwise, also when the id has another form."""
+    created = shard_created_epoch(shard_id)
+    return created is None or now_s - created >= STREAM_RETENTION_S
 
 
 def _from_oldest(position: str) -> bool:

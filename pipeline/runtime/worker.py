@@ -351,7 +351,8 @@ class Worker:
                     shards = []  # an older stream that is gone: its leases end as vanished shards (a gap)
                 self._shards[source.stream_arn] = shards
                 start = TRIM_HORIZON if source.stream_arn in successors else self.start_position
-                self.coordinator.sync_shards(source.table, source.stream_arn, shards, start)
+                self.coordinator.sync_shards(source.table, source.stream_arn, shards, start,
+                                             whole_stream=source.stream_arn in successors)
                 self.coordinator.remove_finished_parents(source.stream_arn, [s.shard_id for s in shards])
             except TransientError as exc:
                 ok = False
