@@ -57,7 +57,7 @@ from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import CdcError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.render import event_to_record_dict
-from tests.helpers import json_log_events
+from tests.helpers import json_log_events, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -541,10 +541,17 @@ def test_crash_loop_sigkill_20_times_loses_nothing_and_never_checkpoints_ahead_o
     stack.start_workload(rate_per_s=40)
     kills = []
     for cycle in range(20):
+        previous = stack.history.latest()
         worker = stack.start_worker()
         worker.wait_event("shard_consumer_started", timeout=30)
         delay = rng.uniform(0.3, 2.0)
         time.sleep(delay)
+        if cycle % 2 == 0:
+            # every other cycle is killed only once this process moved the checkpoint, so the loop
+            # kills right after checkpoints too (and makes progress) however slow the machine is;
+            # the other cycles are killed at a random moment, mid-batch or before the first flush
+            wait_until(lambda: stack.history.latest() not in (previous, None, TRIM_HORIZON, LATEST),
+                       f"cycle {cycle}: a new checkpoint", timeout=60, interval=0.05)
         assert worker.proc.poll() is None, f"cycle {cycle}: the worker exited by itself; log:\n{worker.tail()}"
         before = stack.history.latest()
         worker.proc.send_signal(signal.SIGKILL)
