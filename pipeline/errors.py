@@ -95,3 +95,15 @@ class TransientSourceError(SourceError, TransientError):
 class TransientCheckpointStoreError(CheckpointStoreError, TransientError):
     """The lease table failed transiently (see :class:`TransientError`); a conditional-write
     failure is never this (it is :class:`LeaseLostError`)."""
+
+
+class SnapshotError(CdcError):
+    """A snapshot (initial load / backfill) cannot go on: the table cannot be scanned, an export
+    is not in the DYNAMODB_JSON layout, or its progress cannot be stored. The message names the
+    table or S3 object and the fix."""
+
+
+class SnapshotThrottledError(SnapshotError, TransientError):
+    """DynamoDB throttled a Scan (ProvisionedThroughputExceededException, ThrottlingException,
+    RequestLimitExceeded) or failed transiently after the client's retries: the snapshot backs off
+    and retries the same page, never gives up on it."""

@@ -12,6 +12,7 @@ Commands::
     ddb-cdc dlq redrive [--sink NAME] [--id ID] [--dry-run]   re-deliver entries, remove those delivered
     ddb-cdc checkpoints list|export|import|set   read and move checkpoints (safe while workers run)
     ddb-cdc replay --from …|--from-archive s3://… --sink NAME   re-deliver changes into chosen sinks
+    ddb-cdc snapshot [--sink NAME] [--segments N] [--max-rcu R] [--from-export s3://…]   load existing items
 
 Exit codes: 0 success; 1 runtime failure (a shard failed, a check did not hold); 2 invalid
 configuration or usage (one line per problem on stderr, no traceback).
@@ -298,12 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("--dry-run", action="store_true", help="show what would be redriven; change nothing")
     dlq.set_defaults(func=cmd_dlq)
 
-    from connectors.app import cli_checkpoints, cli_opensearch, cli_replay, cli_workload
+    from connectors.app import cli_checkpoints, cli_opensearch, cli_replay, cli_snapshot, cli_workload
 
     cli_checkpoints.add_parser(sub)
     cli_replay.add_parser(sub)
     cli_workload.add_parser(sub)
     cli_opensearch.add_parser(sub)
+    cli_snapshot.add_parser(sub)
     return parser
 
 

@@ -6,6 +6,9 @@ What the archive is (written by the ``s3_audit`` sink, see :mod:`connectors.s3.a
 
     {prefix}/{table}/dt=YYYY-MM-DD/{shard_id}/{first_seq}-{last_seq}.jsonl.gz
 
+and, for snapshot events, ``{prefix}/{table}/snapshot={id}/seg{NNNNN}/{first}-{last}.jsonl.gz``
+(each segment read as one shard, before the table's stream shards);
+
 one gzip object per upload of one shard's buffer, one typed JSON line per change event, ``dt`` the
 UTC date of the object's *first* event (``dt=unknown`` when it had no creation time). Each object's
 user metadata ``parent-shard-ids`` names the shard's parents (comma-joined; may be empty).
@@ -68,6 +71,7 @@ from pipeline.errors import CdcError, ConfigError, DecodeError
 from pipeline.events import Batch, ChangeEvent
 from pipeline.render import event_from_record_dict
 from pipeline.replay.report import ReplayReport, ShardReplay
+from pipeline.snapshot.items import parse_snapshot_shard_id, snapshot_shard_id
 
 #: Most events in one Batch (the same bound as one GetRecords call).
 BATCH_MAX_EVENTS = 1000
@@ -76,6 +80,9 @@ FLUSH_EVERY_BATCHES = 20
 #: File name ending of audit objects.
 OBJECT_SUFFIX = ".jsonl.gz"
 
+_SNAPSHOT_KEY_RE = re.compile(
+    r"^(?P<table>[^/]+)/snapshot=(?P<id>[^/]+)/seg(?P<segment>[0-9]{5})/(?P<first>[0-9]+)-(?P<last>[0-9]+)\.jsonl\.gz$"
+)
 _KEY_RE = re.compile(
     r"^(?P<table>[^/]+)/dt=(?P<day>[^/]+)/(?P<shard>[^/]+)/(?P<first>[0-9]+)-(?P<last>[0-9]+)\.jsonl\.gz$"
 )
@@ -164,7 +171,11 @@ def parse_object_key(key: str, prefix: str) -> ArchiveObject | None:
         return None
     match = _KEY_RE.match(key[len(base):])
     if match is None:
-        return None
+        snap = _SNAPSHOT_KEY_RE.match(key[len(base):])
+        if snap is None:
+            return None
+        return ArchiveObject(key=key, table=snap["table"], shard_id=snapshot_shard_id(snap["id"], int(snap["segment"])),
+                             first_seq=snap["first"], last_seq=snap["last"], day=None)
     try:
         day = partition_day(match["day"])
     except ValueError:
@@ -188,7 +199,9 @@ def group_objects(objects: Iterable[ArchiveObject]) -> list[ArchiveShard]:
 def order_shards(shards: Iterable[ArchiveShard]) -> list[ArchiveShard]:
     """Shards in replay order: tables by name; within a table, parents before children
     (topological), ties by (first sequence number as int, shard id). A parent that is not among
-    ``shards`` is ignored (the child is a root). A cycle is broken at its smallest shard."""
+    ``shards`` is ignored (the child is a root). A cycle is broken at its smallest shard.
+    Snapshot segments (``snapshot=…`` folders) come before the table's stream shards: they are
+    the base state, and every later stream change outranks them (pipeline.snapshot.version)."""
     by_table: dict[str, dict[str, ArchiveShard]] = {}
     for shard in shards:
         by_table.setdefault(shard.table, {})[shard.shard_id] = shard
@@ -201,8 +214,8 @@ def order_shards(shards: Iterable[ArchiveShard]) -> list[ArchiveShard]:
             for parent in parents:
                 children.setdefault(parent, []).append(sid)
 
-        def rank(sid: str) -> tuple[int, str]:
-            return members[sid].first_sequence_key, sid
+        def rank(sid: str) -> tuple[bool, int, str]:  # snapshot segments before stream shards
+            return parse_snapshot_shard_id(sid) is None, members[sid].first_sequence_key, sid
 
         ready = [rank(sid) for sid, parents in waiting.items() if not parents]
         heapq.heapify(ready)
