@@ -126,6 +126,11 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.metrics import track_worker
 
         track_worker(worker)
+    initial = None
+    if settings.source.initial_snapshot:  # issue 17: decided before the worker creates any lease
+        from connectors.snapshot.initial import start_for_worker
+
+        initial = start_for_worker(settings, worker, logger=get_logger())
 
     def on_signal(signum, _frame):
         worker.stop_from_signal(signum)  # assigns an attribute only: safe when signals repeat
@@ -133,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)  # from here on a signal is a graceful stop
     signal.signal(signal.SIGINT, on_signal)
     code = worker.run()
+    if initial is not None:
+        initial.stop()
     if code != EXIT_OK:
         reasons = "; ".join(f"shard {shard} {outcome}: {error}" for shard, outcome, error in worker.failed) or "shutdown did not finish in time"
         _err(f"worker stopped with failures ({reasons}); see the log lines above for each shard's error")
@@ -237,12 +244,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         return sources
 
     report = gather_status(store, describe_sources, failover_time_s=cfg.failover_time_s)
+    from pipeline.snapshot.status import render_snapshot_rows, snapshot_rows
+
+    try:  # issue 17: snapshots in progress (and done) from the lease store's snapshot namespace
+        from pipeline.snapshot.progress import SnapshotProgressStore
+
+        snapshots = snapshot_rows(SnapshotProgressStore(store, "status").list_snapshots())
+    except CdcError as exc:
+        snapshots = [{"error": str(exc)}]
     if args.json:
         import orjson
 
-        print(orjson.dumps(status_to_dict(report), option=orjson.OPT_INDENT_2).decode())
+        print(orjson.dumps({**status_to_dict(report), "snapshots": snapshots}, option=orjson.OPT_INDENT_2).decode())
     else:
         render_status(report)
+        render_snapshot_rows([r for r in snapshots if "error" not in r])
     return EXIT_OK
 
 

@@ -30,6 +30,10 @@ from pipeline.errors import SnapshotError, SnapshotThrottledError
 from pipeline.snapshot.items import key_from_json, key_to_json
 from pipeline.snapshot.runner import Page
 
+#: Most items asked for per Scan page (``Limit``): one page is one batch to the sinks, and a
+#: 1 MB page of small items (DynamoDB Local returns ~5,000 of 140 bytes) would make a batch too
+#: large to checkpoint often.
+MAX_PAGE_ITEMS = 1000
 _EVENT = "before-parse.dynamodb.Scan"
 _UNIQUE_ID = "ddb-cdc-fast-scan"
 _THROTTLING = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
@@ -110,8 +114,7 @@ class ScanReader:
             kwargs.update(Segment=segment, TotalSegments=self.segments)
         if position is not None:
             kwargs["ExclusiveStartKey"] = key_from_json(position)
-        if limit:
-            kwargs["Limit"] = limit
+        kwargs["Limit"] = min(limit or MAX_PAGE_ITEMS, MAX_PAGE_ITEMS)
         read_at = datetime.now(timezone.utc)
         try:
             resp = self.client.scan(**kwargs)
