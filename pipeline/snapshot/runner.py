@@ -291,7 +291,10 @@ class SnapshotRunner:
         r = self.report
         r.elapsed_s = self.clock() - started
         r.items_this_run = r.items - self._items_at_start
-        if error is not None:
+        if error is not None and self.stop_event.is_set():  # a write cut short by the stop: resumable
+            r.ended, r.error = "stopped", error
+            self.log.info("snapshot_stopped", items=r.items, segments_done=r.segments_done, detail=error[:300])
+        elif error is not None:
             r.ended, r.error = "failed", error
             self.log.error("snapshot_failed", error=error[:500], items=r.items)
         elif r.segments_done == r.segments:
