@@ -24,6 +24,7 @@ watches the stream consumer's lag and throttles the snapshot first.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from datetime import datetime, timezone
@@ -53,13 +54,14 @@ class InitialSnapshot:
 
     ``settings``: the worker's; ``lease_store``: the live store (not namespaced); ``owner``: the
     worker's lease owner; ``stopping()``: True once the worker stops; ``retention_s``: the
-    stream's retention (24 h; tests scale it down); ``run_snapshot``: injectable for tests.
+    stream's retention (24 h; tests scale it down); ``lag_window_s``: the lag judged is the largest
+    sampled over this many seconds (a caught-up empty read between late pages reads as 0).
     """
 
     def __init__(self, settings: Any, *, table: str, lease_store: Any, owner: str, logger: Any,
                  stopping: Callable[[], bool], failover_time_s: float = 10.0,
                  retention_s: float = STREAM_RETENTION_S, max_rcu: float | None = None,
-                 segments: int | None = None):
+                 segments: int | None = None, lag_window_s: float = 60.0):
         self.settings = settings
         self.table = table
         self.live = lease_store
@@ -71,6 +73,8 @@ class InitialSnapshot:
         self.retention_s = retention_s
         self.max_rcu = max_rcu
         self.segments = segments
+        self.lag_window_s = lag_window_s
+        self._lag_samples: collections.deque = collections.deque()
         self.stop_event = threading.Event()
         self.limiter: RcuLimiter | None = None
         self.assessment = RetentionAssessment("ok", 0.0, 1.0, 0.0)
@@ -189,7 +193,12 @@ class InitialSnapshot:
                           if lease.table == self.table and not lease.finished), default=0)
         except Exception:  # noqa: BLE001 - the lease store is watched by the worker itself
             return
-        new = assess(behind, self.retention_s)
+        now = time.monotonic()
+        self._lag_samples.append((now, behind))
+        while self._lag_samples and self._lag_samples[0][0] < now - self.lag_window_s:
+            self._lag_samples.popleft()
+        # the largest lag of the window: an empty read between two late pages reads as 0 behind
+        new = assess(max(b for _, b in self._lag_samples), self.retention_s)
         if new.level != self.assessment.level:
             event = {"ok": "snapshot_stream_caught_up", "warn": "snapshot_stream_behind",
                      "alarm": "snapshot_stream_near_trim_horizon"}[new.level]
