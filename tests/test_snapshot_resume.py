@@ -67,6 +67,16 @@ def test_kill_9_mid_snapshot_then_rerun_resumes_and_the_sinks_end_the_same(tmp_p
     at_kill = store.running(made.table_name)
     assert at_kill is not None and at_kill.items < 4000
 
+    # `ddb-cdc status` shows the snapshot in progress
+    from connectors.app.cli import main
+    import contextlib, io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["status", "--config", str(cfg), "--json"]) == 0
+    (row,) = [r for r in orjson.loads(out.getvalue())["snapshots"] if r["table"] == made.table_name]
+    assert row["state"] == "running" and row["items"] == at_kill.items and row["segments"] == 4
+    assert row["age_s"] >= 0 and row["snapshot_id"] == at_kill.meta.snapshot_id
+
     second = subprocess.run(args[:-3] + ["--max-rcu", "0", "--json"], env=_env(), capture_output=True, cwd=tmp_path,
                             timeout=300)
     assert second.returncode == 0, second.stderr.decode()[-2000:]

@@ -223,7 +223,7 @@ def order_shards(shards: Iterable[ArchiveShard]) -> list[ArchiveShard]:
         while len(done) < len(members):
             if not ready:  # a cycle in the metadata: release the smallest shard still waiting
                 heapq.heappush(ready, min(rank(sid) for sid in members if sid not in done))
-            _, sid = heapq.heappop(ready)
+            *_, sid = heapq.heappop(ready)
             if sid in done:
                 continue
             done.add(sid)
