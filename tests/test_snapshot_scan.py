@@ -112,3 +112,32 @@ def test_dry_run_changes_nothing(setup, capsys, tmp_path):
 def test_unknown_sink_is_a_usage_error(setup, capsys):
     made, s3, bucket, index, cfg, os_url = setup
     assert main(["snapshot", "--config", str(cfg), "--sink", "nope"]) == 2
+
+
+def test_a_fresh_index_gets_its_gc_deletes_raised_before_the_snapshot_reads(opensearch_url):
+    """A snapshot into an index that does not exist yet (a first start) must still hold tombstones:
+    otherwise a live delete made while the snapshot runs is undone by the snapshot's older image."""
+    import json
+    import urllib.request
+
+    import structlog
+
+    from pipeline.config import Settings
+    from pipeline.registry import build_sinks
+    from pipeline.replay.stream import guard_sinks
+    from pipeline.sink import SinkContext
+
+    index = f"fresh-{uuid.uuid4().hex[:6]}"
+    settings = Settings(source={"table": "fresh"},
+                        sinks=[{"name": "search", "type": "opensearch", "options": {"hosts": [opensearch_url],
+                                                                                   "index": index}}])
+    (sink,) = build_sinks(settings.sinks, "test")
+    guard_sinks([sink], gc_deletes="12h", repair=False, tables=["fresh"])
+    sink.open(SinkContext(sink_name="search", worker_id="t", logger=structlog.get_logger(), aws=None, dead_letter=None))
+    try:
+        found = json.loads(urllib.request.urlopen(f"{opensearch_url}/{index}/_settings", timeout=30).read())
+        assert {v["settings"]["index"].get("gc_deletes") for v in found.values()} == {"12h"}, found
+    finally:
+        sink.close()
+    found = json.loads(urllib.request.urlopen(f"{opensearch_url}/{index}/_settings", timeout=30).read())
+    assert {v["settings"]["index"].get("gc_deletes") for v in found.values()} == {None}, "put back at close"
