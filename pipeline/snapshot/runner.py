@@ -133,6 +133,7 @@ class SnapshotRunner:
             version=self.meta.version, started_at=self.meta.started_at, segments=self.meta.segments,
             sinks=list(sink_names), resumed=any(s.items or s.done for s in state.segments),
             total_items_hint=total_items_hint, export=self.meta.export)
+        self._items_at_start = 0
         self._refresh_report()
         self._items_at_start = self.report.items
 
@@ -233,6 +234,7 @@ class SnapshotRunner:
         r.dead_lettered = sum(s.dead_lettered for s in segs)
         r.segments_done = sum(1 for s in segs if s.done)
         r.throttles = self._throttles
+        r.items_this_run = r.items - self._items_at_start
 
     def run(self) -> SnapshotReport:
         """Run to the end (or a stop / failure); see the class doc."""
