@@ -9,7 +9,7 @@ import pytest
 
 from connectors.s3.audit import audit_object_key
 from pipeline.codec import record_version
-from pipeline.replay.archive import ArchiveShard, group_objects, order_shards, parse_object_key
+from pipeline.replay.archive import group_objects, order_shards, parse_object_key
 from pipeline.snapshot.items import (key_from_json, key_to_json, parse_snapshot_shard_id, snapshot_event,
                                      snapshot_shard_id)
 from pipeline.snapshot.plan import default_segments
