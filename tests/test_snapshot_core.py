@@ -99,3 +99,36 @@ def test_limiter_debt_and_slow_down():
     lim.spend(1.0)
     assert lim.wait_s() == pytest.approx(1.0)
     assert RcuLimiter(0).page_limit() is None and RcuLimiter(None).wait_s() == 0
+
+
+def test_initial_snapshot_decision(tmp_path):
+    import structlog
+
+    from connectors.snapshot.initial import InitialSnapshot
+    from connectors.sqlite_store import SQLiteLeaseStore
+    from pipeline.checkpoint import Lease
+
+    log = structlog.get_logger()
+
+    def make(store, owner):
+        return InitialSnapshot(None, table="orders", lease_store=store, owner=owner, logger=log, stopping=lambda: False)
+
+    fresh = SQLiteLeaseStore(tmp_path / "a.sqlite")
+    fresh.ensure_table()
+    fresh.create_lease_if_absent(Lease(lease_key="orders:l:s1", table="orders", stream_arn="a/l", shard_id="s1",
+                                       checkpoint="LATEST"))
+    first = make(fresh, "w1")
+    assert first.decide() and first.state == "waiting"  # no checkpoint yet: a first start
+    claim = fresh.in_namespace("snapshot").get_lease("orders:initial")
+    assert claim is not None and claim.owner == "w1"
+    assert make(fresh, "w2").decide(), "another worker of the group sees the unfinished claim"
+    fresh.in_namespace("snapshot").checkpoint(claim, '{"state": "done"}')
+    assert not make(fresh, "w3").decide(), "done: never again"
+
+    running = SQLiteLeaseStore(tmp_path / "b.sqlite")
+    running.ensure_table()
+    running.create_lease_if_absent(Lease(lease_key="orders:l:s1", table="orders", stream_arn="a/l", shard_id="s1",
+                                         checkpoint="000000000000000000123"))
+    late = make(running, "w1")
+    assert not late.decide() and late.state == "skipped", "a group with checkpoints is not snapshotted behind its back"
+    assert running.in_namespace("snapshot").get_lease("orders:initial") is None
