@@ -201,3 +201,32 @@ def test_scan_reader_maps_throttling_to_a_backoff(aws_env):
         with pytest.raises(SnapshotError) as err:
             reader.read_page(0, None, None)
         assert not isinstance(err.value, SnapshotThrottledError)
+
+
+def test_progress_in_the_dynamodb_lease_table(aws_env, dynamodb_local):
+    """Snapshot records and segment checkpoints in a DynamoDB lease table (KCL layout), namespaced."""
+    from datetime import datetime, timezone
+
+    from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
+    from pipeline.awsconfig import AwsConfig
+    from pipeline.snapshot.progress import SegmentProgress, SnapshotMeta
+
+    lease_table = DynamoDBLeaseStore(AwsConfig(region="us-east-1", dynamodb_endpoint_url=dynamodb_local.endpoint),
+                                     f"leases-{uuid.uuid4().hex[:8]}")
+    lease_table.ensure_table()
+    store = SnapshotProgressStore(lease_table, "w1")
+    meta = SnapshotMeta(table="orders", snapshot_id="s1", started_at=datetime.now(timezone.utc), version=7 << 32,
+                        segments=2)
+    store.create(meta)
+    store.save_segment(meta, SegmentProgress(1, position={"pk": {"B64": "AAE="}}, items=10, pages=1, rcu=2.5))
+    assert lease_table.list_leases() == [], "the live consumer's namespace sees nothing"
+    state = SnapshotProgressStore(lease_table, "w2").running("orders")
+    assert state is not None and state.items == 10 and state.segments[1].position == {"pk": {"B64": "AAE="}}
+    other = SnapshotProgressStore(lease_table, "w2")
+    other.take(state.meta)  # a rerun takes the leases over ...
+    from pipeline.errors import LeaseLostError
+    with pytest.raises(LeaseLostError):  # ... and the first owner can no longer move a checkpoint
+        store.save_segment(meta, SegmentProgress(1, items=11))
+    meta.state = "done"
+    other.save_meta(meta)
+    assert other.running("orders") is None and other.finished("orders").meta.snapshot_id == "s1"
