@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--sections decode,pipeline,scale,memory,latency] [--json FILE]``
+"""``python -m benchmarks [--quick] [--sections decode,pipeline,scale,memory,latency,snapshot] [--json FILE]``
 
 Prints the machine, then one table per section (medians over the repetitions, ratios from the
 same run), then every target with its verdict. ``--quick`` runs small inputs and few repetitions
@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import describe_machine, machine, table
 
-SECTIONS = ("decode", "pipeline", "scale", "memory", "latency")
+SECTIONS = ("decode", "pipeline", "scale", "memory", "latency", "snapshot")
 
 
 def _parse_sections(text: str) -> list[str]:
@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     backlog=args.backlog if args.backlog is not None
                                                     else (0 if quick else 1000),
                                                     max_pages_in_flight=args.max_pages_in_flight), memory.report)
+    if "snapshot" in args.sections:
+        from benchmarks import snapshot_bench
+
+        section("snapshot", lambda: snapshot_bench.run_snapshot_bench(items=3_000 if quick else 20_000,
+                                                                      repetitions=reps or (1 if quick else 3)),
+                snapshot_bench.report)
     if "latency" in args.sections:
         try:
             from benchmarks import latency

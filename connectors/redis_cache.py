@@ -44,7 +44,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 from pipeline.errors import FatalSinkError, RetriableSinkError, SinkError
-from pipeline.events import Batch, ChangeEvent
+from pipeline.events import Batch, ChangeEvent, Operation
 from pipeline.redact import redact_message, redact_url  # re-exported: connectors.redis_cache.redact_url
 from pipeline.sink import Sink, SinkContext, SinkOptions
 
@@ -164,12 +164,18 @@ class RedisCacheOptions(SinkOptions):
       with no entry and no ``"*"`` invalidates nothing.
     - ``channel``: when set, ``PUBLISH channel <key>`` for every deleted key.
     - ``socket_timeout_s``: connect and command timeout in seconds (default 5).
+    - ``snapshot_invalidate``: also invalidate the keys of SNAPSHOT events (a ``ddb-cdc
+      snapshot`` / ``source.initial_snapshot`` backfill). Default false: a snapshot reads items
+      as they already are, so their cached values are not stale, and deleting a key for every
+      item of a large table would empty the cache for nothing (a storm of misses on the table).
+      Set it when the cache may hold values from before a gap in the stream.
     """
 
     url: str = Field(min_length=1)
     key_templates: list[str] | dict[str, list[str]] = Field(min_length=1)
     channel: str | None = None
     socket_timeout_s: float = Field(default=5.0, gt=0)
+    snapshot_invalidate: bool = False
 
     @field_validator("url")
     @classmethod
@@ -299,6 +305,8 @@ class RedisCacheSink(Sink):
         keys: list[str] = []
         seen: set[str] = set()
         for event in batch.events:
+            if event.operation is Operation.SNAPSHOT and not self.options.snapshot_invalidate:
+                continue  # see RedisCacheOptions.snapshot_invalidate
             for key in self.keys_for(event):
                 if key not in seen:
                     seen.add(key)

@@ -70,6 +70,12 @@ class SourceConfig(_Strict):
     discovery_interval_s: float = Field(30.0, gt=0)
     checkpoint_interval_s: float = Field(5.0, ge=0)
     on_trimmed: Literal["fail", "skip"] = "fail"
+    #: issue 17: on a group's first start, take the stream position, then snapshot the table
+    #: (connectors.snapshot.initial); ``snapshot_max_rcu`` (RCU/s, 0 = unlimited) and
+    #: ``snapshot_segments`` (None = from the table's size) shape that snapshot
+    initial_snapshot: bool = False
+    snapshot_max_rcu: float = Field(1000.0, ge=0)
+    snapshot_segments: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _some_stream(self) -> "SourceConfig":

@@ -39,6 +39,8 @@ failure at run time). Plugins raise the sink errors.
     ├── DemoError ................... a step of ddb-cdc demo failed
     ├── LambdaEventError ............ a Lambda invocation whose event is not this table's stream event
     ├── LambdaBatchError ............ a Lambda batch failure that batchItemFailures cannot name
+    ├── SnapshotError ............... a snapshot cannot go on (scan, export layout, progress)
+    │   └── SnapshotThrottledError (also a TransientError): backed off, the page retried
     └── EmbeddedServerError ......... an embedded stand-in server could not start
         └── ServiceNotInstalledError
 
@@ -62,6 +64,8 @@ __all__ = [
     "FilterPatternError",
     "LambdaEventError",
     "LambdaBatchError",
+    "SnapshotError",
+    "SnapshotThrottledError",
     "DecodeError",
     "SinkError",
     "RetriableSinkError",
@@ -310,3 +314,18 @@ class LambdaBatchError(CdcError):
     """A Lambda invocation could not deliver a record and cannot name it in batchItemFailures (it
     has no valid sequence number): the invocation fails as a whole, so Lambda retries the batch
     (and bisects it with BisectBatchOnFunctionError)."""
+
+
+# -- snapshot and backfill (pipeline.snapshot) ---------------------------------------------------
+
+
+class SnapshotError(CdcError):
+    """A snapshot (initial load / backfill) cannot go on: the table cannot be scanned, an export
+    is not in the DYNAMODB_JSON layout, or its progress cannot be stored. The message names the
+    table or S3 object and the fix."""
+
+
+class SnapshotThrottledError(SnapshotError, TransientError):
+    """DynamoDB throttled a Scan (ProvisionedThroughputExceededException, ThrottlingException,
+    RequestLimitExceeded) or failed transiently after the client's retries: the snapshot backs off
+    and retries the same page, never gives up on it."""

@@ -12,6 +12,7 @@ Commands::
     ddb-cdc dlq redrive [--sink NAME] [--id ID] [--dry-run]   re-deliver entries, remove those delivered
     ddb-cdc checkpoints list|export|import|set   read and move checkpoints (safe while workers run)
     ddb-cdc replay --from …|--from-archive s3://… --sink NAME   re-deliver changes into chosen sinks
+    ddb-cdc snapshot [--sink NAME] [--segments N] [--max-rcu R] [--from-export s3://…]   load existing items
 
 Exit codes: 0 success; 1 runtime failure (a shard failed, a check did not hold); 2 invalid
 configuration or usage (one line per problem on stderr, no traceback).
@@ -140,6 +141,11 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.metrics import track_worker
 
         track_worker(worker)
+    initial = None
+    if settings.source.initial_snapshot:  # issue 17: decided before the worker creates any lease
+        from connectors.snapshot.initial import start_for_worker
+
+        initial = start_for_worker(settings, worker, logger=get_logger())
 
     def on_signal(signum, _frame):
         worker.stop_from_signal(signum)  # assigns an attribute only: safe when signals repeat
@@ -147,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)  # from here on a signal is a graceful stop
     signal.signal(signal.SIGINT, on_signal)
     code = worker.run()
+    if initial is not None:
+        initial.stop()
     if code != EXIT_OK:
         reasons = "; ".join(f"shard {shard} {outcome}: {error}" for shard, outcome, error in worker.failed) or "shutdown did not finish in time"
         _err(f"worker stopped with failures ({reasons}); see the log lines above for each shard's error")
@@ -239,12 +247,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         return sources
 
     report = gather_status(store, describe_sources, failover_time_s=cfg.failover_time_s)
+    from pipeline.snapshot.status import render_snapshot_rows, snapshot_rows
+
+    try:  # issue 17: snapshots in progress (and done) from the lease store's snapshot namespace
+        from pipeline.snapshot.progress import SnapshotProgressStore
+
+        snapshots = snapshot_rows(SnapshotProgressStore(store, "status").list_snapshots())
+    except CdcError as exc:
+        snapshots = [{"error": str(exc)}]
     if args.json:
         import orjson
 
-        print(orjson.dumps(status_to_dict(report), option=orjson.OPT_INDENT_2).decode())
+        print(orjson.dumps({**status_to_dict(report), "snapshots": snapshots}, option=orjson.OPT_INDENT_2).decode())
     else:
         render_status(report)
+        render_snapshot_rows([r for r in snapshots if "error" not in r])
     return EXIT_OK
 
 
@@ -301,12 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("--dry-run", action="store_true", help="show what would be redriven; change nothing")
     dlq.set_defaults(func=cmd_dlq)
 
-    from connectors.app import cli_checkpoints, cli_opensearch, cli_replay, cli_workload
+    from connectors.app import cli_checkpoints, cli_opensearch, cli_replay, cli_snapshot, cli_workload
 
     cli_checkpoints.add_parser(sub)
     cli_replay.add_parser(sub)
     cli_workload.add_parser(sub)
     cli_opensearch.add_parser(sub)
+    cli_snapshot.add_parser(sub)
     return parser
 
 

@@ -219,7 +219,9 @@ class IndexAdmin:
     def gc_deletes(self, name: str) -> dict[str, str | None]:
         """Concrete index → its explicitly set ``index.gc_deletes`` (None: not set, so OpenSearch's
         default 60 s applies) for the index or alias ``name``; ``{}`` when ``name`` does not exist."""
-        found = self.client.indices.get_settings(index=name, name="index.gc_deletes", ignore=404)
+        # all settings, not ``name="index.gc_deletes"``: filtered, an index without the setting may be
+        # left out of the answer altogether (osmem does), and would then never be raised
+        found = self.client.indices.get_settings(index=name, ignore=404)
         if _is_404(found) or not isinstance(found, Mapping):
             return {}
         out: dict[str, str | None] = {}

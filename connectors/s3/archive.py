@@ -152,7 +152,7 @@ def list_archive(client: Any, bucket: str, prefix: str, *, tables: Sequence[str]
             for partition in partitions:
                 name = partition[len(base) + len(table) + 1:].rstrip("/")
                 try:
-                    day = partition_day(name)
+                    day = None if name.startswith("snapshot=") else partition_day(name)  # snapshot: always read
                 except ValueError:
                     listing.ignored_keys.append(partition)
                     continue

@@ -32,6 +32,14 @@ The archive is therefore at-least-once: one sequence number can appear in more t
 always with identical content (the event is decoded from the same stream record). Readers that
 need each change once should deduplicate by ``(source.shard_id, source.sequence_number)``.
 
+Snapshot objects (``ddb-cdc snapshot``, ``source.initial_snapshot``) have their own layout::
+
+    {prefix}/{table}/snapshot={snapshot_id}/seg{NNNNN}/{first_ordinal}-{last_ordinal}.jsonl.gz
+
+one folder per snapshot, one per segment; the numbers are the items' 20-digit ordinals in their
+segment (:mod:`pipeline.snapshot.items`), the lines SNAPSHOT events (``op`` ``r``) in the same
+typed JSON. A snapshot that is not resumed writes each item it read once.
+
 Object metadata (S3 user metadata, ``x-amz-meta-*``): ``records`` (number of lines),
 ``first-sequence-number``, ``last-sequence-number``, and ``parent-shard-ids`` — the shard's parent
 shard ids, comma-joined, taken from ``batch.extra["parent_shard_ids"]`` of the batches written to
@@ -80,6 +88,7 @@ from pipeline.errors import FatalSinkError, RetriableSinkError, SinkError
 from pipeline.events import Batch, ChangeEvent, sequence_key
 from pipeline.render import event_to_json_line, event_to_record_dict
 from pipeline.s3_sse import S3Encryption
+from pipeline.snapshot.items import parse_snapshot_shard_id
 from pipeline.sink import Sink, SinkContext, SinkOptions
 
 #: Content type of the uploaded objects (the body is gzip bytes; no Content-Encoding is set, so
@@ -154,8 +163,14 @@ def audit_object_key(prefix: str, table: str, shard_id: str, first_seq: str, las
 
     ``{prefix}/{table}/dt=YYYY-MM-DD/{shard_id}/{first_seq}-{last_seq}.jsonl.gz``, the date being
     ``first_created`` in UTC, or ``unknown`` when it is None. An empty ``prefix`` leaves out the
-    leading part.
+    leading part. Snapshot events (shard id ``snapshot-{id}-seg{NNNNN}``) go to
+    ``{prefix}/{table}/snapshot={id}/seg{NNNNN}/{first_ordinal}-{last_ordinal}.jsonl.gz``.
     """
+    snapshot = parse_snapshot_shard_id(shard_id)
+    if snapshot is not None:  # a snapshot segment: its own objects (see the module doc)
+        name = f"{table}/snapshot={snapshot[0]}/seg{snapshot[1]:05d}/{first_seq}-{last_seq}{OBJECT_SUFFIX}"
+        prefix = prefix.strip("/")
+        return f"{prefix}/{name}" if prefix else name
     if first_created is None:
         day = "unknown"
     else:

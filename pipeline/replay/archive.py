@@ -6,6 +6,9 @@ What the archive is (written by the ``s3_audit`` sink, see :mod:`connectors.s3.a
 
     {prefix}/{table}/dt=YYYY-MM-DD/{shard_id}/{first_seq}-{last_seq}.jsonl.gz
 
+and, for snapshot events, ``{prefix}/{table}/snapshot={id}/seg{NNNNN}/{first}-{last}.jsonl.gz``
+(each segment read as one shard, before the table's stream shards);
+
 one gzip object per upload of one shard's buffer, one typed JSON line per change event, ``dt`` the
 UTC date of the object's *first* event (``dt=unknown`` when it had no creation time). Each object's
 user metadata ``parent-shard-ids`` names the shard's parents (comma-joined; may be empty).
@@ -70,6 +73,7 @@ from pipeline.events import Batch, ChangeEvent
 from pipeline.render import event_from_record_dict
 from pipeline.replay.report import ReplayReport, ShardReplay
 from pipeline.errors import ArchiveError  # noqa: F401 (defined in the one error tree)
+from pipeline.snapshot.items import parse_snapshot_shard_id, snapshot_shard_id
 
 #: Most events in one Batch (the same bound as one GetRecords call).
 BATCH_MAX_EVENTS = 1000
@@ -78,6 +82,9 @@ FLUSH_EVERY_BATCHES = 20
 #: File name ending of audit objects.
 OBJECT_SUFFIX = ".jsonl.gz"
 
+_SNAPSHOT_KEY_RE = re.compile(
+    r"^(?P<table>[^/]+)/snapshot=(?P<id>[^/]+)/seg(?P<segment>[0-9]{5})/(?P<first>[0-9]+)-(?P<last>[0-9]+)\.jsonl\.gz$"
+)
 _KEY_RE = re.compile(
     r"^(?P<table>[^/]+)/dt=(?P<day>[^/]+)/(?P<shard>[^/]+)/(?P<first>[0-9]+)-(?P<last>[0-9]+)\.jsonl\.gz$"
 )
@@ -162,7 +169,11 @@ def parse_object_key(key: str, prefix: str) -> ArchiveObject | None:
         return None
     match = _KEY_RE.match(key[len(base):])
     if match is None:
-        return None
+        snap = _SNAPSHOT_KEY_RE.match(key[len(base):])
+        if snap is None:
+            return None
+        return ArchiveObject(key=key, table=snap["table"], shard_id=snapshot_shard_id(snap["id"], int(snap["segment"])),
+                             first_seq=snap["first"], last_seq=snap["last"], day=None)
     try:
         day = partition_day(match["day"])
     except ValueError:
@@ -187,15 +198,19 @@ def order_shards(shards: Iterable[ArchiveShard]) -> list[ArchiveShard]:
     """Shards in replay order: tables by name; within a table, parents before children
     (topological, :func:`pipeline.lineage.parents_first`), ties by (first sequence number as int,
     shard id). A parent that is not among ``shards`` is ignored (the child is a root). A cycle is
-    broken at its smallest shard."""
+    broken at its smallest shard. Snapshot segments (``snapshot=…`` folders) come before the
+    table's stream shards: they are the base state, and every later stream change outranks them
+    (pipeline.snapshot.version)."""
     by_table: dict[str, list[ArchiveShard]] = {}
     for shard in shards:
         by_table.setdefault(shard.table, []).append(shard)
     ordered: list[ArchiveShard] = []
     for table in sorted(by_table):
+        # snapshot segments before stream shards, then by first sequence number
         ordered += parents_first(by_table[table], shard_id=lambda s: s.shard_id,
                                  parents=lambda s: s.parent_shard_ids,
-                                 rank=lambda s: (s.first_sequence_key, s.shard_id))
+                                 rank=lambda s: (parse_snapshot_shard_id(s.shard_id) is None,
+                                                 s.first_sequence_key, s.shard_id))
     return ordered
 
 

@@ -139,6 +139,8 @@ class Worker:
                  worker_name: str | None = None):
         self.stop_event = threading.Event()
         self._signal: int | None = None
+        #: extra ``/readyz`` checks, each ``() -> list of reasons not ready`` (composition root adds them)
+        self.ready_checks: list[Callable[[], list[str]]] = []
         #: since when each AWS dependency has been failing (ready() and the metrics read it)
         self.health = DependencyHealth(unready_after_s=aws_unready_after_s, clock=clock)
         self.sources = [TrackedSource(s, self.health, stopping=self._stopping, sleep=self._pause,
@@ -250,6 +252,8 @@ class Worker:
             reasons.append(f"lease table: {self._lease_store_error}")
         if self.stop_event.is_set() or self._signal is not None:
             reasons.append("stopping")
+        for check in self.ready_checks:  # e.g. the initial snapshot's stream-retention alarm
+            reasons.extend(check())
         return not reasons, reasons
 
     def _tick(self) -> None:
