@@ -412,8 +412,6 @@ def typed_item_from_av(item: Mapping[str, Any]) -> dict[str, Any]:
 
     The returned top-level dict is new; nested objects may be shared with the input (read-only).
     """
-    from connectors.opensearch.sink import escape_field_name
-
     cache = _ESCAPED_TOP
     out: dict[str, Any] = {}
     for name, av in item.items():
@@ -464,7 +462,6 @@ def _typed_av(av: dict[str, Any]) -> dict[str, Any]:
 def _escaped_nested(name: str) -> str:
     escaped = _ESCAPED_NESTED.get(name)
     if escaped is None:
-        from connectors.opensearch.sink import escape_field_name
 
         escaped = escape_field_name(name)
         if len(_ESCAPED_NESTED) < _ESCAPE_CACHE_SIZE:
