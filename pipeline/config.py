@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import ConfigError
+from pipeline.runtime.lanes import DEFAULT_LANE_MAX_BYTES, DEFAULT_LANE_MAX_RECORDS
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT
 from pipeline.s3_sse import S3Encryption
 
@@ -131,7 +132,9 @@ class SinkConfig(_Strict):
     """One sink: a unique ``name``, its ``type`` (built-in or a plugin's entry-point name),
     its ``options`` (validated by the sink's own model), and its failure policy: ``on_failure``,
     ``retry_budget_s`` (s, for ``dead_letter``) and ``max_backoff_s`` (s, the longest wait between
-    retries; backoff starts at 0.2 s and doubles, with jitter)."""
+    retries; backoff starts at 0.2 s and doubles, with jitter). ``lane_max_records`` (default
+    10,000) / ``lane_max_bytes`` (default 16 MiB) bound the sink's lane of each shard: the changes
+    read for this sink and not yet written to it (see :mod:`pipeline.runtime.lanes`)."""
 
     name: str = Field(min_length=1)
     type: str = Field(min_length=1)
@@ -139,6 +142,10 @@ class SinkConfig(_Strict):
     on_failure: Literal["block", "dead_letter"] = "block"
     retry_budget_s: float = Field(300.0, gt=0)
     max_backoff_s: float = Field(20.0, gt=0)
+    #: bounds of this sink's lane of each shard (:mod:`pipeline.runtime.lanes`): records, and bytes
+    #: (sum of the events' SizeBytes); a full lane makes the shard's reader wait
+    lane_max_records: int = Field(DEFAULT_LANE_MAX_RECORDS, ge=1, le=10_000_000)
+    lane_max_bytes: int = Field(DEFAULT_LANE_MAX_BYTES, ge=1024)
 
 
 class WorkerConfig(_Strict):

@@ -11,6 +11,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.runtime.fanout import FailurePolicy
+from pipeline.runtime.lanes import lane_settings_from
 from pipeline.registry import build_sinks
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.runtime.worker import Worker
@@ -95,6 +96,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
            "health_stall_s": settings.metrics.health_stall_s,
            "aws_unready_after_s": settings.metrics.aws_unready_after_s,
            "max_pages_in_flight": settings.worker.max_pages_in_flight,
+           "lane_settings": lane_settings_from(settings.sinks),
            # a configured id: leases of a dead earlier process of it are re-taken at once
            "worker_name": settings.worker.id if "id" in settings.worker.model_fields_set else None,
            **worker_kwargs},

@@ -325,6 +325,30 @@ class FanOut:
         for runner in self.runners:
             self._deliver_to(runner, batch)
 
+    def deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+        """Give ``batch`` to one sink (its lane's thread calls this; :mod:`pipeline.runtime.lanes`),
+        with the rules of the module doc. Raises FatalSinkError or DeliveryAborted."""
+        if batch.events:
+            self._deliver_to(runner, batch)
+
+    def flush_one(self, runner: SinkRunner) -> None:
+        """Flush one sink (as :meth:`flush` does for each). Raises FatalSinkError or DeliveryAborted."""
+        self._flush_runner(runner)
+        runner.stats.flushes += 1
+
+    def reset_one(self, runner: SinkRunner, table: str, shard_id: str) -> None:
+        """:meth:`reset_shard` for one sink."""
+        reset = getattr(runner.sink, "reset_shard", None)
+        if reset is None:
+            return
+        try:
+            runner.call(lambda: reset(table, shard_id))
+        except DeliveryAborted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - best effort, see reset_shard
+            self.log.warning("sink_reset_shard_failed", sink=runner.name, table=table, shard_id=shard_id,
+                             error=f"{type(exc).__name__}: {exc}"[:500])
+
     def fence(self) -> None:
         """Refuse every further sink call of this fan-out (see :meth:`SinkRunner.fence`): a shard
         thread that reaches a sink afterwards gets :class:`SinkFenced` and does not checkpoint."""
@@ -340,16 +364,7 @@ class FanOut:
         the shard starts from its checkpoint. A sink's error is logged, not raised (the new reader
         re-sends the events anyway); raises DeliveryAborted when the sinks are fenced off."""
         for runner in self.runners:
-            reset = getattr(runner.sink, "reset_shard", None)
-            if reset is None:
-                continue
-            try:
-                runner.call(lambda r=reset: r(table, shard_id))
-            except DeliveryAborted:
-                raise
-            except Exception as exc:  # noqa: BLE001 - best effort, see the docstring
-                self.log.warning("sink_reset_shard_failed", sink=runner.name, table=table, shard_id=shard_id,
-                                 error=f"{type(exc).__name__}: {exc}"[:500])
+            self.reset_one(runner, table, shard_id)
 
     def flush(self) -> None:
         """Flush every sink; returns when every event given to a sink so far is durable in it or
@@ -358,8 +373,7 @@ class FanOut:
         Raises FatalSinkError or DeliveryAborted (the checkpoint must not move).
         """
         for runner in self.runners:
-            self._flush_runner(runner)
-            runner.stats.flushes += 1
+            self.flush_one(runner)
 
     def _flush_runner(self, runner: SinkRunner) -> None:
         state: dict[str, Any] = {"first_failure": None, "attempts": 0, "last_error": ""}

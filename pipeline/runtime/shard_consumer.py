@@ -4,6 +4,11 @@ Runs in its own thread while this worker holds the shard's lease. The checkpoint
 after every sink has been given every event up to it *and* flushed (``FanOut.flush``), so it
 never passes an event some sink has not made durable. Delivery is at-least-once: after a crash
 the events since the last checkpoint are read again.
+
+With per-sink lanes (``lanes``, :mod:`pipeline.runtime.lanes`; the worker always passes them) the
+reader puts each batch into every sink's lane and reads on; the periodic checkpoint is the lowest
+position every sink made durable (:meth:`~pipeline.runtime.lanes.ShardLanes.durable_position`),
+and SHARD_END, a replay window's end, a checkpoint move and shutdown first drain every lane.
 """
 
 from __future__ import annotations
@@ -135,7 +140,7 @@ class ShardConsumer(threading.Thread):
                  fanout: FanOut, dead_letter: DeadLetterQueue, settings: ShardSettings,
                  stop_event: threading.Event, logger: Any, clock: Callable[[], float] = time.monotonic,
                  window: ReadWindow | None = None, on_event_counts: Callable[..., None] | None = None,
-                 read_budget: ReadBudget | None = None):
+                 read_budget: ReadBudget | None = None, lanes: Any = None):
         lease = coordinator.get(lease_key)
         if lease is None:
             raise LeaseLostError(f"lease {lease_key} is not held")
@@ -150,6 +155,11 @@ class ShardConsumer(threading.Thread):
         self.settings = settings
         self.stop_event = stop_event
         self.read_budget = read_budget
+        #: the worker's :class:`~pipeline.runtime.lanes.Lanes` (None: deliver synchronously through
+        #: ``fanout``) and this reader's own lanes once it started
+        self.lanes = lanes
+        self._lanes: Any = None
+        self._share: Reservation | None = None  # the read-budget share of the page being delivered
         self.clock = clock
         self.log = logger.bind(shard_id=lease.shard_id)
         self.stats = ShardStats()
@@ -188,6 +198,13 @@ class ShardConsumer(threading.Thread):
     # -- thread entry --------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run_and_classify()
+        finally:
+            if self._lanes is not None:
+                self._lanes.detach()  # what the lanes still queue is read again by the next reader
+
+    def _run_and_classify(self) -> None:
         try:
             self.outcome = self._run()
         except LeaseLostError as exc:
@@ -232,7 +249,10 @@ class ShardConsumer(threading.Thread):
         self.version_floor = self.coordinator.version_floor(lease)
         # a new ownership period reads again from the checkpoint: sinks drop what they buffered
         # for this shard and did not flush (pipeline/sink.py, reset_shard)
-        self.fanout.reset_shard(self.source.table, self.shard_id)
+        if self.lanes is not None:
+            self._lanes = self.lanes.attach(self.source.table, self.shard_id)  # resets in each sink's thread
+        else:
+            self.fanout.reset_shard(self.source.table, self.shard_id)
         try:
             if lease.checkpoint == LATEST:
                 iterator = self._resolve_latest()
@@ -288,6 +308,7 @@ class ShardConsumer(threading.Thread):
                 continue  # stopped while waiting for the read budget: the loop's top flushes and checkpoints
             result, share = fetched
             fetched = None
+            self._share = share  # handed over to the lanes with the page (they give it back)
             try:
                 share.shrink_to(len(result.records))  # an empty read gives its whole share back
                 self._fresh_trim_horizon = 0
@@ -304,7 +325,9 @@ class ShardConsumer(threading.Thread):
                 # the page was delivered to every sink (or failed): give its share back and keep
                 # nothing of it while this thread flushes, checkpoints or waits for the next share
                 result = None
-                share.release()
+                if self._share is not None:  # not handed over to the lanes
+                    self._share.release()
+                self._share = None
             if window_end:
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("replay_window_end", until=self.window.until.isoformat())
@@ -323,7 +346,7 @@ class ShardConsumer(threading.Thread):
                 return "shard_end"
             iterator = next_iterator
             if self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
-                self._flush_and_checkpoint()
+                self._flush_and_checkpoint(final=False)
                 last_checkpoint_at = self.clock()
             if had_no_records:
                 self.stop_event.wait(idle_s)  # holding no share of the read budget
@@ -462,7 +485,7 @@ class ShardConsumer(threading.Thread):
         None when a newer request replaced ``move`` (it is applied on the next pass)."""
         before = self._resume_position()
         if self._done_position is not None:
-            self.fanout.flush()
+            self._flush_all()
         lease = self.coordinator.apply_move(self.lease_key, move, token=self.token)
         if lease is None:
             return None
@@ -532,7 +555,7 @@ class ShardConsumer(threading.Thread):
         batch = Batch(table=table, stream_arn=arn, shard_id=self.shard_id, events=tuple(events),
                       checkpoint_sequence_number=last_seq, shard_end=shard_end and not window_end,
                       extra={"parent_shard_ids": self.parent_shard_ids})
-        self.fanout.deliver(batch)
+        self._deliver(batch, last_seq)
         if self.on_event_counts is not None:
             self.on_event_counts(self, delivered=events, skipped_before=skipped_before, skipped_after=skipped_after)
         created = next((ev.source.approximate_creation_time for ev in reversed(events)
@@ -554,11 +577,42 @@ class ShardConsumer(threading.Thread):
             self.stats.last_record_time = time.time()
         return window_end
 
-    def _flush_and_checkpoint(self, *, shard_end: bool = False) -> None:
+    def _deliver(self, batch: Batch, position: str | None) -> None:
+        """Give ``batch`` to every sink: into their lanes (waiting while one is full; the page's
+        read-budget share goes with it and is given back once every sink wrote the page), or
+        through the fan-out without lanes."""
+        if self._lanes is None:
+            self.fanout.deliver(batch)
+            return
+
+        self._lanes.put(batch, position, share=self._share,
+                        abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+        self._share = None  # the lanes give it back once every sink has written the page
+
+    def _flush_all(self) -> None:
+        """Every sink has flushed everything given to it: drain the lanes (or flush the fan-out).
+        Raises what stopped a lane / the flush, or LeaseLostError."""
+        if self._lanes is None:
+            self.fanout.flush()
+        else:
+            self._lanes.drain(abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+
+    def _flush_and_checkpoint(self, *, shard_end: bool = False, final: bool = True) -> None:
+        """Checkpoint. ``final`` (SHARD_END, a window's end, shutdown): first every sink flushes
+        everything (:meth:`_flush_all`) and the checkpoint is the last position read. Periodic
+        (``final=False``) with lanes: the sinks are asked to flush (not waited for) and the
+        checkpoint is what every sink made durable so far — it moves on at the next interval."""
         target = SHARD_END if shard_end else self._done_position
         if target is None or target == self._checkpointed:
             return
-        self.fanout.flush()
+        if final or self._lanes is None:
+            self._flush_all()
+        else:
+            self._lanes.request_flush()
+            durable = self._lanes.durable_position()
+            if durable is None or durable == self._checkpointed:
+                return
+            target = durable
         try:
             self.coordinator.checkpoint(self.lease_key, target, token=self.token,
                                         version_floor=self.version_floor, version_high=self._version_high)
@@ -566,7 +620,8 @@ class ShardConsumer(threading.Thread):
             metrics.CHECKPOINT_FAILURES.labels(table=self.source.table, shard=self.shard_id).inc()
             raise
         metrics.CHECKPOINT_WRITES.labels(table=self.source.table, shard=self.shard_id).inc()
-        self.oldest_unchecked_created = None
+        if target in (SHARD_END, self._done_position):
+            self.oldest_unchecked_created = None
         self.stats.checkpoints += 1
         self._checkpointed = target
         self.log.debug("checkpointed", checkpoint=target)

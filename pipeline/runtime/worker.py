@@ -67,6 +67,7 @@ from pipeline.deadletter import DeadLetterQueue
 from pipeline.events import TRIM_HORIZON
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.lanes import Lanes, LaneSettings
 from pipeline.runtime.leases import LeaseCoordinator
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
 from pipeline.runtime.shard_consumer import ReadWindow, ShardConsumer, ShardSettings
@@ -112,6 +113,10 @@ class Worker:
     their size; a caught-up shard asks for and reserves at most 100 records) are held
     fetched-and-not-yet-delivered at once across all shards
     (:mod:`pipeline.runtime.read_budget`); 0 = no bound. Raises ValueError for a negative value or no source.
+
+    ``lane_settings``: each sink's lane bounds by sink name (:mod:`pipeline.runtime.lanes`; default
+    :class:`~pipeline.runtime.lanes.LaneSettings`). Every sink is fed by its own thread from
+    bounded per-shard lanes, so a slow sink does not delay the others.
     """
 
     def __init__(self, *, sources: Sequence[StreamSource] | None = None, source: StreamSource | None = None,
@@ -128,7 +133,7 @@ class Worker:
                  iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
                  health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT,
                  aws_unready_after_s: float = DEFAULT_UNREADY_AFTER_S,
-                 worker_name: str | None = None):
+                 worker_name: str | None = None, lane_settings: dict[str, LaneSettings] | None = None):
         self.stop_event = threading.Event()
         self._signal: int | None = None
         #: since when each AWS dependency has been failing (ready() and the metrics read it)
@@ -158,6 +163,7 @@ class Worker:
         policies = policies or {}
         self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
         self.fanout = FanOut(self.runners, dead_letter, stop_event=self.stop_event, logger=self.log)
+        self.lanes = Lanes(self.fanout, lane_settings)
         self.worker_name = worker_name
         self._workers_seen: tuple[float, dict[str, WorkerInfo]] | None = None
         self.coordinator = LeaseCoordinator(
@@ -580,7 +586,7 @@ class Worker:
                                          settings=self.shard_settings, stop_event=self.stop_event,
                                          logger=self.log.bind(table=source.table), clock=self.clock,
                                          window=self.read_window, on_event_counts=self.on_event_counts,
-                                         read_budget=self.read_budget)
+                                         read_budget=self.read_budget, lanes=self.lanes)
             except LeaseLostError:
                 continue
             self.consumers[lease.lease_key] = consumer
@@ -676,6 +682,7 @@ class Worker:
                 self.log.error("shutdown_grace_exceeded", shard_id=consumer.shard_id,
                                grace_s=self.shutdown_grace_s)
         self.fanout.fence()
+        self.lanes.stop()  # sink threads start no further call; one inside a call ends when it returns
         if stragglers:
             busy = {runner.name: runner.in_flight for runner in self.runners if runner.in_flight}
             self.log.error("sinks_fenced", shard_ids=[c.shard_id for c in stragglers], sink_calls_in_progress=busy,
