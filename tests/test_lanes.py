@@ -278,3 +278,40 @@ def test_lane_metrics_show_per_sink_lag(tmp_path):
     assert registry.get_sample_value("ddb_cdc_sink_age_seconds", {"sink": "slow"}) > 0
     slow.gate.set()
     assert running.join(20) == 0
+
+
+def test_status_shows_per_sink_lanes_from_the_workers_heartbeat(tmp_path):
+    """``ddb-cdc status`` (gather_status / render_status): per sink and shard, behind, fill, not
+    durable and durable position, as the live worker announced them."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.ops.status import gather_status, render_status, status_to_dict
+
+    fake = FakeStreams()
+    fake.add_shard(SHARD, recs(1, 6), closed=True)
+    slow, fast = GateSink("slow"), GateSink("fast")
+    slow.gate.clear()
+    worker = lane_worker(fake, tmp_path, [slow, fast], exit_when_idle=True)
+    running = Running(worker)
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+
+    def lanes_reported() -> list:
+        report = gather_status(store, failover_time_s=3.0)
+        return [r for r in report.sink_lanes if r.sink == "fast" and r.undurable_records == 0
+                and r.durable_position == seq(1, 5)]
+
+    wait_until(lambda: bool(lanes_reported()), "the worker announced its lanes", timeout=20)
+    report = gather_status(store, failover_time_s=3.0)
+    rows = {r.sink: r for r in report.sink_lanes}
+    assert rows["slow"].shard_id == SHARD and rows["slow"].records == 6 and rows["slow"].undurable_records == 6
+    assert rows["slow"].durable_position is None and rows["slow"].behind_ms > 0
+    assert rows["fast"].records == 0 and rows["fast"].behind_ms == 0
+    assert status_to_dict(report)["sink_lanes"][0]["sink"] == "fast"
+    out = io.StringIO()
+    render_status(report, console=Console(file=out, width=250))
+    text = out.getvalue()
+    assert "Sink lanes" in text and "6 rec /" in text
+    slow.gate.set()
+    assert running.join(20) == 0

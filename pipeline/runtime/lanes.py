@@ -531,9 +531,53 @@ class Lanes:
             ages[row.sink] = max(ages[row.sink], row.age_s)
         return ages
 
+    def shard_lag(self, table: str, shard_id: str, now: float | None = None) -> tuple[float, str | None]:
+        """(age s, sink) of the slowest sink's lane of ``(table, shard_id)``: (0.0, None) when every
+        lane of the shard is empty."""
+        now = time.time() if now is None else now
+        with self.lock:
+            shards = [s for s in self.shards if (s.table, s.shard_id) == (table, shard_id)]
+        best: tuple[float, str | None] = (0.0, None)
+        for shard in shards:
+            for row in shard.status(now):
+                if row.age_s > best[0]:
+                    best = (row.age_s, row.sink)
+        return best
+
     def busy(self) -> dict[str, int]:
         """Sink name → calls in progress (for the shutdown log)."""
         return {sink.runner.name: sink.runner.in_flight for sink in self.sinks if sink.runner.in_flight}
+
+
+#: at most this many lanes are reported in a worker's announcement (a DynamoDB item holds 400 KB)
+MAX_ANNOUNCED_LANES = 1000
+
+
+def encode_lane_status(rows: Sequence[LaneStatus]) -> str:
+    """Lanes as compact JSON text for a worker's announcement (``WorkerInfo.sink_lanes``): a list of
+    ``[sink, table, shard, age_ms, records, bytes, undurable_records, durable_position, error]``,
+    the oldest lanes first, at most :data:`MAX_ANNOUNCED_LANES`."""
+    import json
+
+    ordered = sorted(rows, key=lambda r: -r.age_s)[:MAX_ANNOUNCED_LANES]
+    return json.dumps([[r.sink, r.table, r.shard_id, int(r.age_s * 1000), r.records, r.bytes, r.undurable_records,
+                        r.durable_position, r.error] for r in ordered], separators=(",", ":"))
+
+
+def decode_lane_status(text: str | None) -> list[LaneStatus]:
+    """:func:`encode_lane_status` backwards; malformed text gives [] (status must not crash)."""
+    import json
+
+    if not text:
+        return []
+    try:
+        return [LaneStatus(sink=str(r[0]), table=str(r[1]), shard_id=str(r[2]), age_s=float(r[3]) / 1000.0,
+                           records=int(r[4]), bytes=int(r[5]), undurable_records=int(r[6]),
+                           durable_position=None if r[7] is None else str(r[7]),
+                           error=None if r[8] is None else str(r[8]))
+                for r in json.loads(text)]
+    except (ValueError, TypeError, IndexError, KeyError):
+        return []
 
 
 def lane_settings_from(configs: Iterable[Any]) -> dict[str, LaneSettings]:
@@ -544,4 +588,4 @@ def lane_settings_from(configs: Iterable[Any]) -> dict[str, LaneSettings]:
 
 __all__: Sequence[str] = ["Lanes", "ShardLanes", "LaneSettings", "LaneStatus", "batch_bytes",
                           "DEFAULT_LANE_MAX_RECORDS", "DEFAULT_LANE_MAX_BYTES", "COALESCE_MAX_RECORDS",
-                          "lane_settings_from", "DeliveryAborted"]
+                          "lane_settings_from", "encode_lane_status", "decode_lane_status", "DeliveryAborted"]

@@ -67,7 +67,7 @@ from pipeline.deadletter import DeadLetterQueue
 from pipeline.events import TRIM_HORIZON
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.runtime.lanes import Lanes, LaneSettings
+from pipeline.runtime.lanes import Lanes, LaneSettings, encode_lane_status
 from pipeline.runtime.leases import LeaseCoordinator
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
 from pipeline.runtime.shard_consumer import ReadWindow, ShardConsumer, ShardSettings
@@ -477,7 +477,8 @@ class Worker:
     def _announce(self) -> None:
         info = WorkerInfo(worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
                           started_at=self._started_at, heartbeat_at=datetime.now(timezone.utc).isoformat(),
-                          leases=len(self.coordinator.held()))
+                          leases=len(self.coordinator.held()),
+                          sink_lanes=encode_lane_status(self.lanes.status()) if self.lanes.sinks else None)
         self.lease_store.announce_worker(info)
 
     def _loop(self) -> None:
@@ -534,13 +535,18 @@ class Worker:
         now_wall = time.time()
         now = self.clock()
         for key, consumer in list(self.consumers.items()):
+            # the shard's read position, or a sink's lane of it that lags further (per-sink lanes:
+            # the reader goes on while a stalled sink holds the checkpoint, so its lane ages instead)
             age = consumer.iterator_age_s(now_wall)
-            if age < self.iterator_age_warning_s:
+            lane_age, slowest = self.lanes.shard_lag(consumer.source.table, consumer.shard_id, now_wall)
+            if age < self.iterator_age_warning_s and lane_age < self.iterator_age_warning_s:
                 continue
+            sink_fields = {"slowest_sink": slowest, "sink_age_s": round(lane_age)} if slowest else {}
+            age = max(age, lane_age)
             if now - self._lag_logged.get(key, float("-inf")) < self.iterator_age_log_interval_s:
                 continue
             self._lag_logged[key] = now
-            fields = dict(table=consumer.source.table, shard_id=consumer.shard_id, iterator_age_s=round(age),
+            fields = dict(table=consumer.source.table, shard_id=consumer.shard_id, iterator_age_s=round(age), **sink_fields,
                           trim_horizon_remaining_s=round(consumer.trim_horizon_remaining_s(now_wall)))
             if age >= self.iterator_age_error_s:
                 self.log.error("iterator_age_critical", **fields,
