@@ -49,6 +49,10 @@ class SourceConfig(_Strict):
     - ``max_records_per_call``: GetRecords ``Limit``, 1–1,000 (DynamoDB Streams API reference).
     - ``idle_interval_ms``: wait after an empty GetRecords before the next (default 250 ms);
       while records flow there is no wait.
+    - ``max_idle_interval_ms``: adaptive idle polling — after 2 empty GetRecords calls in a row
+      the wait doubles per further empty call, up to this (default 2,000 ms; set it equal to
+      ``idle_interval_ms`` for a fixed wait); the first page with records resets it. The first
+      change after a quiet spell therefore waits at most this long to be read.
     - ``discovery_interval_s``: how often DescribeStream is re-run to find new shards (default 30 s).
     - ``checkpoint_interval_s``: how often a shard flushes every sink and checkpoints while
       records flow (default 5 s); also at SHARD_END and at shutdown.
@@ -68,6 +72,7 @@ class SourceConfig(_Strict):
     read_path: Literal["fast", "boto3"] = "fast"
     max_records_per_call: int = Field(1000, ge=1, le=1000)
     idle_interval_ms: int = Field(250, ge=0, le=60_000)
+    max_idle_interval_ms: int = Field(2000, ge=0, le=300_000)
     discovery_interval_s: float = Field(30.0, gt=0)
     checkpoint_interval_s: float = Field(5.0, ge=0)
     on_trimmed: Literal["fail", "skip"] = "fail"

@@ -315,3 +315,33 @@ def test_status_shows_per_sink_lanes_from_the_workers_heartbeat(tmp_path):
     assert "Sink lanes" in text and "6 rec /" in text
     slow.gate.set()
     assert running.join(20) == 0
+
+
+def test_idle_wait_grows_while_a_shard_stays_empty_and_resets_when_records_flow():
+    from pipeline.runtime.shard_consumer import idle_wait_s
+
+    waits = [idle_wait_s(n, 250, 2000) for n in range(1, 9)]
+    assert waits == [0.25, 0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert idle_wait_s(1, 250, 2000) == 0.25  # the counter restarts at 1 after a page with records
+    assert [idle_wait_s(n, 250, 250) for n in (1, 5, 50)] == [0.25, 0.25, 0.25]  # fixed wait
+    assert idle_wait_s(10**6, 250, 2000) == 2.0
+
+
+def test_an_idle_shard_polls_less_and_still_delivers_new_records(tmp_path):
+    """Adaptive idle polling: an empty open shard is polled ever more slowly (base 10 ms, at most
+    200 ms: a fixed 10 ms wait would make ~100 calls a second); a record added later is still
+    delivered."""
+    fake = FakeStreams()
+    fake.add_shard(SHARD, [], closed=False)
+    sink = GateSink("sink")
+    worker = lane_worker(fake, tmp_path, [sink])
+    worker.shard_settings.idle_interval_ms, worker.shard_settings.max_idle_interval_ms = 10, 200
+    running = Running(worker)
+    wait_until(lambda: len(fake.calls_of("GetRecords")) >= 5, "the shard is polled", timeout=20)
+    first = len(fake.calls_of("GetRecords"))
+    time.sleep(2.0)
+    calls = len(fake.calls_of("GetRecords")) - first
+    assert calls <= 25, f"{calls} GetRecords calls in 2 s on an idle shard (max wait 200 ms: about 10)"
+    fake.append(SHARD, recs(1, 1))
+    wait_until(lambda: sink.written_seqs() == [seq(1, 0)], "the new record delivered", timeout=20)
+    assert running.stop() == 0

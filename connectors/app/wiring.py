@@ -81,6 +81,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
         start_position=src.start_position,
         shard_settings=ShardSettings(max_records_per_call=src.max_records_per_call,
                                      idle_interval_ms=src.idle_interval_ms,
+                                     max_idle_interval_ms=max(src.idle_interval_ms, src.max_idle_interval_ms),
                                      checkpoint_interval_s=src.checkpoint_interval_s,
                                      on_trimmed=src.on_trimmed),
         discovery_interval_s=src.discovery_interval_s,

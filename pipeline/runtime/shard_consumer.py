@@ -87,13 +87,31 @@ class ReadWindow:
     idle_reads: int = 5
 
 
+#: empty GetRecords calls in a row before the idle wait starts to grow (see :func:`idle_wait_s`)
+IDLE_GROWTH_AFTER = 2
+
+
+def idle_wait_s(empty_reads: int, idle_interval_ms: int, max_idle_interval_ms: int) -> float:
+    """Seconds to wait after the ``empty_reads``-th empty GetRecords call in a row (adaptive idle
+    polling, issue 15): ``idle_interval_ms`` for the first :data:`IDLE_GROWTH_AFTER`, then doubling
+    per further empty call up to ``max_idle_interval_ms``; the next page with records resets it.
+    E.g. 250 ms base, 2,000 ms max: 250, 250, 500, 1,000, 2,000, 2,000 … ms."""
+    base = max(0, idle_interval_ms)
+    cap = max(base, max_idle_interval_ms)
+    steps = max(0, empty_reads - IDLE_GROWTH_AFTER)
+    return min(cap, base * (2 ** min(steps, 30))) / 1000.0
+
+
 @dataclass
 class ShardSettings:
-    """Per-shard loop settings (from ``source`` in the configuration): limit, idle wait in ms,
-    checkpoint interval in s."""
+    """Per-shard loop settings (from ``source`` in the configuration): limit, idle wait in ms
+    (``idle_interval_ms``, growing up to ``max_idle_interval_ms`` while the shard stays empty — see
+    :func:`idle_wait_s`; None: no growth — the configuration's default is 2,000 ms), checkpoint
+    interval in s."""
 
     max_records_per_call: int = 1000
     idle_interval_ms: int = 250
+    max_idle_interval_ms: int | None = None
     checkpoint_interval_s: float = 5.0
     on_trimmed: str = "fail"  # fail: stop the shard; skip: go on from TRIM_HORIZON (gap recorded either way)
 
@@ -263,7 +281,6 @@ class ShardConsumer(threading.Thread):
             if iterator is None:
                 return "shard_end"
         last_checkpoint_at = self.clock()
-        idle_s = self.settings.idle_interval_ms / 1000.0
         while True:
             if self.stop_event.is_set():
                 self._flush_and_checkpoint()
@@ -348,8 +365,10 @@ class ShardConsumer(threading.Thread):
             if self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
                 self._flush_and_checkpoint(final=False)
                 last_checkpoint_at = self.clock()
-            if had_no_records:
-                self.stop_event.wait(idle_s)  # holding no share of the read budget
+            if had_no_records:  # holding no share of the read budget; the wait grows while empty
+                cap = self.settings.max_idle_interval_ms
+                self.stop_event.wait(idle_wait_s(self._empty_reads, self.settings.idle_interval_ms,
+                                                 self.settings.idle_interval_ms if cap is None else cap))
 
     def _handle_gap(self, exc: TrimmedDataError) -> str | None:
         """Record the gap, log it, count it; then stop (``on_trimmed: fail``: re-raise) or go on.
