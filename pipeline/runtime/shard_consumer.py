@@ -150,8 +150,9 @@ class ShardConsumer(threading.Thread):
     GetRecords call first reserves its ``Limit`` (a full page; :data:`CAUGHT_UP_LIMIT` records for a
     shard whose last page was smaller than that), an arrived page keeps only its own size, and
     the page's share is given back once it was delivered to every sink — before any flush,
-    checkpoint, throttling backoff or idle wait. Nothing of a page is referenced after its share is
-    given back. None: no bound.
+    checkpoint, throttling backoff or idle wait (with lanes: by the sink thread that writes the
+    page last, see :mod:`pipeline.runtime.lanes`). Nothing of a page is referenced after its share
+    is given back. None: no bound.
     """
 
     def __init__(self, lease_key: str, *, source: StreamSource, coordinator: LeaseCoordinator,
