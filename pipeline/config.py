@@ -25,6 +25,7 @@ from pipeline.awsconfig import AwsConfig
 from pipeline.errors import ConfigError
 from pipeline.runtime.lanes import DEFAULT_LANE_MAX_BYTES, DEFAULT_LANE_MAX_RECORDS
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT
+from pipeline.runtime.shard_consumer import DEFAULT_MAX_IDLE_INTERVAL_MS
 from pipeline.s3_sse import S3Encryption
 
 ENV_PREFIX = "DDB_CDC_"
@@ -72,7 +73,7 @@ class SourceConfig(_Strict):
     read_path: Literal["fast", "boto3"] = "fast"
     max_records_per_call: int = Field(1000, ge=1, le=1000)
     idle_interval_ms: int = Field(250, ge=0, le=60_000)
-    max_idle_interval_ms: int = Field(2000, ge=0, le=300_000)
+    max_idle_interval_ms: int = Field(DEFAULT_MAX_IDLE_INTERVAL_MS, ge=0, le=300_000)
     discovery_interval_s: float = Field(30.0, gt=0)
     checkpoint_interval_s: float = Field(5.0, ge=0)
     on_trimmed: Literal["fail", "skip"] = "fail"

@@ -320,7 +320,7 @@ class ShardLanes:
         self._held: set[_Item] = set()  # items whose read-budget share is not given back yet
 
     def put(self, batch: Batch, position: str | None, *, abandon: Callable[[], bool] = lambda: False,
-            share: Any = None) -> None:
+            share: Any = None, tick: Callable[[], Any] | None = None) -> None:
         """Give ``batch`` (one shard's events in sequence order; it may be empty — it then only
         carries ``position``) to every sink's lane, waiting while any lane is full.
 
@@ -332,39 +332,47 @@ class ShardLanes:
         lanes with the batch: it is released once every sink has written the batch (or the lanes
         were detached) — so ``worker.max_pages_in_flight`` keeps bounding what was fetched and is
         not yet delivered to every sink. If this raises, the caller still owns ``share``.
+        ``tick()`` is called (outside the lock) every 0.5 s while waiting — the reader checkpoints
+        what the sinks made durable meanwhile; what it raises ends the wait.
         """
         records = len(batch.events)
         nbytes = batch_bytes(batch)
         created = _oldest_created(batch)
         waited = None
-        with self.cond:
-            while True:
+        while True:
+            with self.cond:
                 self._raise_errors()
-                full = [lane for lane in self.members if not lane.has_room(records, nbytes)]
-                if not full:
+                if all(lane.has_room(records, nbytes) for lane in self.members):
+                    self._enqueue(batch, position, share, records, nbytes, created)
                     break
                 if waited is None:
                     waited = time.monotonic()
                 self.cond.wait(_POLL_S)
-                if abandon():
-                    raise LeaseLostError(f"shard {self.shard_id}: the lease was lost while a sink's lane was full")
-            self.serial += 1
-            item = _Item(self.serial, batch, records, nbytes, created, time.time(), share, len(self.members))
-            if share is not None and not self.members:
-                share.release()
-            elif share is not None:
-                self._held.add(item)
-            for lane in self.members:
-                lane.items.append(item)
-                lane.records += records
-                lane.put_records += records
-                lane.nbytes += nbytes
-                lane.enqueued = self.serial
-                lane.sink.cond.notify_all()
-            if position is not None:
-                self._positions.append((self.serial, position))
+            if abandon():
+                raise LeaseLostError(f"shard {self.shard_id}: the lease was lost while a sink's lane was full")
+            if tick is not None:
+                tick()
         if waited is not None:
             metrics.LANE_WAIT_SECONDS.labels(table=self.table, shard=self.shard_id).inc(time.monotonic() - waited)
+
+    def _enqueue(self, batch: Batch, position: str | None, share: Any, records: int, nbytes: int,
+                 created: float | None) -> None:
+        """Append the batch to every lane (lock held)."""
+        self.serial += 1
+        item = _Item(self.serial, batch, records, nbytes, created, time.time(), share, len(self.members))
+        if share is not None and not self.members:
+            share.release()
+        elif share is not None:
+            self._held.add(item)
+        for lane in self.members:
+            lane.items.append(item)
+            lane.records += records
+            lane.put_records += records
+            lane.nbytes += nbytes
+            lane.enqueued = self.serial
+            lane.sink.cond.notify_all()
+        if position is not None:
+            self._positions.append((self.serial, position))
 
     def request_flush(self) -> None:
         """Ask every sink with unflushed batches of this shard to flush soon (does not wait)."""

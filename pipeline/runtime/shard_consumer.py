@@ -89,6 +89,8 @@ class ReadWindow:
 
 #: empty GetRecords calls in a row before the idle wait starts to grow (see :func:`idle_wait_s`)
 IDLE_GROWTH_AFTER = 2
+#: default ``source.max_idle_interval_ms``: the longest idle wait of a shard that stays empty
+DEFAULT_MAX_IDLE_INTERVAL_MS = 2000
 
 
 def idle_wait_s(empty_reads: int, idle_interval_ms: int, max_idle_interval_ms: int) -> float:
@@ -179,6 +181,8 @@ class ShardConsumer(threading.Thread):
         self.lanes = lanes
         self._lanes: Any = None
         self._share: Reservation | None = None  # the read-budget share of the page being delivered
+        self._last_checkpoint_at = 0.0  # clock() of the last periodic flush request
+        self._checkpoint_wanted = False  # a flush was requested: checkpoint once it made things durable
         self.clock = clock
         self.log = logger.bind(shard_id=lease.shard_id)
         self.stats = ShardStats()
@@ -281,7 +285,7 @@ class ShardConsumer(threading.Thread):
             iterator = self._handle_gap(exc)
             if iterator is None:
                 return "shard_end"
-        last_checkpoint_at = self.clock()
+        last_checkpoint_at = self._last_checkpoint_at = self.clock()
         while True:
             if self.stop_event.is_set():
                 self._flush_and_checkpoint()
@@ -363,8 +367,10 @@ class ShardConsumer(threading.Thread):
                 self.log.info("shard_end_reached", records_read=self.stats.records_read)
                 return "shard_end"
             iterator = next_iterator
-            if self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
-                self._flush_and_checkpoint(final=False)
+            if self._lanes is not None:
+                self._lane_checkpoint_tick()
+            elif self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
+                self._flush_and_checkpoint()
                 last_checkpoint_at = self.clock()
             if had_no_records:  # holding no share of the read budget; the wait grows while empty
                 cap = self.settings.max_idle_interval_ms
@@ -605,7 +611,7 @@ class ShardConsumer(threading.Thread):
             self.fanout.deliver(batch)
             return
 
-        self._lanes.put(batch, position, share=self._share,
+        self._lanes.put(batch, position, share=self._share, tick=self._lane_checkpoint_tick,
                         abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
         self._share = None  # the lanes give it back once every sink has written the page
 
@@ -617,22 +623,36 @@ class ShardConsumer(threading.Thread):
         else:
             self._lanes.drain(abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
 
-    def _flush_and_checkpoint(self, *, shard_end: bool = False, final: bool = True) -> None:
-        """Checkpoint. ``final`` (SHARD_END, a window's end, shutdown): first every sink flushes
-        everything (:meth:`_flush_all`) and the checkpoint is the last position read. Periodic
-        (``final=False``) with lanes: the sinks are asked to flush (not waited for) and the
-        checkpoint is what every sink made durable so far — it moves on at the next interval."""
+    def _lane_checkpoint_tick(self) -> None:
+        """The periodic checkpoint with lanes (called every loop pass, and every 0.5 s while the
+        reader waits for room in a lane): every ``checkpoint_interval_s`` the sinks are asked to
+        flush (not waited for); as soon as what every sink made durable has moved past the last
+        checkpoint, it is checkpointed — at most one write per flush request, none while nothing
+        moved. Raises what stopped a lane, or what the checkpoint write raises."""
+        if self.clock() - self._last_checkpoint_at >= self.settings.checkpoint_interval_s:
+            self._last_checkpoint_at = self.clock()
+            if self._done_position is not None and self._done_position != self._checkpointed:
+                self._lanes.request_flush()
+                self._checkpoint_wanted = True
+        if not self._checkpoint_wanted:
+            return
+        durable = self._lanes.durable_position()
+        if durable is not None and durable != self._checkpointed:
+            self._write_checkpoint(durable)
+            self._checkpoint_wanted = False
+
+    def _flush_and_checkpoint(self, *, shard_end: bool = False) -> None:
+        """The final checkpoint (SHARD_END, a window's end, shutdown; also the periodic one without
+        lanes): every sink flushes everything first (:meth:`_flush_all`), then the last position
+        read is checkpointed."""
         target = SHARD_END if shard_end else self._done_position
         if target is None or target == self._checkpointed:
             return
-        if final or self._lanes is None:
-            self._flush_all()
-        else:
-            self._lanes.request_flush()
-            durable = self._lanes.durable_position()
-            if durable is None or durable == self._checkpointed:
-                return
-            target = durable
+        self._flush_all()
+        self._write_checkpoint(target)
+
+    def _write_checkpoint(self, target: str) -> None:
+        """Write checkpoint ``target`` (conditional on this reader's lease); counts it."""
         try:
             self.coordinator.checkpoint(self.lease_key, target, token=self.token,
                                         version_floor=self.version_floor, version_high=self._version_high)
