@@ -199,6 +199,17 @@ class SinkLane(threading.Thread):
     # -- thread --------------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave the lanes waiting forever
+            with self.cond:
+                for lane in self.members:
+                    if lane.error is None:
+                        lane.error = exc
+                    lane.shard.cond.notify_all()
+            raise
+
+    def _loop(self) -> None:
         while True:
             with self.cond:
                 work = None
@@ -557,17 +568,18 @@ class Lanes:
         return {sink.runner.name: sink.runner.in_flight for sink in self.sinks if sink.runner.in_flight}
 
 
-#: at most this many lanes are reported in a worker's announcement (a DynamoDB item holds 400 KB)
-MAX_ANNOUNCED_LANES = 1000
+#: at most this many lanes are reported in a worker's announcement, the most behind first (each
+#: heartbeat writes them to the lease table: about 100 bytes per lane)
+MAX_ANNOUNCED_LANES = 100
 
 
 def encode_lane_status(rows: Sequence[LaneStatus]) -> str:
     """Lanes as compact JSON text for a worker's announcement (``WorkerInfo.sink_lanes``): a list of
     ``[sink, table, shard, age_ms, records, bytes, undurable_records, durable_position, error]``,
-    the oldest lanes first, at most :data:`MAX_ANNOUNCED_LANES`."""
+    the lanes most behind first, at most :data:`MAX_ANNOUNCED_LANES`."""
     import json
 
-    ordered = sorted(rows, key=lambda r: -r.age_s)[:MAX_ANNOUNCED_LANES]
+    ordered = sorted(rows, key=lambda r: (-r.age_s, -r.undurable_records, r.sink, r.shard_id))[:MAX_ANNOUNCED_LANES]
     return json.dumps([[r.sink, r.table, r.shard_id, int(r.age_s * 1000), r.records, r.bytes, r.undurable_records,
                         r.durable_position, r.error] for r in ordered], separators=(",", ":"))
 
