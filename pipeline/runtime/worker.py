@@ -659,7 +659,9 @@ class Worker:
     def _shutdown(self) -> bool:
         """Stop every consumer, then close the sinks — in that order, and never under a running call.
 
-        1. ``stop_event`` is set: consumers stop reading, flush every sink and checkpoint.
+        1. ``stop_event`` is set: consumers stop reading, wait until every sink's lane of their
+           shard is written and flushed (:meth:`~pipeline.runtime.lanes.ShardLanes.drain`), and
+           checkpoint; the sink threads keep working meanwhile.
         2. Each consumer is joined until ``shutdown_grace_s`` after the stop (one deadline for all).
         3. The sinks are fenced (:meth:`FanOut.fence`): from now on a shard thread that reaches a
            sink gets :class:`~pipeline.runtime.fanout.SinkFenced` (a :class:`DeliveryAborted`), so a
@@ -668,6 +670,7 @@ class Worker:
         4. Only when every consumer ended: leases are released and this worker deregistered
            (a straggler's lease is left to expire, so no other worker reads the shard while it
            may still be in a sink call).
+        After the fence the sink threads are told to end (:meth:`Lanes.stop`).
         5. Each opened sink is closed once no call of it is in progress; one still busy in a
            straggler (a write stuck on a slow service) is closed by that thread when its call
            returns (``sink_close_deferred``), never while it runs.
