@@ -385,6 +385,11 @@ class ShardLanes:
         if position is not None:
             self._positions.append((self.serial, position))
 
+    def check(self) -> None:
+        """Raise the error that stopped one of these lanes, if any (as :meth:`put`)."""
+        with self.cond:
+            self._raise_errors()
+
     def request_flush(self) -> None:
         """Ask every sink with unflushed batches of this shard to flush soon (does not wait)."""
         with self.cond:

@@ -629,6 +629,7 @@ class ShardConsumer(threading.Thread):
         flush (not waited for); as soon as what every sink made durable has moved past the last
         checkpoint, it is checkpointed — at most one write per flush request, none while nothing
         moved. Raises what stopped a lane, or what the checkpoint write raises."""
+        self._lanes.check()  # a sink that failed stops the shard now, also while it is idle
         if self.clock() - self._last_checkpoint_at >= self.settings.checkpoint_interval_s:
             self._last_checkpoint_at = self.clock()
             if self._done_position is not None and self._done_position != self._checkpointed:
