@@ -125,22 +125,63 @@ class _ReadTimer:
 
 
 class _WriteTimer:
-    """Wraps a sink instance's ``write`` to time every call: ``calls`` = [(start ns, end ns, events)]."""
+    """Wraps a sink instance's ``write`` to time every call: ``calls`` = [(start ns, end ns, events)];
+    ``arrivals[phase][i]`` = (write ns, ns when the sink's ``write`` returned) for the first
+    successful delivery of change ``PHASE:i`` to this sink (per-sink latency, issue 15)."""
 
     def __init__(self, sink: Any):
         self.inner = sink.write
         self.calls: list[tuple[int, int, int]] = []
+        self.arrivals: dict[str, dict[int, tuple[int, int]]] = {}
         self._lock = threading.Lock()
         sink.write = self
 
     def __call__(self, batch: Batch) -> None:
         start = time.time_ns()
+        ok = False
         try:
-            return self.inner(batch)
+            result = self.inner(batch)
+            ok = True
+            return result
         finally:
             end = time.time_ns()
+            found = _bench_ids(batch) if ok else []
             with self._lock:
                 self.calls.append((start, end, len(batch.events)))
+                for phase, index, written in found:
+                    self.arrivals.setdefault(phase, {}).setdefault(index, (written, end))
+
+    def count(self, phase: str) -> int:
+        with self._lock:
+            return len(self.arrivals.get(phase, {}))
+
+
+def _bench_ids(batch: Batch) -> list[tuple[str, int, int]]:
+    """(phase, index, write ns) of every change of ``batch`` written by the benchmark's writer."""
+    found = []
+    for event in batch.events:
+        image = event.after
+        if image is None:
+            continue
+        bench_id, written = image.get(ID_ATTR), image.get(TIME_ATTR)
+        if bench_id is None or written is None:
+            continue
+        phase, _, index = str(bench_id).partition(":")
+        found.append((phase, int(index), int(written)))
+    return found
+
+
+class SleepSink(Sink):
+    """A test sink that sleeps ``delay_s`` per ``write`` (an injected slow sink: issue 15 item 6)."""
+
+    thread_safe = True
+
+    def __init__(self, name: str = "slow", delay_s: float = 2.0):
+        super().__init__(name)
+        self.delay_s = delay_s
+
+    def write(self, batch: Batch) -> None:
+        time.sleep(self.delay_s)
 
 
 class MarkSink(Sink):
@@ -457,7 +498,7 @@ def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *,
                 warmup_s: float = 5.0, endpoints: Endpoints | None = None, idle_interval_ms: int | None = None,
                 checkpoint_interval_s: float | None = None, max_records_per_call: int | None = None,
                 drain_timeout_s: float = 120.0, seed: int = SEED,
-                sinks: Sequence[str] = SINK_TYPES) -> dict[str, Any]:
+                sinks: Sequence[str] = SINK_TYPES, slow_sink_s: float = 0.0) -> dict[str, Any]:
     """Run the latency benchmark (module doc) and return its figures.
 
     - ``rates``: changes/s, one phase each, in order; ``duration_s``: seconds of writing per phase.
@@ -471,6 +512,13 @@ def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *,
       the probe (changes still missing then are reported as not arrived).
     - ``sinks``: which built-in sinks to run, in this order, between the probes (default all three:
       ``opensearch``, ``s3_audit``, ``redis_cache``; fewer isolates one sink's share).
+    - ``slow_sink_s`` > 0: also run a test sink ``slow`` that sleeps this many seconds per batch
+      (per-sink lanes: the others' latency should not change).
+
+    Per-sink figures (issue 15): ``phases[i]["per_sink_latency_ms"][sink]`` = change-to-sink
+    latency summary of each sink (write → that sink's ``write`` returned), ``per_sink_arrived``
+    and ``per_sink_rate`` (changes/s the sink took in from the phase's first write to its last
+    arrival). The phase's drain waits for every sink (up to ``drain_timeout_s``).
 
     Returns ``{"settings", "machine", "phases": [per rate: target_rate, achieved_rate, written,
     arrived, missing, duplicates, all_arrived, latency_ms {count, mean, p50, p95, p99, max},
@@ -495,7 +543,8 @@ def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *,
                                                                ("checkpoint_interval_s", checkpoint_interval_s),
                                                                ("max_records_per_call", max_records_per_call))
                                             if v is not None},
-                          drain_timeout_s=drain_timeout_s, seed=seed, sink_types=list(sinks)).run()
+                          drain_timeout_s=drain_timeout_s, seed=seed, sink_types=list(sinks),
+                          slow_sink_s=slow_sink_s).run()
         ok = result["all_arrived"] and result["worker_exit_code"] == 0 and not result["dead_lettered"]
         if console is not None:
             print_report(result, console)
@@ -510,8 +559,9 @@ def run_latency(rates: Sequence[int] = (200, 1000), duration_s: float = 20.0, *,
 class _Run:
     def __init__(self, servers: Endpoints, workdir: Path, say: Any, *, rates: list[int], duration_s: float,
                  warmup_s: float, source_overrides: dict[str, Any], drain_timeout_s: float, seed: int,
-                 sink_types: list[str]):
+                 sink_types: list[str], slow_sink_s: float = 0.0):
         self.servers = servers
+        self.slow_sink_s = slow_sink_s
         unknown = [t for t in sink_types if t not in SINK_TYPES]
         if unknown or not sink_types:
             raise ValueError(f"sinks must be a non-empty selection of {', '.join(SINK_TYPES)}, not {sink_types}")
@@ -615,6 +665,8 @@ class _Run:
         from pipeline.registry import build_sinks
 
         sinks = build_sinks(settings.sinks, "latency benchmark")
+        if self.slow_sink_s > 0:
+            sinks.append(SleepSink("slow", self.slow_sink_s))
         mark = MarkSink("probe_first")
         probe = ProbeSink("probe")
         self.worker = build_worker(settings, logger=get_logger(), where="latency benchmark",
@@ -674,7 +726,9 @@ class _Run:
                 process.join()
         expected = len(result["ok"])
         deadline = time.monotonic() + self.drain_timeout_s
-        while probe.count(phase) < expected and time.monotonic() < deadline:
+        # per-sink lanes: every sink drains on its own; wait for the probe and every sink
+        while ((probe.count(phase) < expected or any(t.count(phase) < expected for t in self.sink_timers.values()))
+               and time.monotonic() < deadline):
             self._alive()
             time.sleep(0.05)
         result["cpu_pct"] = round(100.0 * (time.process_time() - cpu0) / max(1e-9, time.monotonic() - wall0), 1)
@@ -730,6 +784,7 @@ class _Run:
                             "call_ms": _summary([(c[1] - c[0]) / 1e6 for c in calls])},
             "sink_write_ms": {name: _summary([(c[1] - c[0]) / 1e6 for c in list(t.calls) if first <= c[0] <= last])
                               for name, t in self.sink_timers.items()},
+            **self._per_sink(phase, ok, writer),
             "put_rtt_ms": writer["put_rtt_ms"],
             "writer_late_ms": writer["late_ms"],
             "writer_retried": writer["retried"],
@@ -737,6 +792,17 @@ class _Run:
             "drain_s": writer["drain_s"],
             "worker_process_cpu_pct": writer["cpu_pct"],
         }
+
+    def _per_sink(self, phase: str, ok: set, writer: dict[str, Any]) -> dict[str, Any]:
+        """Per sink: latency summary (ms), changes arrived, intake rate (changes/s)."""
+        latency, arrived, rate = {}, {}, {}
+        for name, t in self.sink_timers.items():
+            got = {i: v for i, v in dict(t.arrivals.get(phase, {})).items() if i in ok}
+            latency[name] = _summary([(a - w) / 1e6 for w, a in got.values()])
+            arrived[name] = len(got)
+            span = (max((a for _, a in got.values()), default=0) - writer["first_send_ns"]) / 1e9
+            rate[name] = round(len(got) / span, 1) if got and span > 0 else 0.0
+        return {"per_sink_latency_ms": latency, "per_sink_arrived": arrived, "per_sink_rate": rate}
 
     def _notes(self, phases: list[dict[str, Any]], code: int | None) -> list[str]:
         notes = []
@@ -851,6 +917,18 @@ def print_report(result: dict[str, Any], console: Any) -> None:
                                                f"{w[n].get('p99', 0):.0f}" for n in names),
                       f"{p['worker_process_cpu_pct']:.0f}")
     console.print(sinks)
+    per = Table(title="per-sink change-to-sink latency (ms): write → that sink's write() returned; p50 / p95 / p99; "
+                      "arrived; intake /s", title_justify="left")
+    names = list(result["phases"][0].get("per_sink_latency_ms", {})) if result["phases"] else []
+    for column in ("rate /s", *names):
+        per.add_column(column, justify="right")
+    for p in result["phases"]:
+        lat = p.get("per_sink_latency_ms", {})
+        per.add_row(str(p["target_rate"]), *(
+            f"{lat[n].get('p50', float('nan')):.0f} / {lat[n].get('p95', float('nan')):.0f} / "
+            f"{lat[n].get('p99', float('nan')):.0f}; {p['per_sink_arrived'][n]}/{p['written']}; "
+            f"{p['per_sink_rate'][n]:.0f}" for n in names))
+    console.print(per)
     t = result["targets"]
     if t.get("met") is None:
         console.print(f"targets: {t.get('note')}")
@@ -889,6 +967,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="built-in sinks to run, comma-separated (default opensearch,s3_audit,redis_cache)")
     parser.add_argument("--drain-timeout", type=float, default=120.0,
                         help="seconds to wait after a phase's last write for every change to arrive (default 120)")
+    parser.add_argument("--slow-sink-s", type=float, default=0.0,
+                        help="also run a test sink that sleeps this many seconds per batch (default 0: none)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-' for stdout)")
     args = parser.parse_args(argv)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -896,7 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          warmup_s=args.warmup, idle_interval_ms=args.idle_interval_ms,
                          checkpoint_interval_s=args.checkpoint_interval_s,
                          max_records_per_call=args.max_records_per_call, drain_timeout_s=args.drain_timeout,
-                         sinks=[t.strip() for t in args.sinks.split(",") if t.strip()])
+                         sinks=[t.strip() for t in args.sinks.split(",") if t.strip()], slow_sink_s=args.slow_sink_s)
     if args.json:
         text = json.dumps(result, indent=2)
         if args.json == "-":

@@ -80,7 +80,7 @@ def build_worker(sources: list[Any], workdir: str, *, worker_id: str = "bench", 
     import structlog
 
     from pipeline.deadletter import DirectoryDeadLetterQueue
-    from pipeline.runtime.shard_consumer import ShardSettings
+    from pipeline.runtime.shard_consumer import DEFAULT_MAX_IDLE_INTERVAL_MS, ShardSettings
     from pipeline.runtime.worker import Worker
 
     store = store or timed_store(os.path.join(workdir, "leases.sqlite"))
@@ -89,7 +89,8 @@ def build_worker(sources: list[Any], workdir: str, *, worker_id: str = "bench", 
     worker = Worker(sources=sources, lease_store=store, sinks=sinks,
                     dead_letter=DirectoryDeadLetterQueue(os.path.join(workdir, "dlq")), worker_id=worker_id,
                     logger=structlog.get_logger("benchmark"),
-                    shard_settings=ShardSettings(max_records_per_call=1000, checkpoint_interval_s=checkpoint_interval_s),
+                    shard_settings=ShardSettings(max_records_per_call=1000, checkpoint_interval_s=checkpoint_interval_s,
+                                                 max_idle_interval_ms=DEFAULT_MAX_IDLE_INTERVAL_MS),
                     exit_when_idle=exit_when_idle, shutdown_grace_s=30.0,
                     # recorded records are old: no iterator-age warnings about them
                     iterator_age_warning_s=10.0 ** 12, iterator_age_error_s=10.0 ** 12, **extra)

@@ -159,6 +159,13 @@ class SQLiteLeaseStore:
                 except CheckpointStoreError as exc:
                     if "duplicate column" not in str(exc):  # another process added it first
                         raise
+        have = {row[1] for row in self._execute("PRAGMA table_info(workers)").fetchall()}
+        if "sinkLanes" not in have:  # added with per-sink lanes (issue 15)
+            try:
+                self._execute("ALTER TABLE workers ADD COLUMN sinkLanes TEXT")
+            except CheckpointStoreError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
 
     def _row_to_lease(self, row) -> Lease:
         parents = tuple(p for p in (row[6] or "").split(",") if p)
@@ -268,13 +275,15 @@ class SQLiteLeaseStore:
 
     def announce_worker(self, info: WorkerInfo) -> None:
         self._execute(
-            "INSERT INTO workers (workerId, host, pid, startedAt, heartbeatAt, leases) VALUES (?,?,?,?,?,?) "
-            "ON CONFLICT(workerId) DO UPDATE SET heartbeatAt = excluded.heartbeatAt, leases = excluded.leases",
-            (self.prefix + info.worker_id, info.host, info.pid, info.started_at, info.heartbeat_at, info.leases))
+            "INSERT INTO workers (workerId, host, pid, startedAt, heartbeatAt, leases, sinkLanes) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT(workerId) DO UPDATE SET heartbeatAt = excluded.heartbeatAt, leases = excluded.leases, "
+            "sinkLanes = excluded.sinkLanes",
+            (self.prefix + info.worker_id, info.host, info.pid, info.started_at, info.heartbeat_at, info.leases,
+             info.sink_lanes))
 
     def list_workers(self) -> list[WorkerInfo]:
         where, params = self._where_mine("workerId")
-        rows = self._execute(f"SELECT workerId, host, pid, startedAt, heartbeatAt, leases FROM workers WHERE {where} "
+        rows = self._execute(f"SELECT workerId, host, pid, startedAt, heartbeatAt, leases, sinkLanes FROM workers WHERE {where} "
                              "ORDER BY workerId", params).fetchall()
         return [WorkerInfo(row[0][len(self.prefix):], *row[1:]) for row in rows]
 

@@ -253,7 +253,9 @@ class Gap:
 @dataclass(frozen=True)
 class WorkerInfo:
     """A worker's announcement: id, host, pid, start and last heartbeat as ISO 8601 UTC text,
-    and how many leases it held at that heartbeat."""
+    and how many leases it held at that heartbeat. ``sink_lanes``: the per-sink lanes of its shards at
+    that heartbeat as compact JSON text (:func:`pipeline.runtime.lanes.encode_lane_status`; None:
+    not reported), shown by ``ddb-cdc status``."""
 
     worker_id: str
     host: str
@@ -261,3 +263,4 @@ class WorkerInfo:
     started_at: str
     heartbeat_at: str
     leases: int = 0
+    sink_lanes: str | None = None

@@ -23,7 +23,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.awsconfig import AwsConfig
 from pipeline.errors import ConfigError
+from pipeline.runtime.lanes import DEFAULT_LANE_MAX_BYTES, DEFAULT_LANE_MAX_RECORDS
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT
+from pipeline.runtime.shard_consumer import DEFAULT_MAX_IDLE_INTERVAL_MS
 from pipeline.s3_sse import S3Encryption
 
 ENV_PREFIX = "DDB_CDC_"
@@ -48,6 +50,10 @@ class SourceConfig(_Strict):
     - ``max_records_per_call``: GetRecords ``Limit``, 1–1,000 (DynamoDB Streams API reference).
     - ``idle_interval_ms``: wait after an empty GetRecords before the next (default 250 ms);
       while records flow there is no wait.
+    - ``max_idle_interval_ms``: adaptive idle polling — after 2 empty GetRecords calls in a row
+      the wait doubles per further empty call, up to this (default 2,000 ms; set it equal to
+      ``idle_interval_ms`` for a fixed wait); the first page with records resets it. The first
+      change after a quiet spell therefore waits at most this long to be read.
     - ``discovery_interval_s``: how often DescribeStream is re-run to find new shards (default 30 s).
     - ``checkpoint_interval_s``: how often a shard flushes every sink and checkpoints while
       records flow (default 5 s); also at SHARD_END and at shutdown.
@@ -67,6 +73,7 @@ class SourceConfig(_Strict):
     read_path: Literal["fast", "boto3"] = "fast"
     max_records_per_call: int = Field(1000, ge=1, le=1000)
     idle_interval_ms: int = Field(250, ge=0, le=60_000)
+    max_idle_interval_ms: int = Field(DEFAULT_MAX_IDLE_INTERVAL_MS, ge=0, le=300_000)
     discovery_interval_s: float = Field(30.0, gt=0)
     checkpoint_interval_s: float = Field(5.0, ge=0)
     on_trimmed: Literal["fail", "skip"] = "fail"
@@ -142,7 +149,10 @@ class SinkConfig(_Strict):
     Shaping (:mod:`pipeline.shaping`, README "Filters, routing and transforms"): ``tables`` (table
     names or globs; empty = every table), ``filter`` (an AWS event filter pattern, a list of them,
     or Lambda's ``FilterCriteria``), ``transforms`` (applied in order, each ``{"type": ..., options}``).
-    They are compiled and validated when the sinks are built (``config check``)."""
+    They are compiled and validated when the sinks are built (``config check``).
+    ``lane_max_records`` (default 10,000) / ``lane_max_bytes`` (default 16 MiB) bound the sink's
+    lane of each shard: the changes read for this sink and not yet written to it (see
+    :mod:`pipeline.runtime.lanes`)."""
 
     name: str = Field(min_length=1)
     type: str = Field(min_length=1)
@@ -160,6 +170,10 @@ class SinkConfig(_Strict):
         if any(not t.strip() for t in value):
             raise ValueError("table names / globs must not be empty")
         return value
+    #: bounds of this sink's lane of each shard (:mod:`pipeline.runtime.lanes`): records, and bytes
+    #: (sum of the events' SizeBytes); a full lane makes the shard's reader wait
+    lane_max_records: int = Field(DEFAULT_LANE_MAX_RECORDS, ge=1, le=10_000_000)
+    lane_max_bytes: int = Field(DEFAULT_LANE_MAX_BYTES, ge=1024)
 
 
 class WorkerConfig(_Strict):

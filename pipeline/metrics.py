@@ -80,6 +80,10 @@ SINK_DELIVERY_SECONDS = Histogram("ddb_cdc_sink_delivery_seconds",
 SINK_STALLED = Gauge("ddb_cdc_sink_stalled_seconds",
                      "How long the current batch of a shard has been failing for a sink (0 when flowing)",
                      ["sink", "shard"])
+# -- per-sink lanes (issue 15) --------------------------------------------------------------------
+LANE_WAIT_SECONDS = Counter("ddb_cdc_lane_wait_seconds_total",
+                            "Seconds a shard's reader waited because a sink's lane was full (backpressure)",
+                            ["table", "shard"])
 
 #: the ``error`` label values of ``ddb_cdc_get_records_errors_total`` (pipeline.runtime.shard_consumer)
 GET_RECORDS_ERROR_KINDS = ("expired_iterator", "trimmed", "vanished", "throttled", "transient", "other")
@@ -140,6 +144,13 @@ class WorkerCollector:
     - ``ddb_cdc_sink_age_seconds{sink}``: how far the sink's delivered position is behind — now −
       creation time of the oldest change handed to it and not yet delivered (0 when it has
       everything it was given);
+    - ``ddb_cdc_lane_age_seconds{sink,table,shard}``: per-sink lag of one shard — now − creation
+      time of the oldest change in that sink's lane not yet written to it (0 when the lane is empty;
+      :mod:`pipeline.runtime.lanes`); ``ddb_cdc_sink_age_seconds{sink}`` is its largest value over
+      the sink's lanes;
+    - ``ddb_cdc_lane_records{sink,table,shard}`` / ``ddb_cdc_lane_bytes{...}``: the lane's fill
+      (records / SizeBytes waiting or being written); ``ddb_cdc_lane_undurable_records{...}``:
+      records given to the lane and not yet flushed by the sink (the checkpoint waits for them);
     - ``ddb_cdc_leases_held{table}``: leases this worker holds;
     - ``ddb_cdc_aws_failing_seconds{dependency}``: how long ``dynamodb_streams`` / ``lease_table``
       calls have been failing transiently (0 when the last call succeeded; see
@@ -162,6 +173,17 @@ class WorkerCollector:
         sink_age = GaugeMetricFamily("ddb_cdc_sink_age_seconds",
                                      "Now minus the creation time of the oldest change given to the sink and "
                                      "not yet delivered (0 when current)", labels=["sink"])
+        lane_labels = ["sink", "table", "shard"]
+        lane_age = GaugeMetricFamily("ddb_cdc_lane_age_seconds",
+                                     "Now minus the creation time of the oldest change in a sink's lane of a "
+                                     "shard not yet written to the sink (0 when empty)", labels=lane_labels)
+        lane_records = GaugeMetricFamily("ddb_cdc_lane_records", "Records waiting in a sink's lane of a shard",
+                                         labels=lane_labels)
+        lane_bytes = GaugeMetricFamily("ddb_cdc_lane_bytes", "Bytes (SizeBytes) waiting in a sink's lane of a shard",
+                                       labels=lane_labels)
+        lane_undurable = GaugeMetricFamily("ddb_cdc_lane_undurable_records",
+                                           "Records given to a sink's lane of a shard and not yet flushed by it",
+                                           labels=lane_labels)
         held = GaugeMetricFamily("ddb_cdc_leases_held", "Leases held by this worker", labels=["table"])
         failing = GaugeMetricFamily("ddb_cdc_aws_failing_seconds",
                                     "How long calls of an AWS dependency have been failing transiently (0: working)",
@@ -181,15 +203,24 @@ class WorkerCollector:
                 table, shard = consumer.source.table, consumer.shard_id
                 age.add_metric([table, shard], consumer.iterator_age_s(now))
                 remaining.add_metric([table, shard], consumer.trim_horizon_remaining_s(now))
-            for name, seconds in worker.fanout.sink_ages(now).items():
+            lanes = getattr(worker, "lanes", None)
+            ages = lanes.sink_ages(now) if lanes is not None else worker.fanout.sink_ages(now)
+            for name, seconds in ages.items():
                 sink_age.add_metric([name], seconds)
+            for row in (lanes.status(now) if lanes is not None else []):
+                labels = [row.sink, row.table, row.shard_id]
+                lane_age.add_metric(labels, row.age_s)
+                lane_records.add_metric(labels, row.records)
+                lane_bytes.add_metric(labels, row.bytes)
+                lane_undurable.add_metric(labels, row.undurable_records)
             counts: dict[str, int] = {}
             for lease in worker.coordinator.held():
                 counts[lease.table] = counts.get(lease.table, 0) + 1
             for table in {s.table for s in worker.sources}:
                 held.add_metric([table], counts.get(table, 0))
         degraded.add_metric([], any_degraded)
-        yield from (age, remaining, sink_age, held, failing, degraded)
+        yield from (age, remaining, sink_age, lane_age, lane_records, lane_bytes, lane_undurable, held, failing,
+                    degraded)
 
     def describe(self):
         return []  # computed at scrape time; no fixed samples to describe

@@ -226,8 +226,10 @@ def test_dead_letter_policy_unblocks_s3_audit_flush_during_an_outage_and_loses_n
     assert checkpoint(tmp_path) == SHARD_END
     dead_lettered = {e.sequence_number: e for e in DirectoryDeadLetterQueue(tmp_path / "dlq").list()}
     # the first batch (2 records) was written during the outage: its flush was retried for the
-    # budget, then its events were dead-lettered with the sink's name and the error
-    assert sorted(dead_lettered) == [seq(1, 0), seq(1, 1)]
+    # budget, then its events were dead-lettered with the sink's name and the error. (With per-sink
+    # lanes the sink's thread may have merged later pages into that first write: then they were
+    # unflushed too and are dead-lettered with it.)
+    assert {seq(1, 0), seq(1, 1)} <= set(dead_lettered)
     for entry in dead_lettered.values():
         assert entry.sink == "audit" and entry.kind == "delivery"
         assert "flush failed" in entry.error and "127.0.0.1" in entry.error
@@ -236,8 +238,9 @@ def test_dead_letter_policy_unblocks_s3_audit_flush_during_an_outage_and_loses_n
     # nothing lost: every record is in S3 or in the dead-letter destination ...
     assert set(archived) | set(dead_lettered) == {seq(1, i) for i in range(6)}
     # ... and the discarded buffer was not uploaded later as well
-    assert sorted(archived) == [seq(1, i) for i in range(2, 6)]
-    assert worker.runners[0].stats.dead_lettered == 2
+    assert not set(archived) & set(dead_lettered)
+    assert sorted(archived) == [seq(1, i) for i in range(6) if seq(1, i) not in dead_lettered]
+    assert worker.runners[0].stats.dead_lettered == len(dead_lettered)
     assert len(worker.runners[0].unflushed) == 0
 
 

@@ -149,7 +149,10 @@ def test_metrics_show_delivery_and_lag_and_a_stalled_sink_ages_alone(stack, redi
         ages = s.values("ddb_cdc_sink_age_seconds")
         assert ages[(("sink", "cache"),)] >= first + 2
         assert ages[(("sink", "search"),)] == 0.0 and ages[(("sink", "audit"),)] == 0.0
-        assert list(s.values("ddb_cdc_shard_iterator_age_seconds").values())[0] > 5
+        # per-sink lanes (issue 15): the reader is not held up, the cache's lane of the shard ages
+        lane_ages = s.values("ddb_cdc_lane_age_seconds")
+        assert [v for k, v in lane_ages.items() if ("sink", "cache") in k][0] > 5
+        assert [v for k, v in lane_ages.items() if ("sink", "search") in k] == [0.0]
         assert (s.value("ddb_cdc_sink_retries_total", sink="cache") or 0) > 0
         wait_until(lambda: json_log_events(s.log, "iterator_age_critical"), "iterator_age_critical logged",
                    timeout=60, interval=0.5)

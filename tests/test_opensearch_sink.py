@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -124,6 +125,9 @@ def open_sink(url: str, **options: Any) -> OpenSearchSink:
     options.setdefault("mapping", "dynamic")  # this file checks the plain rendering of _source
     options.setdefault("refresh", True)
     options.setdefault("retry_backoff_s", 0)
+    # this file checks the order of bulk bodies: one request at a time, unless a test asks for more
+    # (test_concurrent_bulks_end_with_every_document_at_its_last_version)
+    options.setdefault("max_bulk_in_flight", 1)
     sink = OpenSearchSink("search", OpenSearchSink.Options(hosts=[url], **options))
     sink.open(context())
     return sink
@@ -795,6 +799,7 @@ def test_options_defaults():
     opts = OpenSearchSink.Options(hosts=["https://search.example.com"])
     assert opts.index == "{table}" and opts.auth.type == "none"
     assert (opts.max_bulk_docs, opts.max_bulk_bytes) == (500, 5 * 1024 * 1024)
+    assert opts.max_bulk_in_flight == 4
     assert opts.refresh is False and opts.verify_certs is True and opts.max_retries == 3
     sink = OpenSearchSink("s", opts)
     assert sink.index_for("My.Orders-2024") == "my.orders-2024"
@@ -859,5 +864,66 @@ def test_aws_sigv4_signs_requests(url, table):
         ev = make_event(table, "INSERT", {"pk": {"S": "a"}}, seq=1, new=item("a"))
         sink.write(batch(table, ev))
         assert get_doc(url, table, "a") is not None
+    finally:
+        sink.close()
+
+
+class OverlapClient(RecordingClient):
+    """Holds each of the first ``overlap`` bulk requests until that many are in flight at once
+    (a barrier, 20 s timeout), so the test knows the requests really were concurrent."""
+
+    def __init__(self, client: Any, overlap: int):
+        super().__init__(client)
+        self.barrier = threading.Barrier(overlap, timeout=20)
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def bulk(self, *, body: bytes, **kwargs: Any) -> Any:
+        with self._lock:
+            self.calls += 1
+            first = self.calls <= self.barrier.parties
+        if first:
+            self.barrier.wait()
+        return super().bulk(body=body, **kwargs)
+
+
+def test_concurrent_bulks_end_with_every_document_at_its_last_version(url, table):
+    """Issue 15 item 4: many versions of the same 12 items (deletes among them), shuffled, sent
+    through up to 8 concurrent bulk requests of 3 actions: OpenSearch applies them in whatever
+    order the requests arrive, and external versions still leave every document at its last
+    version and every item whose last change is a delete absent."""
+    import random
+
+    sink = open_sink(url, max_bulk_docs=3, max_bulk_in_flight=8)
+    probe = OverlapClient(sink.client, overlap=4)
+    sink.client = probe
+    rng = random.Random(15)
+    events, last = [], {}
+    n = 0
+    for _ in range(25):
+        for k in range(12):
+            n += 1
+            key = {"pk": {"S": f"k{k}"}}
+            if rng.random() < 0.25:
+                event = make_event(table, "REMOVE", key, seq=n, t=T0 + n, old=item(f"k{k}", v={"N": str(n)}))
+            else:
+                event = make_event(table, "MODIFY", key, seq=n, t=T0 + n, new=item(f"k{k}", v={"N": str(n)}))
+            events.append(event)
+            last[f"k{k}"] = event
+    try:
+        for start in range(0, len(events), 60):
+            part = events[start:start + 60]
+            rng.shuffle(part)
+            sink.write(batch(table, *part))
+        assert sink.peak_bulks_in_flight >= 4, sink.peak_bulks_in_flight
+        assert len(probe.bodies) >= 100
+        docs = all_docs(url, table)
+        for key, event in last.items():
+            if event.op == "d":
+                assert key not in docs, f"{key}: deleted last, but the index holds {docs.get(key)}"
+            else:
+                version, source = docs[key]
+                assert version == event.version and source["v"] == int(event.after["v"]), (key, docs[key])
+        assert any(ev.op == "d" for ev in last.values()) and any(ev.op != "d" for ev in last.values())
     finally:
         sink.close()

@@ -26,6 +26,7 @@ from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import FatalSinkError
 from pipeline.events import Batch
 from pipeline.runtime.fanout import FailurePolicy, SinkFenced
+from pipeline.runtime.lanes import LaneSettings
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.sink import Sink, SinkContext
 from pipeline.testing import RecordingSink
@@ -151,7 +152,9 @@ def guarded_worker(fake: FakeStreams, tmp_path, sinks: list[Sink], logger: Recor
         dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id="w1", logger=logger,
         shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=10, checkpoint_interval_s=0.0),
         discovery_interval_s=0.05, failover_time_s=0.3, shutdown_grace_s=shutdown_grace_s,
-        policies={s.name: FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01) for s in sinks})
+        policies={s.name: FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01) for s in sinks},
+        # every page is its own write (no merging of waiting pages), so "the n-th write" is page n
+        lane_settings={s.name: LaneSettings(coalesce_max_records=1) for s in sinks})
 
 
 def checkpoint_of(tmp_path) -> str:
@@ -174,6 +177,8 @@ def test_sinks_are_not_closed_under_a_straggling_shard_thread(tmp_path, blocked,
     running = Running(worker)
     assert slow.entered.wait(10), "the shard thread never reached the slow sink"
     (consumer,) = worker.consumers.values()
+    # per-sink lanes: while the slow sink is stuck, the other sink receives the whole shard
+    wait_until(lambda: cache.written == all_seqs, "the cache's lane went on without the slow sink")
 
     # stop while the shard thread is inside the slow sink: the grace period runs out
     code = running.stop(timeout=10)
@@ -181,34 +186,36 @@ def test_sinks_are_not_closed_under_a_straggling_shard_thread(tmp_path, blocked,
     assert consumer.is_alive(), "the shard thread should still be blocked in the slow sink"
     assert [f["shard_id"] for f in log.named("shutdown_grace_exceeded")] == [SHARD]
     (fenced,) = log.named("sinks_fenced")
-    assert fenced["shard_ids"] == [SHARD] and fenced["sink_calls_in_progress"] == {"search": 1}
-    # the idle sink is closed at once; the busy one is left to the thread that is inside it
-    assert cache.closes == 1
+    assert fenced["shard_ids"] == [SHARD] and fenced["sink_calls_in_progress"].get("search") == 1
+    # the busy sink is left to the thread that is inside it (each sink has its own lane thread,
+    # so the other sink is idle or closed by its own thread when its call returns)
     assert slow.closes == 0, f"the slow sink was closed under a running {blocked}: {slow.violations}"
-    assert [f["sink"] for f in log.named("sink_close_deferred")] == ["search"]
+    assert "search" in [f["sink"] for f in log.named("sink_close_deferred")]
 
     slow.release.set()
     consumer.join(10)
     assert not consumer.is_alive()
+    wait_until(lambda: slow.closes == 1 and cache.closes == 1, "every sink closed once its last call returned")
 
     # no sink was called after its close(), none was closed under a call
     assert slow.violations == [] and cache.violations == []
-    assert slow.closes == 1, "the straggler closes the slow sink once its call returned"
     assert consumer.outcome == "stopped" and isinstance(consumer.error, SinkFenced), consumer.error
 
-    # nothing past what every sink flushed was checkpointed: the first page only
-    assert checkpoint_of(tmp_path) == seq(1, 1)
-    assert cache.flushed == all_seqs[:2]
-    if blocked == "write":
-        assert cache.written == all_seqs[:2], "the fenced thread must not reach the next sink"
-    else:  # the slow flush finished (page 2 durable there), the cache's flush was refused
-        assert slow.flushed == all_seqs[:4] and cache.written == all_seqs[:4]
+    # nothing past what every sink flushed was checkpointed (at most the first page: the slow
+    # sink never made page 2 durable before the fence)
+    cp = checkpoint_of(tmp_path)
+    assert cp in ("TRIM_HORIZON", seq(1, 1)), cp
+    covered = 0 if cp == "TRIM_HORIZON" else all_seqs.index(cp) + 1
+    assert set(all_seqs[:covered]) <= set(slow.flushed) and set(all_seqs[:covered]) <= set(cache.flushed)
+    # each sink got the shard in sequence order; the idle sink was not held up by the slow one
+    for sink in (slow, cache):
+        assert sink.written == all_seqs[:len(sink.written)] and sink.flushed == all_seqs[:len(sink.flushed)]
 
     # no change lost: the next owner (after the lease expires) reads on from the checkpoint
     again = RecordingSink("again")
     second = make_worker(fake, tmp_path, again, worker_id="w2", exit_when_idle=True)
     assert Running(second).join(15) == 0
-    assert [e.sequence_number for e in again.flushed] == all_seqs[2:]
+    assert [e.sequence_number for e in again.flushed] == all_seqs[covered:]
     assert checkpoint_of(tmp_path) == "SHARD_END"
 
 

@@ -153,7 +153,7 @@ def test_status_json_from_sqlite(sqlite_config):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert set(data) == {"generated_at", "failover_time_s", "stale_after_s", "leases", "workers", "streams", "summary",
-                         "gaps", "snapshots"}
+                         "gaps", "snapshots", "sink_lanes"}  # sink_lanes: per-sink lanes (issue 15)
     assert data["snapshots"] == []  # issue 17: snapshots from the lease store's snapshot namespace
     assert data["summary"] == {"streams": 1, "shards": 4, "finished": 1, "free": 1, "owned": 2, "workers": 2,
                                "live_workers": 1, "max_behind_ms": 3_900_000, "gaps": 0}

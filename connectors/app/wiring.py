@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.runtime.fanout import FailurePolicy
+from pipeline.runtime.lanes import lane_settings_from
 from pipeline.registry import build_sinks
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.runtime.worker import Worker
@@ -79,6 +80,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
         start_position=src.start_position,
         shard_settings=ShardSettings(max_records_per_call=src.max_records_per_call,
                                      idle_interval_ms=src.idle_interval_ms,
+                                     max_idle_interval_ms=max(src.idle_interval_ms, src.max_idle_interval_ms),
                                      checkpoint_interval_s=src.checkpoint_interval_s,
                                      on_trimmed=src.on_trimmed),
         discovery_interval_s=src.discovery_interval_s,
@@ -95,6 +97,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
            "aws_unready_after_s": settings.metrics.aws_unready_after_s,
            "shard_series_ttl_s": settings.metrics.shard_series_ttl_s,
            "max_pages_in_flight": settings.worker.max_pages_in_flight,
+           "lane_settings": lane_settings_from(settings.sinks),
            # a configured id: leases of a dead earlier process of it are re-taken at once
            "worker_name": settings.worker.id if "id" in settings.worker.model_fields_set else None,
            **worker_kwargs},

@@ -323,11 +323,13 @@ class DynamoDBLeaseStore:
     # -- worker announcements (items under WORKER_KEY_PREFIX) ----------------------------------
 
     def announce_worker(self, info: WorkerInfo) -> None:
-        try:
-            self.client.put_item(TableName=self.table_name, Item={
-                "leaseKey": _s(self.prefix + WORKER_KEY_PREFIX + info.worker_id), "workerId": _s(info.worker_id),
+        item = {"leaseKey": _s(self.prefix + WORKER_KEY_PREFIX + info.worker_id), "workerId": _s(info.worker_id),
                 "host": _s(info.host), "pid": _n(info.pid), "startedAt": _s(info.started_at),
-                "heartbeatAt": _s(info.heartbeat_at), "leases": _n(info.leases)})
+                "heartbeatAt": _s(info.heartbeat_at), "leases": _n(info.leases)}
+        if info.sink_lanes:
+            item["sinkLanes"] = _s(info.sink_lanes)  # per-sink lanes (issue 15), for ddb-cdc status
+        try:
+            self.client.put_item(TableName=self.table_name, Item=item)
         except (ClientError, BotoCoreError) as exc:
             raise store_error(exc, "worker_announce", f"cannot announce worker {info.worker_id}") from None
 
@@ -350,7 +352,8 @@ class DynamoDBLeaseStore:
     def list_workers(self) -> list[WorkerInfo]:
         workers = [WorkerInfo(worker_id=item["workerId"]["S"], host=item["host"]["S"], pid=int(item["pid"]["N"]),
                               started_at=item["startedAt"]["S"], heartbeat_at=item["heartbeatAt"]["S"],
-                              leases=int(item["leases"]["N"]))
+                              leases=int(item["leases"]["N"]),
+                              sink_lanes=item["sinkLanes"]["S"] if "sinkLanes" in item else None)
                    for item in self._scan_prefix(self.prefix + WORKER_KEY_PREFIX)]
         return sorted(workers, key=lambda w: w.worker_id)
 

@@ -125,6 +125,16 @@ sink re-send that request's actions one by one, so only the offending events bec
 
 ``write`` sends immediately (a bulk request that OpenSearch acknowledged is durable in its
 translog), so ``flush`` has nothing to do.
+
+Bulk requests in flight (``max_bulk_in_flight``, default 4): the chunks of one ``write`` are sent
+over up to that many connections at once (a thread pool of the sink). OpenSearch may then apply
+two versions of one document in either order; with external versioning that does not matter:
+a write applies only with a version higher than the stored one (a delete's version is kept as a
+tombstone for ``index.gc_deletes``), so the document ends at its highest version whatever the
+order — "the document is indexed only if the given version is strictly higher than the version
+of the stored document" (OpenSearch documentation, Index document API, version_type external).
+The sink's thread waits for every request of the write before it returns, so a ``write`` still
+returns only when every event is applied.
 """
 
 from __future__ import annotations
@@ -134,6 +144,7 @@ import random
 import string
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Context, Decimal
@@ -243,6 +254,8 @@ class OpenSearchOptions(SinkOptions):
     - ``timeout_s``: per-request timeout in seconds (default 30).
     - ``max_bulk_docs`` (default 500) / ``max_bulk_bytes`` (default 5 MiB): bounds of one bulk
       request (action + source lines). A single action larger than ``max_bulk_bytes`` is sent alone.
+    - ``max_bulk_in_flight`` (default 4, 1–64): bulk requests of one write sent at once (module
+      doc: external versions make their order irrelevant). 1 sends them one after another.
     - ``refresh``: ask for a refresh after each bulk request (default False; tests set True —
       it is expensive on a real cluster).
     - ``max_retries``: how many times retriable items (429, 5xx) are re-sent inside one ``write``
@@ -280,6 +293,7 @@ class OpenSearchOptions(SinkOptions):
     timeout_s: float = Field(default=30.0, gt=0)
     max_bulk_docs: int = Field(default=500, ge=1)
     max_bulk_bytes: int = Field(default=5 * _MIB, ge=1)
+    max_bulk_in_flight: int = Field(default=4, ge=1, le=64)
     refresh: bool = False
     max_retries: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=0.5, ge=0)
@@ -544,6 +558,11 @@ class OpenSearchSink(Sink):
         super().__init__(name, options)
         self.client: Any = None
         self.admin: Any = None
+        self._pool: ThreadPoolExecutor | None = None  # bulk requests in flight (max_bulk_in_flight > 1)
+        #: the most bulk requests this sink had in flight at once so far
+        self.peak_bulks_in_flight = 0
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         self._index_cache: dict[str, str] = {}
         self._routes: dict[str, _Route] = {}
         self._routes_lock = threading.Lock()
@@ -658,8 +677,8 @@ class OpenSearchSink(Sink):
         while pending:
             retriable = []
             overflow: list[_Action] = []
-            for chunk in self._chunks(pending):
-                for action, outcome, reason in self._send(client, chunk):
+            for results in self._send_chunks(client, list(self._chunks(pending))):
+                for action, outcome, reason in results:
                     if outcome == "retriable":
                         retriable.append((action, reason))
                     elif outcome == "permanent" and self._alias_vanished(action, reason):
@@ -702,6 +721,9 @@ class OpenSearchSink(Sink):
     def close(self) -> None:
         """Put back any ``index.gc_deletes`` raised for a replay, close the client's connections
         (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.client is not None:
             self._release_gc_deletes()
             try:
@@ -983,6 +1005,37 @@ class OpenSearchSink(Sink):
             yield chunk
 
     # -- sending ---------------------------------------------------------------------------------
+
+    def _send_chunks(self, client: Any, chunks: list[list[_Action]]) -> list[list[tuple[_Action, str, str]]]:
+        """Send ``chunks`` (bulk request bodies), up to ``max_bulk_in_flight`` at once; their results
+        in chunk order. Raises what :meth:`_send` raises for a whole request (after every request
+        of this call ended)."""
+        width = min(self.options.max_bulk_in_flight, len(chunks))
+        if width <= 1:
+            return [self._counted_send(client, chunk) for chunk in chunks]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.options.max_bulk_in_flight,
+                                            thread_name_prefix=f"bulk-{self.name}")
+        futures = [self._pool.submit(self._counted_send, client, chunk) for chunk in chunks]
+        results, error = [], None
+        for future in futures:  # wait for all: no request of this write is left running
+            try:
+                results.append(future.result())
+            except BaseException as exc:  # noqa: BLE001 - the first whole-request failure is raised
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def _counted_send(self, client: Any, chunk: list[_Action]) -> list[tuple[_Action, str, str]]:
+        with self._in_flight_lock:
+            self._in_flight += 1
+            self.peak_bulks_in_flight = max(self.peak_bulks_in_flight, self._in_flight)
+        try:
+            return self._send(client, chunk)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
 
     def _send(self, client: Any, chunk: list[_Action]) -> list[tuple[_Action, str, str]]:
         """Send one bulk request; ``(action, "ok" | "retriable" | "permanent", reason)`` per action."""

@@ -25,6 +25,13 @@ Columns and their meaning:
   the lease protocol itself never compares clocks of different hosts. A lease owner that has no
   announcement is shown as *unannounced*.
 
+Per-sink lanes (issue 15; :mod:`pipeline.runtime.lanes`), from each live worker's last heartbeat
+(so up to ``failover_time_s / 3`` old): per sink and shard, *behind* = now − creation time of the
+oldest change in the sink's lane not yet written to it (0 when the sink has everything read so
+far), *waiting* = the lane's fill (records / bytes), *not durable* = records given to the sink and
+not yet flushed by it (the shard's checkpoint waits for them), *durable* = the sequence number of
+the last change the sink made durable. The shard's checkpoint is the lowest *durable* of its sinks.
+
 Shard counts partition the leases: *finished* (checkpoint SHARD_END), *owned* (unfinished, with
 an owner) and *free* (unfinished, no owner). *max behind* is over unfinished leases with a
 reported lag.
@@ -40,6 +47,7 @@ from typing import Any, Callable, Sequence, Union
 
 from pipeline.checkpoint import Lease, LeaseStore, WorkerInfo
 from pipeline.events import SENTINELS, SHARD_END
+from pipeline.runtime.lanes import decode_lane_status
 from pipeline.source import StreamSource
 
 #: a worker is stale when its heartbeat is older than this many failover times
@@ -98,6 +106,22 @@ class WorkerRow:
 
 
 @dataclass(frozen=True)
+class SinkLaneRow:
+    """One sink's lane of one shard as a live worker last reported it (see the module doc)."""
+
+    worker_id: str
+    sink: str
+    table: str
+    shard_id: str
+    behind_ms: int
+    records: int
+    bytes: int
+    undurable_records: int
+    durable_position: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
 class StreamRow:
     """One stream: configured (``described`` True when DescribeStream answered) or only known
     from leases. ``shards_without_lease``: shards DescribeStream lists that have no lease yet."""
@@ -136,6 +160,7 @@ class StatusReport:
     streams: list[StreamRow]
     summary: Summary = field(compare=False)
     gaps: list[dict] = field(default_factory=list)
+    sink_lanes: list[SinkLaneRow] = field(default_factory=list)
 
 
 # -- gathering ----------------------------------------------------------------------------------
@@ -253,6 +278,17 @@ def gather_status(store: LeaseStore, sources: Sources = None, *, failover_time_s
                                  heartbeat_age_s=None, leases_held=held[owner], leases_announced=None,
                                  state="unannounced", live=False))
     state_of = {w.worker_id: w.state for w in workers}
+    sink_lanes = []
+    for info in infos:
+        if state_of.get(info.worker_id) != "live":
+            continue
+        for lane in decode_lane_status(getattr(info, "sink_lanes", None)):
+            sink_lanes.append(SinkLaneRow(worker_id=info.worker_id, sink=lane.sink, table=lane.table,
+                                          shard_id=lane.shard_id, behind_ms=int(lane.age_s * 1000),
+                                          records=lane.records, bytes=lane.bytes,
+                                          undurable_records=lane.undurable_records,
+                                          durable_position=lane.durable_position, error=lane.error))
+    sink_lanes.sort(key=lambda r: (r.sink, r.table, r.shard_id))
 
     # -- leases -------------------------------------------------------------------------------
     rows = []
@@ -280,13 +316,14 @@ def gather_status(store: LeaseStore, sources: Sources = None, *, failover_time_s
                       max_behind_ms=max(lags) if lags else None, gaps=len(gaps))
     return StatusReport(generated_at=now.isoformat(), failover_time_s=failover_time_s,
                         stale_after_s=stale_after_s, leases=rows, workers=workers, streams=streams,
-                        summary=summary, gaps=gaps)
+                        summary=summary, gaps=gaps, sink_lanes=sink_lanes)
 
 
 def status_to_dict(report: StatusReport) -> dict[str, Any]:
     """The report as JSON-ready data. Keys are stable: ``generated_at``, ``failover_time_s``,
-    ``stale_after_s``, ``leases``, ``workers``, ``streams``, ``summary`` (each row's keys are
-    the fields of :class:`LeaseRow`, :class:`WorkerRow`, :class:`StreamRow`, :class:`Summary`)."""
+    ``stale_after_s``, ``leases``, ``workers``, ``streams``, ``summary``, ``gaps``, ``sink_lanes``
+    (each row's keys are the fields of :class:`LeaseRow`, :class:`WorkerRow`, :class:`StreamRow`,
+    :class:`Summary`, :class:`SinkLaneRow`)."""
     return asdict(report)
 
 
@@ -342,6 +379,15 @@ def summary_text(summary: Summary) -> str:
             f"({summary.finished} finished, {summary.free} free, {summary.owned} owned), "
             f"{_plural(summary.live_workers, 'live worker')}, max behind {format_duration_ms(summary.max_behind_ms)}"
             + (f", {_plural(summary.gaps, 'recorded gap')}" if summary.gaps else ""))
+
+
+def _bytes_text(n: int) -> str:
+    """``512 B``, ``3.4 KiB``, ``12.0 MiB``."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024 / 1024:.1f} MiB"
 
 
 def _utc_text(iso: str | None) -> str:
@@ -409,6 +455,23 @@ def render_status(report: StatusReport, console: Any = None) -> None:
         console.print(workers)
     else:
         console.print("no workers announced")
+
+    if report.sink_lanes:
+        lanes = Table(title="Sink lanes (per sink and shard, at each live worker's last heartbeat)",
+                      box=box.SIMPLE_HEAD, title_justify="left",
+                      caption="behind = oldest change not yet written to the sink; not durable = given to the "
+                              "sink, not flushed yet; a shard's checkpoint is the lowest durable of its sinks",
+                      caption_justify="left")
+        for name, justify in (("sink", "left"), ("table", "left"), ("shard", "left"), ("behind", "right"),
+                              ("waiting", "right"), ("not durable", "right"), ("durable", "left"),
+                              ("worker", "left"), ("error", "left")):
+            lanes.add_column(name, justify=justify, no_wrap=name != "error")
+        for r in report.sink_lanes:
+            lanes.add_row(*(Text(cell) for cell in (
+                r.sink, r.table, r.shard_id, format_duration_ms(r.behind_ms),
+                f"{r.records} rec / {_bytes_text(r.bytes)}", str(r.undurable_records),
+                short_checkpoint(r.durable_position) if r.durable_position else "-", r.worker_id, r.error or "")))
+        console.print(lanes)
 
     if report.gaps:
         gaps = Table(title="Recorded gaps (records lost before they were read)", box=box.SIMPLE_HEAD,

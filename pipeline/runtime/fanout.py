@@ -329,12 +329,31 @@ class FanOut:
             self._deliver_to(runner, batch)
 
     def deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
-        """Give ``batch`` to one sink (``runner``, one of :attr:`runners`) under the same rules as
-        :meth:`deliver`. Raises FatalSinkError or DeliveryAborted; either carries ``undelivered``,
-        the tuple of the batch's events the sink had not taken when it stopped (in batch order;
-        every earlier event is in the sink or in the dead-letter destination)."""
+        """Give ``batch`` to one sink (``runner``, one of :attr:`runners`; a lane's thread calls
+        this, :mod:`pipeline.runtime.lanes`) under the same rules as :meth:`deliver`. Raises
+        FatalSinkError or DeliveryAborted; either carries ``undelivered``, the tuple of the batch's
+        events the sink had not taken when it stopped (in batch order; every earlier event is in
+        the sink or in the dead-letter destination)."""
         if batch.events:
             self._deliver_to(runner, batch)
+
+    def flush_one(self, runner: SinkRunner) -> None:
+        """Flush one sink (as :meth:`flush` does for each). Raises FatalSinkError or DeliveryAborted."""
+        self._flush_runner(runner)
+        runner.stats.flushes += 1
+
+    def reset_one(self, runner: SinkRunner, table: str, shard_id: str) -> None:
+        """:meth:`reset_shard` for one sink."""
+        reset = getattr(runner.sink, "reset_shard", None)
+        if reset is None:
+            return
+        try:
+            runner.call(lambda: reset(table, shard_id))
+        except DeliveryAborted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - best effort, see reset_shard
+            self.log.warning("sink_reset_shard_failed", sink=runner.name, table=table, shard_id=shard_id,
+                             error=f"{type(exc).__name__}: {exc}"[:500])
 
     def fence(self) -> None:
         """Refuse every further sink call of this fan-out (see :meth:`SinkRunner.fence`): a shard
@@ -351,16 +370,7 @@ class FanOut:
         the shard starts from its checkpoint. A sink's error is logged, not raised (the new reader
         re-sends the events anyway); raises DeliveryAborted when the sinks are fenced off."""
         for runner in self.runners:
-            reset = getattr(runner.sink, "reset_shard", None)
-            if reset is None:
-                continue
-            try:
-                runner.call(lambda r=reset: r(table, shard_id))
-            except DeliveryAborted:
-                raise
-            except Exception as exc:  # noqa: BLE001 - best effort, see the docstring
-                self.log.warning("sink_reset_shard_failed", sink=runner.name, table=table, shard_id=shard_id,
-                                 error=f"{type(exc).__name__}: {exc}"[:500])
+            self.reset_one(runner, table, shard_id)
 
     def flush(self) -> None:
         """Flush every sink; returns when every event given to a sink so far is durable in it or
@@ -369,8 +379,7 @@ class FanOut:
         Raises FatalSinkError or DeliveryAborted (the checkpoint must not move).
         """
         for runner in self.runners:
-            self._flush_runner(runner)
-            runner.stats.flushes += 1
+            self.flush_one(runner)
 
     def _flush_runner(self, runner: SinkRunner) -> None:
         state: dict[str, Any] = {"first_failure": None, "attempts": 0, "last_error": ""}

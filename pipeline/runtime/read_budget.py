@@ -16,7 +16,10 @@ The budget is counted in records, ``pages × max_records_per_call``:
 - as soon as the page arrives it gives back what the page did not fill — an empty read gives back
   everything, so a caught-up shard holds nothing while it waits between polls, and a small page
   (the low-latency case) holds only its few records while it is delivered;
-- it gives back the rest once the page was delivered to every sink (or failed).
+- it gives back the rest once the page was delivered to every sink (or failed). With per-sink
+  lanes (:mod:`pipeline.runtime.lanes`) the share goes into the lanes with the page and the sink
+  thread that writes it last gives it back; lane threads never wait for the budget, so a reader
+  waiting for a share always waits for progress that needs no share.
 
 A reservation is never held across a throttling backoff, an idle wait, a flush + checkpoint or a
 lease hand-off, and a wait for one ends when the worker stops, so the budget cannot deadlock with

@@ -4,6 +4,11 @@ Runs in its own thread while this worker holds the shard's lease. The checkpoint
 after every sink has been given every event up to it *and* flushed (``FanOut.flush``), so it
 never passes an event some sink has not made durable. Delivery is at-least-once: after a crash
 the events since the last checkpoint are read again.
+
+With per-sink lanes (``lanes``, :mod:`pipeline.runtime.lanes`; the worker always passes them) the
+reader puts each batch into every sink's lane and reads on; the periodic checkpoint is the lowest
+position every sink made durable (:meth:`~pipeline.runtime.lanes.ShardLanes.durable_position`),
+and SHARD_END, a replay window's end, a checkpoint move and shutdown first drain every lane.
 """
 
 from __future__ import annotations
@@ -105,13 +110,33 @@ class ReadWindow:
     idle_reads: int = 5
 
 
+#: empty GetRecords calls in a row before the idle wait starts to grow (see :func:`idle_wait_s`)
+IDLE_GROWTH_AFTER = 2
+#: default ``source.max_idle_interval_ms``: the longest idle wait of a shard that stays empty
+DEFAULT_MAX_IDLE_INTERVAL_MS = 2000
+
+
+def idle_wait_s(empty_reads: int, idle_interval_ms: int, max_idle_interval_ms: int) -> float:
+    """Seconds to wait after the ``empty_reads``-th empty GetRecords call in a row (adaptive idle
+    polling, issue 15): ``idle_interval_ms`` for the first :data:`IDLE_GROWTH_AFTER`, then doubling
+    per further empty call up to ``max_idle_interval_ms``; the next page with records resets it.
+    E.g. 250 ms base, 2,000 ms max: 250, 250, 500, 1,000, 2,000, 2,000 … ms."""
+    base = max(0, idle_interval_ms)
+    cap = max(base, max_idle_interval_ms)
+    steps = max(0, empty_reads - IDLE_GROWTH_AFTER)
+    return min(cap, base * (2 ** min(steps, 30))) / 1000.0
+
+
 @dataclass
 class ShardSettings:
-    """Per-shard loop settings (from ``source`` in the configuration): limit, idle wait in ms,
-    checkpoint interval in s."""
+    """Per-shard loop settings (from ``source`` in the configuration): limit, idle wait in ms
+    (``idle_interval_ms``, growing up to ``max_idle_interval_ms`` while the shard stays empty — see
+    :func:`idle_wait_s`; None: no growth — the configuration's default is 2,000 ms), checkpoint
+    interval in s."""
 
     max_records_per_call: int = 1000
     idle_interval_ms: int = 250
+    max_idle_interval_ms: int | None = None
     checkpoint_interval_s: float = 5.0
     on_trimmed: str = "fail"  # fail: stop the shard; skip: go on from TRIM_HORIZON (gap recorded either way)
 
@@ -150,15 +175,16 @@ class ShardConsumer(threading.Thread):
     GetRecords call first reserves its ``Limit`` (a full page; :data:`CAUGHT_UP_LIMIT` records for a
     shard whose last page was smaller than that), an arrived page keeps only its own size, and
     the page's share is given back once it was delivered to every sink — before any flush,
-    checkpoint, throttling backoff or idle wait. Nothing of a page is referenced after its share is
-    given back. None: no bound.
+    checkpoint, throttling backoff or idle wait (with lanes: by the sink thread that writes the
+    page last, see :mod:`pipeline.runtime.lanes`). Nothing of a page is referenced after its share
+    is given back. None: no bound.
     """
 
     def __init__(self, lease_key: str, *, source: StreamSource, coordinator: LeaseCoordinator,
                  fanout: FanOut, dead_letter: DeadLetterQueue, settings: ShardSettings,
                  stop_event: threading.Event, logger: Any, clock: Callable[[], float] = time.monotonic,
                  window: ReadWindow | None = None, on_event_counts: Callable[..., None] | None = None,
-                 read_budget: ReadBudget | None = None):
+                 read_budget: ReadBudget | None = None, lanes: Any = None):
         lease = coordinator.get(lease_key)
         if lease is None:
             raise LeaseLostError(f"lease {lease_key} is not held")
@@ -173,6 +199,13 @@ class ShardConsumer(threading.Thread):
         self.settings = settings
         self.stop_event = stop_event
         self.read_budget = read_budget
+        #: the worker's :class:`~pipeline.runtime.lanes.Lanes` (None: deliver synchronously through
+        #: ``fanout``) and this reader's own lanes once it started
+        self.lanes = lanes
+        self._lanes: Any = None
+        self._share: Reservation | None = None  # the read-budget share of the page being delivered
+        self._last_checkpoint_at = 0.0  # clock() of the last periodic flush request
+        self._checkpoint_wanted = False  # a flush was requested: checkpoint once it made things durable
         self.clock = clock
         self.log = logger.bind(shard_id=lease.shard_id)
         self.stats = ShardStats()
@@ -211,6 +244,13 @@ class ShardConsumer(threading.Thread):
     # -- thread entry --------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run_and_classify()
+        finally:
+            if self._lanes is not None:
+                self._lanes.detach()  # what the lanes still queue is read again by the next reader
+
+    def _run_and_classify(self) -> None:
         try:
             self.outcome = self._run()
         except LeaseLostError as exc:
@@ -255,7 +295,10 @@ class ShardConsumer(threading.Thread):
         self.version_floor = self.coordinator.version_floor(lease)
         # a new ownership period reads again from the checkpoint: sinks drop what they buffered
         # for this shard and did not flush (pipeline/sink.py, reset_shard)
-        self.fanout.reset_shard(self.source.table, self.shard_id)
+        if self.lanes is not None:
+            self._lanes = self.lanes.attach(self.source.table, self.shard_id)  # resets in each sink's thread
+        else:
+            self.fanout.reset_shard(self.source.table, self.shard_id)
         try:
             if lease.checkpoint == LATEST:
                 iterator = self._resolve_latest()
@@ -265,8 +308,7 @@ class ShardConsumer(threading.Thread):
             iterator = self._handle_gap(exc)
             if iterator is None:
                 return ShardOutcome.SHARD_END
-        last_checkpoint_at = self.clock()
-        idle_s = self.settings.idle_interval_ms / 1000.0
+        last_checkpoint_at = self._last_checkpoint_at = self.clock()
         while True:
             if self.stop_event.is_set():
                 self._flush_and_checkpoint()
@@ -311,6 +353,7 @@ class ShardConsumer(threading.Thread):
                 continue  # stopped while waiting for the read budget: the loop's top flushes and checkpoints
             result, share = fetched
             fetched = None
+            self._share = share  # handed over to the lanes with the page (they give it back)
             try:
                 share.shrink_to(len(result.records))  # an empty read gives its whole share back
                 self._fresh_trim_horizon = 0
@@ -327,7 +370,9 @@ class ShardConsumer(threading.Thread):
                 # the page was delivered to every sink (or failed): give its share back and keep
                 # nothing of it while this thread flushes, checkpoints or waits for the next share
                 result = None
-                share.release()
+                if self._share is not None:  # not handed over to the lanes
+                    self._share.release()
+                self._share = None
             if window_end:
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("replay_window_end", until=self.window.until.isoformat())
@@ -345,11 +390,15 @@ class ShardConsumer(threading.Thread):
                 self.log.info("shard_end_reached", records_read=self.stats.records_read)
                 return ShardOutcome.SHARD_END
             iterator = next_iterator
-            if self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
+            if self._lanes is not None:
+                self._lane_checkpoint_tick()
+            elif self.clock() - last_checkpoint_at >= self.settings.checkpoint_interval_s:
                 self._flush_and_checkpoint()
                 last_checkpoint_at = self.clock()
-            if had_no_records:
-                self.stop_event.wait(idle_s)  # holding no share of the read budget
+            if had_no_records:  # holding no share of the read budget; the wait grows while empty
+                cap = self.settings.max_idle_interval_ms
+                self.stop_event.wait(idle_wait_s(self._empty_reads, self.settings.idle_interval_ms,
+                                                 self.settings.idle_interval_ms if cap is None else cap))
 
     def _handle_gap(self, exc: TrimmedDataError) -> str | None:
         """Record the gap, log it, count it; then stop (``on_trimmed: fail``: re-raise) or go on.
@@ -492,7 +541,7 @@ class ShardConsumer(threading.Thread):
         None when a newer request replaced ``move`` (it is applied on the next pass)."""
         before = self._resume_position()
         if self._done_position is not None:
-            self.fanout.flush()
+            self._flush_all()
         lease = self.coordinator.apply_move(self.lease_key, move, token=self.token)
         if lease is None:
             return None
@@ -562,7 +611,7 @@ class ShardConsumer(threading.Thread):
         batch = Batch(table=table, stream_arn=arn, shard_id=self.shard_id, events=tuple(events),
                       checkpoint_sequence_number=last_seq, shard_end=shard_end and not window_end,
                       extra={"parent_shard_ids": self.parent_shard_ids})
-        self.fanout.deliver(batch)
+        self._deliver(batch, last_seq)
         if self.on_event_counts is not None:
             self.on_event_counts(self, delivered=events, skipped_before=skipped_before, skipped_after=skipped_after)
         created = next((ev.source.approximate_creation_time for ev in reversed(events)
@@ -584,11 +633,57 @@ class ShardConsumer(threading.Thread):
             self.stats.last_record_time = time.time()
         return window_end
 
+    def _deliver(self, batch: Batch, position: str | None) -> None:
+        """Give ``batch`` to every sink: into their lanes (waiting while one is full; the page's
+        read-budget share goes with it and is given back once every sink wrote the page), or
+        through the fan-out without lanes."""
+        if self._lanes is None:
+            self.fanout.deliver(batch)
+            return
+
+        self._lanes.put(batch, position, share=self._share, tick=self._lane_checkpoint_tick,
+                        abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+        self._share = None  # the lanes give it back once every sink has written the page
+
+    def _flush_all(self) -> None:
+        """Every sink has flushed everything given to it: drain the lanes (or flush the fan-out).
+        Raises what stopped a lane / the flush, or LeaseLostError."""
+        if self._lanes is None:
+            self.fanout.flush()
+        else:
+            self._lanes.drain(abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+
+    def _lane_checkpoint_tick(self) -> None:
+        """The periodic checkpoint with lanes (called every loop pass, and every 0.5 s while the
+        reader waits for room in a lane): every ``checkpoint_interval_s`` the sinks are asked to
+        flush (not waited for); as soon as what every sink made durable has moved past the last
+        checkpoint, it is checkpointed — at most one write per flush request, none while nothing
+        moved. Raises what stopped a lane, or what the checkpoint write raises."""
+        self._lanes.check()  # a sink that failed stops the shard now, also while it is idle
+        if self.clock() - self._last_checkpoint_at >= self.settings.checkpoint_interval_s:
+            self._last_checkpoint_at = self.clock()
+            if self._done_position is not None and self._done_position != self._checkpointed:
+                self._lanes.request_flush()
+                self._checkpoint_wanted = True
+        if not self._checkpoint_wanted:
+            return
+        durable = self._lanes.durable_position()
+        if durable is not None and durable != self._checkpointed:
+            self._write_checkpoint(durable)
+            self._checkpoint_wanted = False
+
     def _flush_and_checkpoint(self, *, shard_end: bool = False) -> None:
+        """The final checkpoint (SHARD_END, a window's end, shutdown; also the periodic one without
+        lanes): every sink flushes everything first (:meth:`_flush_all`), then the last position
+        read is checkpointed."""
         target = SHARD_END if shard_end else self._done_position
         if target is None or target == self._checkpointed:
             return
-        self.fanout.flush()
+        self._flush_all()
+        self._write_checkpoint(target)
+
+    def _write_checkpoint(self, target: str) -> None:
+        """Write checkpoint ``target`` (conditional on this reader's lease); counts it."""
         try:
             self.coordinator.checkpoint(self.lease_key, target, token=self.token,
                                         version_floor=self.version_floor, version_high=self._version_high)
@@ -596,7 +691,8 @@ class ShardConsumer(threading.Thread):
             metrics.CHECKPOINT_FAILURES.labels(table=self.source.table, shard=self.shard_id).inc()
             raise
         metrics.CHECKPOINT_WRITES.labels(table=self.source.table, shard=self.shard_id).inc()
-        self.oldest_unchecked_created = None
+        if target in (SHARD_END, self._done_position):
+            self.oldest_unchecked_created = None
         self.stats.checkpoints += 1
         self._checkpointed = target
         self.log.debug("checkpointed", checkpoint=target)

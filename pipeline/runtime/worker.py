@@ -69,6 +69,7 @@ from pipeline.deadletter import DeadLetterQueue
 from pipeline.events import TRIM_HORIZON
 from pipeline.errors import CdcError, FatalSinkError, LeaseLostError, TransientError
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
+from pipeline.runtime.lanes import Lanes, LaneSettings, encode_lane_status
 from pipeline.runtime.leases import LeaseCoordinator
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
 from pipeline.runtime.shard_consumer import (
@@ -120,6 +121,10 @@ class Worker:
     their size; a caught-up shard asks for and reserves at most 100 records) are held
     fetched-and-not-yet-delivered at once across all shards
     (:mod:`pipeline.runtime.read_budget`); 0 = no bound. Raises ValueError for a negative value or no source.
+
+    ``lane_settings``: each sink's lane bounds by sink name (:mod:`pipeline.runtime.lanes`; default
+    :class:`~pipeline.runtime.lanes.LaneSettings`). Every sink is fed by its own thread from
+    bounded per-shard lanes, so a slow sink does not delay the others.
     """
 
     def __init__(self, *, sources: Sequence[StreamSource] | None = None, source: StreamSource | None = None,
@@ -136,7 +141,7 @@ class Worker:
                  iterator_age_error_s: float = 72000.0, iterator_age_log_interval_s: float = 300.0,
                  health_stall_s: float = 60.0, max_pages_in_flight: int = DEFAULT_MAX_PAGES_IN_FLIGHT,
                  aws_unready_after_s: float = DEFAULT_UNREADY_AFTER_S, shard_series_ttl_s: float = 600.0,
-                 worker_name: str | None = None):
+                 worker_name: str | None = None, lane_settings: dict[str, LaneSettings] | None = None):
         self.stop_event = threading.Event()
         self._signal: int | None = None
         #: extra ``/readyz`` checks, each ``() -> list of reasons not ready`` (composition root adds them)
@@ -168,6 +173,7 @@ class Worker:
         policies = policies or {}
         self.runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in self.sinks]
         self.fanout = FanOut(self.runners, dead_letter, stop_event=self.stop_event, logger=self.log)
+        self.lanes = Lanes(self.fanout, lane_settings)
         self.worker_name = worker_name
         self._workers_seen: tuple[float, dict[str, WorkerInfo]] | None = None
         self.coordinator = LeaseCoordinator(
@@ -485,7 +491,8 @@ class Worker:
     def _announce(self) -> None:
         info = WorkerInfo(worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
                           started_at=self._started_at, heartbeat_at=datetime.now(timezone.utc).isoformat(),
-                          leases=len(self.coordinator.held()))
+                          leases=len(self.coordinator.held()),
+                          sink_lanes=encode_lane_status(self.lanes.status()) if self.lanes.sinks else None)
         self.lease_store.announce_worker(info)
 
     def _loop(self) -> None:
@@ -543,13 +550,18 @@ class Worker:
         now_wall = time.time()
         now = self.clock()
         for key, consumer in list(self.consumers.items()):
+            # the shard's read position, or a sink's lane of it that lags further (per-sink lanes:
+            # the reader goes on while a stalled sink holds the checkpoint, so its lane ages instead)
             age = consumer.iterator_age_s(now_wall)
-            if age < self.iterator_age_warning_s:
+            lane_age, slowest = self.lanes.shard_lag(consumer.source.table, consumer.shard_id, now_wall)
+            if age < self.iterator_age_warning_s and lane_age < self.iterator_age_warning_s:
                 continue
+            sink_fields = {"slowest_sink": slowest, "sink_age_s": round(lane_age)} if slowest else {}
+            age = max(age, lane_age)
             if now - self._lag_logged.get(key, float("-inf")) < self.iterator_age_log_interval_s:
                 continue
             self._lag_logged[key] = now
-            fields = dict(table=consumer.source.table, shard_id=consumer.shard_id, iterator_age_s=round(age),
+            fields = dict(table=consumer.source.table, shard_id=consumer.shard_id, iterator_age_s=round(age), **sink_fields,
                           trim_horizon_remaining_s=round(consumer.trim_horizon_remaining_s(now_wall)))
             if age >= self.iterator_age_error_s:
                 self.log.error("iterator_age_critical", **fields,
@@ -595,7 +607,7 @@ class Worker:
                                          settings=self.shard_settings, stop_event=self.stop_event,
                                          logger=self.log.bind(table=source.table), clock=self.clock,
                                          window=self.read_window, on_event_counts=self.on_event_counts,
-                                         read_budget=self.read_budget)
+                                         read_budget=self.read_budget, lanes=self.lanes)
             except LeaseLostError:
                 continue
             self.consumers[lease.lease_key] = consumer
@@ -668,7 +680,9 @@ class Worker:
     def _shutdown(self) -> bool:
         """Stop every consumer, then close the sinks — in that order, and never under a running call.
 
-        1. ``stop_event`` is set: consumers stop reading, flush every sink and checkpoint.
+        1. ``stop_event`` is set: consumers stop reading, wait until every sink's lane of their
+           shard is written and flushed (:meth:`~pipeline.runtime.lanes.ShardLanes.drain`), and
+           checkpoint; the sink threads keep working meanwhile.
         2. Each consumer is joined until ``shutdown_grace_s`` after the stop (one deadline for all).
         3. The sinks are fenced (:meth:`FanOut.fence`): from now on a shard thread that reaches a
            sink gets :class:`~pipeline.runtime.fanout.SinkFenced` (a :class:`DeliveryAborted`), so a
@@ -677,6 +691,7 @@ class Worker:
         4. Only when every consumer ended: leases are released and this worker deregistered
            (a straggler's lease is left to expire, so no other worker reads the shard while it
            may still be in a sink call).
+        After the fence the sink threads are told to end (:meth:`Lanes.stop`).
         5. Each opened sink is closed once no call of it is in progress; one still busy in a
            straggler (a write stuck on a slow service) is closed by that thread when its call
            returns (``sink_close_deferred``), never while it runs.
@@ -697,6 +712,7 @@ class Worker:
                 self.log.error("shutdown_grace_exceeded", shard_id=consumer.shard_id,
                                grace_s=self.shutdown_grace_s)
         self.fanout.fence()
+        self.lanes.stop()  # sink threads start no further call; one inside a call ends when it returns
         if stragglers:
             busy = {runner.name: runner.in_flight for runner in self.runners if runner.in_flight}
             self.log.error("sinks_fenced", shard_ids=[c.shard_id for c in stragglers], sink_calls_in_progress=busy,
