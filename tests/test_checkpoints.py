@@ -42,6 +42,7 @@ from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import json_log_events, wait_until
+from tests.stacks import make_worker, sqlite_store
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 TABLE = "orders"
@@ -674,14 +675,9 @@ def test_throttled_get_records_backs_off_and_delivers_every_record_once_in_order
     sink = RecordingSink()
     done: list[ShardConsumer] = []
     log_path = tmp_path / "worker.jsonl"
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
-    worker = Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-                    lease_store=store, sinks=[sink], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
-                    worker_id="w1", logger=_json_logger(log_path),
-                    shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=10, checkpoint_interval_s=0),
-                    discovery_interval_s=0.05, failover_time_s=0.6, shutdown_grace_s=5, exit_when_idle=True,
-                    on_consumer_done=done.append)
+    store = sqlite_store(tmp_path / "l.sqlite")
+    worker = make_worker(fake, tmp_path, sink, store=store, logger=_json_logger(log_path), exit_when_idle=True,
+                         on_consumer_done=done.append)
     metric = {"table": TABLE, "shard": SHARD}
     before = REGISTRY.get_sample_value("ddb_cdc_get_records_throttles_total", metric) or 0.0
     codes: list[int] = []

@@ -43,7 +43,6 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 import redis
-import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.embedded.servers import free_port
@@ -54,14 +53,13 @@ from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, apply_ch
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import encode_item, key_id
 from pipeline.deadletter import DirectoryDeadLetterQueue
-from pipeline.errors import CdcError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.render import event_to_record_dict
-from tests.helpers import json_log_events, wait_until
+from tests.helpers import wait_until
+from tests.process_stack import ROOT, LeasePoller, WorkerProcess, poll_leases, start_worker, worker_env, write_config
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
 OUTAGE_S = 30.0
 SENTINEL = "unrelated:sentinel"
 CREDS = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -171,32 +169,19 @@ class TcpProxy:
                 self._conns.discard(dst)
 
 
-class CheckpointHistory(threading.Thread):
+class CheckpointHistory(LeasePoller):
     """Reads the shard's lease every ~100 ms and keeps (monotonic time, checkpoint, owner, counter)."""
 
     def __init__(self, aws: AwsConfig, lease_table: str, endpoint: str):
-        super().__init__(name="checkpoint-history", daemon=True)
-        self.store = DynamoDBLeaseStore(aws, lease_table, client=boto3.client("dynamodb", endpoint_url=endpoint,
-                                                                                **CREDS))
+        super().__init__(DynamoDBLeaseStore(aws, lease_table, client=boto3.client("dynamodb", endpoint_url=endpoint,
+                                                                                    **CREDS)),
+                         0.1, name="checkpoint-history")
         self.rows: list[tuple[float, str, str | None, int]] = []
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
 
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                leases = self.store.list_leases()
-            except CdcError:
-                leases = []  # the lease table does not exist before the first worker creates it
-            if leases:
-                lease = leases[0]
-                with self._lock:
-                    self.rows.append((time.monotonic(), lease.checkpoint, lease.owner, lease.counter))
-            self._stop_event.wait(0.1)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(10)
+    def record(self, t: float, leases: list) -> None:
+        if leases:
+            lease = leases[0]
+            self.rows.append((t, lease.checkpoint, lease.owner, lease.counter))
 
     def checkpoints(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, str]]:
         with self._lock:
@@ -252,34 +237,7 @@ class WorkloadThread(threading.Thread):
         return self.written
 
 
-class Worker:
-    """One ``python -m connectors.app.cli run`` process with its own log file."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path):
-        self.proc = proc
-        self.log = log
-        self.started = time.monotonic()
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        return json_log_events(self.log, name)
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(name)
-            if found:
-                return found[0]
-            if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode} before {name}; log:\n{self.tail()}")
-            time.sleep(0.05)
-        pytest.fail(f"no {name} within {timeout} s; log:\n{self.tail()}")
-
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"worker exited early with {self.proc.returncode}; log:\n{self.tail()}")
+Worker = WorkerProcess  # one ``python -m connectors.app.cli run`` process with its own log file
 
 
 class Stack:
@@ -314,8 +272,7 @@ class Stack:
         cache = {"name": "cache", "type": "redis_cache",
                  "options": {"url": redis_url, "key_templates": CACHE_KEY_TEMPLATES, "socket_timeout_s": 2}}
         cache.update(cache_policy or {})
-        self.config_path = tmp_path / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump({
+        self.config_path = write_config(tmp_path / "config.yaml", {
             "source": {"table": self.table, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
                        "discovery_interval_s": 5},
             "aws": {"region": "us-east-1", "dynamodb_endpoint_url": dynamodb_endpoint,
@@ -333,7 +290,7 @@ class Stack:
                  "options": {"bucket": self.bucket, "prefix": "audit", "max_buffer_age_s": 2}},
                 cache,
             ],
-        }))
+        })
         self.workers: list[Worker] = []
         self.history = CheckpointHistory(self.aws, self.lease_table, dynamodb_endpoint)
         self.history.start()
@@ -342,35 +299,16 @@ class Stack:
     # -- processes ---------------------------------------------------------------------------
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DDB_CDC_")}
-        env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"})
-        if self.worker_id:
-            env["DDB_CDC_WORKER__ID"] = self.worker_id
-        return env
+        return worker_env({"DDB_CDC_WORKER__ID": self.worker_id} if self.worker_id else None,
+                          drop=lambda name: name.startswith("DDB_CDC_"))
 
     def start_worker(self) -> Worker:
-        log = self.tmp / f"worker-{len(self.workers)}.log"
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path)],
-                                    stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=str(ROOT))
-        worker = Worker(proc, log)
+        worker = start_worker(self.config_path, self.tmp / f"worker-{len(self.workers)}.log", env=self.env())
         self.workers.append(worker)
         return worker
 
     def stop_worker(self, worker: Worker, timeout: float = 40) -> int:
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGTERM)
-        try:
-            return worker.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            worker.proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: stacks to the log
-            try:
-                worker.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait()
-            pytest.fail(f"worker did not exit within {timeout} s of SIGTERM; log:\n{worker.tail(12000)}")
+        return worker.stop(timeout)
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "connectors.app.cli", *args], env=self.env(), cwd=str(ROOT),
@@ -378,9 +316,7 @@ class Stack:
 
     def close(self) -> None:
         for worker in self.workers:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-                worker.proc.wait()
+            worker.kill()
         if self.load is not None and self.load.is_alive():
             self.load.finish()
         self.history.stop()
@@ -407,11 +343,7 @@ class Stack:
         return self.stream()[-1].sequence_number
 
     def checkpoint(self) -> str | None:
-        store = DynamoDBLeaseStore(self.aws, self.lease_table, client=self.ddb)
-        try:
-            leases = store.list_leases()
-        except CdcError:
-            return None
+        leases = poll_leases(DynamoDBLeaseStore(self.aws, self.lease_table, client=self.ddb))
         return leases[0].checkpoint if leases else None
 
     def wait_checkpoint_at_least(self, seq: str, worker: Worker, timeout: float, what: str) -> float:

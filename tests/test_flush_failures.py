@@ -25,7 +25,6 @@ import boto3
 import structlog
 
 from connectors.aws import make_client
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.s3.audit import S3AuditOptions, S3AuditSink, read_audit_objects
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
@@ -33,11 +32,11 @@ from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import PartialSinkError, RetriableSinkError
 from pipeline.events import SHARD_END
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_batch, make_stream_record
 from pipeline.runtime.worker import Worker
+from tests import stacks
 from tests.helpers import run_to_exit
-from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import FakeStreams, seq
 
 SHARD = "shardId-00000001700000000000-0000flsh"
 
@@ -52,22 +51,9 @@ def records(n: int) -> list[dict[str, Any]]:
 
 
 def make_worker(fake: FakeStreams, tmp_path, sink: Any, policy: FailurePolicy, *, aws: AwsConfig | None = None) -> Worker:
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    return Worker(
-        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-        lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"),
-        sinks=[sink],
-        dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
-        worker_id="w-flush",
-        logger=structlog.get_logger("test_flush_failures"),
-        shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=10, checkpoint_interval_s=0.0),
-        discovery_interval_s=0.05,
-        failover_time_s=0.3,
-        shutdown_grace_s=5.0,
-        policies={sink.name: policy},
-        aws=aws,
-        exit_when_idle=True,
-    )
+    return stacks.make_worker(fake, tmp_path, sink, worker_id="w-flush",
+                              logger=structlog.get_logger("test_flush_failures"), failover_time_s=0.3,
+                              policies={sink.name: policy}, aws=aws, exit_when_idle=True)
 
 
 def run_to_idle(worker: Worker, timeout: float = 20.0) -> int:

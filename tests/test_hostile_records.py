@@ -8,22 +8,18 @@ number), through the DynamoDB Streams API double, since DynamoDB cannot store th
 from __future__ import annotations
 
 import sys
-import threading
 
 import pytest
 import structlog
 
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
-from pipeline.awsconfig import AwsConfig
 from pipeline.codec import decode_record
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import DecodeError
 from pipeline.events import SHARD_END
 from pipeline.ops.redrive import redrive
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.runtime.worker import Worker
+from tests.stacks import Running, make_worker
 from tests.helpers import wait_until
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
@@ -117,24 +113,15 @@ def _run_hostile(tmp_path):
     shard = fake.add_shard("shardId-hostile", [], closed=True)
     shard.records.extend(records)  # raw JSON shape, as the fast read path gives it
     path = tmp_path / "leases.sqlite"
-    SQLiteLeaseStore(path).ensure_table()
     sink = ImageReadingSink()  # reads every image: a lazily found bad image is dead-lettered too
     dlq = DirectoryDeadLetterQueue(tmp_path / "dlq")
-    worker = Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-                    lease_store=SQLiteLeaseStore(path), sinks=[sink], dead_letter=dlq, worker_id="w1",
-                    logger=LOG,
-                    shard_settings=ShardSettings(max_records_per_call=3, idle_interval_ms=10, checkpoint_interval_s=0),
-                    discovery_interval_s=0.05, failover_time_s=0.6, shutdown_grace_s=5)
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(worker.run()), daemon=True)
-    thread.start()
+    running = Running(make_worker(fake, tmp_path, sink, store_path=path, dead_letter=dlq, logger=LOG, max_records=3))
     store = SQLiteLeaseStore(path)
     try:
         wait_until(lambda: any(lease.checkpoint == SHARD_END for lease in store.list_leases()), "shard end")
     finally:
-        worker.stop()
-        thread.join(15)
-    assert result == [0]
+        code = running.stop(15)
+    assert code == 0
     assert [e.key_id for e in sink.written] == good
     entries = list(dlq.list())
     assert len(entries) == len(hostile)

@@ -18,7 +18,6 @@ A is driven below the worker (its coordinator never renews: the process that "di
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 
@@ -37,6 +36,7 @@ from pipeline.sink import SinkContext
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
+from tests.stacks import make_worker
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 FAILOVER_S = 0.6
@@ -83,11 +83,10 @@ class DeadAfterStart:
 
 
 def worker_b(source, store_path, sink, tmp_path) -> Worker:
-    return Worker(source=source, lease_store=SQLiteLeaseStore(store_path), sinks=[sink],
-                  dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq-b"), worker_id="worker-b",
-                  logger=structlog.get_logger(), start_position="LATEST",
-                  shard_settings=ShardSettings(idle_interval_ms=10, checkpoint_interval_s=0),
-                  discovery_interval_s=0.05, failover_time_s=FAILOVER_S, shutdown_grace_s=5)
+    return make_worker(source, tmp_path, sink, store=SQLiteLeaseStore(store_path),
+                       dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq-b"), worker_id="worker-b",
+                       logger=structlog.get_logger(), start_position="LATEST",
+                       max_records=ShardSettings.max_records_per_call, failover_time_s=FAILOVER_S)
 
 
 def take_over_and_collect(a: DeadAfterStart, source, store_path, tmp_path, expected: set[str],

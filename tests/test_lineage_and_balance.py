@@ -12,15 +12,13 @@ from collections import Counter
 
 import structlog
 
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
-from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import SHARD_END
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
-from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import FakeStreams, seq
+from tests import stacks
 from tests.helpers import wait_until as _wait_until
 
 
@@ -38,18 +36,9 @@ def recs(shard_no: int, n: int) -> list[dict]:
 
 
 def make_worker(fake: FakeStreams, path, sink, worker_id: str, *, failover_time_s: float = 0.6) -> Worker:
-    return Worker(
-        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-        lease_store=SQLiteLeaseStore(path),
-        sinks=[sink],
-        dead_letter=DirectoryDeadLetterQueue(path.parent / f"dlq-{worker_id}"),
-        worker_id=worker_id,
-        logger=structlog.get_logger(),
-        shard_settings=ShardSettings(max_records_per_call=5, idle_interval_ms=10, checkpoint_interval_s=0),
-        discovery_interval_s=0.05,
-        failover_time_s=failover_time_s,
-        shutdown_grace_s=5,
-    )
+    return stacks.make_worker(fake, path.parent, sink, worker_id=worker_id, store=SQLiteLeaseStore(path),
+                              dead_letter=DirectoryDeadLetterQueue(path.parent / f"dlq-{worker_id}"),
+                              logger=structlog.get_logger(), max_records=5, failover_time_s=failover_time_s)
 
 
 def test_finished_parent_lease_is_removed_only_after_children_started_and_parent_left(tmp_path):

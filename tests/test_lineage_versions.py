@@ -32,6 +32,7 @@ from pipeline.events import SHARD_END, TRIM_HORIZON
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
+from tests import stacks
 from tests.helpers import wait_until
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams
 
@@ -47,20 +48,9 @@ def change(name: str, pk: str, n: int, created: float) -> dict:
 
 
 def make_worker(fake: FakeStreams, path, sinks, worker_id: str = "w1", *, on_trimmed: str = "fail") -> Worker:
-    SQLiteLeaseStore(path).ensure_table()
-    return Worker(
-        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-        lease_store=SQLiteLeaseStore(path),
-        sinks=sinks,
-        dead_letter=DirectoryDeadLetterQueue(path.parent / f"dlq-{worker_id}"),
-        worker_id=worker_id,
-        logger=structlog.get_logger(),
-        shard_settings=ShardSettings(max_records_per_call=4, idle_interval_ms=10, checkpoint_interval_s=0,
-                                     on_trimmed=on_trimmed),
-        discovery_interval_s=0.05,
-        failover_time_s=0.6,
-        shutdown_grace_s=5,
-    )
+    return stacks.make_worker(fake, path.parent, sinks, worker_id=worker_id, store_path=path,
+                              dead_letter=DirectoryDeadLetterQueue(path.parent / f"dlq-{worker_id}"),
+                              logger=structlog.get_logger(), max_records=4, on_trimmed=on_trimmed)
 
 
 def run_until(worker: Worker, predicate, what: str, timeout: float = 20.0) -> None:

@@ -12,16 +12,11 @@ import pytest
 import structlog
 from prometheus_client import REGISTRY
 
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
-from connectors.sqlite_store import SQLiteLeaseStore
-from pipeline.awsconfig import AwsConfig
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.runtime.shard_consumer import ShardSettings
-from pipeline.runtime.worker import Worker
 from pipeline.testing import RecordingSink, make_stream_record
-from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import FakeStreams, seq
 from tests.helpers import wait_until
-from tests.test_worker_source import Running
+from tests.stacks import Running, make_worker
 
 
 
@@ -42,13 +37,9 @@ def test_a_finished_shards_series_go_after_the_ttl(tmp_path, ttl_s, removed):
     fake.add_shard(CLOSED, _records(41, 3), closed=True)
     fake.add_shard(OPEN, _records(42, 2), closed=False)
     sink = RecordingSink()
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    worker = Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-                    lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"), sinks=[sink],
-                    dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id=f"w-{ttl_s}",
-                    logger=structlog.get_logger("test_metric_series"), start_position="TRIM_HORIZON",
-                    shard_settings=ShardSettings(idle_interval_ms=10, checkpoint_interval_s=0),
-                    discovery_interval_s=0.05, failover_time_s=3, shutdown_grace_s=5, shard_series_ttl_s=ttl_s)
+    worker = make_worker(fake, tmp_path, sink, worker_id=f"w-{ttl_s}", logger=structlog.get_logger("test_metric_series"),
+                         start_position="TRIM_HORIZON", max_records=ShardSettings.max_records_per_call,
+                         failover_time_s=3, shard_series_ttl_s=ttl_s)
     running = Running(worker)
     try:
         wait_until(lambda: len(sink.flushed) >= 5, "every record flushed", timeout=30)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.embedded.servers import free_port
 from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, create_table, write_changes
+from tests.process_stack import start_worker, write_config
 from tests.helpers import json_log_events, wait_until
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class MetricsStack:
@@ -36,8 +34,7 @@ class MetricsStack:
         bucket = f"metrics-{os.urandom(3).hex()}"
         boto3.client("s3", endpoint_url=moto_server.endpoint, **creds).create_bucket(Bucket=bucket)
         self.port = free_port()
-        self.config_path = tmp_path / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump({
+        self.config_path = write_config(tmp_path / "config.yaml", {
             "source": {"table": self.table, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
                        "discovery_interval_s": 5},
             "aws": {"region": "us-east-1", "dynamodb_endpoint_url": dynamodb_local.endpoint,
@@ -53,20 +50,17 @@ class MetricsStack:
                 {"name": "cache", "type": "redis_cache",
                  "options": {"url": redis_server.url, "key_templates": CACHE_KEY_TEMPLATES, "socket_timeout_s": 1}},
             ],
-        }))
+        })
         self.log = tmp_path / "worker.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path)],
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+    def start(self, *extra: str) -> None:
+        self.worker = start_worker(self.config_path, self.log, *extra, append=True)
+        self.proc = self.worker.proc
 
     def stop(self) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(45)
+        return self.worker.stop(45)
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -280,12 +274,8 @@ def test_processes_serve_one_endpoint_per_slot(stack):
     s.port = _two_free_ports()
     config = yaml.safe_load(s.config_path.read_text())
     config["metrics"]["port"] = s.port
-    s.config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
-    s.proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--processes", "2", "--config",
-                               str(s.config_path)], stdout=open(s.log, "ab"), stderr=subprocess.STDOUT, env=env,
-                              cwd=str(ROOT))
+    write_config(s.config_path, config)
+    s.start("--processes", "2")
     base = s.port
     for port in (base, base + 1):
         s.port = port

@@ -14,19 +14,15 @@ from typing import Any
 import pytest
 import structlog
 
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
-from pipeline.awsconfig import AwsConfig
 from pipeline.config import WorkerConfig
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import Batch
-from pipeline.runtime.fanout import FailurePolicy
 from pipeline.runtime.read_budget import DEFAULT_MAX_PAGES_IN_FLIGHT, ReadBudget
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.sink import Sink
 from pipeline.runtime.worker import Worker
-from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
-from test_worker_source import Running, recs
+from connectors.dynamodb_streams.testing import FakeStreams, seq
+from test_worker_source import recs
+from tests.stacks import Running, make_worker
 from tests.helpers import wait_until
 
 
@@ -110,17 +106,10 @@ class FirstSink(Sink):
 
 def budget_worker(fake: FakeStreams, tmp_path, sinks: list[Sink], *, pages: int, max_records: int = 10,
                   idle_interval_ms: int = 10, exit_when_idle: bool = True) -> Worker:
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    return Worker(
-        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-        lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"), sinks=sinks,
-        dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id="w1",
-        logger=structlog.get_logger("test_read_budget"),
-        shard_settings=ShardSettings(max_records_per_call=max_records, idle_interval_ms=idle_interval_ms,
-                                     checkpoint_interval_s=0.05),
-        discovery_interval_s=0.05, failover_time_s=3.0, shutdown_grace_s=5.0,
-        policies={s.name: FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01) for s in sinks},
-        exit_when_idle=exit_when_idle, max_pages_in_flight=pages)
+    return make_worker(fake, tmp_path, sinks, logger=structlog.get_logger("test_read_budget"),
+                       max_records=max_records, idle_interval_ms=idle_interval_ms, checkpoint_interval_s=0.05,
+                       failover_time_s=3.0, fast_retries=True, exit_when_idle=exit_when_idle,
+                       max_pages_in_flight=pages)
 
 
 # ---------------------------------------------------------------------------------------------

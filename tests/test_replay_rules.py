@@ -20,6 +20,7 @@ from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
+from tests.stacks import Running, make_worker
 
 T0 = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -202,33 +203,23 @@ def test_replay_usage_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, m
 
 def test_stop_while_throttled_is_a_clean_stop(tmp_path):
     """A reader backing off from endless throttling stops cleanly on SIGTERM (exit 0, not a failed shard)."""
-    import threading
     import time
 
     fake = FakeStreams(page_size=10)
     fake.add_shard("shardId-P", recs(1, 6), closed=False)
     fake.fail_get_records("shardId-P", 2, "LimitExceededException", times=None)
     sink = RecordingSink()
-    worker = Worker(sources=[DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)], sinks=[sink],
-                    lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"), worker_id="w1",
-                    dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), logger=structlog.get_logger(),
-                    shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=5, checkpoint_interval_s=0),
-                    discovery_interval_s=0.05, failover_time_s=0.6, shutdown_grace_s=5,
-                    on_consumer_done=lambda c: outcomes.append(c.outcome))
+    worker = make_worker(fake, tmp_path, sink, logger=structlog.get_logger(), idle_interval_ms=5,
+                         on_consumer_done=lambda c: outcomes.append(c.outcome))
     outcomes: list = []
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", worker.run()))
-    thread.start()
+    running = Running(worker)
     from tests.helpers import wait_until
 
     wait_until(lambda: len(sink.flushed) >= 2, "the first page delivered", timeout=30)
     throttled_reads = lambda: len(fake.calls_of("GetRecords")) - 1  # noqa: E731 - every read after the first
     wait_until(lambda: throttled_reads() >= 3, "several throttled attempts", timeout=30)
     time.sleep(0.1)
-    worker.stop()
-    thread.join(10)
-    assert not thread.is_alive()
-    assert result["code"] == 0 and worker.failed == []
+    assert running.stop(10) == 0 and worker.failed == []
     assert outcomes == ["stopped"]
     assert [e.sequence_number for e in sink.flushed] == seqs_of(fake, "shardId-P", 0, 2)
     lease = SQLiteLeaseStore(tmp_path / "l.sqlite").list_leases()[0]

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -39,7 +37,6 @@ import boto3
 import pytest
 import structlog
 import structlog.testing
-import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
@@ -48,17 +45,15 @@ from connectors.embedded.workload import Workload, apply_change, create_table, s
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import key_id
 from pipeline.deadletter import DirectoryDeadLetterQueue
-from pipeline.errors import CdcError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
 from pipeline.runtime.leases import LeaseCoordinator
 from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.testing import RecordingSink
-from tests.helpers import json_log_events
+from tests.process_stack import ROOT, LeasePoller, WorkerProcess, start_worker, worker_env, write_config
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
 TABLES = 6
 FAILOVER_S = 3.0
 RENEW_S = FAILOVER_S / 3          # the workers' renewal interval
@@ -108,34 +103,18 @@ class Snapshot(NamedTuple):
         return Counter(owner_pid(row.owner) for row in self.rows.values())
 
 
-class LeaseHistory(threading.Thread):
+class LeaseHistory(LeasePoller):
     """Scans the lease table every ~100 ms and keeps every scan (time, lease key, owner, counter,
     checkpoint), so the tests can check ordering and ownership over the whole run."""
 
     def __init__(self, store: DynamoDBLeaseStore):
-        super().__init__(name="lease-history", daemon=True)
-        self.store = store
+        super().__init__(store, POLL_S, name="lease-history")
         self.snapshots: list[Snapshot] = []
-        self.errors = 0
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
 
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                leases = self.store.list_leases()
-            except CdcError:
-                self.errors += 1  # the lease table does not exist before the first worker creates it
-            else:
-                rows = {lease.lease_key: Row(lease.lease_key, lease.table, lease.shard_id, lease.owner,
-                                             lease.counter, lease.checkpoint) for lease in leases}
-                with self._lock:
-                    self.snapshots.append(Snapshot(time.monotonic(), rows))
-            self._stop_event.wait(POLL_S)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(10)
+    def record(self, t: float, leases: list) -> None:
+        rows = {lease.lease_key: Row(lease.lease_key, lease.table, lease.shard_id, lease.owner,
+                                     lease.counter, lease.checkpoint) for lease in leases}
+        self.snapshots.append(Snapshot(t, rows))
 
     def since(self, t: float) -> list[Snapshot]:
         with self._lock:
@@ -223,24 +202,7 @@ class WorkloadThread(threading.Thread):
         return self.written
 
 
-class WorkerProc:
-    """One ``python -m connectors.app.cli run`` process (or a supervisor) with its own log file."""
-
-    def __init__(self, name: str, proc: subprocess.Popen, log: Path):
-        self.name = name
-        self.proc = proc
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The JSON log entries of this process (optionally only those with ``event == name``)."""
-        return json_log_events(self.log, name)
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+WorkerProc = WorkerProcess  # one ``python -m connectors.app.cli run`` process (or a supervisor) and its log
 
 
 def log_time(entry: dict[str, Any]) -> float:
@@ -262,8 +224,7 @@ class Cluster:
         self.stream_arns = {t: create_table(self.ddb, t) for t in self.tables}
         self.lease_table = f"so-{tag}-leases-{suffix}"
         self.aws = AwsConfig(region="us-east-1", dynamodb_endpoint_url=endpoint)
-        self.config_path = tmp_path / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump({
+        self.config_path = write_config(tmp_path / "config.yaml", {
             "source": {"tables": self.tables, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
                        "discovery_interval_s": 5},
             "aws": {"region": "us-east-1", "dynamodb_endpoint_url": endpoint},
@@ -273,27 +234,20 @@ class Cluster:
             "log": {"format": "json"},
             "sinks": [{"name": "search", "type": "opensearch",
                        "options": {"hosts": [os_url], "index": "{table}"}}],
-        }))
+        })
         history_client = boto3.client("dynamodb", endpoint_url=endpoint, **creds)
         self.history = LeaseHistory(DynamoDBLeaseStore(self.aws, self.lease_table, client=history_client))
         self.history.start()
         self.workers: list[WorkerProc] = []
         self.workload: WorkloadThread | None = None
-        self.env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
-        self.env.pop("DDB_CDC_WORKER__ID", None)
+        self.env = worker_env(drop=lambda name: name == "DDB_CDC_WORKER__ID")
 
     # -- processes --------------------------------------------------------------------------------
 
     def start(self, *extra: str, name: str | None = None, env: dict[str, str] | None = None) -> WorkerProc:
         name = name or f"worker-{len(self.workers)}"
-        log = self.tmp / f"{name}.log"
-        fh = open(log, "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "connectors.app.cli", "run", "--config", str(self.config_path),
-                                 *extra], stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                cwd=str(ROOT))
-        fh.close()
-        worker = WorkerProc(name, proc, log)
+        worker = start_worker(self.config_path, self.tmp / f"{name}.log", *extra, env={**self.env, **(env or {})},
+                              name=name)
         self.workers.append(worker)
         return worker
 
@@ -311,18 +265,7 @@ class Cluster:
         """SIGTERM ``worker`` (unless ``signalled``) and wait for its exit code. A worker still
         running after ``timeout`` gets SIGABRT first (PYTHONFAULTHANDLER=1: every thread's stack goes
         to its log), then the test fails with the end of its log."""
-        if not signalled and worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGTERM)
-        try:
-            return worker.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            worker.proc.send_signal(signal.SIGABRT)
-            try:
-                worker.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait()
-            pytest.fail(f"{worker.name} did not exit within {timeout} s of SIGTERM; log:\n{worker.tail(12000)}")
+        return worker.stop(timeout, signalled=signalled)
 
     def stop_all(self) -> None:
         """SIGTERM every running worker at once; each must exit 0."""

@@ -19,20 +19,18 @@ from typing import Any
 
 import pytest
 
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
-from pipeline.awsconfig import AwsConfig
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import FatalSinkError
 from pipeline.events import Batch
-from pipeline.runtime.fanout import FailurePolicy, SinkFenced
+from pipeline.runtime.fanout import SinkFenced
 from pipeline.runtime.lanes import LaneSettings
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.sink import Sink, SinkContext
 from pipeline.testing import RecordingSink
 from pipeline.runtime.worker import Worker
-from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
-from test_worker_source import Running, make_worker, recs
+from connectors.dynamodb_streams.testing import FakeStreams, seq
+from test_worker_source import make_worker, recs
+from tests import stacks
+from tests.stacks import Running
 from tests.helpers import wait_until
 
 SHARD = "shardId-00000001700000000000-0000000s"
@@ -145,16 +143,10 @@ class GuardedSink(Sink):
 def guarded_worker(fake: FakeStreams, tmp_path, sinks: list[Sink], logger: RecordingLogger, *,
                    shutdown_grace_s: float, closed: bool = True) -> Worker:
     """A worker over ``fake`` with pages of 2 records, a flush + checkpoint after every page."""
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    return Worker(
-        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-        lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"), sinks=sinks,
-        dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id="w1", logger=logger,
-        shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=10, checkpoint_interval_s=0.0),
-        discovery_interval_s=0.05, failover_time_s=0.3, shutdown_grace_s=shutdown_grace_s,
-        policies={s.name: FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01) for s in sinks},
-        # every page is its own write (no merging of waiting pages), so "the n-th write" is page n
-        lane_settings={s.name: LaneSettings(coalesce_max_records=1) for s in sinks})
+    # every page is its own write (no merging of waiting pages), so "the n-th write" is page n
+    return stacks.make_worker(fake, tmp_path, sinks, logger=logger, failover_time_s=0.3,
+                              shutdown_grace_s=shutdown_grace_s, fast_retries=True,
+                              lane_settings={s.name: LaneSettings(coalesce_max_records=1) for s in sinks})
 
 
 def checkpoint_of(tmp_path) -> str:

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import threading
 
-import structlog
 
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline import metrics
 from pipeline.awsconfig import AwsConfig
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink
 from pipeline.runtime.worker import Worker
 from tests.helpers import wait_until
+from tests.stacks import make_worker
 
 
 class EventLog:
@@ -47,11 +46,9 @@ class EventLog:
 
 def _worker(aws, table, store_path, sink, log, tmp_path, start_position="LATEST") -> Worker:
     source = DynamoDBStreamSource(aws, table=table, read_path="boto3")
-    return Worker(source=source, lease_store=SQLiteLeaseStore(store_path), sinks=[sink],
-                  dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id="w1", logger=log,
-                  start_position=start_position,
-                  shard_settings=ShardSettings(idle_interval_ms=10, checkpoint_interval_s=0),
-                  discovery_interval_s=0.2, failover_time_s=3, shutdown_grace_s=5)
+    return make_worker(source, tmp_path, sink, store=SQLiteLeaseStore(store_path), logger=log,
+                       start_position=start_position, max_records=ShardSettings.max_records_per_call,
+                       discovery_interval_s=0.2, failover_time_s=3)
 
 
 def _put(client, table, keys):

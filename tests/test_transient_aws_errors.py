@@ -32,6 +32,7 @@ from botocore.exceptions import (
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
+from tests import stacks
 from failure_injection import (
     FailurePlan,
     FlakyClient,
@@ -44,12 +45,9 @@ from failure_injection import (
 )
 from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import Lease
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import LeaseLostError, SourceError
 from pipeline.events import SHARD_END
-from pipeline.runtime.fanout import FailurePolicy
 from pipeline.runtime.leases import LeaseCoordinator
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from connectors.dynamodb_streams.testing import STREAM_ARN, seq
@@ -83,16 +81,11 @@ def worker_for(fake, store, sink, tmp_path, **kw) -> Worker:
     opts = dict(worker_id="w1", failover_time_s=1.5, discovery_interval_s=0.05, shutdown_grace_s=5.0,
                 exit_when_idle=True)
     opts.update(kw)
-    return Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-                  lease_store=store, sinks=[sink], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
-                  logger=LOG, shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=10,
-                                                           checkpoint_interval_s=0.0),
-                  policies={sink.name: FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01)}, **opts)
+    return stacks.make_worker(fake, tmp_path, sink, store=store, logger=LOG, fast_retries=True, **opts)
 
 
 def sqlite_store(tmp_path) -> SQLiteLeaseStore:
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    return SQLiteLeaseStore(tmp_path / "l.sqlite")
+    return stacks.sqlite_store(tmp_path / "l.sqlite")
 
 
 def run(worker: Worker, timeout: float = 30.0) -> int:

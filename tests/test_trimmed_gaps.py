@@ -18,16 +18,13 @@ import structlog
 import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import Gap
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import SHARD_END
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink, make_stream_record
-from pipeline.runtime.worker import Worker
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
+from tests.stacks import make_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,13 +39,8 @@ def recs(shard_no: int, start: int, n: int) -> list[dict]:
 
 def run_worker(fake, store, tmp_path, on_trimmed: str, *, exit_when_idle: bool = True):
     sink = RecordingSink()
-    worker = Worker(
-        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-        lease_store=store, sinks=[sink], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
-        worker_id="w1", logger=structlog.get_logger(),
-        shard_settings=ShardSettings(max_records_per_call=2, idle_interval_ms=10, checkpoint_interval_s=0,
-                                     on_trimmed=on_trimmed),
-        discovery_interval_s=0.05, failover_time_s=0.6, shutdown_grace_s=5, exit_when_idle=exit_when_idle)
+    worker = make_worker(fake, tmp_path, sink, store=store, logger=structlog.get_logger(), on_trimmed=on_trimmed,
+                         exit_when_idle=exit_when_idle)
     return worker, sink
 
 

@@ -118,24 +118,19 @@ def test_two_workers_with_the_same_configured_id_both_hold_leases_and_checkpoint
 
 
 def _fake_worker(tmp_path, store_path, name, failover_s):
-    import structlog
-
-    from connectors.dynamodb_streams.source import DynamoDBStreamSource
     from connectors.sqlite_store import SQLiteLeaseStore
-    from pipeline.awsconfig import AwsConfig
-    from pipeline.deadletter import DirectoryDeadLetterQueue
     from pipeline.runtime.shard_consumer import ShardSettings
-    from pipeline.runtime.worker import Worker
-    from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams
+    from connectors.dynamodb_streams.testing import FakeStreams
+    from tests.stacks import make_worker
 
     fake = FakeStreams()
     fake.add_shard("shardId-1", [], closed=False)
     log = EventLog()
-    worker = Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-                    lease_store=SQLiteLeaseStore(store_path), sinks=[RecordingSink()],
-                    dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id=f"{name}:{os.getpid()}:new",
-                    worker_name=name, logger=log, shard_settings=ShardSettings(idle_interval_ms=10),
-                    discovery_interval_s=0.1, failover_time_s=failover_s, shutdown_grace_s=5)
+    worker = make_worker(fake, tmp_path, RecordingSink(), store=SQLiteLeaseStore(store_path),
+                         worker_id=f"{name}:{os.getpid()}:new", worker_name=name, logger=log,
+                         max_records=ShardSettings.max_records_per_call,
+                         checkpoint_interval_s=ShardSettings.checkpoint_interval_s,
+                         discovery_interval_s=0.1, failover_time_s=failover_s)
     return worker, log
 
 

@@ -15,7 +15,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import structlog
 
 from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
@@ -24,14 +23,14 @@ from pipeline.codec import decode_record
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import FatalSinkError, SourceError
 from pipeline.events import SHARD_END, TRIM_HORIZON
-from pipeline.runtime.fanout import FailurePolicy
-from pipeline.runtime.lanes import LaneSettings
-from pipeline.runtime.shard_consumer import ShardSettings
+from pipeline.runtime.lanes import LaneSettings  # noqa: F401 (tests pass lane_settings)
 from pipeline.source import IteratorExpiredError, TrimmedDataError
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
+from tests import stacks
 from tests.helpers import wait_until as _wait_until
+from tests.stacks import Running, run_to_idle
 
 # shard ids in DynamoDB Streams' format
 P = "shardId-00000001700000000000-0000000p"
@@ -70,56 +69,10 @@ def written_seqs(sink: RecordingSink) -> list[str]:
 def make_worker(fake: FakeStreams, tmp_path, sink: RecordingSink, *, worker_id: str = "w1",
                 exit_when_idle: bool = False, max_records: int = 2, checkpoint_interval_s: float = 0.0,
                 discovery_interval_s: float = 0.05, lane_settings: dict | None = None) -> Worker:
-    source = DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)
-    # create the file (and switch it to WAL) before the worker and the test's readers open it at
-    # once: see test_processes_opening_a_fresh_sqlite_file_at_once_all_succeed
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    return Worker(
-        source=source,
-        lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"),
-        sinks=[sink],
-        dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
-        worker_id=worker_id,
-        logger=structlog.get_logger("test_worker_source"),
-        shard_settings=ShardSettings(max_records_per_call=max_records, idle_interval_ms=10,
-                                     checkpoint_interval_s=checkpoint_interval_s),
-        discovery_interval_s=discovery_interval_s,
-        failover_time_s=0.3,
-        shutdown_grace_s=5.0,
-        policies={sink.name: FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01)},
-        exit_when_idle=exit_when_idle,
-        lane_settings=lane_settings,
-    )
-
-
-class Running:
-    """``worker.run()`` in a thread."""
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        self.code = self.worker.run()
-
-    def join(self, timeout: float = 10.0) -> int:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.worker.stop()
-            self.thread.join(10)
-            raise AssertionError(f"worker.run() did not return within {timeout} s")
-        assert self.code is not None
-        return self.code
-
-    def stop(self, timeout: float = 10.0) -> int:
-        self.worker.stop()
-        return self.join(timeout)
-
-
-def run_to_idle(worker: Worker, timeout: float = 10.0) -> int:
-    return Running(worker).join(timeout)
+    return stacks.make_worker(fake, tmp_path, sink, worker_id=worker_id, max_records=max_records,
+                              checkpoint_interval_s=checkpoint_interval_s, discovery_interval_s=discovery_interval_s,
+                              failover_time_s=0.3, fast_retries=True, exit_when_idle=exit_when_idle,
+                              lane_settings=lane_settings)
 
 
 def leases(tmp_path) -> dict:
