@@ -262,6 +262,12 @@ class ShardConsumer(threading.Thread):
                              checkpoint=self._checkpointed)
         except TrimmedDataError as exc:
             self.outcome, self.error = ShardOutcome.TRIMMED, exc
+            # what was read before the gap is still made durable and checkpointed (with lanes the
+            # sinks may not have flushed it yet); the checkpoint never moves over the gap itself
+            try:
+                self._flush_and_checkpoint()
+            except Exception as flush_exc:  # noqa: BLE001 - the shard stops either way; it is re-read
+                self.log.warning("checkpoint_before_gap_failed", error=f"{type(flush_exc).__name__}: {flush_exc}")
             self.log.error("shard_trimmed_data", error=str(exc), checkpoint=self._checkpointed,
                            hint="the checkpoint is behind the stream's 24 h trim horizon: records were lost "
                                 "before this worker read them; nothing was skipped silently, the shard is stopped")
