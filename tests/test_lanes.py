@@ -26,7 +26,7 @@ from pipeline.runtime.lanes import LaneSettings
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.runtime.worker import Worker
 from pipeline.testing import RecordingSink
-from streams_double import STREAM_ARN, FakeStreams, seq
+from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 from test_worker_source import Running, recs
 from tests.helpers import wait_until
 

@@ -26,7 +26,7 @@ from pipeline.snapshot.retention import assess
 from pipeline.testing import RecordingSink, make_stream_record
 from tests.helpers import wait_until
 from tests.snapshot_helpers import fill_table
-from tests.streams_double import FakeStreams
+from connectors.dynamodb_streams.testing import FakeStreams
 from tests.test_snapshot_scan import CREDS
 
 LOG = structlog.get_logger()

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from connectors.app.wiring import build_dead_letter, build_lease_store
 from connectors.aws import make_client
-from connectors.s3.archive import _close_sinks, _open_sinks, _policies
+from pipeline.runtime.sink_lifecycle import close_sinks, open_sink
 from connectors.snapshot.scan import ScanReader, TableInfo, describe_table
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, SnapshotError
@@ -168,9 +168,16 @@ def run_snapshot(settings: Settings, opts: SnapshotOptions, *, sinks: Sequence[A
     guard_sinks(sinks, gc_deletes=SNAPSHOT_GC_DELETES, repair=False, tables=[state.meta.table])
     log = logger.bind(snapshot_id=state.meta.snapshot_id)
     dead_letter = build_dead_letter(settings)
-    opened = _open_sinks(sinks, settings, _owner(settings), log, dead_letter)
-    policies = _policies(settings)
-    runners = [SinkRunner(sink, policies.get(sink.name, FailurePolicy())) for sink in opened]
+    opened: list = []
+    try:
+        for sink in sinks:
+            open_sink(sink, worker_id=_owner(settings), logger=log, aws=settings.aws, dead_letter=dead_letter)
+            opened.append(sink)
+    except BaseException:
+        close_sinks(opened, log)
+        raise
+    configs = {c.name: c for c in settings.sinks}
+    runners = [SinkRunner(sink, FailurePolicy.from_config(configs.get(sink.name))) for sink in opened]
     stop_event = stop_event or threading.Event()
     fanout = FanOut(runners, dead_letter, stop_event=stop_event, logger=log)
     try:
@@ -180,7 +187,7 @@ def run_snapshot(settings: Settings, opts: SnapshotOptions, *, sinks: Sequence[A
                                 total_items_hint=hint)
         report = runner.run()
     finally:
-        _close_sinks(opened, log)
+        close_sinks(opened, log)
         progress.release()
     report.sink_dead_lettered = sum(r.stats.dead_lettered for r in runners)
     report.max_rcu = limiter.max_rcu
