@@ -833,6 +833,20 @@ class OpenSearchSink(Sink):
                     raise
             state = admin.state(name)
         route: _Route
+        if state.kind == "index" and state.spec is None and admin.reindex_marker(name) is None \
+                and admin.count(name) == 0:
+            # An empty index without ddb-cdc's mapping spec under the alias's name: OpenSearch
+            # auto-creates one when a versioned delete reaches the alias after the index behind it
+            # was deleted (deletes cannot carry require_alias). It holds no document, only
+            # tombstones of deletes that the alias set up again gets anyway: replace it.
+            self._log("opensearch_empty_plain_index_replaced", level="warning", index=name)
+            admin.client.indices.delete(index=name, ignore=[404])
+            try:
+                admin.create_version(name, 1, as_write_index=True)
+            except Exception as exc:  # noqa: BLE001 - another writer set it up first
+                if "already_exists" not in str(exc):
+                    raise
+            state = admin.state(name)
         if state.kind == "index":
             marker = admin.reindex_marker(name)
             if marker is None:
