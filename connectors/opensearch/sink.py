@@ -558,6 +558,8 @@ class OpenSearchSink(Sink):
         super().__init__(name, options)
         self.client: Any = None
         self.admin: Any = None
+        #: aliases this sink saw vanish (an index action refused by require_alias), see route()
+        self._vanished_aliases: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None  # bulk requests in flight (max_bulk_in_flight > 1)
         #: the most bulk requests this sink had in flight at once so far
         self.peak_bulks_in_flight = 0
@@ -833,9 +835,10 @@ class OpenSearchSink(Sink):
                     raise
             state = admin.state(name)
         route: _Route
-        if state.kind == "index" and state.spec is None and admin.reindex_marker(name) is None \
-                and admin.count(name) == 0:
-            # An empty index without ddb-cdc's mapping spec under the alias's name: OpenSearch
+        if state.kind == "index" and name in self._vanished_aliases and state.spec is None \
+                and admin.reindex_marker(name) is None and admin.count(name) == 0:
+            # This sink saw its alias vanish, and now finds an empty index without ddb-cdc's mapping
+            # spec under the alias's name (any other bare index is refused below): OpenSearch
             # auto-creates one when a versioned delete reaches the alias after the index behind it
             # was deleted (deletes cannot carry require_alias). It holds no document, only
             # tombstones of deletes that the alias set up again gets anyway: replace it.
@@ -905,6 +908,7 @@ class OpenSearchSink(Sink):
             return False
         with self._routes_lock:
             self._routes.pop(action.alias, None)
+            self._vanished_aliases.add(action.alias)
             self._held_names.clear()  # the version set up again is a new index: raise its gc_deletes too
         self._log("opensearch_alias_missing", level="warning", index=action.alias, reason=reason)
         self.route(action.event.source.table)
