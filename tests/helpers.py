@@ -50,3 +50,22 @@ def json_log_events(path: Path, name: str | None = None) -> list[dict[str, Any]]
         if name is None or entry.get("event") == name:
             out.append(entry)
     return out
+
+
+class EventLog:
+    """A structlog-like logger keeping (event, fields) of every call, for every bound child."""
+
+    def __init__(self, events=None, **bound):
+        self.events = events if events is not None else []
+        self.bound = bound
+
+    def bind(self, **kw):
+        return EventLog(self.events, **{**self.bound, **kw})
+
+    def _log(self, event, **kw):
+        self.events.append((event, {**self.bound, **kw}))
+
+    debug = info = warning = error = exception = critical = _log
+
+    def named(self, name):
+        return [kw for e, kw in list(self.events) if e == name]

@@ -21,27 +21,8 @@ from pipeline.awsconfig import AwsConfig
 from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import RecordingSink
 from pipeline.runtime.worker import Worker
-from tests.helpers import wait_until
+from tests.helpers import EventLog, wait_until
 from tests.stacks import make_worker
-
-
-class EventLog:
-    """A structlog-like logger keeping (event, fields) of every call, for every bound child."""
-
-    def __init__(self, events=None, **bound):
-        self.events = events if events is not None else []
-        self.bound = bound
-
-    def bind(self, **kw):
-        return EventLog(self.events, **{**self.bound, **kw})
-
-    def _log(self, event, **kw):
-        self.events.append((event, {**self.bound, **kw}))
-
-    debug = info = warning = error = exception = critical = _log
-
-    def named(self, name):
-        return [kw for e, kw in list(self.events) if e == name]
 
 
 def _worker(aws, table, store_path, sink, log, tmp_path, start_position="LATEST") -> Worker:

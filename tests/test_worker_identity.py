@@ -24,7 +24,7 @@ import pytest
 from connectors.app.wiring import build_worker
 from pipeline.config import load_settings
 from pipeline.testing import RecordingSink
-from tests.helpers import wait_until
+from tests.helpers import EventLog, wait_until
 
 BASE = {"source": {"table": "t"}, "sinks": [{"name": "rec", "type": "recording"}]}
 
@@ -41,25 +41,6 @@ def test_configured_id_gets_a_unique_suffix_per_load_and_the_default_is_kept(mon
     monkeypatch.delenv("DDB_CDC_WORKER__ID")
     default = load_settings(None, overrides=BASE).worker
     assert default.lease_owner == default.id  # host:pid:random is unique already
-
-
-class EventLog:
-    """A structlog-like logger that keeps (event, fields) of every call, for every bound child."""
-
-    def __init__(self, events=None, **bound):
-        self.events = events if events is not None else []
-        self.bound = bound
-
-    def bind(self, **kw):
-        return EventLog(self.events, **{**self.bound, **kw})
-
-    def _log(self, event, **kw):
-        self.events.append((event, {**self.bound, **kw}))
-
-    debug = info = warning = error = exception = critical = _log
-
-    def named(self, *names):
-        return [e for e, _ in list(self.events) if e in names]
 
 
 def test_two_workers_with_the_same_configured_id_both_hold_leases_and_checkpoint(make_table, dynamodb_local, aws_env):
