@@ -124,4 +124,8 @@ def test_quick_benchmark_runs_and_prints_ratios(tmp_path):
     assert data["sections"]["decode"]["fast_vs_boto3"] > 0
     assert data["sections"]["pipeline"]["pipeline_vs_decode"] > 0
     assert "filter of 3 conditions" in text and "redact (HMAC-SHA-256" in text  # issue 19 item 5
-    assert 0 < data["sections"]["pipeline"]["shaping"]["filter_3_us"] < data["sections"]["pipeline"]["shaping"]["decode_us"]
+    shaping = data["sections"]["pipeline"]["shaping"]
+    # Figures only, no timing verdict here: the machine is shared and noisy (a loaded run measured the
+    # filter at 1.5x decode); the comparison belongs to `python -m benchmarks`, not to a unit test.
+    assert shaping["filter_3_us"] > 0 and shaping["decode_us"] > 0
+    assert 0 < shaping["filter_pass_share"] < 1  # the pattern both passes and drops changes of the suite
