@@ -34,11 +34,10 @@ from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.checkpoint import Gap, Lease, MoveRequest, WorkerInfo, lease_key_for
 from connectors.app.cli import main
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import LeaseLostError, LeaseNotFoundError
 from pipeline.events import SHARD_END, TRIM_HORIZON
 from pipeline.runtime.leases import LeaseCoordinator
-from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
+from pipeline.runtime.shard_consumer import ShardConsumer
 from pipeline.testing import RecordingSink, make_stream_record
 from pipeline.runtime.worker import Worker
 from tests.helpers import json_log_events, wait_until
@@ -377,11 +376,10 @@ def live(tmp_path: Path, aws_env, dynamodb_local, make_table):
     store = DynamoDBLeaseStore(aws, lease_table)
     sink = RecordingSink()
     log_path = tmp_path / "worker.jsonl"
-    worker = Worker(source=DynamoDBStreamSource(aws, table=table), lease_store=DynamoDBLeaseStore(aws, lease_table),
-                    sinks=[sink], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id="cp-worker-1",
-                    logger=_json_logger(log_path),
-                    shard_settings=ShardSettings(idle_interval_ms=50, checkpoint_interval_s=0),
-                    discovery_interval_s=5.0, failover_time_s=3.0, shutdown_grace_s=10.0)
+    worker = make_worker(DynamoDBStreamSource(aws, table=table), tmp_path, sink,
+                         store=DynamoDBLeaseStore(aws, lease_table), worker_id="cp-worker-1",
+                         logger=_json_logger(log_path), max_records=1000, idle_interval_ms=50,
+                         discovery_interval_s=5.0, failover_time_s=3.0, shutdown_grace_s=10.0)
     config = tmp_path / "cp.yaml"
     config.write_text(yaml.safe_dump({
         "source": {"table": table},

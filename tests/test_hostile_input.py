@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from decimal import Decimal
@@ -36,21 +35,16 @@ import structlog
 import yaml
 
 from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
+from tests.stacks import fast_policies, make_worker, run_to_idle
 from connectors.opensearch.sink import OpenSearchSink, document_id, restore_document
 from connectors.redis_cache import RedisCacheSink
 from connectors.s3.audit import S3AuditSink, read_audit_objects
-from connectors.sqlite_store import SQLiteLeaseStore
 from connectors.embedded.verify import check_s3_audit, read_stream_events, values_match
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import DYNAMODB_CONTEXT
-from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import ChangeEvent, Operation
-from pipeline.runtime.fanout import FailurePolicy
 from pipeline.render import event_to_record_dict
-from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.testing import make_stream_record
-from pipeline.runtime.worker import Worker
 from connectors.dynamodb_streams.testing import STREAM_ARN, FakeStreams, seq
 
 pytestmark = pytest.mark.e2e
@@ -461,31 +455,11 @@ def test_malformed_records_are_dead_lettered_as_decode_entries_and_the_rest_is_d
     for key in ok_keys + [SENTINEL]:
         rds.set(key, "cached")
 
-    SQLiteLeaseStore(tmp_path / "l.sqlite").ensure_table()
-    worker = Worker(
-        source=DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake),
-        lease_store=SQLiteLeaseStore(tmp_path / "l.sqlite"),
-        sinks=sinks,
-        dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
-        worker_id="hx",
-        logger=structlog.get_logger("test_hostile_input"),
-        shard_settings=ShardSettings(max_records_per_call=7, idle_interval_ms=10, checkpoint_interval_s=0.0),
-        discovery_interval_s=0.05,
-        failover_time_s=1.0,
-        shutdown_grace_s=10.0,
-        policies={s.name: FailurePolicy(initial_backoff_s=0.01, max_backoff_s=0.05) for s in sinks},
-        aws=aws,
-        exit_when_idle=True,
-    )
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", worker.run()), daemon=True)
-    thread.start()
-    thread.join(60)
-    if thread.is_alive():
-        worker.stop()
-        thread.join(10)
-        pytest.fail("worker did not finish the shard within 60 s")
-    assert result.get("code") == 0, worker.failed
+    worker = make_worker(fake, tmp_path, sinks, worker_id="hx", logger=structlog.get_logger("test_hostile_input"),
+                         max_records=7, failover_time_s=1.0, shutdown_grace_s=10.0,
+                         policies=fast_policies(sinks, initial_backoff_s=0.01, max_backoff_s=0.05), aws=aws,
+                         exit_when_idle=True)
+    assert run_to_idle(worker, timeout=60) == 0, worker.failed
 
     # every malformed record is a decode entry with its raw content and position
     entries = dead_letters(tmp_path / "dlq")

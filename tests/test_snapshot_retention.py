@@ -13,19 +13,15 @@ from datetime import datetime, timedelta, timezone
 import boto3
 import structlog
 
-from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.snapshot.initial import InitialSnapshot
 from connectors.sqlite_store import SQLiteLeaseStore
-from pipeline.awsconfig import AwsConfig
 from pipeline.config import Settings
-from pipeline.deadletter import DirectoryDeadLetterQueue
-from pipeline.runtime.shard_consumer import ShardSettings
-from pipeline.runtime.worker import Worker
 from pipeline.snapshot.metrics import SNAPSHOT_RATE_FACTOR
 from pipeline.snapshot.retention import assess
 from pipeline.testing import RecordingSink, make_stream_record
 from tests.helpers import wait_until
 from tests.snapshot_helpers import fill_table
+from tests.stacks import fake_source, make_worker
 from connectors.dynamodb_streams.testing import FakeStreams
 from tests.test_snapshot_scan import CREDS
 
@@ -70,11 +66,8 @@ def test_stream_near_its_trim_horizon_throttles_the_snapshot_and_is_alarmed(tmp_
             stop.wait(0.05)
 
     store = SQLiteLeaseStore(tmp_path / "leases.sqlite")
-    worker = Worker(source=DynamoDBStreamSource(AwsConfig(), stream_arn=arn, streams=fake), lease_store=store,
-                    sinks=[RecordingSink()], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id="w1",
-                    logger=LOG, shard_settings=ShardSettings(max_records_per_call=5, idle_interval_ms=10,
-                                                             checkpoint_interval_s=0.2),
-                    discovery_interval_s=0.5, failover_time_s=1.5, shutdown_grace_s=10)
+    worker = make_worker(fake_source(fake, arn), tmp_path, RecordingSink(), store=store, logger=LOG, max_records=5,
+                         checkpoint_interval_s=0.2, discovery_interval_s=0.5, failover_time_s=1.5, shutdown_grace_s=10)
     initial = InitialSnapshot(settings, table=made.table_name, lease_store=store, owner="w1", logger=LOG,
                               stopping=lambda: worker.stop_event.is_set(), failover_time_s=1.5, retention_s=60.0,
                               max_rcu=2.0, segments=2, lag_window_s=3.0)

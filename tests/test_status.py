@@ -25,6 +25,7 @@ from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.checkpoint import Lease, WorkerInfo
 from pipeline.ops.status import format_duration_ms, gather_status, render_status, short_checkpoint, status_to_dict
 from tests.helpers import wait_until as _wait_until
+from tests.stacks import make_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,11 +263,8 @@ def test_status_of_a_running_worker_on_dynamodb_local(tmp_path, aws_env, dynamod
     from connectors.dynamodb_streams import DynamoDBStreamSource
     from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
     from pipeline.awsconfig import AwsConfig
-    from pipeline.deadletter import DirectoryDeadLetterQueue
     from pipeline.logs import get_logger
-    from pipeline.runtime.shard_consumer import ShardSettings
     from pipeline.testing import RecordingSink
-    from pipeline.runtime.worker import Worker
 
     client, table, stream_arn = make_table("status")
     aws = AwsConfig(region="us-east-1", dynamodb_endpoint_url=dynamodb_local.endpoint, max_attempts=3)
@@ -274,10 +272,9 @@ def test_status_of_a_running_worker_on_dynamodb_local(tmp_path, aws_env, dynamod
     store = DynamoDBLeaseStore(aws, lease_table)
     source = DynamoDBStreamSource(aws, table=table)
     sink = RecordingSink()
-    worker = Worker(source=source, lease_store=store, sinks=[sink],
-                    dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"), worker_id="status-worker-1",
-                    logger=get_logger(), shard_settings=ShardSettings(idle_interval_ms=50, checkpoint_interval_s=0),
-                    discovery_interval_s=1.0, failover_time_s=3.0, shutdown_grace_s=10.0)
+    worker = make_worker(source, tmp_path, sink, store=store, worker_id="status-worker-1", logger=get_logger(),
+                         max_records=1000, idle_interval_ms=50, discovery_interval_s=1.0, failover_time_s=3.0,
+                         shutdown_grace_s=10.0)
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(worker.run()), daemon=True)
     thread.start()

@@ -59,6 +59,7 @@ def test_two_workers_with_the_same_configured_id_both_hold_leases_and_checkpoint
     workers = [build_worker(load_settings(None, overrides=overrides), logger=logs[i], sinks=[sinks[i]])
                for i in range(2)]
     store = workers[0].lease_store
+    store.ensure_table()  # the workers create it too, but the test scans it before they may have
     threads = [threading.Thread(target=w.run) for w in workers]
     for t in threads:
         t.start()
