@@ -242,7 +242,7 @@ class ShardConsumer(threading.Thread):
         #: ``AT_TIMESTAMP:`` checkpoint, a replay window's ``since``); pending until the first
         #: record with a sequence number is read, or the shard's reading ends without one
         from_oldest = _from_oldest(lease.checkpoint)
-        since = []
+        since = [window.since.timestamp()] if window is not None and window.since is not None else []
         if lease.checkpoint.startswith(AT_TIMESTAMP_PREFIX):
             since.append(float(lease.checkpoint[len(AT_TIMESTAMP_PREFIX):]))
         self._expected_start: str | None = lease.starting_sequence_number if from_oldest else None
