@@ -129,10 +129,12 @@ class Lease:
     #: (its children's floors are computed from it); None before the first
     version_high: int | None = field(default=None, compare=False)
     #: ``startingSequenceNumber``: set for a shard that must be read from its first record (a
-    #: child of a shard this lease table knows, or any shard found after the first sync) — its
-    #: SequenceNumberRange.StartingSequenceNumber from DescribeStream; a first record read later
-    #: than it means the head was trimmed before it was read (a gap). None: reading from the
-    #: trim horizon is what was asked for.
+    #: child of a shard this lease table knows, or any shard found after the first sync; a replay's
+    #: shard, see :func:`pipeline.replay.stream.checks_head`) and for a LATEST lease — its
+    #: SequenceNumberRange.StartingSequenceNumber from DescribeStream. A reader from TRIM_HORIZON
+    #: whose first record is later than it, or that reads none at all, may have lost a trimmed head
+    #: (a gap: :func:`pipeline.runtime.shard_consumer.head_trimmed`). None: reading from the trim
+    #: horizon is what was asked for (an ``AT_TIMESTAMP:`` checkpoint still checks its time).
     starting_sequence_number: str | None = field(default=None, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 

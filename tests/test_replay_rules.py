@@ -43,7 +43,8 @@ def split_stream() -> FakeStreams:
     return fake
 
 
-def run_replay(tmp_path, fake: FakeStreams, spec: StartSpec, until: datetime | None, *, namespace="replay-t"):
+def run_replay(tmp_path, fake: FakeStreams, spec: StartSpec, until: datetime | None, *, namespace="replay-t",
+               on_trimmed: str = "fail"):
     source = DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)
     sink = RecordingSink()
     path = tmp_path / "leases.sqlite"
@@ -52,7 +53,8 @@ def run_replay(tmp_path, fake: FakeStreams, spec: StartSpec, until: datetime | N
     def make_worker(**kw):
         return Worker(sources=[source], sinks=[sink], dead_letter=DirectoryDeadLetterQueue(tmp_path / "dlq"),
                       logger=log, exit_when_idle=True, discovery_interval_s=0.05, failover_time_s=0.6,
-                      shard_settings=ShardSettings(max_records_per_call=4, idle_interval_ms=5, checkpoint_interval_s=0),
+                      shard_settings=ShardSettings(max_records_per_call=4, idle_interval_ms=5, checkpoint_interval_s=0,
+                                                   on_trimmed=on_trimmed),
                       shutdown_grace_s=5, **kw)
 
     replay = StreamReplay(sources=[source], store=SQLiteLeaseStore(path, namespace=namespace), spec=spec, until=until,
@@ -244,3 +246,53 @@ def test_trim_horizon_moving_on_before_the_first_read_is_not_a_gap(tmp_path):
     assert worker.run() == 0
     assert [e.sequence_number for e in sink.flushed] == seqs_of(fake, "shardId-P")
     assert store.list_gaps() == []
+
+
+# -- --from time T over trimmed data (issue 13, item 2) ------------------------------------------
+
+@pytest.mark.parametrize("on_trimmed", ["fail", "skip"])
+def test_time_start_over_a_trimmed_head_is_a_gap_and_exits_non_zero(tmp_path, on_trimmed):
+    """`--from time T`: every shard is read from TRIM_HORIZON. P's records t=0..4 s were trimmed
+    (T0 is long past the 24 h retention) and T = t0+2 s lies among them: the first readable record
+    (t=5) was created after T and is not P's first — a gap, and the replay exits non-zero, under
+    either policy (old code: exit 0, the records from T to t=5 silently missing)."""
+    fake = split_stream()
+    fake.trim_head("shardId-P", 5)
+    since = T0 + timedelta(seconds=2)
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("time", since=since), until=None, on_trimmed=on_trimmed)
+    assert not report.ok
+    rows = {r.shard_id: r for r in report.shards}
+    assert rows["shardId-P"].ended == "gap", rows["shardId-P"]
+    if on_trimmed == "skip":  # the gap is skipped: the rest of P and every other shard are replayed
+        assert all(r.complete for r in report.shards if r.shard_id != "shardId-P")
+    gaps = SQLiteLeaseStore(tmp_path / "leases.sqlite", namespace="replay-t").list_gaps()
+    assert [(g.shard_id, g.first_position_after) for g in gaps] == [("shardId-P", seqs_of(fake, "shardId-P")[5])]
+    if on_trimmed == "skip":
+        assert seqs_of(fake, "shardId-P", 5) == [e.sequence_number for e in sink.flushed
+                                                 if e.source.shard_id == "shardId-P"]
+    dry = dry_run([DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)],
+                  StartSpec("time", since=since), None, idle_reads=2)
+    assert {r.shard_id: r.ended for r in dry.shards}["shardId-P"] == "gap" and not dry.ok
+
+
+def test_time_start_after_the_trimmed_records_is_no_gap(tmp_path):
+    """The trimmed records all precede T (the first readable record is older than T), and the
+    children's first records are their shards' first (StartingSequenceNumber, recorded in the
+    replay's leases): nothing asked for is missing, exit 0."""
+    fake = split_stream()
+    fake.trim_head("shardId-P", 5)
+    since = T0 + timedelta(seconds=7)
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("time", since=since), until=None)
+    assert report.ok, report
+    assert sink.flushed and min(e.source.approximate_creation_time for e in sink.flushed) == since
+    dry = dry_run([DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)],
+                  StartSpec("time", since=since), None, idle_reads=2)
+    assert dry.ok, dry
+
+
+def test_trim_horizon_start_over_a_trimmed_head_is_what_was_asked(tmp_path):
+    """`--from trim-horizon` asks for the oldest record retained: a trimmed head is no gap."""
+    fake = split_stream()
+    fake.trim_head("shardId-P", 5)
+    report, _, _ = run_replay(tmp_path, fake, StartSpec("trim-horizon"), until=None)
+    assert report.ok, report

@@ -11,8 +11,10 @@ How a shard can end (``ShardReplay.ended``):
 - ``archive_end`` — every archived object of the shard was read (archive replay);
 - ``not_asked`` — the shard lies outside what was asked for (e.g. ``--from sequence`` names
   other shards); nothing was read;
-- ``gap`` — the start position is behind the stream's 24-hour trim horizon, or the shard left the
-  stream: records asked for are gone (use ``--from-archive``);
+- ``gap`` — the start position is behind the stream's 24-hour trim horizon, the shard's head was
+  trimmed before it was read (``--from time T``: its first readable record is after T and not its
+  first), or the shard left the stream: records asked for are gone (use ``--from-archive``); also
+  when ``on_trimmed: skip`` went on over such a gap;
 - ``failed`` / ``stopped`` — an error, or the replay was interrupted.
 
 A replay succeeds (exit 0) only when every shard ended in one of the first five and no change

@@ -14,7 +14,8 @@ letters, backoff) with three differences:
 
 Start positions (``--from``): ``trim-horizon`` (every shard from its oldest record);
 ``time T`` (DynamoDB Streams has no AT_TIMESTAMP iterator, so every shard is read from
-TRIM_HORIZON and records created before T, by ApproximateCreationDateTime, are skipped);
+TRIM_HORIZON and records created before T, by ApproximateCreationDateTime, are skipped; a head
+trimmed after T is a gap, see :func:`checks_head`);
 ``sequence SHARD=SEQ`` (that shard from SEQ, the record included, and its descendants from their
 start; other shards are not replayed); ``checkpoint-file FILE`` (an export of
 ``ddb-cdc checkpoints export``: each exported shard after its checkpoint, shards created since
@@ -121,6 +122,17 @@ def start_positions(spec: StartSpec, source: StreamSource, shards: Sequence[Shar
     raise ReplayError(f"unknown --from kind {spec.kind!r}")
 
 
+def checks_head(spec: StartSpec, start: str) -> bool:
+    """True when a replay lease starting at ``start`` must see its shard's head (its lease records
+    the shard's StartingSequenceNumber and the reader runs the head check,
+    :func:`pipeline.runtime.shard_consumer.head_trimmed`): it is read from TRIM_HORIZON (or an
+    exported ``AT_TIMESTAMP:`` checkpoint) and something is asked of its head — records from
+    ``--from time T`` on, or a shard read "from its start" (``sequence`` descendants,
+    ``checkpoint-file`` shards). Not with ``--from trim-horizon``: the oldest record retained is
+    what was asked for. A head trimmed before it was read is then a gap (the row ends ``gap``)."""
+    return spec.kind != "trim-horizon" and (start == TRIM_HORIZON or start.startswith(AT_TIMESTAMP_PREFIX))
+
+
 class StreamReplay:
     """Runs one replay. ``sources``: the configured streams; ``store``: the lease store in the
     replay's namespace (``drop_namespace`` is called after a complete replay); ``make_worker``:
@@ -183,7 +195,9 @@ class StreamReplay:
                     lease_key=key, table=source.table,
                     stream_arn=source.stream_arn, shard_id=shard.shard_id, checkpoint=start,
                     parent_shard_ids=(shard.parent_shard_id,) if shard.parent_shard_id else (),
-                    version_floor=live_lease.version_floor if live_lease is not None else None))
+                    version_floor=live_lease.version_floor if live_lease is not None else None,
+                    starting_sequence_number=shard.starting_sequence_number if checks_head(self.spec, start)
+                    else None))
         return asked
 
     def _on_counts(self, consumer: Any, *, delivered, skipped_before: int, skipped_after: int) -> None:
@@ -200,6 +214,9 @@ class StreamReplay:
         with self._lock:
             if outcome == ShardOutcome.TRIMMED:
                 row.ended, row.error = "gap", str(consumer.error or "")[:300]
+            elif consumer.stats.gaps:  # on_trimmed: skip went on over a recorded gap: still not complete
+                row.ended, row.error = "gap", (f"{consumer.stats.gaps} gap(s) recorded and skipped "
+                                               f"(on_trimmed: skip); see the log's trimmed_data_gap")
             elif outcome in FINISHED_OUTCOMES | {ShardOutcome.STOPPED, ShardOutcome.FAILED}:
                 row.ended = str(outcome)
                 row.error = str(consumer.error or "")[:300] if outcome in (ShardOutcome.FAILED, ShardOutcome.STOPPED) else ""
@@ -291,7 +308,9 @@ def dry_run(sources: Sequence[StreamSource], spec: StartSpec, until: datetime | 
             row.ended = "not_asked"
             continue
         try:
-            row.ended = _count_shard(source, shard, start, spec.since, until, row, max_records_per_call, idle_reads)
+            row.ended = _count_shard(source, shard, start, spec.since, until, row, max_records_per_call, idle_reads,
+                                     starting_sequence_number=shard.starting_sequence_number
+                                     if checks_head(spec, start) else None)
         except TrimmedDataError as exc:
             row.ended, row.error = "gap", str(exc)[:300]
         except IteratorExpiredError as exc:  # pragma: no cover - a dry run reads continuously
@@ -305,8 +324,13 @@ def dry_run(sources: Sequence[StreamSource], spec: StartSpec, until: datetime | 
 
 
 def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: datetime | None,
-                 until: datetime | None, row: ShardReplay, limit: int, idle_reads: int) -> str:
+                 until: datetime | None, row: ShardReplay, limit: int, idle_reads: int, *,
+                 starting_sequence_number: str | None = None) -> str:
+    """Count one shard for :func:`dry_run`; returns how it ended. With ``starting_sequence_number``
+    (:func:`checks_head`) the head check runs as in the replay's reader: a trimmed head ends the
+    row as ``gap`` (raises TrimmedDataError)."""
     from pipeline.events import LATEST
+    from pipeline.runtime.shard_consumer import head_trimmed
 
     if start in (TRIM_HORIZON, LATEST):
         iterator = source.get_iterator(shard.shard_id, start)
@@ -318,9 +342,33 @@ def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: date
         iterator = source.get_iterator(shard.shard_id, "AT_SEQUENCE_NUMBER", start[len(AT_SEQUENCE_PREFIX):])
     else:
         iterator = source.get_iterator(shard.shard_id, "AFTER_SEQUENCE_NUMBER", start)
+    # the head check of the replay's reader (ShardConsumer._check_head), on the first record with
+    # a sequence number or when the shard's reading ends without one
+    head_pending = (start == TRIM_HORIZON or start.startswith(AT_TIMESTAMP_PREFIX)) and (
+        starting_sequence_number is not None or since is not None)
+
+    def check_head(records: Sequence[Any] | None) -> None:
+        nonlocal head_pending
+        first = created = None
+        if records is not None:
+            record = next((r for r in records if str(((r.get("dynamodb") or {}).get("SequenceNumber")) or "")
+                           .isdigit()), None)
+            if record is None:
+                return
+            first, created = record["dynamodb"]["SequenceNumber"], record_creation_time(record)
+        head_pending = False
+        if head_trimmed(shard.shard_id, first_sequence_number=first,
+                        first_created=created.timestamp() if created is not None else None,
+                        starting_sequence_number=starting_sequence_number,
+                        since=since.timestamp() if since is not None else None, now_s=time.time()):
+            raise TrimmedDataError(f"shard {shard.shard_id}: records asked for were trimmed before they were "
+                                   f"read (its first readable record: {first or 'none'})")
+
     empty = 0
     while True:
         result = source.get_records(iterator, limit)
+        if head_pending and result.records:
+            check_head(result.records)
         if result.records:
             empty = 0
             for record in result.records:
@@ -340,6 +388,9 @@ def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: date
                 row.last_sequence_number = seq
         else:
             empty += 1
+        ends = result.next_iterator is None or (not result.records and empty >= idle_reads)
+        if ends and head_pending and row.delivered + row.skipped_before == 0:
+            check_head(None)
         if result.next_iterator is None:
             return "shard_end"
         if not result.records and empty >= idle_reads:

@@ -85,7 +85,9 @@ class LeaseCoordinator:
         with LATEST, closed shards are created as SHARD_END (their data is older than "now").
         Shards found later always start at TRIM_HORIZON, so a child never loses records; such a
         shard (and a child of a shard listed with it) also records its StartingSequenceNumber,
-        so that a head trimmed before it was read is seen as a gap (``ShardConsumer``).
+        so that a head trimmed before it was read is seen as a gap (``ShardConsumer``); so does a
+        LATEST lease, whose ``AT_TIMESTAMP:`` checkpoint (below) a later owner reads from
+        TRIM_HORIZON (a first record that is the shard's first is then no gap).
         A LATEST lease is made concrete by the first reader that takes it, before it delivers
         anything (``AT_TIMESTAMP:`` then ``AT_SEQUENCE_NUMBER:`` checkpoints; see
         :meth:`pipeline.runtime.shard_consumer.ShardConsumer._resolve_latest`), so a hand-off never
@@ -116,7 +118,8 @@ class LeaseCoordinator:
                 shard_id=shard.shard_id,
                 checkpoint=checkpoint,
                 parent_shard_ids=(shard.parent_shard_id,) if shard.parent_shard_id else (),
-                starting_sequence_number=shard.starting_sequence_number if from_start else None,
+                starting_sequence_number=(shard.starting_sequence_number
+                                          if from_start or checkpoint == LATEST else None),
             )
             if self.store.create_lease_if_absent(lease):
                 created.append(lease)

@@ -236,10 +236,18 @@ class ShardConsumer(threading.Thread):
         #: and the highest version high part delivered (stored with each checkpoint)
         self.version_floor = lease.version_floor or 0
         self._version_high: int | None = lease.version_high
-        #: StartingSequenceNumber the first record must have when the shard is read from its start
-        #: (a child found later); None: no head check (see _check_head)
-        self._expected_start: str | None = (lease.starting_sequence_number
-                                            if lease.checkpoint == TRIM_HORIZON else None)
+        #: the head check (see _check_head, :func:`head_trimmed`) of a reader that starts at
+        #: TRIM_HORIZON: the StartingSequenceNumber its first record must have (a child found
+        #: later), and/or the time from which every record must be delivered (epoch s: an
+        #: ``AT_TIMESTAMP:`` checkpoint, a replay window's ``since``); pending until the first
+        #: record with a sequence number is read, or the shard's reading ends without one
+        from_oldest = _from_oldest(lease.checkpoint)
+        since = [window.since.timestamp()] if window is not None and window.since is not None else []
+        if lease.checkpoint.startswith(AT_TIMESTAMP_PREFIX):
+            since.append(float(lease.checkpoint[len(AT_TIMESTAMP_PREFIX):]))
+        self._expected_start: str | None = lease.starting_sequence_number if from_oldest else None
+        self._head_since: float | None = max(since) if from_oldest and since else None
+        self._head_pending = self._expected_start is not None or self._head_since is not None
 
     # -- thread entry --------------------------------------------------------------------------
 
@@ -388,10 +396,14 @@ class ShardConsumer(threading.Thread):
                 self.coordinator.report_behind(self.lease_key, 0)  # caught up
                 if (self.window is not None and self.window.finish_when_caught_up and next_iterator is not None
                         and self._empty_reads >= self.window.idle_reads):
+                    if self._head_pending and self.stats.records_read == 0:
+                        self._check_head(None)  # caught up with nothing read: was all of it trimmed?
                     self._flush_and_checkpoint(shard_end=True)
                     self.log.info("replay_caught_up", empty_reads=self._empty_reads)
                     return ShardOutcome.CAUGHT_UP
             if next_iterator is None:
+                if self._head_pending and self.stats.records_read == 0:
+                    self._check_head(None)  # SHARD_END with nothing read: were all its records trimmed?
                 self._flush_and_checkpoint(shard_end=True)
                 self.log.info("shard_end_reached", records_read=self.stats.records_read)
                 return ShardOutcome.SHARD_END
@@ -443,31 +455,41 @@ class ShardConsumer(threading.Thread):
                        hint=hint, **log_fields)
         return gap
 
-    def _check_head(self, records: list) -> None:
-        """First page of a shard that must be read from its start (``Lease.starting_sequence_number``):
-        a first record later than the shard's StartingSequenceNumber ("the first sequence number for
-        the stream records contained within a shard" — DynamoDB Streams API reference,
-        SequenceNumberRange) means the head was trimmed (older than 24 h) before this worker read it.
-        TRIM_HORIZON never raises TrimmedDataAccessException for that, so it is checked here and
-        handled as any gap: recorded, counted, logged; ``on_trimmed: fail`` stops the shard
-        (TrimmedDataError), ``skip`` goes on with this page."""
-        expected = self._expected_start
-        first = next((seq for seq in map(record_sequence_number, records) if seq and seq.isdigit()), None)
+    def _check_head(self, records: list | None) -> None:
+        """The head check of a reader that starts at TRIM_HORIZON with something asked of the head
+        (a shard that must be read from its StartingSequenceNumber — ``Lease.starting_sequence_number``
+        — or from a time: ``AT_TIMESTAMP:`` checkpoint, replay ``--from time``), on its first page
+        with a sequence number, or with ``records`` None when the shard's reading ended (SHARD_END,
+        caught up) before any record was read. TRIM_HORIZON never raises TrimmedDataAccessException
+        for a trimmed head, so it is checked here (:func:`head_trimmed`) and handled as any gap:
+        recorded, counted, logged; ``on_trimmed: fail`` stops the shard (TrimmedDataError),
+        ``skip`` goes on (with this page, or to SHARD_END)."""
+        first = created = None
+        if records is not None:
+            record = next((r for r in records if (record_sequence_number(r) or "").isdigit()), None)
+            if record is None:
+                return  # no valid sequence number on this page (hostile records): check the next page
+            first, created = record_sequence_number(record), record_creation_epoch(record)
+        self._head_pending = False
+        expected, since = self._expected_start, self._head_since
+        if not head_trimmed(self.shard_id, first_sequence_number=first, first_created=created,
+                            starting_sequence_number=expected, since=since, now_s=time.time()):
+            return
+        asked = (f"records created from {datetime.fromtimestamp(since, tz=timezone.utc).isoformat()} on"
+                 if since is not None else f"records from its StartingSequenceNumber {expected} on")
         if first is None:
-            return  # no valid sequence number on this page (hostile records): check the next page
-        self._expected_start = None
-        if not expected.isdigit() or int(first) <= int(expected):
-            return
-        if not shard_may_be_trimmed(self.shard_id, time.time()):
-            # younger than the 24 h retention: nothing of it can have been trimmed, so a first record
-            # later than StartingSequenceNumber is only how the service numbers records, not a gap
-            return
-        exc = TrimmedDataError(f"shard {self.shard_id} starts at sequence number {expected}, but its first "
-                               f"readable record is {first}: its head was trimmed before it was read")
-        gap = self._record_gap(exc, last_checkpoint=TRIM_HORIZON, first_position_after=first,
+            exc = TrimmedDataError(f"shard {self.shard_id} ended with no record read, but {asked} had to be read "
+                                   f"and it is older than the 24 h retention: they were trimmed before it was "
+                                   f"read (it may have been empty: DynamoDB Streams does not tell)")
+        else:
+            exc = TrimmedDataError(f"shard {self.shard_id}: {asked} had to be read, but its first readable record "
+                                   f"{first} is later and not the shard's first: its head was trimmed before "
+                                   f"it was read")
+        gap = self._record_gap(exc, last_checkpoint=self._checkpointed,
+                               first_position_after=first if first is not None else SHARD_END,
                                hint="the head of this shard was trimmed (older than 24 h) before this worker "
                                     "read it; the gap is recorded in the lease table",
-                               starting_sequence_number=expected)
+                               starting_sequence_number=expected, since=since)
         if gap.policy != "skip":
             raise exc
 
@@ -566,7 +588,7 @@ class ShardConsumer(threading.Thread):
         window = self.window
         skipped_before = skipped_after = 0
         window_end = False
-        if self._expected_start is not None:
+        if self._head_pending:
             self._check_head(records)
         if self._pin_pending:
             self._pin_first_record(records)
@@ -821,6 +843,47 @@ def shard_may_be_trimmed(shard_id: str, now_s: float) -> bool:
     record of it was trimmed yet); True otherwise, also when the id has another form."""
     created = shard_created_epoch(shard_id)
     return created is None or now_s - created >= STREAM_RETENTION_S
+
+
+def head_trimmed(shard_id: str, *, first_sequence_number: str | None, first_created: float | None,
+                 starting_sequence_number: str | None, since: float | None, now_s: float) -> bool:
+    """The one head-check rule (worker, replay, dry run): True when records a reader that starts at
+    TRIM_HORIZON had to deliver may have been trimmed before it read them — a gap, since
+    TRIM_HORIZON never raises TrimmedDataAccessException.
+
+    What had to be delivered: every record of the shard from ``starting_sequence_number`` (its
+    SequenceNumberRange.StartingSequenceNumber, "the first sequence number for the stream records
+    contained within a shard" — DynamoDB Streams API reference, SequenceNumberRange), or, with
+    ``since`` (epoch s: an ``AT_TIMESTAMP:`` checkpoint, a replay's ``--from time``), every record
+    created at or after ``since``. ``first_sequence_number`` / ``first_created`` (epoch s): the
+    first record read (both None: the shard's reading ended without any record — a closed shard
+    at SHARD_END, an open one caught up).
+
+    Not trimmed (False) when: (1) nothing was asked of the head (``since`` None and no usable
+    ``starting_sequence_number``); (2) the first record read is the shard's first (its number is
+    not above ``starting_sequence_number``); (3) it was created before ``since``: records are
+    trimmed oldest first, so everything from ``since`` on is still readable; (4) the records that
+    had to be delivered are all younger than the 24 h retention (:data:`STREAM_RETENTION_S`):
+    the shard's creation time (its id, :func:`shard_created_epoch`) or ``since``, the later of
+    the two, is less than 24 h before ``now_s``. Otherwise True, also when the service cannot tell:
+    a closed shard that returns no record may have held none (a split with no writes), and the API
+    reference does not say what SequenceNumberRange holds then ("the range of possible sequence
+    numbers for the shard" — Shard), so a shard older than 24 h that ends with nothing read is
+    reported (the gap's error says "may have been empty"); a first record above
+    StartingSequenceNumber in a shard older than 24 h is reported even though the service may
+    number a shard's first record above it (issue 13, item 2)."""
+    usable = starting_sequence_number if (starting_sequence_number or "").isdigit() else None
+    if since is None and usable is None:
+        return False
+    if first_sequence_number is not None and usable is not None and first_sequence_number.isdigit() \
+            and int(first_sequence_number) <= int(usable):
+        return False
+    if since is not None and first_created is not None and first_created < since:
+        return False
+    oldest_asked = max((t for t in (shard_created_epoch(shard_id), since) if t is not None), default=None)
+    if oldest_asked is not None and now_s - oldest_asked < STREAM_RETENTION_S:
+        return False
+    return True
 
 
 def _from_oldest(position: str) -> bool:
