@@ -29,6 +29,7 @@ from pipeline.codec import (
     record_creation_epoch,
     record_creation_time,
     record_sequence_number,
+    record_version_high,
 )
 from pipeline.deadletter import DeadLetterQueue, decode_entry
 from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError, TransientError, TransientSourceError
@@ -566,6 +567,7 @@ class ShardConsumer(threading.Thread):
         window = self.window
         skipped_before = skipped_after = 0
         window_end = False
+        dead_high: int | None = None  # highest high part of a record dead-lettered at decode
         if self._expected_start is not None:
             self._check_head(records)
         if self._pin_pending:
@@ -601,6 +603,9 @@ class ShardConsumer(threading.Thread):
                     exc = DecodeError(f"{type(exc).__name__}: {str(exc)[:200]}")
                 self.stats.decode_errors += 1
                 metrics.DECODE_ERRORS.labels(table=table).inc()
+                # the high part a redrive gives it (see _note_version_high)
+                high = record_version_high(record_creation_time(record), floor=self.version_floor)
+                dead_high = high if dead_high is None else max(dead_high, high)
                 entry_id = self.dead_letter.put(decode_entry(record, table=table, stream_arn=arn,
                                                              shard_id=self.shard_id, sequence_number=seq,
                                                              error=str(exc), version_floor=self.version_floor))
@@ -629,15 +634,34 @@ class ShardConsumer(threading.Thread):
                       if ev.source.approximate_creation_time is not None), None)
         if first is not None and self.oldest_unchecked_created is None:
             self.oldest_unchecked_created = first.timestamp()
-        if events:
-            high = max(ev.version for ev in events) >> 32
-            if self._version_high is None or high > self._version_high:
-                self._version_high = high
+        self._note_version_high(events, dead_high)
         if last_seq is not None:
             self._done_position = last_seq
             self.stats.last_sequence_number = last_seq
             self.stats.last_record_time = time.time()
         return window_end
+
+    def _note_version_high(self, events: list[ChangeEvent], dead_high: int | None) -> None:
+        """Raise the shard's highest delivered version high part (``versionHigh`` in the lease,
+        stored with each checkpoint) to cover ``events`` and ``dead_high``, the highest high part a
+        record dead-lettered at decode on this page gets when ``dlq redrive`` decodes it.
+
+        The children's version floor is ``max(floor, versionHigh) + 1``
+        (:func:`pipeline.codec.child_version_floor`), so every change any child delivers outranks
+        every change of this shard — redriven dead letters included. A redrive decodes the raw
+        record with the floor kept in its entry (:func:`pipeline.deadletter.decode_entry`,
+        :mod:`pipeline.ops.redrive`), so its high part is
+        :func:`~pipeline.codec.record_version_high` of its ApproximateCreationDateTime: counted
+        here from the same time. A record whose time is absent gets the floor (no higher); one
+        whose time cannot be parsed is never redriven — the redrive's decode rejects that time
+        again and keeps the entry ("still undecodable") — so counting the floor for it is enough.
+        """
+        high = dead_high
+        if events:
+            top = max(ev.version for ev in events) >> 32
+            high = top if high is None else max(high, top)
+        if high is not None and (self._version_high is None or high > self._version_high):
+            self._version_high = high
 
     def _deliver(self, batch: Batch, position: str | None) -> None:
         """Give ``batch`` to every sink: into their lanes (waiting while one is full; the page's
