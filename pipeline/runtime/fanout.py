@@ -4,7 +4,9 @@ Per sink, per batch (DESIGN.md, "Contracts", Sink):
 
 - ``RetriableSinkError`` (or any unexpected exception from a sink): retry the whole remaining
   batch with exponential backoff and jitter (tenacity), within ``retry_budget_s``;
-- ``PartialSinkError``: dead-letter its permanent events, retry only its retriable ones;
+- ``PartialSinkError``: dead-letter its permanent events; write again its retriable ones *with
+  every later event of the batch*, in sequence order (:func:`resend_after_partial`: the per-shard
+  order rule of :mod:`pipeline.sink`);
 - ``PermanentSinkError``: dead-letter every event of the remaining batch;
 - ``FatalSinkError``: re-raised; the shard stops.
 
@@ -12,8 +14,9 @@ Per sink, per flush (the rule is stated in :mod:`pipeline.sink`):
 
 - ``RetriableSinkError`` (or any unexpected exception): flush again with backoff;
 - ``PartialSinkError``: the named events are no longer in the sink — permanent ones are
-  dead-lettered, retriable ones are written again (the write rules above) and the sink is
-  flushed again, with backoff;
+  dead-lettered, retriable ones are written again together with every later event of their
+  shard given to the sink since its last successful flush (:func:`resend_after_partial`; the
+  write rules above) and the sink is flushed again, with backoff;
 - ``PermanentSinkError``: ``dead_letter`` abandons the unflushed events (below); ``block`` makes
   it a ``FatalSinkError`` (the shard stops);
 - ``FatalSinkError``: re-raised.
@@ -21,7 +24,7 @@ Per sink, per flush (the rule is stated in :mod:`pipeline.sink`):
 When the budget is used up, ``on_failure`` decides: ``block`` (default) keeps retrying and so
 holds the shard's checkpoint, logging every attempt; ``dead_letter`` dead-letters what is left and
 goes on. For a flush, "what is left" is every event given to the sink since its last successful
-flush: the fan-out keeps them (:class:`UnflushedEvents`, ``dead_letter`` sinks only), dead-letters
+flush: the fan-out keeps them (:class:`UnflushedEvents`), dead-letters
 them with the sink name and the last error, then calls the sink's ``discard_unflushed()`` and lets
 the checkpoint move. A shutdown request ends the retries with :class:`DeliveryAborted`, so the
 checkpoint does not move past undelivered events.
@@ -108,11 +111,41 @@ def _position(event: ChangeEvent) -> tuple[str, str, str]:
     return (event.source.table, event.source.shard_id, event.sequence_number)
 
 
+def resend_after_partial(given: Sequence[ChangeEvent], retriable: Sequence[ChangeEvent],
+                         permanent: Sequence[ChangeEvent] = ()) -> list[ChangeEvent]:
+    """What the fan-out writes again after a ``PartialSinkError`` (from ``write`` or ``flush``):
+    per shard, every retriable event *and every later event of that shard in* ``given`` (sequence
+    number at or above the shard's first retriable one), without the permanent ones; sorted by
+    table, shard and sequence number, one event per position.
+
+    ``given``: what the sink was given — the batch of the failed write, or everything written to
+    the sink since its last successful flush. Re-sending the later events too keeps the per-shard
+    order of the sink contract (:mod:`pipeline.sink`): whatever the sink applied of a later event
+    before it is applied again after the retried one, so a sink never ends at change v1 of an item
+    after it was given v2 (at-least-once allows the repeats). Events of ``given`` win over the
+    sink's copies at the same position.
+    """
+    dropped = {_position(ev) for ev in permanent}
+    first: dict[tuple[str, str], tuple] = {}
+    for ev in retriable:
+        shard, key = (ev.source.table, ev.source.shard_id), sequence_key(ev.sequence_number)
+        if shard not in first or key < first[shard]:
+            first[shard] = key
+    out: dict[tuple[str, str, str], ChangeEvent] = {}
+    for ev in (*given, *retriable):
+        shard = (ev.source.table, ev.source.shard_id)
+        if shard in first and sequence_key(ev.sequence_number) >= first[shard] and _position(ev) not in dropped:
+            out.setdefault(_position(ev), ev)
+    return sorted(out.values(), key=lambda ev: (ev.source.table, ev.source.shard_id, sequence_key(ev.sequence_number)))
+
+
 class UnflushedEvents:
     """The events one sink accepted (``write`` returned for them) since its last successful flush.
 
-    Kept by the fan-out for ``on_failure: dead_letter`` sinks only, so that a flush that cannot
-    succeed can be dead-lettered (:meth:`FanOut.flush`). Bounded by the flushes: the worker
+    Kept by the fan-out for every sink: a partial flush writes its retriable events again with the
+    later events of their shards from here (:func:`resend_after_partial`), and for an
+    ``on_failure: dead_letter`` sink a flush that cannot succeed dead-letters them all
+    (:meth:`FanOut.flush`). Bounded by the flushes: the worker
     flushes before every checkpoint (``source.checkpoint_interval_s``, any shard's checkpoint
     flushes every sink), so it holds about one checkpoint interval of every shard's events — the
     events a buffering sink holds anyway (references, not copies) — and more only while a flush is
@@ -173,7 +206,7 @@ class SinkRunner:
     policy: FailurePolicy = field(default_factory=FailurePolicy)
     stats: SinkStats = field(default_factory=SinkStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: events accepted since the sink's last successful flush (recorded for ``dead_letter`` only)
+    #: events accepted since the sink's last successful flush
     unflushed: UnflushedEvents = field(default_factory=UnflushedEvents)
     #: (table, shard) → epoch s creation time of the oldest event of the batch being delivered
     pending_since: dict = field(default_factory=dict)
@@ -386,15 +419,19 @@ class FanOut:
 
         def attempt() -> None:
             state["attempts"] += 1
+            given: list[ChangeEvent] = []  # filled by a partial flush: what the sink was given since its last flush
             try:
-                runner.call(lambda: self._flush_call(runner))
+                runner.call(lambda: self._flush_call(runner, given))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
                 for ev, reason in exc.permanent:
                     self._dead_letter(runner, ev, f"flush: {reason}", state)
                 if exc.retriable:
-                    self._rewrite(runner, [ev for ev, _ in exc.retriable])
-                    raise _Remaining(f"{len(exc.retriable)} events written again, flushing again: {exc}") from exc
+                    resend = resend_after_partial(given, [ev for ev, _ in exc.retriable],
+                                                  [ev for ev, _ in exc.permanent])
+                    self._rewrite(runner, resend)
+                    raise _Remaining(f"{len(exc.retriable)} failed events and the later ones of their shards "
+                                     f"({len(resend)}) written again, flushing again: {exc}") from exc
             except (FatalSinkError, DeliveryAborted):
                 raise
             except PermanentSinkError as exc:
@@ -417,24 +454,26 @@ class FanOut:
         except _FlushRefused:
             self._abandon_unflushed(runner, f"flush refused: {state['last_error']}", state)
 
-    def _flush_call(self, runner: SinkRunner) -> None:
+    def _flush_call(self, runner: SinkRunner, given: list[ChangeEvent]) -> None:
         """One ``sink.flush()`` (run inside :meth:`SinkRunner.call`); the events accepted before it
         started are forgotten by the unflushed log when it returns — also with a PartialSinkError,
-        whose named events the fan-out then handles itself."""
-        log = self._unflushed_log(runner)
-        marker = log.mark() if log is not None else 0
+        whose named events the fan-out then handles itself: ``given`` then gets every event of the
+        log first (what the sink was given since its last successful flush, for
+        :func:`resend_after_partial`)."""
+        log = runner.unflushed
+        marker = log.mark()
         try:
             runner.sink.flush()
         except PartialSinkError:
-            if log is not None:
-                log.forget_through(marker)
-            raise
-        if log is not None:
+            given.extend(log.snapshot()[1])
             log.forget_through(marker)
+            raise
+        log.forget_through(marker)
 
     def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent]) -> None:
-        """Write ``events`` (a flush's retriable failures, any shards) again: one batch per
-        shard, in sequence order, through the write rules (retries, dead-lettering)."""
+        """Write ``events`` (what a partial flush left to write again, :func:`resend_after_partial`;
+        any shards) again: one batch per shard, in sequence order, through the write rules
+        (retries, dead-lettering)."""
         groups: dict[tuple[str, str, str], dict[tuple[str, str, str], ChangeEvent]] = {}
         for ev in events:
             src = ev.source
@@ -471,11 +510,6 @@ class FanOut:
                        hint="the sink's unflushed events are in the dead-letter destination; "
                             "redrive them with `ddb-cdc dlq redrive` once the sink is back")
 
-    @staticmethod
-    def _unflushed_log(runner: SinkRunner) -> UnflushedEvents | None:
-        """The runner's unflushed log when its policy needs it (``dead_letter``), else None."""
-        return runner.unflushed if runner.policy.on_failure == "dead_letter" else None
-
     # -- internals ---------------------------------------------------------------------------
 
     def _deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
@@ -505,16 +539,19 @@ class FanOut:
                 runner.call(lambda: self._write_call(runner, sub))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
-                # match by position, not object identity, so a sink may report copies of events
-                retry_positions = {(ev.source.shard_id, ev.sequence_number) for ev, _ in exc.retriable}
                 for ev, reason in exc.permanent:
                     self._dead_letter(runner, ev, reason, state)
-                delivered = max(0, len(pending) - len(exc.retriable) - len(exc.permanent))
+                # the retriable events and every later one of the batch, in order (matched by
+                # position, not identity, so a sink may report copies of events)
+                resend = resend_after_partial(pending, [ev for ev, _ in exc.retriable],
+                                              [ev for ev, _ in exc.permanent])
+                failed = {_position(ev) for ev in resend} | {_position(ev) for ev, _ in exc.permanent}
+                delivered = sum(1 for ev in pending if _position(ev) not in failed)
                 runner.stats.delivered += delivered
                 metrics.SINK_DELIVERED.labels(sink=runner.name).inc(delivered)
-                pending = [ev for ev in pending if (ev.source.shard_id, ev.sequence_number) in retry_positions]
+                pending = resend
                 if pending:
-                    raise _Remaining(f"{len(pending)} events to retry: {exc}") from exc
+                    raise _Remaining(f"{len(pending)} events to write again: {exc}") from exc
                 return
             except PermanentSinkError as exc:
                 self._note_failure(state, exc)
@@ -568,16 +605,14 @@ class FanOut:
         """One ``sink.write(sub)`` (run inside :meth:`SinkRunner.call`); the events it accepted
         are recorded in the unflushed log before the call ends, so no flush or discard can run
         between the sink taking them and the fan-out knowing it."""
-        log = self._unflushed_log(runner)
+        log = runner.unflushed
         try:
             runner.sink.write(sub)
         except PartialSinkError as exc:
-            if log is not None:
-                failed = {_position(ev) for ev, _ in (*exc.retriable, *exc.permanent)}
-                log.record([ev for ev in sub.events if _position(ev) not in failed])
+            failed = {_position(ev) for ev, _ in (*exc.retriable, *exc.permanent)}
+            log.record([ev for ev in sub.events if _position(ev) not in failed])
             raise
-        if log is not None:
-            log.record(sub.events)
+        log.record(sub.events)
 
     def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str) -> None:
         policy = runner.policy
