@@ -24,7 +24,8 @@ call               rule
 
 Errors (from ``write`` and ``flush``; :mod:`pipeline.errors`): ``RetriableSinkError`` and any
 unexpected exception are retried with jittered backoff (``on_failure: block`` until it passes,
-holding the checkpoint; ``dead_letter`` for ``retry_budget_s``, then the events are
+holding the checkpoint — or until this worker loses the shard's lease: then the retries end and
+nothing more of that shard is written here; ``dead_letter`` for ``retry_budget_s``, then the events are
 dead-lettered); ``PartialSinkError`` names the events that failed (``retriable`` ones are
 written again *with every later event of the batch* — see "Order on retries" —, ``permanent``
 ones dead-lettered, the events before the first retriable one counted delivered); ``PermanentSinkError``
@@ -82,7 +83,8 @@ When the retries of a flush run out — only with ``on_failure: dead_letter``, a
 sink's last successful flush (it keeps those per sink, see :class:`pipeline.runtime.fanout.FanOut`), with
 the sink name and the last error, then calls the sink's ``discard_unflushed()`` so the buffer is
 not tried again, and the checkpoint moves. ``on_failure: block`` retries a flush until it
-succeeds (or the worker shuts down), holding the checkpoint.
+succeeds (or the worker shuts down, or loses the lease of every shard whose events it flushes),
+holding the checkpoint.
 
 ``discard_unflushed()`` (optional; the base class's is a no-op, right for a sink whose ``write``
 is already durable): drop everything buffered and not yet durable, for every shard; the events

@@ -296,6 +296,46 @@ def test_stop_event_during_retries_aborts_delivery(dlq, stop):
     assert list(dlq.list()) == []  # aborted events are not dead-lettered: they are read again
 
 
+def test_lease_loss_ends_blocked_write_and_flush_retries_without_another_sink_call(dlq, stop):
+    """``owns`` (the shard reader's ownership check) turns False during ``block`` retries: the
+    retries end with LeaseLostError — no further write or flush — and later sinks get nothing."""
+    from pipeline.errors import LeaseLostError
+
+    owned = threading.Event()
+    owned.set()
+
+    def script(sink, b, call_no):
+        if call_no == 3:
+            owned.clear()  # another worker took the lease meanwhile
+        raise RetriableSinkError("down")
+
+    sink, after = ScriptedSink("down", script), RecordingSink("after")
+    fanout = make_fanout([SinkRunner(sink, fast("block")), SinkRunner(after, fast())], dlq, stop)
+    batch = batch_of(2)
+    with pytest.raises(LeaseLostError) as lost:
+        fanout.deliver(batch, owns=owned.is_set)
+    assert len(sink.calls) == 3 and after.written == []
+    assert lost.value.undelivered == batch.events
+    assert list(dlq.list()) == []  # read again by the new owner, not dead-lettered
+
+    class DownFlush(RecordingSink):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+            if self.flushes == 2:
+                owned.clear()
+            raise RetriableSinkError("down")
+
+    owned.set()
+    flushing = DownFlush("flushing")
+    fanout = make_fanout([SinkRunner(flushing, fast("block"))], dlq, stop)
+    fanout.deliver(batch, owns=owned.is_set)
+    with pytest.raises(LeaseLostError):
+        fanout.flush(owns=owned.is_set)
+    assert flushing.flushes == 2
+
+
 def test_stop_event_from_another_thread_aborts_a_blocked_delivery(dlq, stop):
     def script(sink, b, call_no):
         raise RetriableSinkError("down")

@@ -27,7 +27,10 @@ goes on. For a flush, "what is left" is every event given to the sink since its 
 flush: the fan-out keeps them (:class:`UnflushedEvents`), dead-letters
 them with the sink name and the last error, then calls the sink's ``discard_unflushed()`` and lets
 the checkpoint move. A shutdown request ends the retries with :class:`DeliveryAborted`, so the
-checkpoint does not move past undelivered events.
+checkpoint does not move past undelivered events. Lease loss ends them with
+:class:`~pipeline.errors.LeaseLostError` (``owns``, the shard reader's ownership check, is asked
+before every attempt and during every backoff): a worker that no longer owns the shard writes
+nothing more of it — ``block`` included — and cannot checkpoint (the write is conditional).
 
 The checkpoint therefore never passes an event that is neither durable in every sink nor in the
 dead-letter destination (or still to be re-read: a failed shard does not checkpoint).
@@ -57,6 +60,7 @@ from pipeline.deadletter import DeadLetterQueue, decode_entry, delivery_entry, u
 from pipeline.errors import (
     DecodeError,
     FatalSinkError,
+    LeaseLostError,
     PartialSinkError,
     PermanentSinkError,
     RetriableSinkError,
@@ -64,6 +68,11 @@ from pipeline.errors import (
 )
 from pipeline.events import Batch, ChangeEvent, sequence_key
 from pipeline.errors import DeliveryAborted, SinkFenced  # noqa: F401 (defined in the one error tree)
+
+#: an ownership check: True while this worker holds the lease of the shard being delivered
+Owns = Callable[[], bool]
+#: retries of a write or a flush re-ask their ownership check at least this often (s)
+OWNERSHIP_POLL_S = 0.5
 
 
 
@@ -354,25 +363,37 @@ class FanOut:
         self.stop_event = stop_event
         self.log = logger
 
-    def deliver(self, batch: Batch) -> None:
-        """Give ``batch`` to every sink (each in turn). Raises FatalSinkError or DeliveryAborted."""
+    def deliver(self, batch: Batch, *, owns: Owns | None = None) -> None:
+        """Give ``batch`` to every sink (each in turn). Raises FatalSinkError, DeliveryAborted, or
+        LeaseLostError once ``owns()`` is False (see :meth:`deliver_to`)."""
         if not batch.events:
             return
         for runner in self.runners:
-            self._deliver_to(runner, batch)
+            self._deliver_to(runner, batch, owns)
 
-    def deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+    def deliver_to(self, runner: SinkRunner, batch: Batch, *, owns: Owns | None = None) -> None:
         """Give ``batch`` to one sink (``runner``, one of :attr:`runners`; a lane's thread calls
-        this, :mod:`pipeline.runtime.lanes`) under the same rules as :meth:`deliver`. Raises
-        FatalSinkError or DeliveryAborted; either carries ``undelivered``, the tuple of the batch's
-        events the sink had not taken when it stopped (in batch order; every earlier event is in
-        the sink or in the dead-letter destination)."""
-        if batch.events:
-            self._deliver_to(runner, batch)
+        this, :mod:`pipeline.runtime.lanes`) under the same rules as :meth:`deliver`.
 
-    def flush_one(self, runner: SinkRunner) -> None:
-        """Flush one sink (as :meth:`flush` does for each). Raises FatalSinkError or DeliveryAborted."""
-        self._flush_runner(runner)
+        ``owns``: the shard reader's ownership check (True while this worker holds the shard's
+        lease in the reader's period of ownership; None: no lease, e.g. Lambda). It is asked before
+        every attempt and during every backoff (at least every :data:`OWNERSHIP_POLL_S` s): once
+        False, the retries end with :class:`~pipeline.errors.LeaseLostError` and nothing more of the
+        batch is written — another worker reads the shard from its checkpoint, and a write retried
+        here later could land after its newer changes. Without this an ``on_failure: block`` sink
+        was retried for ever by a worker that no longer owned the shard.
+
+        Raises FatalSinkError, DeliveryAborted or LeaseLostError; each carries ``undelivered``, the
+        tuple of the batch's events the sink had not taken when it stopped (in batch order; every
+        earlier event is in the sink or in the dead-letter destination)."""
+        if batch.events:
+            self._deliver_to(runner, batch, owns)
+
+    def flush_one(self, runner: SinkRunner, *, owns: Owns | None = None) -> None:
+        """Flush one sink (as :meth:`flush` does for each). ``owns``: as for :meth:`deliver_to` —
+        for a flush, whether any shard whose events it makes durable is still owned. Raises
+        FatalSinkError, DeliveryAborted or LeaseLostError."""
+        self._flush_runner(runner, owns)
         runner.stats.flushes += 1
 
     def reset_one(self, runner: SinkRunner, table: str, shard_id: str) -> None:
@@ -405,16 +426,17 @@ class FanOut:
         for runner in self.runners:
             self.reset_one(runner, table, shard_id)
 
-    def flush(self) -> None:
+    def flush(self, *, owns: Owns | None = None) -> None:
         """Flush every sink; returns when every event given to a sink so far is durable in it or
         in the dead-letter destination (see the module doc for the rules).
 
-        Raises FatalSinkError or DeliveryAborted (the checkpoint must not move).
+        Raises FatalSinkError, DeliveryAborted or LeaseLostError (``owns``: see
+        :meth:`deliver_to`); the checkpoint must not move then.
         """
         for runner in self.runners:
-            self.flush_one(runner)
+            self.flush_one(runner, owns=owns)
 
-    def _flush_runner(self, runner: SinkRunner) -> None:
+    def _flush_runner(self, runner: SinkRunner, owns: Owns | None = None) -> None:
         state: dict[str, Any] = {"first_failure": None, "attempts": 0, "last_error": ""}
 
         def attempt() -> None:
@@ -429,7 +451,7 @@ class FanOut:
                 if exc.retriable:
                     resend = resend_after_partial(given, [ev for ev, _ in exc.retriable],
                                                   [ev for ev, _ in exc.permanent])
-                    self._rewrite(runner, resend)
+                    self._rewrite(runner, resend, owns)
                     raise _Remaining(f"{len(exc.retriable)} failed events and the later ones of their shards "
                                      f"({len(resend)}) written again, flushing again: {exc}") from exc
             except (FatalSinkError, DeliveryAborted):
@@ -447,7 +469,7 @@ class FanOut:
                 raise RetriableSinkError(f"flush: unexpected {type(exc).__name__}: {exc}") from exc
 
         try:
-            self._retry(runner, None, attempt, what="flush")
+            self._retry(runner, None, attempt, what="flush", owns=owns)
         except _BudgetSpent:
             self._abandon_unflushed(runner, f"flush failed for {runner.policy.retry_budget_s:g} s "
                                             f"({state['attempts']} attempts): {state['last_error']}", state)
@@ -470,7 +492,7 @@ class FanOut:
             raise
         log.forget_through(marker)
 
-    def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent]) -> None:
+    def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent], owns: Owns | None = None) -> None:
         """Write ``events`` (what a partial flush left to write again, :func:`resend_after_partial`;
         any shards) again: one batch per shard, in sequence order, through the write rules
         (retries, dead-lettering)."""
@@ -482,7 +504,7 @@ class FanOut:
             ordered = sorted(by_pos.values(), key=lambda e: sequence_key(e.sequence_number))
             self._deliver_batch(runner, Batch(table=table, stream_arn=stream_arn, shard_id=shard_id,
                                               events=tuple(ordered),
-                                              checkpoint_sequence_number=ordered[-1].sequence_number))
+                                              checkpoint_sequence_number=ordered[-1].sequence_number), owns)
 
     def _abandon_unflushed(self, runner: SinkRunner, error: str, state: dict) -> None:
         """A ``dead_letter`` sink's flush cannot succeed: dead-letter every event it accepted since
@@ -512,20 +534,20 @@ class FanOut:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+    def _deliver_to(self, runner: SinkRunner, batch: Batch, owns: Owns | None) -> None:
         key = (batch.table, batch.shard_id)
         created = next((ev.source.approximate_creation_time for ev in batch.events
                         if ev.source.approximate_creation_time is not None), None)
         runner.pending_since[key] = created.timestamp() if created is not None else time.time()
         started = time.monotonic()
         try:
-            self._deliver_batch(runner, batch)
+            self._deliver_batch(runner, batch, owns)
         finally:
             runner.pending_since.pop(key, None)
             metrics.SINK_BATCHES.labels(sink=runner.name).inc()
             metrics.SINK_DELIVERY_SECONDS.labels(sink=runner.name).observe(time.monotonic() - started)
 
-    def _deliver_batch(self, runner: SinkRunner, batch: Batch) -> None:
+    def _deliver_batch(self, runner: SinkRunner, batch: Batch, owns: Owns | None = None) -> None:
         pending: list[ChangeEvent] = list(batch.events)
         state = {"first_failure": None, "attempts": 0, "last_error": ""}
 
@@ -588,8 +610,8 @@ class FanOut:
             pending = []
 
         try:
-            self._retry(runner, batch, attempt, what="write")
-        except (DeliveryAborted, FatalSinkError) as exc:
+            self._retry(runner, batch, attempt, what="write", owns=owns)
+        except (DeliveryAborted, FatalSinkError, LeaseLostError) as exc:
             # which events this sink has not taken: the Lambda handler reports them (and every
             # later record) as batchItemFailures (connectors.aws_lambda.delivery)
             if getattr(exc, "undelivered", None) is None:
@@ -614,8 +636,25 @@ class FanOut:
             raise
         log.record(sub.events)
 
-    def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str) -> None:
+    def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str,
+               owns: Owns | None = None) -> None:
+        """Run ``fn`` (one attempt of a write or a flush) under ``runner``'s policy. With ``owns``,
+        each attempt first asks it and the backoff waits re-ask it: once False, LeaseLostError
+        (no further attempt)."""
         policy = runner.policy
+        state = {"attempts": 0}
+
+        def guarded() -> None:
+            if owns is not None and not owns():
+                self.log.warning("sink_retry_lease_lost", sink=runner.name, operation=what,
+                                 shard_id=batch.shard_id if batch else None, attempts=state["attempts"],
+                                 hint="another worker owns the shard now and reads it from its checkpoint; "
+                                      "nothing more of it is written here")
+                raise LeaseLostError(f"sink {runner.name!r}: {what} stopped: the shard's lease was lost "
+                                     f"(after {state['attempts']} attempt(s)); nothing more of it is written here")
+            state["attempts"] += 1
+            fn()
+
         started = time.monotonic()
         stop = stop_when_event_set(self.stop_event)
         if policy.on_failure == "dead_letter":
@@ -645,12 +684,12 @@ class FanOut:
             stop=stop,
             wait=wait_exponential_jitter(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s,
                                          jitter=policy.initial_backoff_s),
-            sleep=self._sleep,
+            sleep=self._sleep if owns is None else (lambda seconds: self._sleep_while_owned(seconds, owns)),
             before_sleep=before_sleep,
             reraise=False,
         )
         try:
-            retrying(fn)
+            retrying(guarded)
             if batch is not None:
                 metrics.SINK_STALLED.labels(sink=runner.name, shard=batch.shard_id).set(0)
         except RetryError as exc:
@@ -660,6 +699,15 @@ class FanOut:
 
     def _sleep(self, seconds: float) -> None:
         self.stop_event.wait(seconds)
+
+    def _sleep_while_owned(self, seconds: float, owns: Owns) -> None:
+        """A backoff that ends early on shutdown or once ``owns()`` is False (asked every
+        :data:`OWNERSHIP_POLL_S` s)."""
+        deadline = time.monotonic() + seconds
+        while owns():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.stop_event.wait(min(remaining, OWNERSHIP_POLL_S)):
+                return
 
     def _note_failure(self, state: dict, exc: BaseException) -> None:
         now = utc_now()

@@ -276,7 +276,7 @@ class ShardConsumer(threading.Thread):
             self.outcome, self.error = ShardOutcome.FAILED, exc
             self.log.error("shard_failed", error=str(exc))
         except TransientError as exc:  # retried until the stop or lease loss that ended the retries
-            if self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token):
+            if self.stop_event.is_set() or not self._owns():
                 self.outcome, self.error = (ShardOutcome.STOPPED if self.stop_event.is_set() else ShardOutcome.LEASE_LOST), exc
                 self.log.warning("shard_stopped_while_retrying", error=str(exc), checkpoint=self._checkpointed)
             else:
@@ -303,7 +303,8 @@ class ShardConsumer(threading.Thread):
         # a new ownership period reads again from the checkpoint: sinks drop what they buffered
         # for this shard and did not flush (pipeline/sink.py, reset_shard)
         if self.lanes is not None:
-            self._lanes = self.lanes.attach(self.source.table, self.shard_id)  # resets in each sink's thread
+            # resets in each sink's thread; retries there end once the lease is lost
+            self._lanes = self.lanes.attach(self.source.table, self.shard_id, owns=self._owns)
         else:
             self.fanout.reset_shard(self.source.table, self.shard_id)
         try:
@@ -320,7 +321,7 @@ class ShardConsumer(threading.Thread):
             if self.stop_event.is_set():
                 self._flush_and_checkpoint()
                 return ShardOutcome.STOPPED
-            if not self.coordinator.owns(self.lease_key, self.token):
+            if not self._owns():
                 raise LeaseLostError(f"lease {self.lease_key} was lost")
             move = self.coordinator.pending_move(self.lease_key)
             if move is not None:  # a batch boundary: apply a requested checkpoint move
@@ -338,7 +339,7 @@ class ShardConsumer(threading.Thread):
                 except ShardNotFoundError as exc:
                     raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream: {exc}") from exc
                 except TransientSourceError:  # throttling included
-                    if self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token):
+                    if self.stop_event.is_set() or not self._owns():
                         continue  # stopped / lease lost while backing off: the loop's top acts on it
                     raise
             except TrimmedDataError as exc:
@@ -504,7 +505,7 @@ class ShardConsumer(threading.Thread):
         share = budget.reserve(limit, stop=self.stop_event)
         if share is None:
             return None
-        if budget.bounded and not self.coordinator.owns(self.lease_key, self.token):
+        if budget.bounded and not self._owns():
             share.release()  # the wait may have been long: do not read a shard another worker now owns
             raise LeaseLostError(f"lease {self.lease_key} was lost")
         return share
@@ -524,7 +525,7 @@ class ShardConsumer(threading.Thread):
                                   "second consumer (Lambda, KCL) on this stream counts as one")
 
         def stop(state: RetryCallState) -> bool:
-            return self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token)
+            return self.stop_event.is_set() or not self._owns()
 
         for attempt in Retrying(retry=retry_if_exception_type(TransientSourceError),  # throttling included
                                 wait=wait_exponential_jitter(multiplier=0.25, max=10.0, jitter=0.25),
@@ -663,25 +664,30 @@ class ShardConsumer(threading.Thread):
         if high is not None and (self._version_high is None or high > self._version_high):
             self._version_high = high
 
+    def _owns(self) -> bool:
+        """True while this worker holds the shard's lease in this reader's period of ownership
+        (the check every wait and every sink retry of this reader asks)."""
+        return self.coordinator.owns(self.lease_key, self.token)
+
     def _deliver(self, batch: Batch, position: str | None) -> None:
         """Give ``batch`` to every sink: into their lanes (waiting while one is full; the page's
         read-budget share goes with it and is given back once every sink wrote the page), or
         through the fan-out without lanes."""
         if self._lanes is None:
-            self.fanout.deliver(batch)
+            self.fanout.deliver(batch, owns=self._owns)
             return
 
         self._lanes.put(batch, position, share=self._share, tick=self._lane_checkpoint_tick,
-                        abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+                        abandon=lambda: not self._owns())
         self._share = None  # the lanes give it back once every sink has written the page
 
     def _flush_all(self) -> None:
         """Every sink has flushed everything given to it: drain the lanes (or flush the fan-out).
         Raises what stopped a lane / the flush, or LeaseLostError."""
         if self._lanes is None:
-            self.fanout.flush()
+            self.fanout.flush(owns=self._owns)
         else:
-            self._lanes.drain(abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+            self._lanes.drain(abandon=lambda: not self._owns())
 
     def _lane_checkpoint_tick(self) -> None:
         """The periodic checkpoint with lanes (called every loop pass, and every 0.5 s while the
