@@ -128,7 +128,7 @@ def test_retriable_failure_from_flush_is_written_again_and_ends_up_in_the_sink(t
     assert written.count(victim) == 2  # written again after the flush ...
     again = written.index(victim, written.index(victim) + 1)
     assert written[again:] == sorted(written[again:])  # ... with the later events of the flush, in order
-    assert sorted(set(e.sequence_number for e in sink.flushed)) == [seq(1, i) for i in range(6)]
+    assert sorted({e.sequence_number for e in sink.flushed}) == [seq(1, i) for i in range(6)]
 
 
 def test_flush_partial_retriable_events_of_two_shards_are_rewritten_per_shard_in_order(tmp_path):
