@@ -653,9 +653,10 @@ class ShardConsumer(threading.Thread):
         record with the floor kept in its entry (:func:`pipeline.deadletter.decode_entry`,
         :mod:`pipeline.ops.redrive`), so its high part is
         :func:`~pipeline.codec.record_version_high` of its ApproximateCreationDateTime: counted
-        here from the same time. A record whose time is absent gets the floor (no higher); one
-        whose time cannot be parsed is never redriven — the redrive's decode rejects that time
-        again and keeps the entry ("still undecodable") — so counting the floor for it is enough.
+        here from the same time. A record whose time is absent gets ``max(1, floor)``, counted the
+        same way; one whose time cannot be parsed is never redriven — the redrive's decode
+        (:func:`pipeline.codec.parse_creation_time`) rejects that time again and keeps the entry
+        ("still undecodable") — so counting ``max(1, floor)`` for it is enough.
         """
         high = dead_high
         if events:
