@@ -335,6 +335,15 @@ def version_high(version: int) -> int:
     return version >> 32
 
 
+def record_version_high(approximate_creation_time: datetime | None, *, floor: int = 0) -> int:
+    """The high part :func:`record_version` gives a record created at ``approximate_creation_time``
+    (None: absent) in a shard whose version floor is ``floor``: ``max(version_time_part, floor)``.
+    Also what a dead-lettered record's version will have when ``dlq redrive`` decodes it with
+    the floor kept in its entry, so the shard counts it in its highest high part too."""
+    high = version_time_part(approximate_creation_time)
+    return min(floor, _TIME_MASK) if floor > high else high
+
+
 def record_version(approximate_creation_time: datetime | None, sequence_number: str, *,
                    floor: int = 0) -> int:
     """A 63-bit version that increases for successive changes of one item, across shard splits.
@@ -375,9 +384,7 @@ def record_version(approximate_creation_time: datetime | None, sequence_number: 
     """
     if not valid_sequence_number(sequence_number):
         raise DecodeError(f"SequenceNumber {_preview(sequence_number)} is not a decimal string of 1-40 digits")
-    high = version_time_part(approximate_creation_time)
-    if floor > high:
-        high = min(floor, _TIME_MASK)
+    high = record_version_high(approximate_creation_time, floor=floor)
     return (high << 32) | (int(sequence_number[-SEQUENCE_COUNTER_DIGITS:]) & _LOW_MASK)
 
 

@@ -24,9 +24,11 @@ call               rule
 
 Errors (from ``write`` and ``flush``; :mod:`pipeline.errors`): ``RetriableSinkError`` and any
 unexpected exception are retried with jittered backoff (``on_failure: block`` until it passes,
-holding the checkpoint; ``dead_letter`` for ``retry_budget_s``, then the events are
+holding the checkpoint — or until this worker loses the shard's lease: then the retries end and
+nothing more of that shard is written here; ``dead_letter`` for ``retry_budget_s``, then the events are
 dead-lettered); ``PartialSinkError`` names the events that failed (``retriable`` ones are
-retried, ``permanent`` ones dead-lettered, the rest counted delivered); ``PermanentSinkError``
+written again *with every later event of the batch* — see "Order on retries" —, ``permanent``
+ones dead-lettered, the events before the first retriable one counted delivered); ``PermanentSinkError``
 dead-letters the batch (from ``flush``: see below); ``FatalSinkError`` stops the shard and the
 worker exits 1. Delivery is at-least-once: the same event twice must give the same end state.
 
@@ -46,6 +48,16 @@ between them, in one unit of output. Called between batches of that shard, never
 
 Returning from ``flush`` means everything written before the call is durable. Delivery is
 at-least-once, so a sink must be idempotent: the same event twice gives the same end state.
+
+Order on retries (the one rule, :func:`pipeline.runtime.fanout.resend_after_partial`): a retry
+never sends a shard's earlier event after its later ones without sending those again. After a
+``PartialSinkError`` the fan-out writes again, per shard, the first retriable event *and every
+later event of that shard* the sink was given — the rest of the batch (from ``write``), or every
+later event of the shard written since the last successful flush (from ``flush``) — in sequence
+order, before anything later of the shard is written; permanent ones are dead-lettered and left
+out. So the last write of each event comes after the last write of every earlier event of its
+shard, and a sink that applies writes in the order it gets them (a cache, a plain index) ends
+at each item's last change. The price: later events the sink had already taken arrive again.
 Errors are typed (:mod:`pipeline.errors`): ``RetriableSinkError`` (retry with backoff),
 ``PartialSinkError`` (these events failed), ``PermanentSinkError`` (dead-letter),
 ``FatalSinkError`` (stop the shard).
@@ -57,8 +69,10 @@ Errors from ``flush`` (the rule :class:`pipeline.runtime.fanout.FanOut` implemen
 - ``PartialSinkError``: every event written before the call is durable *except* the named ones,
   which the sink no longer holds (it reported and dropped them). ``permanent`` events are
   dead-lettered (full event, error, position) at once; ``retriable`` events are written again
-  (``write`` with the normal write retries, grouped per shard in sequence order) and ``flush`` is
-  called again, with backoff. A sink that did keep a named event gets it twice (idempotent).
+  together with every later event of their shard written since the last successful flush
+  ("Order on retries"; ``write`` with the normal write retries, one batch per shard in sequence
+  order) and ``flush`` is called again, with backoff. A sink that did keep a named event, or the
+  later ones, gets them twice (idempotent).
 - ``PermanentSinkError``: the buffered events can never be made durable. ``on_failure:
   dead_letter`` dead-letters the events written since the last successful flush and calls
   ``discard_unflushed``; ``block`` stops the shard (``FatalSinkError``): nothing can unblock it.
@@ -69,7 +83,8 @@ When the retries of a flush run out — only with ``on_failure: dead_letter``, a
 sink's last successful flush (it keeps those per sink, see :class:`pipeline.runtime.fanout.FanOut`), with
 the sink name and the last error, then calls the sink's ``discard_unflushed()`` so the buffer is
 not tried again, and the checkpoint moves. ``on_failure: block`` retries a flush until it
-succeeds (or the worker shuts down), holding the checkpoint.
+succeeds (or the worker shuts down, or loses the lease of every shard whose events it flushes),
+holding the checkpoint.
 
 ``discard_unflushed()`` (optional; the base class's is a no-op, right for a sink whose ``write``
 is already durable): drop everything buffered and not yet durable, for every shard; the events

@@ -22,7 +22,7 @@ from pipeline.errors import (
 from pipeline.events import Batch
 from pipeline.runtime.fanout import DeliveryAborted, FailurePolicy, FanOut, SinkRunner
 from pipeline.sink import Sink
-from pipeline.testing import RecordingSink, make_batch, make_stream_record
+from pipeline.testing import RecordingSink, make_batch, make_stream_record, sample_batch
 
 SHARD = "shardId-00000001700000000000-aaaaaaaa"
 
@@ -109,7 +109,7 @@ def test_retriable_error_twice_then_success_delivers_once(dlq, stop):
     assert list(dlq.list()) == []
 
 
-def test_partial_error_dead_letters_permanent_and_resends_only_retriable(dlq, stop):
+def test_partial_error_dead_letters_permanent_and_resends_retriable_with_the_later_events(dlq, stop):
     batch = batch_of(5)
     perm_ev, retry_ev = batch.events[1], batch.events[3]
 
@@ -124,11 +124,11 @@ def test_partial_error_dead_letters_permanent_and_resends_only_retriable(dlq, st
     runner = SinkRunner(sink, fast())
     make_fanout([runner], dlq, stop).deliver(batch)
 
-    # first call got everything; the retry got the retriable event alone
-    assert sink.calls == [tuple(seqs(batch.events)), (retry_ev.sequence_number,)]
-    assert sink.delivered == [retry_ev]
+    # first call got everything; the retry got the retriable event and every later one, in order
+    assert sink.calls == [tuple(seqs(batch.events)), tuple(seqs(batch.events[3:]))]
+    assert sink.delivered == list(batch.events[3:])
     assert runner.stats.dead_lettered == 1
-    assert runner.stats.delivered == 4  # 3 on the first call + the retried one
+    assert runner.stats.delivered == 4  # 2 before the retriable one on the first call + the 2 re-sent
     entries = list(dlq.list())
     assert len(entries) == 1
     entry = entries[0]
@@ -150,6 +150,36 @@ def test_partial_error_dead_letters_permanent_and_resends_only_retriable(dlq, st
     # and its JSON form carries the position too
     assert entry.to_dict()["position"] == {"stream_arn": perm_ev.source.stream_arn, "shard_id": SHARD,
                                            "sequence_number": perm_ev.sequence_number}
+
+
+def end_state(events) -> dict:
+    """Per item, its state after ``events`` were applied in the order given (last writer wins, as
+    a sink without versions does): the after image, or None once removed."""
+    state: dict = {}
+    for ev in events:
+        state[ev.key_id] = None if ev.operation.value == "REMOVE" else dict(ev.after)
+    return state
+
+
+def test_partial_retry_resends_every_later_event_of_the_batch_so_an_item_ends_at_its_last_change(dlq, stop):
+    """Per-shard order (pipeline/sink.py): the sink refuses the INSERT of an item (retriable) and
+    applies its MODIFY and REMOVE. Retrying the INSERT alone would re-create the removed item (a
+    ghost); the retry re-sends it with every later event of the batch, in sequence order."""
+    batch = sample_batch()  # INSERT, MODIFY, REMOVE of one item
+    insert = batch.events[0]
+
+    def script(sink, b, call_no):
+        if call_no == 1:
+            sink.delivered.extend(ev for ev in b.events if ev is not insert)
+            raise PartialSinkError("1 of 3 failed", retriable=[(insert, "429 too many requests")])
+        sink.delivered.extend(b.events)
+
+    sink = ScriptedSink("cache", script)
+    runner = SinkRunner(sink, fast())
+    make_fanout([runner], dlq, stop).deliver(batch)
+    assert sink.calls == [tuple(seqs(batch.events))] * 2  # the retry: the INSERT and everything after it
+    assert end_state(sink.delivered) == {insert.key_id: None}, "the removed item came back"
+    assert runner.stats.delivered == 3 and list(dlq.list()) == []
 
 
 def test_permanent_error_dead_letters_every_event_with_deterministic_ids(dlq, stop):
@@ -264,6 +294,46 @@ def test_stop_event_during_retries_aborts_delivery(dlq, stop):
     assert len(sink.calls) == 3
     assert after.written == []
     assert list(dlq.list()) == []  # aborted events are not dead-lettered: they are read again
+
+
+def test_lease_loss_ends_blocked_write_and_flush_retries_without_another_sink_call(dlq, stop):
+    """``owns`` (the shard reader's ownership check) turns False during ``block`` retries: the
+    retries end with LeaseLostError — no further write or flush — and later sinks get nothing."""
+    from pipeline.errors import LeaseLostError
+
+    owned = threading.Event()
+    owned.set()
+
+    def script(sink, b, call_no):
+        if call_no == 3:
+            owned.clear()  # another worker took the lease meanwhile
+        raise RetriableSinkError("down")
+
+    sink, after = ScriptedSink("down", script), RecordingSink("after")
+    fanout = make_fanout([SinkRunner(sink, fast("block")), SinkRunner(after, fast())], dlq, stop)
+    batch = batch_of(2)
+    with pytest.raises(LeaseLostError) as lost:
+        fanout.deliver(batch, owns=owned.is_set)
+    assert len(sink.calls) == 3 and after.written == []
+    assert lost.value.undelivered == batch.events
+    assert list(dlq.list()) == []  # read again by the new owner, not dead-lettered
+
+    class DownFlush(RecordingSink):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+            if self.flushes == 2:
+                owned.clear()
+            raise RetriableSinkError("down")
+
+    owned.set()
+    flushing = DownFlush("flushing")
+    fanout = make_fanout([SinkRunner(flushing, fast("block"))], dlq, stop)
+    fanout.deliver(batch, owns=owned.is_set)
+    with pytest.raises(LeaseLostError):
+        fanout.flush(owns=owned.is_set)
+    assert flushing.flushes == 2
 
 
 def test_stop_event_from_another_thread_aborts_a_blocked_delivery(dlq, stop):
@@ -544,10 +614,16 @@ def test_permanent_error_from_flush_dead_letters_unflushed_events_under_dead_let
     assert blocked.discards == 0
 
 
-def test_block_policy_keeps_no_record_of_unflushed_events(dlq, stop):
-    runner = SinkRunner(RecordingSink(), fast("block"))
-    make_fanout([runner], dlq, stop).deliver(batch_of(5))
-    assert len(runner.unflushed) == 0  # nothing kept: block never dead-letters a flush
+@pytest.mark.parametrize("policy", ["block", "dead_letter"])
+def test_the_record_of_unflushed_events_ends_with_each_successful_flush(dlq, stop, policy):
+    """Every policy keeps the events given since the last successful flush (a partial flush
+    re-sends the later ones of a shard from it); a successful flush forgets them."""
+    runner = SinkRunner(RecordingSink(), fast(policy))
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch_of(5))
+    assert len(runner.unflushed) == 5
+    fanout.flush()
+    assert len(runner.unflushed) == 0
 
 
 def test_events_dead_lettered_by_write_are_not_dead_lettered_again_by_a_failed_flush(dlq, stop):

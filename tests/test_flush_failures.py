@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -32,7 +33,7 @@ from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.errors import PartialSinkError, RetriableSinkError
 from pipeline.events import SHARD_END
 from pipeline.runtime.fanout import FailurePolicy, FanOut, SinkRunner
-from pipeline.testing import RecordingSink, make_batch, make_stream_record
+from pipeline.testing import RecordingSink, make_batch, make_stream_record, sample_batch
 from pipeline.runtime.worker import Worker
 from tests import stacks
 from tests.helpers import run_to_exit
@@ -123,13 +124,17 @@ def test_retriable_failure_from_flush_is_written_again_and_ends_up_in_the_sink(t
     assert sink.reported == 1
     assert checkpoint(tmp_path) == SHARD_END
     assert list(DirectoryDeadLetterQueue(tmp_path / "dlq").list()) == []
-    assert [e.sequence_number for e in sink.written].count(victim) == 2  # written again after the flush
-    assert sorted(e.sequence_number for e in sink.flushed) == [seq(1, i) for i in range(6)]
+    written = [e.sequence_number for e in sink.written]
+    assert written.count(victim) == 2  # written again after the flush ...
+    again = written.index(victim, written.index(victim) + 1)
+    assert written[again:] == sorted(written[again:])  # ... with the later events of the flush, in order
+    assert sorted({e.sequence_number for e in sink.flushed}) == [seq(1, i) for i in range(6)]
 
 
 def test_flush_partial_retriable_events_of_two_shards_are_rewritten_per_shard_in_order(tmp_path):
-    """FanOut alone: one flush reports events of two shards; each shard's are written again as one
-    batch in sequence order, then flushed."""
+    """FanOut alone: one flush reports events of two shards; each shard's are written again — from
+    its first failed event on, with every later event of the shard — as one batch in sequence
+    order, then flushed."""
     a = make_batch(records(3), shard_id="shardId-a")
     b = make_batch(records(2), shard_id="shardId-b")
 
@@ -157,9 +162,42 @@ def test_flush_partial_retriable_events_of_two_shards_are_rewritten_per_shard_in
     fanout.deliver(a)
     fanout.deliver(b)
     fanout.flush()
-    assert sink.batches[2:] == [("shardId-a", [seq(1, 0), seq(1, 2)]), ("shardId-b", [seq(1, 1)])]
+    assert sink.batches[2:] == [("shardId-a", [seq(1, 0), seq(1, 1), seq(1, 2)]), ("shardId-b", [seq(1, 1)])]
     assert sorted((e.source.shard_id, e.sequence_number) for e in sink.flushed) == [
-        ("shardId-a", seq(1, 0)), ("shardId-a", seq(1, 2)), ("shardId-b", seq(1, 1))]
+        ("shardId-a", seq(1, 0)), ("shardId-a", seq(1, 1)), ("shardId-a", seq(1, 2)), ("shardId-b", seq(1, 1))]
+
+
+def test_flush_partial_retriable_event_is_rewritten_with_every_later_event_of_its_shard(tmp_path):
+    """Per-shard order (pipeline/sink.py): a flush drops the INSERT of an item (retriable) and makes
+    the item's later MODIFY and REMOVE — written in a later batch of the same shard — durable.
+    Writing the INSERT again alone would leave a ghost of the removed item; the fan-out writes it
+    again with every later event of its shard the sink was given since its last successful flush."""
+    from tests.test_fanout import end_state
+
+    events = sample_batch().events  # INSERT, MODIFY, REMOVE of one item
+    insert = events[0]
+    first, second = (replace(sample_batch(), events=part) for part in (events[:1], events[1:]))
+
+    class DropsTheInsertOnce(RecordingSink):
+        failed_once = False
+
+        def flush(self):
+            if not self.failed_once:
+                self.failed_once = True
+                with self._lock:
+                    self.flushed.extend(ev for ev in self._pending if ev is not insert)
+                    self._pending.clear()
+                raise PartialSinkError("1 failed", retriable=[(insert, "429")])
+            super().flush()
+
+    sink = DropsTheInsertOnce("cache")
+    fanout = FanOut([SinkRunner(sink, fast())], DirectoryDeadLetterQueue(tmp_path / "dlq"),
+                    stop_event=threading.Event(), logger=structlog.get_logger("t"))
+    fanout.deliver(first)
+    fanout.deliver(second)
+    fanout.flush()
+    assert [e.sequence_number for e in sink.written[3:]] == [e.sequence_number for e in events]
+    assert end_state(sink.flushed) == {insert.key_id: None}, "the removed item came back"
 
 
 # -- on_failure: dead_letter unblocks a buffering sink (S3 audit sink, moto, S3 unreachable) ----

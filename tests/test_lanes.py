@@ -9,6 +9,7 @@ Real Worker, DynamoDBStreamSource and SQLite lease store over the streams API do
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from connectors.dynamodb_streams.source import DynamoDBStreamSource
 from connectors.sqlite_store import SQLiteLeaseStore
 from pipeline.awsconfig import AwsConfig
 from pipeline.deadletter import DirectoryDeadLetterQueue
-from pipeline.errors import FatalSinkError, RetriableSinkError
+from pipeline.errors import FatalSinkError, LeaseLostError, RetriableSinkError
 from pipeline.events import Batch
 from pipeline.runtime.fanout import FailurePolicy
 from pipeline.runtime.lanes import LaneSettings
@@ -214,6 +215,74 @@ def test_block_policy_retries_hold_only_that_lane(tmp_path):
         failing.fail_next.clear()
     assert running.join(20) == 0
     assert failing.flushed_seqs() == all_seqs and checkpoint(tmp_path) == "SHARD_END"
+
+
+class DownSink(RecordingSink):
+    """Every write fails (retriable) while ``down`` is set; ``attempts`` counts writes per shard."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.down = threading.Event()
+        self.down.set()
+        self.attempts: dict[str, int] = {}
+
+    def write(self, batch: Batch) -> None:
+        with self._lock:
+            self.attempts[batch.shard_id] = self.attempts.get(batch.shard_id, 0) + 1
+        if self.down.is_set():
+            raise RetriableSinkError("down")
+        super().write(batch)
+
+
+def test_a_blocked_retry_ends_when_the_lease_is_lost_and_writes_nothing_more(tmp_path):
+    """``on_failure: block`` retries a failing sink for ever — but only while the shard is ours.
+    Another worker takes the lease (through the lease store) while the sink is down: the old
+    owner's retry loop ends (its reader ends ``lease_lost``), the sink thread goes on with the other
+    shard, and once the sink is back nothing of the lost shard is written here (it would be stale:
+    the new owner reads it from the checkpoint). Nothing of it is checkpointed by the old owner."""
+    from pipeline.checkpoint import lease_key_for
+
+    lost, kept = SHARD, "shardId-00000001700000000000-0000kept"
+    fake = FakeStreams()
+    fake.add_shard(lost, recs(1, 4), closed=True)
+    fake.add_shard(kept, [], closed=False)
+    sink = DownSink("blocked")
+    outcomes: list[tuple[str, str]] = []
+    worker = lane_worker(fake, tmp_path, [sink],
+                         policies={"blocked": FailurePolicy("block", initial_backoff_s=0.01, max_backoff_s=0.02)})
+    worker.on_consumer_done = lambda c: outcomes.append((c.shard_id, c.outcome))
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    key = lease_key_for("orders", STREAM_ARN, lost)
+    stop_renewing = threading.Event()
+
+    def other_worker() -> None:  # takes the lease and keeps it alive, as a live worker would
+        while not stop_renewing.is_set():
+            lease = store.get_lease(key)
+            with contextlib.suppress(LeaseLostError):  # a race with the old owner's renewal: try again
+                if lease.owner != "w-other":
+                    store.take_lease(lease, "w-other")
+                else:
+                    store.renew_lease(lease)
+            stop_renewing.wait(0.05)
+
+    running = Running(worker)
+    thief = threading.Thread(target=other_worker, daemon=True)
+    try:
+        wait_until(lambda: sink.attempts.get(lost, 0) >= 3, "the sink is retried for the shard", timeout=20)
+        thief.start()
+        wait_until(lambda: (lost, "lease_lost") in outcomes, "the old owner's reader ended lease_lost", timeout=20)
+        sink.down.clear()  # the sink is back
+        fake.append(kept, recs(2, 2))
+        wait_until(lambda: len([e for e in sink.written if e.source.shard_id == kept]) == 2,
+                   "the sink thread went on with the shard still owned", timeout=20)
+    finally:
+        running.worker.stop()
+        running.join(20)
+        stop_renewing.set()
+        thief.join(5)
+    stale = [e.sequence_number for e in sink.written if e.source.shard_id == lost]
+    assert stale == [], f"the old owner wrote {stale} after it had lost the shard's lease"
+    assert store.get_lease(key).checkpoint == "TRIM_HORIZON"
 
 
 def test_a_fatal_sink_error_stops_the_shard_without_checkpointing_past_it(tmp_path):

@@ -336,3 +336,46 @@ def test_a_young_child_whose_first_record_is_after_its_starting_number_is_no_gap
         thread.join(15)
     assert store.list_gaps() == [] and worker.failed == []
     assert child_seqs[0] not in {e.sequence_number for e in sink.written}
+
+
+def test_a_parents_dead_lettered_last_record_redriven_later_stays_below_the_childs_changes(tmp_path, monkeypatch):
+    """The parent's last record fails to decode at read time (a decoder bug an upgrade fixes) and
+    is dead-lettered; the item's next change is in the child, in the same second, with a lower
+    record counter. The parent's highest high part (versionHigh, the child's floor) must count the
+    dead-lettered record, so that redriving it later cannot give the OLD change a version above the
+    child's newer change (OpenSearch would then keep, or re-create, the old state)."""
+    from pipeline.errors import DecodeError
+    from pipeline.ops.redrive import redrive
+    from pipeline.runtime import shard_consumer
+
+    fake = FakeStreams(seed=13)
+    parent = fake.open_shard(prefix=8204, counter=1_192_334)  # the API reference's chain
+    fake.put(parent, change("INSERT", "x", 1, T0))
+    bad_seq = fake.put(parent, change("MODIFY", "x", 2, T0 + 5))
+    fake.shards[parent].closed = True
+    child = fake.open_shard(parent=parent, prefix=16837, counter=1_135_967)
+    fake.put(child, change("MODIFY", "x", 3, T0 + 5))
+
+    real_decode = shard_consumer.decode_record
+
+    def decode_with_a_bug(record, **kw):
+        if record["dynamodb"]["SequenceNumber"] == bad_seq:
+            raise DecodeError("a decoder bug, fixed by the next release")
+        return real_decode(record, **kw)
+
+    monkeypatch.setattr(shard_consumer, "decode_record", decode_with_a_bug)
+    path = tmp_path / "leases.sqlite"
+    live = RecordingSink()
+    run_until(make_worker(fake, path, [live]), lambda: len(live.written) == 2, "x v1 and x v3 delivered")
+    assert bad_seq not in {e.sequence_number for e in live.written}
+    child_change = live.written[1]
+    assert child_change.source.shard_id == child
+
+    monkeypatch.setattr(shard_consumer, "decode_record", real_decode)  # the upgrade
+    redriven = RecordingSink()
+    report = redrive(DirectoryDeadLetterQueue(tmp_path / "dlq-w1"), {"recording": redriven},
+                     logger=structlog.get_logger())
+    assert [r.status for r in report.results] == ["delivered"]
+    (old_change,) = redriven.written
+    assert old_change.sequence_number == bad_seq
+    assert old_change.version < child_change.version, "the redriven parent change outranks the child's newer one"

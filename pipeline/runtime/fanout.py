@@ -4,7 +4,9 @@ Per sink, per batch (DESIGN.md, "Contracts", Sink):
 
 - ``RetriableSinkError`` (or any unexpected exception from a sink): retry the whole remaining
   batch with exponential backoff and jitter (tenacity), within ``retry_budget_s``;
-- ``PartialSinkError``: dead-letter its permanent events, retry only its retriable ones;
+- ``PartialSinkError``: dead-letter its permanent events; write again its retriable ones *with
+  every later event of the batch*, in sequence order (:func:`resend_after_partial`: the per-shard
+  order rule of :mod:`pipeline.sink`);
 - ``PermanentSinkError``: dead-letter every event of the remaining batch;
 - ``FatalSinkError``: re-raised; the shard stops.
 
@@ -12,8 +14,9 @@ Per sink, per flush (the rule is stated in :mod:`pipeline.sink`):
 
 - ``RetriableSinkError`` (or any unexpected exception): flush again with backoff;
 - ``PartialSinkError``: the named events are no longer in the sink — permanent ones are
-  dead-lettered, retriable ones are written again (the write rules above) and the sink is
-  flushed again, with backoff;
+  dead-lettered, retriable ones are written again together with every later event of their
+  shard given to the sink since its last successful flush (:func:`resend_after_partial`; the
+  write rules above) and the sink is flushed again, with backoff;
 - ``PermanentSinkError``: ``dead_letter`` abandons the unflushed events (below); ``block`` makes
   it a ``FatalSinkError`` (the shard stops);
 - ``FatalSinkError``: re-raised.
@@ -21,10 +24,13 @@ Per sink, per flush (the rule is stated in :mod:`pipeline.sink`):
 When the budget is used up, ``on_failure`` decides: ``block`` (default) keeps retrying and so
 holds the shard's checkpoint, logging every attempt; ``dead_letter`` dead-letters what is left and
 goes on. For a flush, "what is left" is every event given to the sink since its last successful
-flush: the fan-out keeps them (:class:`UnflushedEvents`, ``dead_letter`` sinks only), dead-letters
+flush: the fan-out keeps them (:class:`UnflushedEvents`), dead-letters
 them with the sink name and the last error, then calls the sink's ``discard_unflushed()`` and lets
 the checkpoint move. A shutdown request ends the retries with :class:`DeliveryAborted`, so the
-checkpoint does not move past undelivered events.
+checkpoint does not move past undelivered events. Lease loss ends them with
+:class:`~pipeline.errors.LeaseLostError` (``owns``, the shard reader's ownership check, is asked
+before every attempt and during every backoff): a worker that no longer owns the shard writes
+nothing more of it — ``block`` included — and cannot checkpoint (the write is conditional).
 
 The checkpoint therefore never passes an event that is neither durable in every sink nor in the
 dead-letter destination (or still to be re-read: a failed shard does not checkpoint).
@@ -54,6 +60,7 @@ from pipeline.deadletter import DeadLetterQueue, decode_entry, delivery_entry, u
 from pipeline.errors import (
     DecodeError,
     FatalSinkError,
+    LeaseLostError,
     PartialSinkError,
     PermanentSinkError,
     RetriableSinkError,
@@ -61,6 +68,11 @@ from pipeline.errors import (
 )
 from pipeline.events import Batch, ChangeEvent, sequence_key
 from pipeline.errors import DeliveryAborted, SinkFenced  # noqa: F401 (defined in the one error tree)
+
+#: an ownership check: True while this worker holds the lease of the shard being delivered
+Owns = Callable[[], bool]
+#: retries of a write or a flush re-ask their ownership check at least this often (s)
+OWNERSHIP_POLL_S = 0.5
 
 
 
@@ -108,11 +120,41 @@ def _position(event: ChangeEvent) -> tuple[str, str, str]:
     return (event.source.table, event.source.shard_id, event.sequence_number)
 
 
+def resend_after_partial(given: Sequence[ChangeEvent], retriable: Sequence[ChangeEvent],
+                         permanent: Sequence[ChangeEvent] = ()) -> list[ChangeEvent]:
+    """What the fan-out writes again after a ``PartialSinkError`` (from ``write`` or ``flush``):
+    per shard, every retriable event *and every later event of that shard in* ``given`` (sequence
+    number at or above the shard's first retriable one), without the permanent ones; sorted by
+    table, shard and sequence number, one event per position.
+
+    ``given``: what the sink was given — the batch of the failed write, or everything written to
+    the sink since its last successful flush. Re-sending the later events too keeps the per-shard
+    order of the sink contract (:mod:`pipeline.sink`): whatever the sink applied of a later event
+    before it is applied again after the retried one, so a sink never ends at change v1 of an item
+    after it was given v2 (at-least-once allows the repeats). Events of ``given`` win over the
+    sink's copies at the same position.
+    """
+    dropped = {_position(ev) for ev in permanent}
+    first: dict[tuple[str, str], tuple] = {}
+    for ev in retriable:
+        shard, key = (ev.source.table, ev.source.shard_id), sequence_key(ev.sequence_number)
+        if shard not in first or key < first[shard]:
+            first[shard] = key
+    out: dict[tuple[str, str, str], ChangeEvent] = {}
+    for ev in (*given, *retriable):
+        shard = (ev.source.table, ev.source.shard_id)
+        if shard in first and sequence_key(ev.sequence_number) >= first[shard] and _position(ev) not in dropped:
+            out.setdefault(_position(ev), ev)
+    return sorted(out.values(), key=lambda ev: (ev.source.table, ev.source.shard_id, sequence_key(ev.sequence_number)))
+
+
 class UnflushedEvents:
     """The events one sink accepted (``write`` returned for them) since its last successful flush.
 
-    Kept by the fan-out for ``on_failure: dead_letter`` sinks only, so that a flush that cannot
-    succeed can be dead-lettered (:meth:`FanOut.flush`). Bounded by the flushes: the worker
+    Kept by the fan-out for every sink: a partial flush writes its retriable events again with the
+    later events of their shards from here (:func:`resend_after_partial`), and for an
+    ``on_failure: dead_letter`` sink a flush that cannot succeed dead-letters them all
+    (:meth:`FanOut.flush`). Bounded by the flushes: the worker
     flushes before every checkpoint (``source.checkpoint_interval_s``, any shard's checkpoint
     flushes every sink), so it holds about one checkpoint interval of every shard's events — the
     events a buffering sink holds anyway (references, not copies) — and more only while a flush is
@@ -173,7 +215,7 @@ class SinkRunner:
     policy: FailurePolicy = field(default_factory=FailurePolicy)
     stats: SinkStats = field(default_factory=SinkStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: events accepted since the sink's last successful flush (recorded for ``dead_letter`` only)
+    #: events accepted since the sink's last successful flush
     unflushed: UnflushedEvents = field(default_factory=UnflushedEvents)
     #: (table, shard) → epoch s creation time of the oldest event of the batch being delivered
     pending_since: dict = field(default_factory=dict)
@@ -321,25 +363,37 @@ class FanOut:
         self.stop_event = stop_event
         self.log = logger
 
-    def deliver(self, batch: Batch) -> None:
-        """Give ``batch`` to every sink (each in turn). Raises FatalSinkError or DeliveryAborted."""
+    def deliver(self, batch: Batch, *, owns: Owns | None = None) -> None:
+        """Give ``batch`` to every sink (each in turn). Raises FatalSinkError, DeliveryAborted, or
+        LeaseLostError once ``owns()`` is False (see :meth:`deliver_to`)."""
         if not batch.events:
             return
         for runner in self.runners:
-            self._deliver_to(runner, batch)
+            self._deliver_to(runner, batch, owns)
 
-    def deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+    def deliver_to(self, runner: SinkRunner, batch: Batch, *, owns: Owns | None = None) -> None:
         """Give ``batch`` to one sink (``runner``, one of :attr:`runners`; a lane's thread calls
-        this, :mod:`pipeline.runtime.lanes`) under the same rules as :meth:`deliver`. Raises
-        FatalSinkError or DeliveryAborted; either carries ``undelivered``, the tuple of the batch's
-        events the sink had not taken when it stopped (in batch order; every earlier event is in
-        the sink or in the dead-letter destination)."""
-        if batch.events:
-            self._deliver_to(runner, batch)
+        this, :mod:`pipeline.runtime.lanes`) under the same rules as :meth:`deliver`.
 
-    def flush_one(self, runner: SinkRunner) -> None:
-        """Flush one sink (as :meth:`flush` does for each). Raises FatalSinkError or DeliveryAborted."""
-        self._flush_runner(runner)
+        ``owns``: the shard reader's ownership check (True while this worker holds the shard's
+        lease in the reader's period of ownership; None: no lease, e.g. Lambda). It is asked before
+        every attempt and during every backoff (at least every :data:`OWNERSHIP_POLL_S` s): once
+        False, the retries end with :class:`~pipeline.errors.LeaseLostError` and nothing more of the
+        batch is written — another worker reads the shard from its checkpoint, and a write retried
+        here later could land after its newer changes. Without this an ``on_failure: block`` sink
+        was retried for ever by a worker that no longer owned the shard.
+
+        Raises FatalSinkError, DeliveryAborted or LeaseLostError; each carries ``undelivered``, the
+        tuple of the batch's events the sink had not taken when it stopped (in batch order; every
+        earlier event is in the sink or in the dead-letter destination)."""
+        if batch.events:
+            self._deliver_to(runner, batch, owns)
+
+    def flush_one(self, runner: SinkRunner, *, owns: Owns | None = None) -> None:
+        """Flush one sink (as :meth:`flush` does for each). ``owns``: as for :meth:`deliver_to` —
+        for a flush, whether any shard whose events it makes durable is still owned. Raises
+        FatalSinkError, DeliveryAborted or LeaseLostError."""
+        self._flush_runner(runner, owns)
         runner.stats.flushes += 1
 
     def reset_one(self, runner: SinkRunner, table: str, shard_id: str) -> None:
@@ -372,29 +426,34 @@ class FanOut:
         for runner in self.runners:
             self.reset_one(runner, table, shard_id)
 
-    def flush(self) -> None:
+    def flush(self, *, owns: Owns | None = None) -> None:
         """Flush every sink; returns when every event given to a sink so far is durable in it or
         in the dead-letter destination (see the module doc for the rules).
 
-        Raises FatalSinkError or DeliveryAborted (the checkpoint must not move).
+        Raises FatalSinkError, DeliveryAborted or LeaseLostError (``owns``: see
+        :meth:`deliver_to`); the checkpoint must not move then.
         """
         for runner in self.runners:
-            self.flush_one(runner)
+            self.flush_one(runner, owns=owns)
 
-    def _flush_runner(self, runner: SinkRunner) -> None:
+    def _flush_runner(self, runner: SinkRunner, owns: Owns | None = None) -> None:
         state: dict[str, Any] = {"first_failure": None, "attempts": 0, "last_error": ""}
 
         def attempt() -> None:
             state["attempts"] += 1
+            given: list[ChangeEvent] = []  # filled by a partial flush: what the sink was given since its last flush
             try:
-                runner.call(lambda: self._flush_call(runner))
+                runner.call(lambda: self._flush_call(runner, given))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
                 for ev, reason in exc.permanent:
                     self._dead_letter(runner, ev, f"flush: {reason}", state)
                 if exc.retriable:
-                    self._rewrite(runner, [ev for ev, _ in exc.retriable])
-                    raise _Remaining(f"{len(exc.retriable)} events written again, flushing again: {exc}") from exc
+                    resend = resend_after_partial(given, [ev for ev, _ in exc.retriable],
+                                                  [ev for ev, _ in exc.permanent])
+                    self._rewrite(runner, resend, owns)
+                    raise _Remaining(f"{len(exc.retriable)} failed events and the later ones of their shards "
+                                     f"({len(resend)}) written again, flushing again: {exc}") from exc
             except (FatalSinkError, DeliveryAborted):
                 raise
             except PermanentSinkError as exc:
@@ -410,31 +469,33 @@ class FanOut:
                 raise RetriableSinkError(f"flush: unexpected {type(exc).__name__}: {exc}") from exc
 
         try:
-            self._retry(runner, None, attempt, what="flush")
+            self._retry(runner, None, attempt, what="flush", owns=owns)
         except _BudgetSpent:
             self._abandon_unflushed(runner, f"flush failed for {runner.policy.retry_budget_s:g} s "
                                             f"({state['attempts']} attempts): {state['last_error']}", state)
         except _FlushRefused:
             self._abandon_unflushed(runner, f"flush refused: {state['last_error']}", state)
 
-    def _flush_call(self, runner: SinkRunner) -> None:
+    def _flush_call(self, runner: SinkRunner, given: list[ChangeEvent]) -> None:
         """One ``sink.flush()`` (run inside :meth:`SinkRunner.call`); the events accepted before it
         started are forgotten by the unflushed log when it returns — also with a PartialSinkError,
-        whose named events the fan-out then handles itself."""
-        log = self._unflushed_log(runner)
-        marker = log.mark() if log is not None else 0
+        whose named events the fan-out then handles itself: ``given`` then gets every event of the
+        log first (what the sink was given since its last successful flush, for
+        :func:`resend_after_partial`)."""
+        log = runner.unflushed
+        marker = log.mark()
         try:
             runner.sink.flush()
         except PartialSinkError:
-            if log is not None:
-                log.forget_through(marker)
-            raise
-        if log is not None:
+            given.extend(log.snapshot()[1])
             log.forget_through(marker)
+            raise
+        log.forget_through(marker)
 
-    def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent]) -> None:
-        """Write ``events`` (a flush's retriable failures, any shards) again: one batch per
-        shard, in sequence order, through the write rules (retries, dead-lettering)."""
+    def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent], owns: Owns | None = None) -> None:
+        """Write ``events`` (what a partial flush left to write again, :func:`resend_after_partial`;
+        any shards) again: one batch per shard, in sequence order, through the write rules
+        (retries, dead-lettering)."""
         groups: dict[tuple[str, str, str], dict[tuple[str, str, str], ChangeEvent]] = {}
         for ev in events:
             src = ev.source
@@ -443,7 +504,7 @@ class FanOut:
             ordered = sorted(by_pos.values(), key=lambda e: sequence_key(e.sequence_number))
             self._deliver_batch(runner, Batch(table=table, stream_arn=stream_arn, shard_id=shard_id,
                                               events=tuple(ordered),
-                                              checkpoint_sequence_number=ordered[-1].sequence_number))
+                                              checkpoint_sequence_number=ordered[-1].sequence_number), owns)
 
     def _abandon_unflushed(self, runner: SinkRunner, error: str, state: dict) -> None:
         """A ``dead_letter`` sink's flush cannot succeed: dead-letter every event it accepted since
@@ -471,27 +532,22 @@ class FanOut:
                        hint="the sink's unflushed events are in the dead-letter destination; "
                             "redrive them with `ddb-cdc dlq redrive` once the sink is back")
 
-    @staticmethod
-    def _unflushed_log(runner: SinkRunner) -> UnflushedEvents | None:
-        """The runner's unflushed log when its policy needs it (``dead_letter``), else None."""
-        return runner.unflushed if runner.policy.on_failure == "dead_letter" else None
-
     # -- internals ---------------------------------------------------------------------------
 
-    def _deliver_to(self, runner: SinkRunner, batch: Batch) -> None:
+    def _deliver_to(self, runner: SinkRunner, batch: Batch, owns: Owns | None) -> None:
         key = (batch.table, batch.shard_id)
         created = next((ev.source.approximate_creation_time for ev in batch.events
                         if ev.source.approximate_creation_time is not None), None)
         runner.pending_since[key] = created.timestamp() if created is not None else time.time()
         started = time.monotonic()
         try:
-            self._deliver_batch(runner, batch)
+            self._deliver_batch(runner, batch, owns)
         finally:
             runner.pending_since.pop(key, None)
             metrics.SINK_BATCHES.labels(sink=runner.name).inc()
             metrics.SINK_DELIVERY_SECONDS.labels(sink=runner.name).observe(time.monotonic() - started)
 
-    def _deliver_batch(self, runner: SinkRunner, batch: Batch) -> None:
+    def _deliver_batch(self, runner: SinkRunner, batch: Batch, owns: Owns | None = None) -> None:
         pending: list[ChangeEvent] = list(batch.events)
         state = {"first_failure": None, "attempts": 0, "last_error": ""}
 
@@ -505,16 +561,19 @@ class FanOut:
                 runner.call(lambda: self._write_call(runner, sub))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
-                # match by position, not object identity, so a sink may report copies of events
-                retry_positions = {(ev.source.shard_id, ev.sequence_number) for ev, _ in exc.retriable}
                 for ev, reason in exc.permanent:
                     self._dead_letter(runner, ev, reason, state)
-                delivered = max(0, len(pending) - len(exc.retriable) - len(exc.permanent))
+                # the retriable events and every later one of the batch, in order (matched by
+                # position, not identity, so a sink may report copies of events)
+                resend = resend_after_partial(pending, [ev for ev, _ in exc.retriable],
+                                              [ev for ev, _ in exc.permanent])
+                failed = {_position(ev) for ev in resend} | {_position(ev) for ev, _ in exc.permanent}
+                delivered = sum(1 for ev in pending if _position(ev) not in failed)
                 runner.stats.delivered += delivered
                 metrics.SINK_DELIVERED.labels(sink=runner.name).inc(delivered)
-                pending = [ev for ev in pending if (ev.source.shard_id, ev.sequence_number) in retry_positions]
+                pending = resend
                 if pending:
-                    raise _Remaining(f"{len(pending)} events to retry: {exc}") from exc
+                    raise _Remaining(f"{len(pending)} events to write again: {exc}") from exc
                 return
             except PermanentSinkError as exc:
                 self._note_failure(state, exc)
@@ -551,8 +610,8 @@ class FanOut:
             pending = []
 
         try:
-            self._retry(runner, batch, attempt, what="write")
-        except (DeliveryAborted, FatalSinkError) as exc:
+            self._retry(runner, batch, attempt, what="write", owns=owns)
+        except (DeliveryAborted, FatalSinkError, LeaseLostError) as exc:
             # which events this sink has not taken: the Lambda handler reports them (and every
             # later record) as batchItemFailures (connectors.aws_lambda.delivery)
             if getattr(exc, "undelivered", None) is None:
@@ -568,19 +627,34 @@ class FanOut:
         """One ``sink.write(sub)`` (run inside :meth:`SinkRunner.call`); the events it accepted
         are recorded in the unflushed log before the call ends, so no flush or discard can run
         between the sink taking them and the fan-out knowing it."""
-        log = self._unflushed_log(runner)
+        log = runner.unflushed
         try:
             runner.sink.write(sub)
         except PartialSinkError as exc:
-            if log is not None:
-                failed = {_position(ev) for ev, _ in (*exc.retriable, *exc.permanent)}
-                log.record([ev for ev in sub.events if _position(ev) not in failed])
+            failed = {_position(ev) for ev, _ in (*exc.retriable, *exc.permanent)}
+            log.record([ev for ev in sub.events if _position(ev) not in failed])
             raise
-        if log is not None:
-            log.record(sub.events)
+        log.record(sub.events)
 
-    def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str) -> None:
+    def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str,
+               owns: Owns | None = None) -> None:
+        """Run ``fn`` (one attempt of a write or a flush) under ``runner``'s policy. With ``owns``,
+        each attempt first asks it and the backoff waits re-ask it: once False, LeaseLostError
+        (no further attempt)."""
         policy = runner.policy
+        state = {"attempts": 0}
+
+        def guarded() -> None:
+            if owns is not None and not owns():
+                self.log.warning("sink_retry_lease_lost", sink=runner.name, operation=what,
+                                 shard_id=batch.shard_id if batch else None, attempts=state["attempts"],
+                                 hint="another worker owns the shard now and reads it from its checkpoint; "
+                                      "nothing more of it is written here")
+                raise LeaseLostError(f"sink {runner.name!r}: {what} stopped: the shard's lease was lost "
+                                     f"(after {state['attempts']} attempt(s)); nothing more of it is written here")
+            state["attempts"] += 1
+            fn()
+
         started = time.monotonic()
         stop = stop_when_event_set(self.stop_event)
         if policy.on_failure == "dead_letter":
@@ -610,12 +684,12 @@ class FanOut:
             stop=stop,
             wait=wait_exponential_jitter(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s,
                                          jitter=policy.initial_backoff_s),
-            sleep=self._sleep,
+            sleep=self._sleep if owns is None else (lambda seconds: self._sleep_while_owned(seconds, owns)),
             before_sleep=before_sleep,
             reraise=False,
         )
         try:
-            retrying(fn)
+            retrying(guarded)
             if batch is not None:
                 metrics.SINK_STALLED.labels(sink=runner.name, shard=batch.shard_id).set(0)
         except RetryError as exc:
@@ -625,6 +699,15 @@ class FanOut:
 
     def _sleep(self, seconds: float) -> None:
         self.stop_event.wait(seconds)
+
+    def _sleep_while_owned(self, seconds: float, owns: Owns) -> None:
+        """A backoff that ends early on shutdown or once ``owns()`` is False (asked every
+        :data:`OWNERSHIP_POLL_S` s)."""
+        deadline = time.monotonic() + seconds
+        while owns():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.stop_event.wait(min(remaining, OWNERSHIP_POLL_S)):
+                return
 
     def _note_failure(self, state: dict, exc: BaseException) -> None:
         now = utc_now()

@@ -29,7 +29,10 @@ deliver on until the blocked lane is full, then the reader waits), and so hold t
 A :class:`~pipeline.errors.FatalSinkError` or a :class:`~pipeline.runtime.fanout.DeliveryAborted`
 (shutdown during retries, or a sink fenced off after the grace period) stops that lane; the
 shard's reader raises it at its next put, drain or checkpoint, so nothing past the durable
-position is checkpointed.
+position is checkpointed. A write or flush retried while the shard's lease is lost (or after its
+reader detached) ends with :class:`~pipeline.errors.LeaseLostError` (the reader's ownership check,
+:meth:`Lanes.attach`), so a blocked sink's thread does not go on retrying — and later writing —
+a shard another worker reads now; it goes on with the other shards' lanes.
 
 Memory bound, combined with ``worker.max_pages_in_flight`` (:mod:`pipeline.runtime.read_budget`):
 the read budget bounds pages between GetRecords and the hand-off to the lanes (decoding included);
@@ -149,6 +152,12 @@ class Lane:
         self.reset_pending = True  # the sink's reset_shard runs before this lane's first write
         self.closed = False
 
+    def owns(self) -> bool:
+        """The ownership check of the lane's writes and flushes (FanOut ``owns``): False once the
+        reader detached the lane or its shard's lease was lost (read without the lock: a stale
+        answer only delays the stop to the next check)."""
+        return not self.closed and self.shard.owns()
+
     def has_room(self, records: int, nbytes: int) -> bool:
         if self.records == 0:
             return True
@@ -258,7 +267,7 @@ class SinkLane(threading.Thread):
             if events:
                 last = items[-1].batch
                 batch = last if len(items) == 1 else replace(last, events=tuple(events))
-                self.lanes.fanout.deliver_to(self.runner, batch)
+                self.lanes.fanout.deliver_to(self.runner, batch, owns=lane.owns)
         except BaseException as exc:  # noqa: BLE001 - handed to the shard's reader, which raises it
             error = exc
         shares = []
@@ -293,11 +302,13 @@ class SinkLane(threading.Thread):
                         if not lane.closed and lane.error is None and lane.written > lane.durable]
         if not snapshot:
             return
-        try:
-            self.lanes.fanout.flush_one(self.runner)
+        lanes = [lane for lane, _, _ in snapshot]
+        try:  # retried while any shard it flushes for is still owned here
+            self.lanes.fanout.flush_one(self.runner, owns=lambda: any(lane.owns() for lane in lanes))
         except BaseException as exc:  # noqa: BLE001 - every lane of this sink stops with it
             with self.cond:
-                for lane in self.members:
+                # lease loss stops only the lanes flushed for (none of them owned any more)
+                for lane in (lanes if isinstance(exc, LeaseLostError) else self.members):
                     if lane.error is None:
                         lane.error = exc
                     lane.shard.cond.notify_all()
@@ -318,10 +329,12 @@ class SinkLane(threading.Thread):
 class ShardLanes:
     """One shard reader's lanes, one per sink (made by :meth:`Lanes.attach`)."""
 
-    def __init__(self, lanes: "Lanes", table: str, shard_id: str):
+    def __init__(self, lanes: "Lanes", table: str, shard_id: str, owns: Callable[[], bool] | None = None):
         self.lanes = lanes
         self.table = table
         self.shard_id = shard_id
+        #: the reader's ownership check (True while it holds the shard's lease); see Lanes.attach
+        self.owns: Callable[[], bool] = owns if owns is not None else (lambda: True)
         self.cond = threading.Condition(lanes.lock)
         self.members: list[Lane] = []
         self.serial = 0
@@ -521,16 +534,21 @@ class Lanes:
                 sink.stopping = True
                 sink.cond.notify_all()
 
-    def attach(self, table: str, shard_id: str) -> ShardLanes:
+    def attach(self, table: str, shard_id: str, *, owns: Callable[[], bool] | None = None) -> ShardLanes:
         """New lanes for a new reader of ``(table, shard_id)``; the previous reader's lanes of that
         shard (if it did not detach) are detached first. Each sink's ``reset_shard`` runs in its
-        sink thread before the new reader's first batch (see the module doc)."""
+        sink thread before the new reader's first batch (see the module doc).
+
+        ``owns``: the reader's ownership check (None: always owned). The sink threads pass it into
+        the fan-out's retries (``FanOut.deliver_to`` / ``flush_one``): once it is False — or the lanes
+        were detached — a write retried for ever under ``on_failure: block`` ends with
+        LeaseLostError, nothing more of the shard is written and the reader ends ``lease_lost``."""
         self.start()
         with self.lock:
             stale = [s for s in self.shards if (s.table, s.shard_id) == (table, shard_id)]
         for old in stale:
             old.detach()
-        shard = ShardLanes(self, table, shard_id)
+        shard = ShardLanes(self, table, shard_id, owns)
         with self.lock:
             for sink in self.sinks:
                 lane = Lane(sink, shard)

@@ -29,6 +29,7 @@ from pipeline.codec import (
     record_creation_epoch,
     record_creation_time,
     record_sequence_number,
+    record_version_high,
 )
 from pipeline.deadletter import DeadLetterQueue, decode_entry
 from pipeline.errors import DecodeError, FatalSinkError, LeaseLostError, TransientError, TransientSourceError
@@ -283,7 +284,7 @@ class ShardConsumer(threading.Thread):
             self.outcome, self.error = ShardOutcome.FAILED, exc
             self.log.error("shard_failed", error=str(exc))
         except TransientError as exc:  # retried until the stop or lease loss that ended the retries
-            if self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token):
+            if self.stop_event.is_set() or not self._owns():
                 self.outcome, self.error = (ShardOutcome.STOPPED if self.stop_event.is_set() else ShardOutcome.LEASE_LOST), exc
                 self.log.warning("shard_stopped_while_retrying", error=str(exc), checkpoint=self._checkpointed)
             else:
@@ -310,7 +311,8 @@ class ShardConsumer(threading.Thread):
         # a new ownership period reads again from the checkpoint: sinks drop what they buffered
         # for this shard and did not flush (pipeline/sink.py, reset_shard)
         if self.lanes is not None:
-            self._lanes = self.lanes.attach(self.source.table, self.shard_id)  # resets in each sink's thread
+            # resets in each sink's thread; retries there end once the lease is lost
+            self._lanes = self.lanes.attach(self.source.table, self.shard_id, owns=self._owns)
         else:
             self.fanout.reset_shard(self.source.table, self.shard_id)
         try:
@@ -327,7 +329,7 @@ class ShardConsumer(threading.Thread):
             if self.stop_event.is_set():
                 self._flush_and_checkpoint()
                 return ShardOutcome.STOPPED
-            if not self.coordinator.owns(self.lease_key, self.token):
+            if not self._owns():
                 raise LeaseLostError(f"lease {self.lease_key} was lost")
             move = self.coordinator.pending_move(self.lease_key)
             if move is not None:  # a batch boundary: apply a requested checkpoint move
@@ -345,7 +347,7 @@ class ShardConsumer(threading.Thread):
                 except ShardNotFoundError as exc:
                     raise ShardVanishedError(f"shard {self.shard_id} is no longer in the stream: {exc}") from exc
                 except TransientSourceError:  # throttling included
-                    if self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token):
+                    if self.stop_event.is_set() or not self._owns():
                         continue  # stopped / lease lost while backing off: the loop's top acts on it
                     raise
             except TrimmedDataError as exc:
@@ -525,7 +527,7 @@ class ShardConsumer(threading.Thread):
         share = budget.reserve(limit, stop=self.stop_event)
         if share is None:
             return None
-        if budget.bounded and not self.coordinator.owns(self.lease_key, self.token):
+        if budget.bounded and not self._owns():
             share.release()  # the wait may have been long: do not read a shard another worker now owns
             raise LeaseLostError(f"lease {self.lease_key} was lost")
         return share
@@ -545,7 +547,7 @@ class ShardConsumer(threading.Thread):
                                   "second consumer (Lambda, KCL) on this stream counts as one")
 
         def stop(state: RetryCallState) -> bool:
-            return self.stop_event.is_set() or not self.coordinator.owns(self.lease_key, self.token)
+            return self.stop_event.is_set() or not self._owns()
 
         for attempt in Retrying(retry=retry_if_exception_type(TransientSourceError),  # throttling included
                                 wait=wait_exponential_jitter(multiplier=0.25, max=10.0, jitter=0.25),
@@ -588,6 +590,7 @@ class ShardConsumer(threading.Thread):
         window = self.window
         skipped_before = skipped_after = 0
         window_end = False
+        dead_high: int | None = None  # highest high part of a record dead-lettered at decode
         if self._head_pending:
             self._check_head(records)
         if self._pin_pending:
@@ -623,6 +626,9 @@ class ShardConsumer(threading.Thread):
                     exc = DecodeError(f"{type(exc).__name__}: {str(exc)[:200]}")
                 self.stats.decode_errors += 1
                 metrics.DECODE_ERRORS.labels(table=table).inc()
+                # the high part a redrive gives it (see _note_version_high)
+                high = record_version_high(record_creation_time(record), floor=self.version_floor)
+                dead_high = high if dead_high is None else max(dead_high, high)
                 entry_id = self.dead_letter.put(decode_entry(record, table=table, stream_arn=arn,
                                                              shard_id=self.shard_id, sequence_number=seq,
                                                              error=str(exc), version_floor=self.version_floor))
@@ -651,35 +657,60 @@ class ShardConsumer(threading.Thread):
                       if ev.source.approximate_creation_time is not None), None)
         if first is not None and self.oldest_unchecked_created is None:
             self.oldest_unchecked_created = first.timestamp()
-        if events:
-            high = max(ev.version for ev in events) >> 32
-            if self._version_high is None or high > self._version_high:
-                self._version_high = high
+        self._note_version_high(events, dead_high)
         if last_seq is not None:
             self._done_position = last_seq
             self.stats.last_sequence_number = last_seq
             self.stats.last_record_time = time.time()
         return window_end
 
+    def _note_version_high(self, events: list[ChangeEvent], dead_high: int | None) -> None:
+        """Raise the shard's highest delivered version high part (``versionHigh`` in the lease,
+        stored with each checkpoint) to cover ``events`` and ``dead_high``, the highest high part a
+        record dead-lettered at decode on this page gets when ``dlq redrive`` decodes it.
+
+        The children's version floor is ``max(floor, versionHigh) + 1``
+        (:func:`pipeline.codec.child_version_floor`), so every change any child delivers outranks
+        every change of this shard — redriven dead letters included. A redrive decodes the raw
+        record with the floor kept in its entry (:func:`pipeline.deadletter.decode_entry`,
+        :mod:`pipeline.ops.redrive`), so its high part is
+        :func:`~pipeline.codec.record_version_high` of its ApproximateCreationDateTime: counted
+        here from the same time. A record whose time is absent gets ``max(1, floor)``, counted the
+        same way; one whose time cannot be parsed is never redriven — the redrive's decode
+        (:func:`pipeline.codec.parse_creation_time`) rejects that time again and keeps the entry
+        ("still undecodable") — so counting ``max(1, floor)`` for it is enough.
+        """
+        high = dead_high
+        if events:
+            top = max(ev.version for ev in events) >> 32
+            high = top if high is None else max(high, top)
+        if high is not None and (self._version_high is None or high > self._version_high):
+            self._version_high = high
+
+    def _owns(self) -> bool:
+        """True while this worker holds the shard's lease in this reader's period of ownership
+        (the check every wait and every sink retry of this reader asks)."""
+        return self.coordinator.owns(self.lease_key, self.token)
+
     def _deliver(self, batch: Batch, position: str | None) -> None:
         """Give ``batch`` to every sink: into their lanes (waiting while one is full; the page's
         read-budget share goes with it and is given back once every sink wrote the page), or
         through the fan-out without lanes."""
         if self._lanes is None:
-            self.fanout.deliver(batch)
+            self.fanout.deliver(batch, owns=self._owns)
             return
 
         self._lanes.put(batch, position, share=self._share, tick=self._lane_checkpoint_tick,
-                        abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+                        abandon=lambda: not self._owns())
         self._share = None  # the lanes give it back once every sink has written the page
 
     def _flush_all(self) -> None:
         """Every sink has flushed everything given to it: drain the lanes (or flush the fan-out).
         Raises what stopped a lane / the flush, or LeaseLostError."""
         if self._lanes is None:
-            self.fanout.flush()
+            self.fanout.flush(owns=self._owns)
         else:
-            self._lanes.drain(abandon=lambda: not self.coordinator.owns(self.lease_key, self.token))
+            self._lanes.drain(abandon=lambda: not self._owns())
 
     def _lane_checkpoint_tick(self) -> None:
         """The periodic checkpoint with lanes (called every loop pass, and every 0.5 s while the
