@@ -79,9 +79,11 @@ def test_parallel_scan_delivers_every_item_once_with_the_snapshot_version(setup,
     assert len(ids) == 3000 and set(ids) == set(table), "every item once in S3"
     assert {line["op"] for _, line in lines} == {"r"} and all(line["before"] is None for _, line in lines)
 
-    # a second run of the same command: the snapshot is done, so it starts a new one (higher version)
+    # a second run of the same command: the snapshot is done, so it starts a new one (higher version).
+    # Into the audit sink only: osmem re-indexes each existing document at a cost that grows with the
+    # index, so 3,000 overwrites there cost half a minute and test nothing more
     code, again = run_cli(["snapshot", "--config", str(cfg), "--segments", "2", "--max-rcu", "0", "--json",
-                           "--sink", "search"], capsys)
+                           "--sink", "audit"], capsys)
     assert code == 0 and again["snapshot_id"] != report["snapshot_id"] and again["version"] >= version
 
 
