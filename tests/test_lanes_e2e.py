@@ -206,7 +206,8 @@ def test_redis_stalled_by_sigstop_holds_only_its_lane_and_a_kill_during_the_stal
         newest = stack.stream()[-1]
         reached = _wait_in_opensearch(stack, newest, timeout=10.0)
         assert reached is not None, f"OpenSearch did not get {newest.sequence_number} while Redis was stalled"
-        assert time.monotonic() - stalled_at < 19, "the checks took too long to be inside the stall"
+        # no time limit on the checks: Redis stays paused until they and the kill are done (at least
+        # 20 s), so a loaded machine only makes the stall longer (an "under 19 s" check failed in CI)
         samples += stack.sample_checkpoints(max(0.0, 15.0 - (time.monotonic() - stalled_at)), worker)
         assert all(cp is None or not cp.isdigit() or seq_order(cp) <= seq_order(s0) for _, cp in samples), \
             f"the checkpoint passed what Redis had before the stall ({s0}): {samples}"
