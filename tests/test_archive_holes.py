@@ -26,7 +26,6 @@ from typing import Any
 
 import boto3
 import orjson
-import pytest
 import structlog
 import structlog.testing
 
@@ -50,6 +49,7 @@ from pipeline.runtime.shard_consumer import ShardConsumer, ShardSettings
 from pipeline.sink import SinkContext
 from pipeline.testing import RecordingSink, make_stream_record
 from tests.helpers import wait_until
+from tests.test_archive_replay import audit_sink, bucket, s3  # noqa: F401 - fixtures shared with the archive tests
 
 LOG = structlog.get_logger("test_archive_holes")
 STREAM = "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/2024-05-01T00:00:00.000"
@@ -74,25 +74,6 @@ def settings_for(tmp_path, endpoint: str) -> Settings:
                     checkpoints={"store": "sqlite", "sqlite_path": str(tmp_path / "leases.sqlite")},
                     dead_letter={"directory": str(tmp_path / "dead-letter")},
                     sinks=[{"name": "unused", "type": "s3_audit", "options": {"bucket": "unused"}}])
-
-
-@pytest.fixture
-def s3(moto_server, aws_env):
-    return boto3.client("s3", region_name="us-east-1", endpoint_url=moto_server.endpoint)
-
-
-@pytest.fixture
-def bucket(s3) -> str:
-    name = f"holes-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    return name
-
-
-def audit_sink(bucket: str, endpoint: str, prefix: str = "arch") -> S3AuditSink:
-    sink = S3AuditSink("audit", S3AuditSink.Options(bucket=bucket, prefix=prefix))
-    sink.open(SinkContext(sink_name="audit", worker_id="w", logger=None,
-                          aws=AwsConfig(region="us-east-1", s3_endpoint_url=endpoint)))
-    return sink
 
 
 def write_object(sink: S3AuditSink, events: list[ChangeEvent]) -> None:
