@@ -843,3 +843,32 @@ def test_events_dead_lettered_when_the_write_budget_ran_out_are_not_counted_agai
     fanout.flush()
     assert sorted(e.sequence_number for e in dlq.list()) == seqs(batch.events)
     assert runner.stats.dead_lettered == 3 and sink.discards == 1
+
+
+def test_a_rewrite_whose_shard_loses_its_lease_during_retries_ends_and_the_flush_goes_on(dlq, stop):
+    """Y is owned when the partial flush names its event, then its lease is lost while the re-write
+    is retried (``block``): the re-write of Y ends (nothing more of Y written), and the flush asked
+    for by X goes on and succeeds — it does not end with Y's LeaseLostError."""
+    y_owned = threading.Event()
+    y_owned.set()
+
+    class DownForY(DropsFirstEventOf):
+        rewrites = 0
+
+        def write(self, b):
+            if self.failed_once and b.shard_id == "shardId-Y":
+                self.rewrites += 1
+                y_owned.clear()  # the lease is lost while the re-write is retried
+                if self.rewrites > 20:  # the old code retried it for ever under X's ownership
+                    raise FatalSinkError("Y re-written after its lease was lost")
+                raise RetriableSinkError("throttled")
+            super().write(b)
+
+    sink = DownForY("shardId-Y")
+    fanout = make_fanout([SinkRunner(sink, fast())], dlq, stop)
+    fanout.deliver(batch_of(1, start=1, shard_id="shardId-Y"), owns=y_owned.is_set)
+    fanout.deliver(batch_of(1, start=2, shard_id="shardId-X"), owns=lambda: True)
+    fanout.flush(owns=lambda: True)
+    assert sink.rewrites == 1
+    assert [(e.source.shard_id, e.sequence_number) for e in sink.flushed] == [("shardId-X", f"{2:021d}")]
+    assert list(dlq.list()) == []
