@@ -58,6 +58,17 @@ order, before anything later of the shard is written; permanent ones are dead-le
 out. So the last write of each event comes after the last write of every earlier event of its
 shard, and a sink that applies writes in the order it gets them (a cache, a plain index) ends
 at each item's last change. The price: later events the sink had already taken arrive again.
+
+Ownership on retries: a flush serves every shard whose events the sink buffers, but what it
+writes again is written only for shards this worker still owns, each under that shard's own
+lease check — the one the events were first written under, never the check of the shard whose
+checkpoint asked for the flush. Events of a shard whose lease was lost (or whose reader ended,
+or which a new reader — ``reset_shard`` — reads again from its checkpoint) are left out of the
+re-write and of an abandoned flush's dead letters (nothing of that shard is written after them,
+so the order rule is untouched): its current owner reads them again from the checkpoint. A
+fenced owner writes no event of the shard again and dead-letters none. (What the sink itself
+buffered of the shard before the loss is not re-sent; a later ``flush`` of the sink may still
+make it durable unless the sink dropped it.)
 Errors are typed (:mod:`pipeline.errors`): ``RetriableSinkError`` (retry with backoff),
 ``PartialSinkError`` (these events failed), ``PermanentSinkError`` (dead-letter),
 ``FatalSinkError`` (stop the shard).
@@ -71,8 +82,9 @@ Errors from ``flush`` (the rule :class:`pipeline.runtime.fanout.FanOut` implemen
   dead-lettered (full event, error, position) at once; ``retriable`` events are written again
   together with every later event of their shard written since the last successful flush
   ("Order on retries"; ``write`` with the normal write retries, one batch per shard in sequence
-  order) and ``flush`` is called again, with backoff. A sink that did keep a named event, or the
-  later ones, gets them twice (idempotent).
+  order) and ``flush`` is called again, with backoff — both only for shards still owned here
+  ("Ownership on retries"). A sink that did keep a named event, or the later ones, gets them
+  twice (idempotent).
 - ``PermanentSinkError``: the buffered events can never be made durable. ``on_failure:
   dead_letter`` dead-letters the events written since the last successful flush and calls
   ``discard_unflushed``; ``block`` stops the shard (``FatalSinkError``): nothing can unblock it.
@@ -80,8 +92,9 @@ Errors from ``flush`` (the rule :class:`pipeline.runtime.fanout.FanOut` implemen
 
 When the retries of a flush run out — only with ``on_failure: dead_letter``, after
 ``retry_budget_s`` seconds — the fan-out dead-letters every event it gave the sink since the
-sink's last successful flush (it keeps those per sink, see :class:`pipeline.runtime.fanout.FanOut`), with
-the sink name and the last error, then calls the sink's ``discard_unflushed()`` so the buffer is
+sink's last successful flush (it keeps those per sink, see :class:`pipeline.runtime.fanout.FanOut`;
+not those of shards no longer owned here, and not again those it dead-lettered already, e.g.
+when a write's budget ran out), with the sink name and the last error, then calls the sink's ``discard_unflushed()`` so the buffer is
 not tried again, and the checkpoint moves. ``on_failure: block`` retries a flush until it
 succeeds (or the worker shuts down, or loses the lease of every shard whose events it flushes),
 holding the checkpoint.

@@ -734,3 +734,141 @@ def wait_for(predicate, what: str, timeout: float = 5.0) -> None:
     from tests.helpers import wait_until
 
     wait_until(predicate, what, timeout=timeout, interval=0.005)
+
+
+# -- a partial or abandoned flush writes nothing of a shard this worker no longer owns ----------
+
+
+class DropsFirstEventOf(BufferingSink):
+    """A buffering sink whose first flush drops the first buffered event of ``shard_id`` and names
+    it retriable (making everything else durable)."""
+
+    def __init__(self, shard_id: str):
+        super().__init__()
+        self.victim_shard = shard_id
+        self.failed_once = False
+
+    def flush(self):
+        with self._lock:
+            victims = [e for e in self._pending if e.source.shard_id == self.victim_shard]
+            if victims and not self.failed_once:
+                self.failed_once = True
+                self.flushed.extend(e for e in self._pending if e is not victims[0])
+                self._pending.clear()
+                raise PartialSinkError("1 dropped", retriable=[(victims[0], "throttled")])
+        super().flush()
+
+
+def test_a_partial_flush_does_not_rewrite_events_of_a_shard_whose_lease_was_lost(dlq, stop):
+    """Without lanes: shard X's reader flushes the sink, which drops an event of shard Y; Y's
+    lease was lost meanwhile. Y's event (and its later ones) is left out — the new owner reads it
+    again from Y's checkpoint — not written under X's ownership."""
+    sink = DropsFirstEventOf("shardId-Y")
+    runner = SinkRunner(sink, fast())
+    fanout = make_fanout([runner], dlq, stop)
+    y_owned = threading.Event()
+    y_owned.set()
+    fanout.deliver(batch_of(2, start=1, shard_id="shardId-Y"), owns=y_owned.is_set)
+    fanout.deliver(batch_of(2, start=3, shard_id="shardId-X"), owns=lambda: True)
+    y_owned.clear()  # Y's lease is lost
+    fanout.flush(owns=lambda: True)  # X's checkpoint flush
+    assert [e.source.shard_id for e in sink.written] == ["shardId-Y"] * 2 + ["shardId-X"] * 2
+    assert list(dlq.list()) == [] and len(runner.unflushed) == 0
+
+
+def test_a_partial_flush_still_rewrites_an_owned_shard_in_order(dlq, stop):
+    """The other side of the rule: Y still owned → its dropped event and every later one of Y are
+    written again, under Y's own ownership check."""
+    sink = DropsFirstEventOf("shardId-Y")
+    fanout = make_fanout([SinkRunner(sink, fast())], dlq, stop)
+    fanout.deliver(batch_of(2, start=1, shard_id="shardId-Y"), owns=lambda: True)
+    fanout.deliver(batch_of(1, start=3, shard_id="shardId-X"), owns=lambda: True)
+    fanout.flush(owns=lambda: True)
+    assert seqs(sink.written[3:]) == [f"{i:021d}" for i in (1, 2)]
+    assert sorted(set(seqs(sink.flushed))) == [f"{i:021d}" for i in (1, 2, 3)]
+
+
+def test_reset_shard_forgets_the_shards_unflushed_events_so_an_abandoned_flush_skips_them(dlq, stop):
+    """A forward checkpoint move (a new reader, reset_shard) skips shard Y's events after the old
+    position; a later abandoned flush (``on_failure: dead_letter``) must not dead-letter them (a
+    redrive would write back what the operator skipped)."""
+    sink = BufferingSink()
+    runner = SinkRunner(sink, fast("dead_letter", budget=0.02))
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch_of(2, start=1, shard_id="shardId-Y"))
+    fanout.deliver(batch_of(1, start=3, shard_id="shardId-X"))
+    fanout.reset_shard("demo-table", "shardId-Y")
+    assert [e.source.shard_id for e in runner.unflushed.snapshot()[1]] == ["shardId-X"]
+    sink.flush_errors = [RetriableSinkError("down")] * 10_000
+    fanout.flush()
+    assert [(e.shard_id, e.sequence_number) for e in dlq.list()] == [("shardId-X", f"{3:021d}")]
+    assert runner.stats.dead_lettered == 1
+
+
+def test_an_abandoned_flush_does_not_dead_letter_events_of_a_shard_whose_lease_was_lost(dlq, stop):
+    sink = BufferingSink()
+    runner = SinkRunner(sink, fast("dead_letter", budget=0.02))
+    fanout = make_fanout([runner], dlq, stop)
+    y_owned = threading.Event()
+    y_owned.set()
+    fanout.deliver(batch_of(2, start=1, shard_id="shardId-Y"), owns=y_owned.is_set)
+    fanout.deliver(batch_of(1, start=3, shard_id="shardId-X"), owns=lambda: True)
+    y_owned.clear()
+    sink.flush_errors = [RetriableSinkError("down")] * 10_000
+    fanout.flush(owns=lambda: True)
+    assert [(e.shard_id, e.sequence_number) for e in dlq.list()] == [("shardId-X", f"{3:021d}")]
+    assert sink.discards == 1 and len(runner.unflushed) == 0
+
+
+def test_events_dead_lettered_when_the_write_budget_ran_out_are_not_counted_again_by_an_abandoned_flush(dlq, stop):
+    """``dead_letter``: a partial write names event 1 retriable; events 2, 3 the sink took are
+    re-sent with it; the budget runs out and all three are dead-lettered. The abandoned flush that
+    follows must not dead-letter (and count) 2 and 3 a second time."""
+    batch = batch_of(3)
+    first = batch.events[0]
+
+    class RefusesTheFirst(BufferingSink):
+        def write(self, b):
+            super().write(replace(b, events=tuple(e for e in b.events if e.sequence_number != first.sequence_number)))
+            if any(e.sequence_number == first.sequence_number for e in b.events):
+                raise PartialSinkError("1 throttled", retriable=[(first, "429")])
+
+    sink = RefusesTheFirst()
+    runner = SinkRunner(sink, fast("dead_letter", budget=0.02))
+    fanout = make_fanout([runner], dlq, stop)
+    fanout.deliver(batch)
+    assert sorted(e.sequence_number for e in dlq.list()) == seqs(batch.events)
+    assert runner.stats.dead_lettered == 3
+    sink.flush_errors = [RetriableSinkError("down")] * 10_000
+    fanout.flush()
+    assert sorted(e.sequence_number for e in dlq.list()) == seqs(batch.events)
+    assert runner.stats.dead_lettered == 3 and sink.discards == 1
+
+
+def test_a_rewrite_whose_shard_loses_its_lease_during_retries_ends_and_the_flush_goes_on(dlq, stop):
+    """Y is owned when the partial flush names its event, then its lease is lost while the re-write
+    is retried (``block``): the re-write of Y ends (nothing more of Y written), and the flush asked
+    for by X goes on and succeeds — it does not end with Y's LeaseLostError."""
+    y_owned = threading.Event()
+    y_owned.set()
+
+    class DownForY(DropsFirstEventOf):
+        rewrites = 0
+
+        def write(self, b):
+            if self.failed_once and b.shard_id == "shardId-Y":
+                self.rewrites += 1
+                y_owned.clear()  # the lease is lost while the re-write is retried
+                if self.rewrites > 20:  # the old code retried it for ever under X's ownership
+                    raise FatalSinkError("Y re-written after its lease was lost")
+                raise RetriableSinkError("throttled")
+            super().write(b)
+
+    sink = DownForY("shardId-Y")
+    fanout = make_fanout([SinkRunner(sink, fast())], dlq, stop)
+    fanout.deliver(batch_of(1, start=1, shard_id="shardId-Y"), owns=y_owned.is_set)
+    fanout.deliver(batch_of(1, start=2, shard_id="shardId-X"), owns=lambda: True)
+    fanout.flush(owns=lambda: True)
+    assert sink.rewrites == 1
+    assert [(e.source.shard_id, e.sequence_number) for e in sink.flushed] == [("shardId-X", f"{2:021d}")]
+    assert list(dlq.list()) == []

@@ -414,3 +414,82 @@ def test_an_idle_shard_polls_less_and_still_delivers_new_records(tmp_path):
     fake.append(SHARD, recs(1, 1))
     wait_until(lambda: sink.written_seqs() == [seq(1, 0)], "the new record delivered", timeout=20)
     assert running.stop() == 0
+
+
+def test_a_partial_flush_asked_for_by_one_shard_writes_nothing_of_a_detached_shard(tmp_path):
+    """Review 13, R2: a sink holds unflushed events of shards X and Y; Y's lease is lost and its
+    reader detaches its lanes; X asks for its checkpoint flush and the sink names a Y event
+    retriable. The fan-out must leave Y's events out (the new owner reads them again from Y's
+    checkpoint), not write them under X's ownership; the runner's record drops Y at the detach."""
+    import structlog as _structlog
+
+    from pipeline.errors import PartialSinkError
+    from pipeline.runtime.fanout import FanOut, SinkRunner
+    from pipeline.runtime.lanes import Lanes
+    from pipeline.testing import make_batch, make_stream_record
+
+    class DropsY(RecordingSink):
+        failed_once = False
+
+        def flush(self):
+            with self._lock:
+                ys = [e for e in self._pending if e.source.shard_id == "shardId-Y"]
+                if ys and not self.failed_once:
+                    self.failed_once = True
+                    self.flushed.extend(e for e in self._pending if e.source.shard_id != "shardId-Y")
+                    self._pending.clear()
+                    raise PartialSinkError("y dropped", retriable=[(ys[0], "throttled")])
+            super().flush()
+
+    def one(shard_id: str, i: int) -> Batch:
+        return make_batch([make_stream_record(keys={"pk": f"{shard_id}-{i}"}, new_image={"pk": f"{shard_id}-{i}"},
+                                              sequence_number=seq(1, i))], shard_id=shard_id)
+
+    sink = DropsY("buffering")
+    runner = SinkRunner(sink, FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01))
+    fanout = FanOut([runner], DirectoryDeadLetterQueue(tmp_path / "dlq"), stop_event=threading.Event(),
+                    logger=_structlog.get_logger("test_lanes"))
+    lanes = Lanes(fanout)
+    try:
+        y_owned = threading.Event()
+        y_owned.set()
+        x = lanes.attach("demo-table", "shardId-X", owns=lambda: True)
+        y = lanes.attach("demo-table", "shardId-Y", owns=y_owned.is_set)
+        y.put(one("shardId-Y", 1), seq(1, 1))
+        x.put(one("shardId-X", 2), seq(1, 2))
+        wait_until(lambda: len(sink.written) == 2, "both batches written")
+        y_owned.clear()  # Y's lease is lost; its reader ends and detaches its lanes
+        y.detach()
+        assert [e.source.shard_id for e in runner.unflushed.snapshot()[1]] == ["shardId-X"]
+        assert x.drain() == seq(1, 2)
+        assert sorted(e.source.shard_id for e in sink.written) == ["shardId-X", "shardId-Y"], \
+            "an event of shard Y was written after Y's lease was lost"
+        assert list(DirectoryDeadLetterQueue(tmp_path / "dlq").list()) == []
+    finally:
+        lanes.stop()
+
+
+def test_the_old_readers_late_detach_does_not_forget_the_new_readers_unflushed_events(tmp_path):
+    """Lanes.attach detaches a straggling reader's lanes for the new reader of the shard; the old
+    reader's own detach (its finally) comes later and must not drop the new reader's record."""
+    import structlog as _structlog
+
+    from pipeline.runtime.fanout import FanOut, SinkRunner
+    from pipeline.runtime.lanes import Lanes
+    from pipeline.testing import make_batch, make_stream_record
+
+    sink = RecordingSink("buffering")
+    runner = SinkRunner(sink, FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01))
+    lanes = Lanes(FanOut([runner], DirectoryDeadLetterQueue(tmp_path / "dlq"), stop_event=threading.Event(),
+                         logger=_structlog.get_logger("test_lanes")))
+    try:
+        old = lanes.attach("demo-table", "shardId-Y")
+        new = lanes.attach("demo-table", "shardId-Y")
+        new.put(make_batch([make_stream_record(keys={"pk": "a"}, new_image={"pk": "a"}, sequence_number=seq(1, 1))],
+                           shard_id="shardId-Y"), seq(1, 1))
+        wait_until(lambda: len(sink.written) == 1, "the new reader's batch written")
+        old.detach()
+        assert [e.sequence_number for e in runner.unflushed.snapshot()[1]] == [seq(1, 1)]
+        assert new.drain() == seq(1, 1)
+    finally:
+        lanes.stop()

@@ -16,7 +16,9 @@ Per sink, per flush (the rule is stated in :mod:`pipeline.sink`):
 - ``PartialSinkError``: the named events are no longer in the sink — permanent ones are
   dead-lettered, retriable ones are written again together with every later event of their
   shard given to the sink since its last successful flush (:func:`resend_after_partial`; the
-  write rules above) and the sink is flushed again, with backoff;
+  write rules above) and the sink is flushed again, with backoff. Only events of shards still
+  owned here: each is re-checked with the ownership check it was written under, and a shard
+  whose lease was lost is left out (its new owner reads it again from the checkpoint);
 - ``PermanentSinkError``: ``dead_letter`` abandons the unflushed events (below); ``block`` makes
   it a ``FatalSinkError`` (the shard stops);
 - ``FatalSinkError``: re-raised.
@@ -24,9 +26,9 @@ Per sink, per flush (the rule is stated in :mod:`pipeline.sink`):
 When the budget is used up, ``on_failure`` decides: ``block`` (default) keeps retrying and so
 holds the shard's checkpoint, logging every attempt; ``dead_letter`` dead-letters what is left and
 goes on. For a flush, "what is left" is every event given to the sink since its last successful
-flush: the fan-out keeps them (:class:`UnflushedEvents`), dead-letters
-them with the sink name and the last error, then calls the sink's ``discard_unflushed()`` and lets
-the checkpoint move. A shutdown request ends the retries with :class:`DeliveryAborted`, so the
+flush: the fan-out keeps them (:class:`UnflushedEvents`), dead-letters them (those of shards
+still owned here, each at most once) with the sink name and the last error, then calls the
+sink's ``discard_unflushed()`` and lets the checkpoint move. A shutdown request ends the retries with :class:`DeliveryAborted`, so the
 checkpoint does not move past undelivered events. Lease loss ends them with
 :class:`~pipeline.errors.LeaseLostError` (``owns``, the shard reader's ownership check, is asked
 before every attempt and during every backoff): a worker that no longer owns the shard writes
@@ -149,16 +151,22 @@ def resend_after_partial(given: Sequence[ChangeEvent], retriable: Sequence[Chang
 
 
 class UnflushedEvents:
-    """The events one sink accepted (``write`` returned for them) since its last successful flush.
+    """The events one sink accepted (``write`` returned for them) since its last successful flush,
+    each with the ownership check of the write that gave it (``owns``, see
+    :meth:`FanOut.deliver_to`; None: no lease).
 
     Kept by the fan-out for every sink: a partial flush writes its retriable events again with the
     later events of their shards from here (:func:`resend_after_partial`), and for an
     ``on_failure: dead_letter`` sink a flush that cannot succeed dead-letters them all
-    (:meth:`FanOut.flush`). Bounded by the flushes: the worker
+    (:meth:`FanOut.flush`) — in both cases only events whose ``owns`` still holds: a shard this
+    worker no longer owns (in the period of ownership that wrote the event) is left to its new
+    owner, who reads it again from the checkpoint. Bounded by the flushes: the worker
     flushes before every checkpoint (``source.checkpoint_interval_s``, any shard's checkpoint
     flushes every sink), so it holds about one checkpoint interval of every shard's events — the
     events a buffering sink holds anyway (references, not copies) — and more only while a flush is
-    being retried. Thread-safe.
+    being retried. A shard's events are forgotten at once when a new reader of it starts
+    (:meth:`forget_shard`: the sink's ``reset_shard``) or its reader detaches its lanes, and those
+    of a lost lease at the next flush (:meth:`forget_unowned`). Thread-safe.
 
     Every :meth:`record` gets a rising serial number; :meth:`mark` taken before a flush and
     :meth:`forget_through` after it forget exactly the events accepted before that flush started
@@ -168,14 +176,16 @@ class UnflushedEvents:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._serial = 0
-        self._events: dict[tuple[str, str, str], tuple[int, ChangeEvent]] = {}
+        self._events: dict[tuple[str, str, str], tuple[int, ChangeEvent, Owns | None]] = {}
+        #: positions of recorded events the fan-out has dead-lettered already (not again at an abandon)
+        self._dead_lettered: set[tuple[str, str, str]] = set()
 
-    def record(self, events: Sequence[ChangeEvent]) -> None:
-        """Note ``events`` as accepted by the sink and not yet flushed."""
+    def record(self, events: Sequence[ChangeEvent], owns: Owns | None = None) -> None:
+        """Note ``events`` as accepted by the sink and not yet flushed, written under ``owns``."""
         with self._lock:
             for event in events:
                 self._serial += 1
-                self._events[_position(event)] = (self._serial, event)
+                self._events[_position(event)] = (self._serial, event, owns)
 
     def mark(self) -> int:
         """The serial of the last event recorded so far (pass it to :meth:`forget_through`)."""
@@ -185,12 +195,48 @@ class UnflushedEvents:
     def forget_through(self, marker: int) -> None:
         """Forget the events recorded up to ``marker`` (they are durable or dead-lettered)."""
         with self._lock:
-            self._events = {pos: item for pos, item in self._events.items() if item[0] > marker}
+            self._keep(lambda item: item[0] > marker)
+
+    def forget_shard(self, table: str, shard_id: str) -> None:
+        """Forget every event of ``(table, shard_id)``: its reader ended or a new one starts from
+        the shard's checkpoint, so they are read (and written) again or skipped on purpose (a
+        checkpoint move) — never re-sent or dead-lettered from here."""
+        with self._lock:
+            self._keep(lambda item: (item[1].source.table, item[1].source.shard_id) != (table, shard_id))
+
+    def forget_unowned(self) -> None:
+        """Forget the events whose ownership check is False now (their shard's lease was lost).
+        The checks are asked outside the lock, once per distinct check."""
+        with self._lock:
+            checks = {id(item[2]): item[2] for item in self._events.values() if item[2] is not None}
+        lost = {key for key, owns in checks.items() if not owns()}
+        if lost:
+            with self._lock:
+                self._keep(lambda item: item[2] is None or id(item[2]) not in lost)
+
+    def note_dead_lettered(self, event: ChangeEvent) -> None:
+        """The fan-out dead-lettered ``event``: if it is recorded, an abandoned flush does not
+        dead-letter (and count) it again (entry ids are deterministic: the entry would be the same)."""
+        with self._lock:
+            if _position(event) in self._events:
+                self._dead_lettered.add(_position(event))
 
     def snapshot(self) -> tuple[int, list[ChangeEvent]]:
         """(marker, the events recorded up to it, in the order they were recorded)."""
+        marker, entries = self.entries()
+        return marker, [ev for ev, _, _ in entries]
+
+    def entries(self) -> tuple[int, list[tuple[ChangeEvent, Owns | None, bool]]]:
+        """(marker, ``(event, owns, dead_lettered)`` for the events recorded up to it, in the order
+        they were recorded; ``dead_lettered``: the fan-out dead-lettered it already)."""
         with self._lock:
-            return self._serial, [ev for _, ev in sorted(self._events.values(), key=lambda item: item[0])]
+            items = sorted(self._events.items(), key=lambda kv: kv[1][0])
+            return self._serial, [(ev, owns, pos in self._dead_lettered) for pos, (_, ev, owns) in items]
+
+    def _keep(self, keep: Callable[[tuple], bool]) -> None:
+        """Keep only the entries for which ``keep((serial, event, owns))`` is true (lock held)."""
+        self._events = {pos: item for pos, item in self._events.items() if keep(item)}
+        self._dead_lettered &= self._events.keys()
 
     def __len__(self) -> int:
         with self._lock:
@@ -341,6 +387,28 @@ class SinkRunner:
         return True
 
 
+class _OwnershipNow:
+    """Whether an event's shard is still owned, asked once per ownership check (one flush's answer
+    is one moment's): ``owners`` maps an event's position to the check it was written under (None:
+    no lease, owned). An event not in ``owners`` is not owned: the fan-out forgot it when its
+    shard's reader ended or a new one started (a sink naming it has it from that earlier time)."""
+
+    def __init__(self, owners: dict[tuple[str, str, str], Owns | None]):
+        self._owners = owners
+        self._answers: dict[int, bool] = {}
+
+    def __call__(self, event: ChangeEvent) -> bool:
+        pos = _position(event)
+        if pos not in self._owners:
+            return False
+        check = self._owners[pos]
+        if check is None:
+            return True
+        if id(check) not in self._answers:
+            self._answers[id(check)] = bool(check())
+        return self._answers[id(check)]
+
+
 class _Remaining(RetriableSinkError):
     """Internal: some events are still to be delivered after this attempt."""
 
@@ -391,13 +459,22 @@ class FanOut:
 
     def flush_one(self, runner: SinkRunner, *, owns: Owns | None = None) -> None:
         """Flush one sink (as :meth:`flush` does for each). ``owns``: as for :meth:`deliver_to` —
-        for a flush, whether any shard whose events it makes durable is still owned. Raises
-        FatalSinkError, DeliveryAborted or LeaseLostError."""
+        for a flush, whether any shard whose events it makes durable is still owned (the flush
+        is retried while it holds). What a ``PartialSinkError`` leaves to write again (or an
+        abandoned flush to dead-letter) is checked per shard instead, with the ownership check
+        each event was written under (:class:`UnflushedEvents`): events of a shard whose lease
+        was lost — or whose reader ended — are left out, neither written nor dead-lettered (its
+        new owner reads them again from the checkpoint), and a re-write is retried only under its
+        own shard's check, never under another shard's. Raises FatalSinkError, DeliveryAborted or
+        LeaseLostError."""
         self._flush_runner(runner, owns)
         runner.stats.flushes += 1
 
     def reset_one(self, runner: SinkRunner, table: str, shard_id: str) -> None:
-        """:meth:`reset_shard` for one sink."""
+        """:meth:`reset_shard` for one sink; the fan-out forgets the shard's unflushed events of
+        that sink too (:meth:`UnflushedEvents.forget_shard`), so no partial or abandoned flush
+        re-sends or dead-letters what the new reader reads again — or what a checkpoint move skipped."""
+        runner.unflushed.forget_shard(table, shard_id)
         reset = getattr(runner.sink, "reset_shard", None)
         if reset is None:
             return
@@ -438,22 +515,31 @@ class FanOut:
 
     def _flush_runner(self, runner: SinkRunner, owns: Owns | None = None) -> None:
         state: dict[str, Any] = {"first_failure": None, "attempts": 0, "last_error": ""}
+        runner.unflushed.forget_unowned()  # a lost lease's events are its new owner's to write
 
         def attempt() -> None:
             state["attempts"] += 1
-            given: list[ChangeEvent] = []  # filled by a partial flush: what the sink was given since its last flush
+            # filled by a partial flush: what the sink was given since its last flush, with the
+            # ownership check each event was written under
+            given: list[tuple[ChangeEvent, Owns | None, bool]] = []
             try:
                 runner.call(lambda: self._flush_call(runner, given))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
+                owners = {_position(ev): check for ev, check, _ in given}
+                owned = _OwnershipNow(owners)
                 for ev, reason in exc.permanent:
-                    self._dead_letter(runner, ev, f"flush: {reason}", state)
+                    if owned(ev):
+                        self._dead_letter(runner, ev, f"flush: {reason}", state)
                 if exc.retriable:
-                    resend = resend_after_partial(given, [ev for ev, _ in exc.retriable],
+                    resend = resend_after_partial([ev for ev, _, _ in given], [ev for ev, _ in exc.retriable],
                                                   [ev for ev, _ in exc.permanent])
-                    self._rewrite(runner, resend, owns)
+                    kept = [ev for ev in resend if owned(ev)]
+                    self._log_left_out(runner, [ev for ev in (*resend, *(e for e, _ in exc.permanent))
+                                                if not owned(ev)])
+                    self._rewrite(runner, kept, owners, owns)
                     raise _Remaining(f"{len(exc.retriable)} failed events and the later ones of their shards "
-                                     f"({len(resend)}) written again, flushing again: {exc}") from exc
+                                     f"({len(kept)}) written again, flushing again: {exc}") from exc
             except (FatalSinkError, DeliveryAborted):
                 raise
             except PermanentSinkError as exc:
@@ -487,33 +573,56 @@ class FanOut:
         try:
             runner.sink.flush()
         except PartialSinkError:
-            given.extend(log.snapshot()[1])
+            given.extend(log.entries()[1])
             log.forget_through(marker)
             raise
         log.forget_through(marker)
 
-    def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent], owns: Owns | None = None) -> None:
+    def _rewrite(self, runner: SinkRunner, events: Sequence[ChangeEvent],
+                 owners: dict[tuple[str, str, str], Owns | None], owns: Owns | None = None) -> None:
         """Write ``events`` (what a partial flush left to write again, :func:`resend_after_partial`;
-        any shards) again: one batch per shard, in sequence order, through the write rules
-        (retries, dead-lettering)."""
+        any shards, all still owned) again: one batch per shard, in sequence order, through the
+        write rules (retries, dead-lettering). Each shard's batch is retried under the ownership
+        check its events were first written under (``owners``: position → check; the flush's
+        ``owns`` for events written without one) — never under another shard's: once its shard's
+        lease is lost, that batch stops (nothing more of it is written) and the next one goes on."""
         groups: dict[tuple[str, str, str], dict[tuple[str, str, str], ChangeEvent]] = {}
         for ev in events:
             src = ev.source
             groups.setdefault((src.table, src.stream_arn, src.shard_id), {})[_position(ev)] = ev
         for (table, stream_arn, shard_id), by_pos in groups.items():
             ordered = sorted(by_pos.values(), key=lambda e: sequence_key(e.sequence_number))
-            self._deliver_batch(runner, Batch(table=table, stream_arn=stream_arn, shard_id=shard_id,
-                                              events=tuple(ordered),
-                                              checkpoint_sequence_number=ordered[-1].sequence_number), owns)
+            checks = list({id(c): c for c in (owners.get(pos) for pos in by_pos) if c is not None}.values())
+            shard_owns = owns if not checks else (lambda checks=checks: all(check() for check in checks))
+            try:
+                self._deliver_batch(runner, Batch(table=table, stream_arn=stream_arn, shard_id=shard_id,
+                                                  events=tuple(ordered),
+                                                  checkpoint_sequence_number=ordered[-1].sequence_number),
+                                    shard_owns)
+            except LeaseLostError:
+                if shard_owns is owns:
+                    raise  # the flush's own check: the flush ends with it
+                continue  # logged by _retry; the shard's new owner reads it from its checkpoint
+
+    def _log_left_out(self, runner: SinkRunner, events: Sequence[ChangeEvent]) -> None:
+        """Log the events of a partial flush left out because their shard is no longer owned here."""
+        if events:
+            self.log.warning("sink_resend_left_out", sink=runner.name, events=len(events),
+                             shards=sorted({ev.source.shard_id for ev in events})[:20],
+                             hint="their shard's lease was lost (or its reader ended): its new owner "
+                                  "reads them again from the checkpoint; nothing of it is written here")
 
     def _abandon_unflushed(self, runner: SinkRunner, error: str, state: dict) -> None:
         """A ``dead_letter`` sink's flush cannot succeed: dead-letter every event it accepted since
-        its last successful flush, then tell it to drop its buffer (``discard_unflushed``), as
+        its last successful flush (of shards still owned here, and not dead-lettered already), then tell it to drop its buffer (``discard_unflushed``), as
         one step with no other call of the sink in between (:meth:`SinkRunner.exclusive`). A
         dead-letter write that fails raises before anything is discarded or forgotten."""
 
         def dead_letter_and_discard() -> int:
-            marker, events = runner.unflushed.snapshot()
+            marker, entries = runner.unflushed.entries()
+            owned = _OwnershipNow({_position(ev): check for ev, check, _ in entries})
+            # not again what the fan-out dead-lettered already; nothing of a shard no longer owned
+            events = [ev for ev, _, done in entries if not done and owned(ev)]
             for ev in events:
                 self._dead_letter(runner, ev, error, state)
             discard = getattr(runner.sink, "discard_unflushed", None)
@@ -558,7 +667,7 @@ class FanOut:
             state["attempts"] += 1
             sub = replace(batch, events=tuple(pending))
             try:
-                runner.call(lambda: self._write_call(runner, sub))
+                runner.call(lambda: self._write_call(runner, sub, owns))
             except PartialSinkError as exc:
                 self._note_failure(state, exc)
                 for ev, reason in exc.permanent:
@@ -623,18 +732,19 @@ class FanOut:
             pending = []
         runner.stats.batches += 1
 
-    def _write_call(self, runner: SinkRunner, sub: Batch) -> None:
+    def _write_call(self, runner: SinkRunner, sub: Batch, owns: Owns | None = None) -> None:
         """One ``sink.write(sub)`` (run inside :meth:`SinkRunner.call`); the events it accepted
-        are recorded in the unflushed log before the call ends, so no flush or discard can run
-        between the sink taking them and the fan-out knowing it."""
+        are recorded in the unflushed log (with ``owns``, the write's ownership check) before the
+        call ends, so no flush or discard can run between the sink taking them and the fan-out
+        knowing it."""
         log = runner.unflushed
         try:
             runner.sink.write(sub)
         except PartialSinkError as exc:
             failed = {_position(ev) for ev, _ in (*exc.retriable, *exc.permanent)}
-            log.record([ev for ev in sub.events if _position(ev) not in failed])
+            log.record([ev for ev in sub.events if _position(ev) not in failed], owns)
             raise
-        log.record(sub.events)
+        log.record(sub.events, owns)
 
     def _retry(self, runner: SinkRunner, batch: Batch | None, fn: Callable[[], None], *, what: str,
                owns: Owns | None = None) -> None:
@@ -736,6 +846,7 @@ class FanOut:
         error = event.decode_error()
         if error is not None:  # a delivery entry holds the rendered event, which this one has not
             self._dead_letter_undecodable(runner, event, error)
+            runner.unflushed.note_dead_lettered(event)
             runner.stats.dead_lettered += 1
             metrics.SINK_DEAD_LETTERED.labels(sink=runner.name).inc()
             return
@@ -750,6 +861,7 @@ class FanOut:
             last_failure=state.get("last_failure") or now,
         )
         entry_id = self.dead_letter.put(entry)
+        runner.unflushed.note_dead_lettered(event)
         runner.stats.dead_lettered += 1
         metrics.SINK_DEAD_LETTERED.labels(sink=runner.name).inc()
         self.log.error(

@@ -303,7 +303,9 @@ class SinkLane(threading.Thread):
         if not snapshot:
             return
         lanes = [lane for lane, _, _ in snapshot]
-        try:  # retried while any shard it flushes for is still owned here
+        # retried while any shard it flushes for is still owned here; what a partial flush writes
+        # again is retried per shard under that shard's own check (the one its lane wrote it under)
+        try:
             self.lanes.fanout.flush_one(self.runner, owns=lambda: any(lane.owns() for lane in lanes))
         except BaseException as exc:  # noqa: BLE001 - every lane of this sink stops with it
             with self.cond:
@@ -342,6 +344,7 @@ class ShardLanes:
         self._durable: str | None = None
         self._durable_serial = 0
         self._held: set[_Item] = set()  # items whose read-budget share is not given back yet
+        self._detached = False
 
     def put(self, batch: Batch, position: str | None, *, abandon: Callable[[], bool] = lambda: False,
             share: Any = None, tick: Callable[[], Any] | None = None) -> None:
@@ -447,8 +450,18 @@ class ShardLanes:
 
     def detach(self) -> None:
         """The reader ends: drop what its lanes still queue (a new reader reads it again from the
-        checkpoint) and stop feeding them. A write in progress finishes in its sink thread."""
+        checkpoint) and stop feeding them; each sink's runner forgets the shard's unflushed events
+        (:meth:`~pipeline.runtime.fanout.UnflushedEvents.forget_shard`: no flush re-sends or
+        dead-letters them here). A write in progress finishes in its sink thread (what it records
+        is written under this reader's ownership check, now False, so no flush uses it either).
+        Idempotent: a second call (the reader's own, after :meth:`Lanes.attach` detached it for
+        a new reader) changes nothing — it must not forget the new reader's events."""
         with self.cond:
+            if self._detached:
+                return
+            self._detached = True
+            for lane in self.members:
+                lane.sink.runner.unflushed.forget_shard(self.table, self.shard_id)
             shares = [item.share for item in self._held if item.share is not None]
             for item in self._held:
                 item.share = None
