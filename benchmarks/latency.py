@@ -224,16 +224,7 @@ class ProbeSink(Sink):
     def write(self, batch: Batch) -> None:
         now = time.time_ns()
         key = (batch.shard_id, batch.checkpoint_sequence_number)
-        found = []
-        for event in batch.events:
-            image = event.after
-            if image is None:
-                continue
-            bench_id, written = image.get(ID_ATTR), image.get(TIME_ATTR)
-            if bench_id is None or written is None:
-                continue
-            phase, _, index = str(bench_id).partition(":")
-            found.append((phase, int(index), int(written)))
+        found = _bench_ids(batch)
         with self._lock:
             self.batches += 1
             for phase, index, written in found:
