@@ -44,7 +44,7 @@ def test_kill_9_mid_snapshot_then_rerun_resumes_and_the_sinks_end_the_same(tmp_p
                        bucket=bucket, os_url=opensearch_url, index=index)
     fill_table(made.client, made.table_name, 4000)
     args = [sys.executable, "-m", "connectors.app.cli", "snapshot", "--config", str(cfg), "--segments", "4",
-            "--max-rcu", "4", "--json"]
+            "--max-rcu", "8", "--json"]  # small pages (~4 items): slow enough to kill mid-way
     first = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     store = SnapshotProgressStore(SQLiteLeaseStore(tmp_path / "leases.sqlite"), "test")
 
