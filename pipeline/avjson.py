@@ -166,7 +166,26 @@ def canonical_value(av: Any, depth: int = 0) -> Any:
         elif tag == "NULL":
             return av if value is True else _NULL.copy()
         elif tag == "SS":
-            if kind is list and all(type(v) is str for v in value) and all(
-                    a < b for a, b in zip(value, value[1:])):
-                return av  # sorted, no duplicates: what sorted(set(value)) gives
+            if kind is list and all(type(v) is str for v in value):
+                if all(a < b for a, b in zip(value, value[1:])):
+                    return av  # sorted, no duplicates: what sorted(set(value)) gives
+                return {"SS": sorted(set(value))}
+        elif tag == "NS":  # sorted(set of the decoded numbers), each as str (encode_value); none may fail
+            if kind is list and value and all(type(v) is str for v in value):
+                try:
+                    numbers = {_create_decimal(v) for v in value}
+                except ArithmeticError:
+                    numbers = None  # the general path raises the DecodeError
+                if numbers is not None and all(n.is_finite() for n in numbers):
+                    texts = [str(n) for n in sorted(numbers)]
+                    return av if texts == value else {"NS": texts}
+        elif tag == "BS":  # sorted(set of the decoded bytes), as standard base64
+            if kind is list and value and all(type(v) is str for v in value):
+                try:
+                    blobs = {_b64decode(v, validate=True) for v in value}
+                except (binascii.Error, ValueError):
+                    blobs = None  # the general path raises the DecodeError
+                if blobs is not None:
+                    texts = [_b64encode(b).decode("ascii") for b in sorted(blobs)]
+                    return av if texts == value else {"BS": texts}
     return encode_value(decode_value(av, depth))
