@@ -1,35 +1,38 @@
 """GetRecords bodies read by msgspec into typed AttributeValue structs, checked in C (issue 16).
 
+``source.read_path: typed`` (and ``auto`` when every sink renders from the wire form).
 :func:`parse_get_records` reads a GetRecords response body (DynamoDB Streams API reference,
 GetRecords: ``{"Records": [Record], "NextShardIterator": str}``; Record and StreamRecord as
 documented there) with msgspec (https://jcristharif.com/msgspec/) against a typed schema instead
-of building plain dicts with orjson. While it parses, msgspec's C code checks what the Python
-canonical walk (:mod:`pipeline.avjson`) would otherwise check value by value:
+of building plain dicts with orjson. While it parses, msgspec's C code checks part of what the
+Python canonical walk (:mod:`pipeline.avjson`) checks value by value:
 
 - every AttributeValue is an object whose keys are known type tags (``S N B BOOL NULL M L SS NS
-  BS``: ``forbid_unknown_fields``) and each tag's value has its JSON type (S / N text, B base64 text
-  — decoded to bytes, BOOL / NULL true or false, M an object, L an array; ``null`` is refused);
+  BS``: ``forbid_unknown_fields``) and each tag's value has its JSON type (S / N / B text, BOOL /
+  NULL true or false, M an object, L an array; ``null`` is refused);
 - maps and lists nest at most :data:`pipeline.codec.MAX_NESTING_DEPTH` levels: there is one
   struct type per level, and the last one has no ``M`` / ``L`` field;
-- SS / NS / BS members are checked and sorted by a decode hook, one Python call per *set*
-  (:class:`WireSet`), not per value.
+- the record and stream-record fields are the documented ones, with their JSON types.
 
-What the schema cannot say is checked on the canonical JSON bytes that msgspec then writes for
-an image (:meth:`WireImage.canonical_json`), by a few byte searches: no value with two tags, no
-``{}`` value (DynamoDB Local's empty map), ``NULL`` only ``true``, every ``N`` text already in
-canonical form (:func:`pipeline.avjson._plain_number_text`'s rule). An image that passes is
-canonical: its bytes are exactly ``orjson.dumps(canonical_item(image))``. One that does not, and
-a body the schema refuses, take the dict path: a refused body is parsed by orjson as before
-(:func:`connectors.dynamodb_streams.fastpath.parse_get_records_body`), an image that fails the
-byte checks is rendered by :func:`pipeline.avjson.canonical_item` from :meth:`WireImage.as_dict`.
-So the results are those of the dict path for every input; ``tests/test_wire_structs.py`` checks
-it differentially.
+A body the schema refuses (anything unusual) is parsed by orjson into plain dicts instead
+(:func:`connectors.dynamodb_streams.fastpath.parse_get_records_body`), and the dict path decides
+what is wrong with it, as without ``typed``.
 
 The records come back as plain dicts (the shape orjson gives) except that ``Keys``, ``NewImage``
 and ``OldImage`` are :class:`WireImage` objects: read-only Mappings over the structs, whose
-:meth:`~WireImage.as_dict` is the AttributeValue JSON as plain dicts (built in C by
-``msgspec.to_builtins``, once). In that dict form B is standard base64 (msgspec re-encodes the
-bytes it decoded), set members are in the order they arrived; everything else is as parsed.
+:meth:`~WireImage.as_dict` is the AttributeValue JSON exactly as parsed, in plain dicts (built in C
+by ``msgspec.to_builtins``, once, when something asks for it: decoding a whole image, a plugin
+reading ``raw_new_image``).
+
+:meth:`WireImage.canonical_json` writes an image's canonical AttributeValue JSON — what the S3
+audit line and the typed OpenSearch document hold — from the structs, in C (msgspec's encoder),
+then checks and fixes the bytes: no value with two tags, no ``{}`` value (DynamoDB Local's empty
+map), ``NULL`` only ``true`` (else: the dict path); ``N`` texts not in plain canonical form
+rewritten to ``str(Decimal)`` (``1e2`` → ``1E+2``), ``B`` texts that are not canonical base64
+re-encoded, sets sorted by a per-set call of :func:`pipeline.avjson.canonical_value` (any of
+these invalid: the dict path). The result is byte for byte ``orjson.dumps(canonical_item(
+image.as_dict()))``; ``tests/test_wire_structs.py`` checks it, and everything else the consumers
+see, differentially against the dict path.
 """
 
 from __future__ import annotations
@@ -175,7 +178,6 @@ _to_builtins = msgspec.to_builtins
 _create_decimal = DYNAMODB_CONTEXT.create_decimal
 _b64decode = base64.b64decode
 _b64encode = base64.b64encode
-_a2b_base64 = binascii.a2b_base64
 
 #: ``,"TAG":`` — a second tag of one value, unless it is a map attribute named like a tag (then
 #: ``}`` comes before it and ``{`` after it: every map value is an object).
@@ -279,25 +281,6 @@ class WireImage(Mapping):
             self._json = value
         return value  # type: ignore[return-value]
 
-    def decoded(self) -> dict[str, Any]:
-        """The image decoded into Python values, exactly what
-        :func:`pipeline.codec.decode_item` gives of :meth:`as_dict` (and raising the same
-        DecodeError). An image that passed the checks of :meth:`canonical_json` is decoded
-        straight from its structs, trusting what those checks established (one tag per value,
-        valid numbers, base64 and sets); any other by ``decode_item(self.as_dict())``."""
-        if self.canonical_json() is None:
-            from pipeline.codec import decode_item
-
-            return decode_item(self.as_dict())  # type: ignore[return-value]
-        out = {}
-        for name, av in self._structs.items():
-            value = av.S
-            if value is UNSET:
-                value = av.N
-                value = _decoded_value(av) if value is UNSET else _create_decimal(value)
-            out[name] = value
-        return out
-
     def attribute(self, name: str) -> Any:
         """One attribute's AttributeValue JSON (plain dicts), without converting the rest."""
         if self._dict is not None:
@@ -328,45 +311,6 @@ class WireImage(Mapping):
 
     def __reduce__(self) -> tuple:
         return (dict, (self.as_dict(),))  # pickles (and deep-copies) as the plain dict
-
-
-def _decoded_value(av: Any) -> Any:
-    """One checked AttributeValue struct (see :meth:`WireImage.decoded`) → its Python value, as
-    :func:`pipeline.codec.decode_value` decodes it."""
-    value = av.S
-    if value is not UNSET:
-        return value
-    value = av.N
-    if value is not UNSET:
-        return _create_decimal(value)
-    value = av.M
-    if value is not UNSET:
-        out = {}
-        for name, child in value.items():
-            leaf = child.S
-            if leaf is UNSET:
-                leaf = child.N
-                leaf = _decoded_value(child) if leaf is UNSET else _create_decimal(leaf)
-            out[name] = leaf
-        return out
-    value = av.L
-    if value is not UNSET:
-        return [_decoded_value(child) for child in value]
-    value = av.BOOL
-    if value is not UNSET:
-        return value
-    if av.NULL is not UNSET:
-        return None
-    value = av.B
-    if value is not UNSET:
-        return _a2b_base64(value)  # checked base64 (canonical_json): binascii decodes it as b64decode does
-    value = av.SS
-    if value is not UNSET:
-        return set(value.raw)
-    value = av.NS
-    if value is not UNSET:
-        return {_create_decimal(v) for v in value.raw}
-    return {_a2b_base64(v) for v in av.BS.raw}
 
 
 def _fields(struct: Any) -> dict[str, Any]:

@@ -267,9 +267,7 @@ class ChangeEvent:
                     from pipeline.codec import decode_item
 
                     try:
-                        raw = getattr(self, raw_slot)
-                        decoded = getattr(raw, "decoded", None)  # a WireImage decodes from its structs
-                        value = decode_item(raw) if decoded is None else decoded()
+                        value = decode_item(_plain(getattr(self, raw_slot)))
                     except Exception as exc:  # noqa: BLE001 — any failure is this image's decode error
                         from pipeline.errors import DecodeError
 
