@@ -187,8 +187,8 @@ _COMMA_TAG = re.compile(rb',"(?:S|N|B|BOOL|NULL|M|L|SS|NS|BS)":')
 #: ``0.`` followed by at most 5 zeros before a non-zero digit or by at most 6 zeros in all); group 1
 #: is its text as written in the JSON.
 _NOT_PLAIN_NUMBER = re.compile(
-    rb'"N":"(?!-?(?=(?:[0-9]\.?){1,38}")(?:[1-9][0-9]*(?:\.[0-9]+)?|0(?:\.(?:0{0,5}[1-9][0-9]*|0{1,6}))?)")'
-    rb'((?:[^"\\]|\\.)*)"')
+    rb'"N":"(?!-?(?:0|[1-9][0-9]{0,37}|(?=[0-9.]{3,39}")(?:[1-9][0-9]*\.[0-9]+|0\.(?:0{0,5}[1-9][0-9]*|0{1,6})))")'
+    rb'([^"]*)"')  # a text with a JSON escape: the group ends at a backslash, which _canonical_number refuses
 
 
 def _canonical_number(match: "re.Match[bytes]") -> bytes:

@@ -24,7 +24,7 @@ from connectors.opensearch.mapping import MappingSpec, typed_json_keeps_names
 from connectors.opensearch.names import escape_field_name
 from connectors.opensearch.sink import OpenSearchSink
 from pipeline import avwire
-from pipeline.avjson import _plain_number_text
+from pipeline.avjson import _canonical_base64, _plain_number_text
 from pipeline.avwire import WireImage
 from pipeline.codec import decode_record
 from pipeline.errors import DecodeError
@@ -175,6 +175,7 @@ def test_the_base64_regex_finds_every_text_that_is_not_canonical(text):
         assert canonical == text
     else:
         assert canonical != text
+    assert (_canonical_base64(text) is not None) == (canonical == text)  # the same rule, for BS members
 
 
 @settings(max_examples=1000, deadline=None)
@@ -233,4 +234,7 @@ def test_the_tag_and_empty_value_checks():
     assert avwire._canonical_json(b'{"a":{"NULL":false}}') is None
     assert avwire._canonical_json(b'{"a":{"N":"1e2"}}') == b'{"a":{"N":"1E+2"}}'
     assert avwire._canonical_json(b'{"a":{"N":"NaN"}}') is None
+    assert avwire._canonical_json(b'{"a":{"N":"1\\n"}}') is None and avwire._canonical_json(b'{"a":{"N":"1\\""}}') is None
+    assert avwire._canonical_json(b'{"a":{"B":"QR=="}}') == b'{"a":{"B":"QQ=="}}'
+    assert avwire._canonical_json(b'{"a":{"B":"Q\\n=="}}') is None
     assert re.search(avwire._COMMA_TAG, b',"SS":[') is not None
