@@ -436,7 +436,7 @@ _ESCAPED_NAME = re.compile(rb'\\(?:[^"\\]|\\.)*":\{')
 #: ``_`` (``_dd…``, the reserved ``_id`` / ``_cdc`` / …), an empty name, or a string starting with
 #: a byte that begins a whitespace character (space, a JSON escape, the UTF-8 lead bytes of U+0085,
 #: U+00A0, U+1680, U+2000–U+205F, U+3000): a blank name is all whitespace (``str.strip``).
-_NAME_MARKERS = (b'"_', b'"":{', b'" ', b'"\\', b'"\xc2', b'"\xe1', b'"\xe2', b'"\xe3')
+_NAME_MARKERS = re.compile(rb'"(?:_|":\{| |\\|[\xc2\xe1\xe2\xe3])')
 #: Names (UTF-8 JSON text) that no level escapes; bounded like the caches below.
 _UNESCAPED_NAMES: set[bytes] = set()
 
@@ -456,7 +456,7 @@ def typed_json_keeps_names(image_json: bytes) -> bool:
     """
     if _DOTTED_NAME.search(image_json) is not None or _ESCAPED_NAME.search(image_json) is not None:
         return False
-    if not any(marker in image_json for marker in _NAME_MARKERS):
+    if _NAME_MARKERS.search(image_json) is None:
         return True
     names = {piece.rpartition(b'"')[2] for piece in image_json.split(_NAME_END)[:-1]}
     names.difference_update(_UNESCAPED_NAMES)
