@@ -108,7 +108,8 @@ def render_breakdown(bodies: Sequence[bytes], *, table: str, stream_arn: str, sh
                      repetitions: int = 3) -> dict[str, float]:
     """CPU ms per 1,000 records of each part of the render way, measured apart (median of
     ``repetitions``; fresh lazy events for each part, so no part profits from another's cached
-    canonical form): ``parse`` (the typed read, as the render way), ``construction`` (decode_record), ``s3_lines``
+    ``typed_parts``; the parsed pages are shared, so with the typed read a ``WireImage``'s canonical
+    JSON is written by the S3 part and reused by the OpenSearch part, as within the render way): ``parse`` (the typed read, as the render way), ``construction`` (decode_record), ``s3_lines``
     (event_to_json_line), ``gzip`` (of those lines, at :data:`GZIP_LEVEL`), ``opensearch`` (typed action
     lines), ``redis`` (cache keys)."""
     import time

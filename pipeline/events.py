@@ -147,7 +147,9 @@ class ChangeEvent:
     - ``raw_keys`` / ``raw_new_image`` / ``raw_old_image``: the same parts in the wire form,
       DynamoDB AttributeValue JSON as parsed (``{"pk": {"S": "a"}}``; ``B`` as base64 text or
       bytes, as the source gave it), or None. Treat them as read-only: they are the objects the
-      record was parsed into, shared with every sink.
+      record was parsed into, shared with every sink. With ``source.read_path: typed`` the event
+      holds :class:`pipeline.avwire.WireImage` objects instead, and these properties give their
+      plain-dict form (the same JSON as parsed, built on first access).
 
     **Lazy decoding** (issue 16). An event read from a stream (:meth:`from_raw`, what
     :func:`pipeline.codec.decode_record` builds) keeps the AttributeValue maps and decodes

@@ -113,6 +113,7 @@ def _assert_same(records):
 @example({"ss": {"SS": ["b", "a", "b"]}, "ns": {"NS": ["2", "1.0", "1"]}}, {"bs": {"BS": ["QQ==", "QR==", "AA=="]}})
 @example({"two": {"S": "a", "N": "1"}, "ml": {"M": {}, "L": []}}, {"S": {"M": {"N": {"S": "x"}}}})
 @example({"n": {"N": "0.0000000060199"}, "e": {"N": "1e2"}, "z": {"N": "007"}}, {"big": {"N": "1" * 39}})
+@example({}, {"pk": {"M": {"a": {"S": ""}, "M": {}}}})  # an attribute named M holding {}: not an empty map
 @example({"L": {"L": [{}, {"NULL": True}, {"M": {"": {"S": ""}, " ": {"BOOL": True}}}]}}, {"_cdc": {"S": "x"}})
 def test_the_typed_read_gives_what_the_dict_path_gives(new, old):
     _assert_same([_record(new, old or None)])
@@ -228,7 +229,8 @@ def test_the_name_check_agrees_with_escaping_every_name(image):
 
 def test_the_tag_and_empty_value_checks():
     assert avwire._canonical_json(b'{"a":{"S":"x","N":"1"}}') is None
-    assert avwire._canonical_json(b'{"a":{"M":{}},"b":{"M":{"N":{"S":"x"}}}}') is not None
+    assert avwire._canonical_json(b'{"b":{"M":{"N":{"S":"x"}}}}') is not None
+    assert avwire._canonical_json(b'{"a":{"M":{"M":{}}}}') is None  # empty map or M holding {}: dict path
     assert avwire._canonical_json(b'{"a":{"M":{"x":{"S":"y"}},"L":[]}}') is None
     assert avwire._canonical_json(b'{"a":{}}') is None and avwire._canonical_json(b"{}") == b"{}"
     assert avwire._canonical_json(b'{"a":{"NULL":false}}') is None
