@@ -127,6 +127,8 @@ def run_pipeline_once(stream: inputs.RecordedStream, *, read_path: str = "fast",
     from pipeline.events import SHARD_END
 
     double = inputs.StreamsHTTPDouble(stream.stream_arn, recorded=stream)
+    if render and read_path == "fast":
+        read_path = "typed"  # what source.read_path: auto picks for three sinks that render the wire form
     source = inputs.make_source(double, read_path=read_path)
     with tempfile.TemporaryDirectory(prefix="ddb-cdc-bench-") as workdir:
         if render:

@@ -1,8 +1,8 @@
 """What the three built-in sinks compute per change, without network I/O (issue 16 "render").
 
 - **S3 audit**: :func:`pipeline.render.event_to_json_line` per event, the batch's lines joined
-  and ``gzip.compress(lines, 6, mtime=0)`` (the sink's default level; the sink compresses a whole
-  buffer per upload, which costs the same per byte);
+  and ``gzip.compress(lines, level, mtime=0)`` at the sink's default ``compress_level``
+  (:data:`GZIP_LEVEL`; the sink compresses a whole buffer per upload, which costs the same per byte);
 - **OpenSearch** (``typed`` mapping, the default without declared fields): the bulk action lines
   of every event — ``index`` meta line + ``_source`` for INSERT / MODIFY, a ``delete`` line for a
   REMOVE — rendered by a real :class:`connectors.opensearch.sink.OpenSearchSink` (never opened)
@@ -22,6 +22,14 @@ from typing import Any, Sequence
 
 import orjson
 
+def _default_gzip_level() -> int:
+    from connectors.s3.audit import S3AuditSink
+
+    return S3AuditSink.Options(bucket="b").compress_level
+
+
+#: The S3 audit sink's default gzip level (``compress_level``), what the render way compresses at.
+GZIP_LEVEL = _default_gzip_level()
 #: The Redis key templates of the benchmark: one from the key, one from an image attribute.
 REDIS_TEMPLATES = ["order:{pk}:{sk}", "city:{city}"]
 INDEX = "bench"
@@ -43,7 +51,7 @@ class Renderers:
     def s3_body(self, events: Sequence[Any]) -> bytes:
         from pipeline.render import event_to_json_line
 
-        return gzip.compress(b"".join([event_to_json_line(ev) for ev in events]), 6, mtime=0)
+        return gzip.compress(b"".join([event_to_json_line(ev) for ev in events]), GZIP_LEVEL, mtime=0)
 
     def opensearch_lines(self, events: Sequence[Any]) -> list[bytes]:
         from pipeline.events import Operation
@@ -79,6 +87,7 @@ def render_sinks() -> list[Any]:
 
     class _Render(Sink):
         thread_safe = True
+        renders_wire_form = True  # as the three sinks whose work it does
 
         def __init__(self, sink_name: str, fn: Any):
             super().__init__(sink_name)
@@ -99,8 +108,9 @@ def render_breakdown(bodies: Sequence[bytes], *, table: str, stream_arn: str, sh
                      repetitions: int = 3) -> dict[str, float]:
     """CPU ms per 1,000 records of each part of the render way, measured apart (median of
     ``repetitions``; fresh lazy events for each part, so no part profits from another's cached
-    canonical form): ``parse`` (orjson), ``construction`` (decode_record), ``s3_lines``
-    (event_to_json_line), ``gzip`` (of those lines, level 6), ``opensearch`` (typed action
+    ``typed_parts``; the parsed pages are shared, so with the typed read a ``WireImage``'s canonical
+    JSON is written by the S3 part and reused by the OpenSearch part, as within the render way): ``parse`` (the typed read, as the render way), ``construction`` (decode_record), ``s3_lines``
+    (event_to_json_line), ``gzip`` (of those lines, at :data:`GZIP_LEVEL`), ``opensearch`` (typed action
     lines), ``redis`` (cache keys)."""
     import time
 
@@ -109,7 +119,7 @@ def render_breakdown(bodies: Sequence[bytes], *, table: str, stream_arn: str, sh
     from pipeline.codec import decode_record
     from pipeline.render import event_to_json_line
 
-    parse, _ = _parse_fast_body()
+    parse, _ = _parse_fast_body(typed=True)
     renderers = Renderers()
     records = 0
     parts: dict[str, list[float]] = {k: [] for k in ("parse", "construction", "s3_lines", "gzip", "opensearch", "redis")}
@@ -130,7 +140,7 @@ def render_breakdown(bodies: Sequence[bytes], *, table: str, stream_arn: str, sh
         timed("construction", events_of, pages)
         lines = timed("s3_lines", lambda evs: [b"".join([event_to_json_line(e) for e in page]) for page in evs],
                       events_of(pages))
-        timed("gzip", lambda ls: [gzip.compress(x, 6, mtime=0) for x in ls], lines)
+        timed("gzip", lambda ls: [gzip.compress(x, GZIP_LEVEL, mtime=0) for x in ls], lines)
         timed("opensearch", lambda evs: [renderers.opensearch_lines(page) for page in evs], events_of(pages))
         timed("redis", lambda evs: [renderers.redis_keys(page) for page in evs], events_of(pages))
     return {name: 1000 * median(ts) * 1000 / records for name, ts in parts.items()}

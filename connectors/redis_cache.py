@@ -214,6 +214,7 @@ class RedisCacheSink(Sink):
     """
 
     Options = RedisCacheOptions
+    renders_wire_form = True  # decodes only the attributes its templates name (event.attributes)
     options: RedisCacheOptions
 
     def __init__(self, name: str, options: RedisCacheOptions | None = None):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from itertools import islice
 from typing import Any, Mapping
 
@@ -26,6 +27,11 @@ from pipeline.codec import MAX_NESTING_DEPTH, _create_decimal, decode_item, deco
 from pipeline.errors import DecodeError
 
 _NULL = {"NULL": True}
+#: Standard base64 with padding and zero trailing bits: the text ``b64encode`` gives, so
+#: ``b64encode(b64decode(text)) == text`` and ``binascii.a2b_base64`` decodes it as ``b64decode`` does.
+_canonical_base64 = re.compile(
+    r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?").fullmatch
+_a2b_base64 = binascii.a2b_base64
 _b64decode = base64.b64decode
 _b64encode = base64.b64encode
 
@@ -166,7 +172,29 @@ def canonical_value(av: Any, depth: int = 0) -> Any:
         elif tag == "NULL":
             return av if value is True else _NULL.copy()
         elif tag == "SS":
-            if kind is list and all(type(v) is str for v in value) and all(
-                    a < b for a, b in zip(value, value[1:])):
-                return av  # sorted, no duplicates: what sorted(set(value)) gives
+            if kind is list and all(type(v) is str for v in value):
+                if all(a < b for a, b in zip(value, value[1:])):
+                    return av  # sorted, no duplicates: what sorted(set(value)) gives
+                return {"SS": sorted(set(value))}
+        elif tag == "NS":  # sorted(set of the decoded numbers), each as str (encode_value); none may fail
+            if kind is list and value and all(type(v) is str for v in value):
+                try:
+                    numbers = {_create_decimal(v) for v in value}
+                except ArithmeticError:
+                    numbers = None  # the general path raises the DecodeError
+                if numbers is not None and all(n.is_finite() for n in numbers):
+                    texts = [str(n) for n in sorted(numbers)]
+                    return av if texts == value else {"NS": texts}
+        elif tag == "BS":  # sorted(set of the decoded bytes), as standard base64
+            if kind is list and value and all(type(v) is str and _canonical_base64(v) for v in value):
+                texts = sorted(set(value), key=_a2b_base64)  # canonical texts: one per distinct value
+                return av if texts == value else {"BS": texts}
+            if kind is list and value and all(type(v) is str for v in value):
+                try:
+                    blobs = {_b64decode(v, validate=True) for v in value}
+                except (binascii.Error, ValueError):
+                    blobs = None  # the general path raises the DecodeError
+                if blobs is not None:
+                    texts = [_b64encode(b).decode("ascii") for b in sorted(blobs)]
+                    return av if texts == value else {"BS": texts}
     return encode_value(decode_value(av, depth))

@@ -23,7 +23,7 @@ from decimal import Clamped, Context, Decimal, Inexact, InvalidOperation, Overfl
 from typing import Any, Mapping, Sequence
 
 from pipeline.errors import DecodeError
-from pipeline.events import ChangeEvent, Operation, Source
+from pipeline.events import ChangeEvent, Operation, Source, _plain
 
 #: DynamoDB's number context: 38 digits of precision, exponents −128..+126 as boto3 uses it
 #: (boto3/dynamodb/types.py ``DYNAMODB_CONTEXT``); any *inexact* rounding is an error, never
@@ -509,7 +509,7 @@ def decode_record(record: Mapping[str, Any], *, table: str, stream_arn: str, sha
     sequence_number = body.get("SequenceNumber")
     created = parse_creation_time(body.get("ApproximateCreationDateTime"))
     version = record_version(created, sequence_number, floor=version_floor)  # validates the sequence number
-    raw_keys = body.get("Keys")
+    raw_keys = _plain(body.get("Keys"))  # a WireImage (read by msgspec) as its dict: keys are decoded now
     keys = decode_item(raw_keys)
     if not keys:
         raise DecodeError("record has no Keys")

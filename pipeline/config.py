@@ -60,9 +60,13 @@ class SourceConfig(_Strict):
     - ``on_trimmed``: when a checkpoint lies behind the 24-hour trim horizon (or the shard left
       the stream unread): ``fail`` (default) stops the shard, ``skip`` goes on from TRIM_HORIZON;
       either way a gap is recorded in the lease table, logged as an error and shown by status.
-    - ``read_path``: how GetRecords responses are parsed: ``fast`` (default; orjson, see
-      ``connectors.dynamodb_streams.fastpath``) or ``boto3`` (botocore's shape-driven parser, for
-      comparison). Both give identical change events.
+    - ``read_path``: how GetRecords responses are parsed: ``auto`` (default): ``typed`` when every
+      sink renders from the wire form (``Sink.renders_wire_form``: the S3 audit sink, OpenSearch's
+      ``typed`` mapping, the Redis cache sink, unshaped), else ``fast``; ``fast``: orjson into plain
+      dicts (``connectors.dynamodb_streams.fastpath``); ``typed``: msgspec into checked
+      AttributeValue structs (``pipeline.avwire``: rendering the S3 line and the typed OpenSearch
+      document costs least, decoding whole images more than from dicts); ``boto3``: botocore's
+      shape-driven parser, for comparison. All give identical change events.
     """
 
     table: str | None = None
@@ -70,7 +74,7 @@ class SourceConfig(_Strict):
     tables: list[str] = Field(default_factory=list)
     stream_arns: list[str] = Field(default_factory=list)
     start_position: Literal["TRIM_HORIZON", "LATEST"] = "TRIM_HORIZON"
-    read_path: Literal["fast", "boto3"] = "fast"
+    read_path: Literal["auto", "fast", "typed", "boto3"] = "auto"
     max_records_per_call: int = Field(1000, ge=1, le=1000)
     idle_interval_ms: int = Field(250, ge=0, le=60_000)
     max_idle_interval_ms: int = Field(DEFAULT_MAX_IDLE_INTERVAL_MS, ge=0, le=300_000)

@@ -147,7 +147,9 @@ class ChangeEvent:
     - ``raw_keys`` / ``raw_new_image`` / ``raw_old_image``: the same parts in the wire form,
       DynamoDB AttributeValue JSON as parsed (``{"pk": {"S": "a"}}``; ``B`` as base64 text or
       bytes, as the source gave it), or None. Treat them as read-only: they are the objects the
-      record was parsed into, shared with every sink.
+      record was parsed into, shared with every sink. With ``source.read_path: typed`` the event
+      holds :class:`pipeline.avwire.WireImage` objects instead, and these properties give their
+      plain-dict form (the same JSON as parsed, built on first access).
 
     **Lazy decoding** (issue 16). An event read from a stream (:meth:`from_raw`, what
     :func:`pipeline.codec.decode_record` builds) keeps the AttributeValue maps and decodes
@@ -172,7 +174,7 @@ class ChangeEvent:
     """
 
     __slots__ = ("operation", "key_id", "source", "version", "_keys", "_before", "_after",
-                 "_raw_keys", "_raw_new", "_raw_old", "_typed")
+                 "_raw_keys", "_raw_new", "_raw_old", "_typed", "_typed_json")
     __dataclass_fields__ = _EventFields.__dataclass_fields__
     __dataclass_params__ = _EventFields.__dataclass_params__  # type: ignore[attr-defined]
     __match_args__ = ("operation", "keys", "key_id", "before", "after", "source", "version")
@@ -193,6 +195,7 @@ class ChangeEvent:
         s(self, "_raw_new", _UNSET)
         s(self, "_raw_old", _UNSET)
         s(self, "_typed", None)
+        s(self, "_typed_json", None)
 
     @classmethod
     def from_raw(cls, operation: Operation, *, raw_keys: Mapping[str, Any],
@@ -231,6 +234,7 @@ class ChangeEvent:
         s(event, "_raw_new", raw_new_image)
         s(event, "_raw_old", raw_old_image)
         s(event, "_typed", None)
+        s(event, "_typed_json", None)
         return event
 
     # -- decoded parts (lazy) -----------------------------------------------------------------
@@ -265,7 +269,7 @@ class ChangeEvent:
                     from pipeline.codec import decode_item
 
                     try:
-                        value = decode_item(getattr(self, raw_slot))
+                        value = decode_item(_plain(getattr(self, raw_slot)))
                     except Exception as exc:  # noqa: BLE001 — any failure is this image's decode error
                         from pipeline.errors import DecodeError
 
@@ -307,7 +311,8 @@ class ChangeEvent:
             return {name: value[name] for name in names if name in value}
         from pipeline.codec import decode_value
 
-        return {name: decode_value(raw[name]) for name in names if name in raw}
+        attribute = getattr(raw, "attribute", raw.__getitem__)  # a WireImage converts only these
+        return {name: decode_value(attribute(name)) for name in names if name in raw}
 
     @property
     def is_lazy(self) -> bool:
@@ -320,19 +325,19 @@ class ChangeEvent:
     def raw_keys(self) -> Mapping[str, Any]:
         """The key attributes as AttributeValue JSON (as read, or encoded from ``keys``)."""
         value = self._raw_keys
-        return self._encoded("_raw_keys", "_keys") if value is _UNSET else value
+        return self._encoded("_raw_keys", "_keys") if value is _UNSET else _plain(value)
 
     @property
     def raw_new_image(self) -> Mapping[str, Any] | None:
         """NewImage as AttributeValue JSON (as read, or encoded from ``after``), or None."""
         value = self._raw_new
-        return self._encoded("_raw_new", "_after") if value is _UNSET else value
+        return self._encoded("_raw_new", "_after") if value is _UNSET else _plain(value)
 
     @property
     def raw_old_image(self) -> Mapping[str, Any] | None:
         """OldImage as AttributeValue JSON (as read, or encoded from ``before``), or None."""
         value = self._raw_old
-        return self._encoded("_raw_old", "_before") if value is _UNSET else value
+        return self._encoded("_raw_old", "_before") if value is _UNSET else _plain(value)
 
     def _encoded(self, slot: str, decoded_slot: str) -> Any:
         from pipeline.codec import encode_item
@@ -362,8 +367,8 @@ class ChangeEvent:
                 if self._raw_keys is _UNSET:  # an eager event: encode its decoded values
                     typed = (encode_item(self._keys), encode_item(self.before), encode_item(self.after))
                 else:
-                    typed = (canonical_item(self._raw_keys), canonical_item(self._raw_old),
-                             canonical_item(self._raw_new))
+                    typed = (canonical_item(_plain(self._raw_keys)), canonical_item(_plain(self._raw_old)),
+                             canonical_item(_plain(self._raw_new)))
             except Exception as exc:  # noqa: BLE001
                 from pipeline.errors import DecodeError
 
@@ -373,6 +378,42 @@ class ChangeEvent:
         if type(typed) is _Failed:
             raise type(typed.error)(*typed.error.args)
         return typed
+
+    def typed_json_parts(self) -> tuple[bytes, bytes | None, bytes | None]:
+        """:meth:`typed_parts` as JSON bytes, cached: ``orjson.dumps`` of each part (None stays
+        None), byte for byte. A part read by msgspec (:class:`pipeline.avwire.WireImage`) is
+        written from its structs without building dicts
+        (:meth:`~pipeline.avwire.WireImage.canonical_json`); the others as in :meth:`typed_parts`.
+
+        Raises DecodeError (every call) when a part cannot be decoded.
+        """
+        typed = self._typed_json
+        if typed is None:
+            typed = (self._typed_json_part(0, self._raw_keys), self._typed_json_part(1, self._raw_old),
+                     self._typed_json_part(2, self._raw_new))
+            object.__setattr__(self, "_typed_json", typed)  # a race computes equal values
+        return typed
+
+    def _typed_json_part(self, index: int, raw: Any) -> bytes | None:
+        import orjson
+
+        if raw is None:
+            return None
+        canonical_json = getattr(raw, "canonical_json", None)
+        if canonical_json is not None:  # a WireImage
+            data = canonical_json()
+            if data is not None:
+                return data
+        elif type(raw) is dict and self._typed is None:  # one part alone (the others may be WireImages)
+            from pipeline.avjson import canonical_item
+            from pipeline.errors import DecodeError
+
+            try:
+                return orjson.dumps(canonical_item(raw))
+            except DecodeError:
+                pass  # typed_parts raises it, and keeps it for every later call
+        part = self.typed_parts()[index]
+        return None if part is None else orjson.dumps(part)
 
     # -- the rest of the API ------------------------------------------------------------------
 
@@ -403,11 +444,7 @@ class ChangeEvent:
                                 "SizeBytes": src.size_bytes, "StreamViewType": src.stream_view_type}
         if src.approximate_creation_time is not None:
             body["ApproximateCreationDateTime"] = src.approximate_creation_time.timestamp()
-        new, old = self._raw_new, self._raw_old
-        if new is _UNSET:
-            new = self.raw_new_image
-        if old is _UNSET:
-            old = self.raw_old_image
+        new, old = self.raw_new_image, self.raw_old_image
         if new is not None:
             body["NewImage"] = new
         if old is not None:
@@ -450,7 +487,7 @@ class ChangeEvent:
                 f"version={self.version!r})")
 
     def __reduce__(self) -> tuple:
-        state = tuple(getattr(self, name) for name in self.__slots__[:-1])  # the cache is not pickled
+        state = tuple(getattr(self, name) for name in self.__slots__[:-2])  # the caches are not pickled
         return (_rebuild_event, state)
 
     def __copy__(self) -> "ChangeEvent":
@@ -459,16 +496,26 @@ class ChangeEvent:
     def __deepcopy__(self, memo: dict) -> "ChangeEvent":
         import copy
 
-        return _rebuild_event(*copy.deepcopy(tuple(getattr(self, n) for n in self.__slots__[:-1]), memo))
+        return _rebuild_event(*copy.deepcopy(tuple(getattr(self, n) for n in self.__slots__[:-2]), memo))
 
 
 def _rebuild_event(*state: Any) -> ChangeEvent:
-    """Unpickle a :class:`ChangeEvent` (its slots in order, ``_typed`` left empty)."""
+    """Unpickle a :class:`ChangeEvent` (its slots in order, the caches left empty)."""
     event = ChangeEvent.__new__(ChangeEvent)
     for name, value in zip(ChangeEvent.__slots__, state):
         object.__setattr__(event, name, value)
     object.__setattr__(event, "_typed", None)
+    object.__setattr__(event, "_typed_json", None)
     return event
+
+
+def _plain(value: Any) -> Any:
+    """A part in the wire form as plain dicts: a :class:`pipeline.avwire.WireImage` (a part read
+    by msgspec) as its ``as_dict()``, anything else as it is."""
+    if type(value) is dict or value is None:
+        return value
+    as_dict = getattr(value, "as_dict", None)
+    return value if as_dict is None else as_dict()
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,9 +121,12 @@ def event_to_record_dict(event: ChangeEvent) -> dict[str, Any]:
     The maps may share objects with the event's ``raw_*`` parts: treat the result as read-only.
     Raises DecodeError when a part cannot be decoded.
     """
+    return _record_dict(event, *event.typed_parts())
+
+
+def _record_dict(event: ChangeEvent, keys: Any, before: Any, after: Any) -> dict[str, Any]:
     src = event.source
     created = src.approximate_creation_time
-    keys, before, after = event.typed_parts()
     return {
         "op": event.op,
         "operation": event.operation.value,
@@ -146,9 +149,17 @@ def event_to_record_dict(event: ChangeEvent) -> dict[str, Any]:
     }
 
 
+_Fragment = orjson.Fragment
+
+
 def event_to_json_line(event: ChangeEvent) -> bytes:
-    """:func:`event_to_record_dict` as one JSON line (bytes, ending in ``\\n``)."""
-    return orjson.dumps(event_to_record_dict(event), option=orjson.OPT_APPEND_NEWLINE)
+    """:func:`event_to_record_dict` as one JSON line (bytes, ending in ``\\n``).
+
+    Written from :meth:`ChangeEvent.typed_json_parts` (each part's JSON bytes, inserted as they
+    are): byte for byte ``orjson.dumps(event_to_record_dict(event))`` + newline."""
+    keys, before, after = event.typed_json_parts()
+    return orjson.dumps(_record_dict(event, _Fragment(keys), before and _Fragment(before),
+                                     after and _Fragment(after)), option=orjson.OPT_APPEND_NEWLINE)
 
 
 def event_from_record_dict(data: Mapping[str, Any]) -> ChangeEvent:

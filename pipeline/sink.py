@@ -174,6 +174,13 @@ class Sink:
     """
 
     Options: ClassVar[type[SinkOptions]] = SinkOptions
+    #: True when the sink's per-change work reads only the events' wire form — the typed JSON of
+    #: :meth:`~pipeline.events.ChangeEvent.typed_json_parts`, a few named attributes
+    #: (``event.attributes``) — and never decodes whole images. When every sink of a worker says
+    #: so, ``source.read_path: auto`` reads GetRecords bodies into checked structs
+    #: (:mod:`pipeline.avwire`), which such sinks render fastest and whole-image decoding reads
+    #: slower than plain dicts. False (the default) is always correct.
+    renders_wire_form: bool = False
 
     def __init__(self, name: str, options: SinkOptions | None = None):
         self.name = name

@@ -76,6 +76,7 @@ def test_fast_path_decodes_exactly_what_the_boto3_path_decodes(recs, next_iterat
     assert fast.get("NextShardIterator") == slow.get("NextShardIterator")
     slow_events, fast_events = _events(slow), _events(fast)
     assert fast_events == slow_events
+    assert _events(parse_get_records_body(body, typed=True)) == slow_events  # read_path: typed (msgspec)
     # the shapes differ (datetime/bytes vs epoch/base64) but every derived field agrees
     for a, b in zip(fast_events, slow_events):
         assert a.version == b.version and a.key_id == b.key_id
@@ -119,6 +120,8 @@ def test_fast_and_boto3_read_paths_agree_on_dynamodb_local(table_with_changes):
     assert fast.read_path == "fast"
     fast_events, slow_events = _read_all(fast), _read_all(slow)
     assert len(fast_events) == 300 and fast_events == slow_events
+    typed = DynamoDBStreamSource(aws, table=table, read_path="typed")  # its own client: its own hook
+    assert _read_all(typed) == slow_events
     # the fast path hands back the wire JSON untouched (epoch seconds, base64 text)
     it = fast.get_iterator(fast.list_shards()[0].shard_id, "TRIM_HORIZON")
     record = fast.get_records(it, 5).records[0]
@@ -130,7 +133,7 @@ def test_fast_and_boto3_read_paths_agree_on_dynamodb_local(table_with_changes):
 def test_errors_are_botocores_on_the_fast_path(table_with_changes):
     endpoint, table = table_with_changes
     aws = AwsConfig(region="us-east-1", endpoint_url=endpoint, max_attempts=1)
-    for read_path in ("fast", "boto3"):
+    for read_path in ("fast", "typed", "boto3"):
         source = DynamoDBStreamSource(aws, table=table, read_path=read_path)
         with pytest.raises(SourceError) as info:
             source.get_records("not-an-iterator", 10)
@@ -146,4 +149,4 @@ def test_read_path_is_configurable(monkeypatch, tmp_path):
                    "key_templates: ['k:{pk}']}}]\n")
     assert load_settings(cfg).source.read_path == "boto3"
     monkeypatch.delenv("DDB_CDC_SOURCE__READ_PATH")
-    assert load_settings(cfg).source.read_path == "fast"
+    assert load_settings(cfg).source.read_path == "auto"  # since issue 16: typed or fast, from the sinks

@@ -168,7 +168,7 @@ def _body(s3, bucket, key) -> bytes:
 def test_options_defaults_and_validation():
     o = S3AuditSink.Options(bucket="b")
     assert (o.prefix, o.max_buffer_bytes, o.max_buffer_age_s, o.sse, o.kms_key_id, o.compress_level) == (
-        "ddb-cdc", 8 * 1024 * 1024, 60.0, None, None, 6)
+        "ddb-cdc", 8 * 1024 * 1024, 60.0, None, None, 1)  # level 1 since issue 16 (BENCHMARKS.md)
     assert S3AuditSink.Options(bucket="b", sse="none").sse is None
     assert S3AuditSink.Options(bucket="b", sse="aws:kms").kms_key_id is None  # AWS managed key
     assert S3AuditSink.Options(bucket="b", sse="aws:kms", kms_key_id="alias/x").kms_key_id == "alias/x"

@@ -18,10 +18,22 @@ from pipeline.runtime.shard_consumer import ShardSettings
 from pipeline.runtime.worker import Worker
 
 
-def build_sources(settings: Settings, *, describe_retry_s: float | None = None) -> list[Any]:
+def resolve_read_path(read_path: str, sinks: list | None) -> str:
+    """``source.read_path`` with ``auto`` resolved for ``sinks``: ``typed`` when there are sinks
+    and every one renders from the wire form (``Sink.renders_wire_form``), else ``fast``; any other
+    value as it is."""
+    if read_path != "auto":
+        return read_path
+    wire = bool(sinks) and all(getattr(sink, "renders_wire_form", False) for sink in sinks)
+    return "typed" if wire else "fast"
+
+
+def build_sources(settings: Settings, *, describe_retry_s: float | None = None, sinks: list | None = None) -> list[Any]:
     """One DynamoDB Streams source per configured table / stream ARN. Raises SourceError.
     ``describe_retry_s``: how long DescribeTable's transient errors are retried (default
-    :data:`connectors.dynamodb_streams.source.DESCRIBE_TABLE_RETRY_S`; 0 for one attempt)."""
+    :data:`connectors.dynamodb_streams.source.DESCRIBE_TABLE_RETRY_S`; 0 for one attempt).
+    ``sinks``: the worker's sinks, which decide ``read_path: auto`` (:func:`resolve_read_path`;
+    without them ``auto`` is ``fast``)."""
     from connectors.aws import make_client
     from connectors.dynamodb_streams.source import DESCRIBE_TABLE_RETRY_S, DynamoDBStreamSource
 
@@ -31,7 +43,7 @@ def build_sources(settings: Settings, *, describe_retry_s: float | None = None) 
     for kind, value in settings.source.stream_specs():
         kwargs = {kind: value}
         sources.append(DynamoDBStreamSource(settings.aws, dynamodb=dynamodb, streams=streams,
-                                            read_path=settings.source.read_path,
+                                            read_path=resolve_read_path(settings.source.read_path, sinks),
                                             describe_retry_s=(DESCRIBE_TABLE_RETRY_S if describe_retry_s is None
                                                               else describe_retry_s), **kwargs))
     return sources
@@ -71,7 +83,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
     policies = {c.name: FailurePolicy.from_config(c) for c in settings.sinks}
     src = settings.source
     return Worker(
-        sources=sources if sources is not None else build_sources(settings),
+        sources=sources if sources is not None else build_sources(settings, sinks=sinks),
         lease_store=lease_store if lease_store is not None else build_lease_store(settings),
         sinks=sinks,
         dead_letter=build_dead_letter(settings),

@@ -69,9 +69,11 @@ class DynamoDBStreamSource:
     """A table's stream, named by table (→ LatestStreamArn) or by stream ARN.
 
     ``dynamodb`` / ``streams`` clients may be passed in (tests); otherwise they are built from
-    ``aws``. ``read_path``: ``fast`` (default: GetRecords bodies parsed by orjson, records as raw
-    JSON dicts — :mod:`connectors.dynamodb_streams.fastpath`) or ``boto3`` (botocore's
-    shape-driven parser; records with datetime and bytes values). Both decode to identical change
+    ``aws``. ``read_path``: ``fast`` (default, and what ``auto`` means here — the worker's wiring
+    resolves ``auto`` from its sinks: ``connectors.app.wiring.resolve_read_path``): GetRecords
+    bodies parsed by orjson, records as raw JSON dicts — :mod:`connectors.dynamodb_streams.fastpath`;
+    ``typed``: read by msgspec into checked structs (:mod:`pipeline.avwire`); ``boto3``: botocore's
+    shape-driven parser (records with datetime and bytes values). All decode to identical change
     events. Raises SourceError with a one-line fix when the table has no stream or cannot be
     described. DescribeTable errors that pass (5xx, timeouts, refused connections) are retried
     with backoff for ``describe_retry_s`` (default :data:`DESCRIBE_TABLE_RETRY_S`, 120 s) first.
@@ -82,11 +84,13 @@ class DynamoDBStreamSource:
                  describe_retry_s: float = DESCRIBE_TABLE_RETRY_S):
         self.aws = aws
         self.streams = streams or make_client("dynamodbstreams", aws, max_pool_connections=50)
-        if read_path not in ("fast", "boto3"):
-            raise SourceError(f"source.read_path {read_path!r}: use fast or boto3")
+        if read_path == "auto":
+            read_path = "fast"
+        if read_path not in ("fast", "typed", "boto3"):
+            raise SourceError(f"source.read_path {read_path!r}: use auto, fast, typed or boto3")
         self.read_path = read_path
-        if read_path == "fast" and hasattr(self.streams, "meta"):  # a boto3 client (not a test double)
-            install_fast_get_records(self.streams)
+        if read_path != "boto3" and hasattr(self.streams, "meta"):  # a boto3 client (not a test double)
+            install_fast_get_records(self.streams, typed=read_path == "typed")
         #: the table whose LatestStreamArn this source follows (named by table), else None
         self.followed_table: str | None = None
         self._dynamodb = dynamodb

@@ -52,6 +52,7 @@ Every mode maps ``_cdc`` explicitly (keyword ids, ``event_time`` date, ``version
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -422,6 +423,52 @@ def typed_item_from_av(item: Mapping[str, Any]) -> dict[str, Any]:
                 cache[name] = escaped
         out[escaped] = av if ("M" not in av and "L" not in av) else _typed_av(av)
     return out
+
+
+#: In compact AttributeValue JSON every map value is an object, so every attribute name is a
+#: string followed by ``":{`` (so is the tag ``M``, whose name needs no escaping).
+_NAME_END = b'":{'
+#: A name with a dot in it (and no JSON escape: those are looked at apart).
+_DOTTED_NAME = re.compile(rb'\.[^"\\]*":\{')
+#: A string with a JSON escape in it that may be a name (from its backslash to a ``":{``).
+_ESCAPED_NAME = re.compile(rb'\\(?:[^"\\]|\\.)*":\{')
+#: Where a name that needs escaping, other than a dotted one, must show: a string starting with
+#: ``_`` (``_dd…``, the reserved ``_id`` / ``_cdc`` / …), an empty name, or a string starting with
+#: a byte that begins a whitespace character (space, a JSON escape, the UTF-8 lead bytes of U+0085,
+#: U+00A0, U+1680, U+2000–U+205F, U+3000): a blank name is all whitespace (``str.strip``).
+_NAME_MARKERS = re.compile(rb'"(?:_|":\{| |\\|[\xc2\xe1\xe2\xe3])')
+#: Names (UTF-8 JSON text) that no level escapes; bounded like the caches below.
+_UNESCAPED_NAMES: set[bytes] = set()
+
+
+def typed_json_keeps_names(image_json: bytes) -> bool:
+    """True when no attribute name, at any level, of ``image_json`` — an item in canonical
+    AttributeValue JSON written compactly (``orjson.dumps`` of what
+    :meth:`pipeline.events.ChangeEvent.typed_parts` gives) — needs escaping, judged by the
+    top-level rule (:func:`connectors.opensearch.names.escape_field_name`, ``top_level=True``:
+    the stricter one) for every name. Then :func:`typed_item_from_av` returns the item as it is,
+    and its typed document is ``image_json`` with ``_cdc`` added. False means: render it from the
+    dicts. Conservative: a name with a JSON escape in it counts as escaped, and a string value
+    that looks like a name only sends the item to the dict path.
+
+    Cost: a few byte searches; the names are looked at one by one only when a marker of
+    :data:`_NAME_MARKERS` shows.
+    """
+    if _DOTTED_NAME.search(image_json) is not None or _ESCAPED_NAME.search(image_json) is not None:
+        return False
+    if _NAME_MARKERS.search(image_json) is None:
+        return True
+    names = {piece.rpartition(b'"')[2] for piece in image_json.split(_NAME_END)[:-1]}
+    names.difference_update(_UNESCAPED_NAMES)
+    for name in names:
+        if b"\\" in name:
+            return False
+        text = name.decode("utf-8")
+        if escape_field_name(text, top_level=True) != text:
+            return False
+        if len(_UNESCAPED_NAMES) < _ESCAPE_CACHE_SIZE:
+            _UNESCAPED_NAMES.add(name)
+    return True
 
 
 #: Escaped names by name (attribute names repeat from item to item); bounded, never evicted.

@@ -154,7 +154,8 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from connectors.opensearch.mapping import OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item_from_av
+from connectors.opensearch.mapping import (OVERFLOW_FIELD, MappingSpec, is_field_limit_error, restore_typed, typed_item_from_av,
+                                           typed_json_keeps_names)
 from connectors.opensearch.names import (  # noqa: F401 (also this module's public names)
     ESCAPE_PREFIX,
     FLATTEN_PREFIX,
@@ -550,6 +551,11 @@ class OpenSearchSink(Sink):
     """
 
     Options = OpenSearchOptions
+
+    @property
+    def renders_wire_form(self) -> bool:  # type: ignore[override]
+        """True in the ``typed`` mapping (documents from the wire form); the other modes decode."""
+        return self.options.spec().mode == "typed"
     options: OpenSearchOptions
 
     def __init__(self, name: str, options: OpenSearchOptions | None = None):
@@ -961,6 +967,10 @@ class OpenSearchSink(Sink):
     def _render_source(self, event: ChangeEvent, spec: MappingSpec, *, overflow: bool = False) -> bytes:
         """The ``_source`` bytes of an INSERT / MODIFY / SNAPSHOT for ``spec``. Raises _EventProblem."""
         typed = spec.mode == "typed"
+        if typed and not overflow:
+            source = self._typed_source_from_json(event)
+            if source is not None:
+                return source
         if typed:  # rendered from the wire form (issue 16): no decode → encode
             typed_keys, _, image = event.typed_parts()
         else:
@@ -1008,6 +1018,33 @@ class OpenSearchSink(Sink):
             return plain_json_bytes(document)
         except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
             raise _EventProblem(f"cannot render the item as JSON: {_one_line(exc)}") from None
+
+    def _typed_source_from_json(self, event: ChangeEvent) -> bytes | None:
+        """A typed ``_source`` spliced from the NewImage's canonical JSON bytes
+        (:meth:`ChangeEvent.typed_json_parts`) when no name in it needs escaping
+        (:func:`connectors.opensearch.mapping.typed_json_keeps_names`): byte for byte what
+        :meth:`_render_source` builds from the dicts. None when that does not apply (no NewImage,
+        a name to escape, a part that cannot be decoded: the dict path renders or reports it)."""
+        from pipeline.errors import DecodeError
+
+        try:
+            image = event.typed_json_parts()[2]
+        except DecodeError:
+            return None
+        if image is None or not typed_json_keeps_names(image):
+            return None
+        src = event.source
+        cdc = orjson.dumps({
+            "sequence_number": src.sequence_number,
+            "shard_id": src.shard_id,
+            "stream_arn": src.stream_arn,
+            "table": src.table,
+            "event_time": _iso(src.approximate_creation_time),
+            "operation": event.operation.value,
+            "version": event.version,
+            "mapping": "typed",
+        })
+        return (b'{"_cdc":' if image == b"{}" else image[:-1] + b',"_cdc":') + cdc + b"}"
 
     def _chunks(self, actions: Sequence[_Action]) -> Iterator[list[_Action]]:
         """Consecutive runs of ``actions`` bounded by max_bulk_docs and max_bulk_bytes, in order."""
