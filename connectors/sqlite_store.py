@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.checkpoint import NAMESPACE_SEPARATOR, Gap, Lease, MoveRequest, WorkerInfo
+from pipeline.checkpoint import NAMESPACE_SEPARATOR, Gap, Lease, MoveRequest, WorkerInfo, keeps_head_check
 from pipeline.errors import CheckpointStoreError, LeaseLostError, LeaseNotFoundError
 
 _SCHEMA = """
@@ -38,13 +38,15 @@ CREATE TABLE IF NOT EXISTS leases (
     moveRequestedAt TEXT,
     versionFloor INTEGER,
     versionHigh INTEGER,
-    startingSequenceNumber TEXT
+    startingSequenceNumber TEXT,
+    retainedSince INTEGER
 )
 """
 
 #: columns added after the first release: added to older files by ``ensure_table``
 _ADDED_COLUMNS = ("moveCheckpoint TEXT", "moveRequestId TEXT", "moveRequestedBy TEXT", "moveRequestedAt TEXT",
-                  "versionFloor INTEGER", "versionHigh INTEGER", "startingSequenceNumber TEXT")
+                  "versionFloor INTEGER", "versionHigh INTEGER", "startingSequenceNumber TEXT",
+                  "retainedSince INTEGER")
 
 _WORKERS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS workers (
@@ -74,7 +76,7 @@ CREATE TABLE IF NOT EXISTS gaps (
 _COLUMNS = ("leaseKey, leaseOwner, leaseCounter, checkpoint, checkpointSubSequenceNumber, "
             "ownerSwitchesSinceCheckpoint, parentShardId, streamArn, shardId, tableName, millisBehindLatest, "
             "moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt, versionFloor, versionHigh, "
-            "startingSequenceNumber")
+            "startingSequenceNumber, retainedSince")
 _MOVE_COLUMNS = "moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt"
 
 
@@ -173,7 +175,7 @@ class SQLiteLeaseStore:
                      sub_sequence_number=row[4], owner_switches_since_checkpoint=row[5],
                      parent_shard_ids=parents, stream_arn=row[7], shard_id=row[8], table=row[9],
                      behind_ms=row[10], move=_move(row[11:15]), version_floor=row[15], version_high=row[16],
-                     starting_sequence_number=row[17])
+                     starting_sequence_number=row[17], retained_since=row[18])
 
     def list_leases(self) -> list[Lease]:
         where, params = self._where_mine("leaseKey")
@@ -188,18 +190,22 @@ class SQLiteLeaseStore:
     def create_lease_if_absent(self, lease: Lease) -> bool:
         move = lease.move
         cur = self._execute(
-            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR IGNORE INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (self.prefix + lease.lease_key, lease.owner, lease.counter, lease.checkpoint, lease.sub_sequence_number,
              lease.owner_switches_since_checkpoint, ",".join(lease.parent_shard_ids) or None,
              lease.stream_arn, lease.shard_id, lease.table, lease.behind_ms,
              move.checkpoint if move else None, move.request_id if move else None,
              move.requested_by if move else None, move.requested_at if move else None,
-             lease.version_floor, lease.version_high, lease.starting_sequence_number))
+             lease.version_floor, lease.version_high, lease.starting_sequence_number, lease.retained_since))
         return cur.rowcount == 1
 
-    def _update(self, old: Lease, new: Lease, *, clear_move_id: str | None = None) -> Lease:
+    def _update(self, old: Lease, new: Lease, *, clear_move_id: str | None = None,
+                clear_head: bool = False) -> Lease:
         """One conditional UPDATE; returns ``new`` with the move request as stored afterwards.
-        With ``clear_move_id``: also conditional on that request id, and clears the request."""
+        With ``clear_move_id``: also conditional on that request id, and clears the request. With
+        ``clear_head``: clears startingSequenceNumber and retainedSince (:func:`keeps_head_check`)."""
+        if clear_head:
+            new = new.with_(starting_sequence_number=None, retained_since=None)
         owner_clause = "leaseOwner IS NULL" if old.owner is None else "leaseOwner = ?"
         params = [new.owner, new.counter, new.checkpoint, new.sub_sequence_number,
                   new.owner_switches_since_checkpoint, new.behind_ms, new.version_floor, new.version_high,
@@ -207,8 +213,10 @@ class SQLiteLeaseStore:
         if old.owner is not None:
             params.append(old.owner)
         move_set = move_where = ""
+        if clear_head:
+            move_set = ", startingSequenceNumber = NULL, retainedSince = NULL"
         if clear_move_id is not None:
-            move_set = ", moveCheckpoint = NULL, moveRequestId = NULL, moveRequestedBy = NULL, moveRequestedAt = NULL"
+            move_set += ", moveCheckpoint = NULL, moveRequestId = NULL, moveRequestedBy = NULL, moveRequestedAt = NULL"
             if clear_move_id:
                 move_where = " AND moveRequestId = ?"
                 params.append(clear_move_id)
@@ -238,12 +246,13 @@ class SQLiteLeaseStore:
     def set_checkpoint(self, lease: Lease, checkpoint: str) -> Lease:
         lease = lease.with_(owner=None)  # conditional on having no owner, whatever ``lease`` says
         return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=checkpoint, sub_sequence_number=0,
-                                               owner_switches_since_checkpoint=0, move=None), clear_move_id="")
+                                               owner_switches_since_checkpoint=0, move=None), clear_move_id="",
+                            clear_head=not keeps_head_check(checkpoint))
 
     def apply_move(self, lease: Lease, move: MoveRequest) -> Lease:
         return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=move.checkpoint,
                                                sub_sequence_number=0, owner_switches_since_checkpoint=0, move=None),
-                            clear_move_id=move.request_id)
+                            clear_move_id=move.request_id, clear_head=not keeps_head_check(move.checkpoint))
 
     def take_lease(self, lease: Lease, owner: str) -> Lease:
         # KCL counts a switch only when another worker owned it (DynamoDBLeaseRefresher.takeLease)
@@ -260,7 +269,8 @@ class SQLiteLeaseStore:
         behind = lease.behind_ms if behind_ms is None else behind_ms
         return self._update(lease, lease.with_(counter=lease.counter + 1, checkpoint=checkpoint,
                                                sub_sequence_number=sub_sequence_number,
-                                               owner_switches_since_checkpoint=0, behind_ms=behind))
+                                               owner_switches_since_checkpoint=0, behind_ms=behind),
+                            clear_head=not keeps_head_check(checkpoint))
 
     def release_lease(self, lease: Lease) -> Lease:
         return self._update(lease, lease.with_(owner=None, counter=lease.counter + 1))

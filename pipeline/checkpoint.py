@@ -74,6 +74,20 @@ def valid_checkpoint(checkpoint: str) -> bool:
     return False
 
 
+def keeps_head_check(checkpoint: str) -> bool:
+    """True when a lease written with ``checkpoint`` keeps what its head check needs
+    (``startingSequenceNumber``, ``retainedSince``): LATEST and ``AT_TIMESTAMP:`` (a later reader still
+    reads the shard from TRIM_HORIZON and must see whether records asked for were trimmed).
+
+    Every other checkpoint write clears them, in both lease stores: a checkpoint past the shard's
+    start (a sequence number, ``AT_SEQUENCE_NUMBER:``, SHARD_END) means the head was read and
+    checked — it is never checked again, however much of it is trimmed later; a checkpoint set or
+    moved to TRIM_HORIZON (``checkpoints set --to TRIM_HORIZON``, an import) asks for "the oldest
+    record retained" (GetShardIterator TRIM_HORIZON — DynamoDB Streams API reference), so nothing
+    older is asked for and a trimmed head is no gap."""
+    return checkpoint == LATEST or checkpoint.startswith(AT_TIMESTAMP_PREFIX)
+
+
 def valid_move_target(checkpoint: str) -> bool:
     """True for TRIM_HORIZON, LATEST, SHARD_END (skip the rest of the shard) or a sequence number
     (decimal digits, as DynamoDB gives them)."""
@@ -136,6 +150,12 @@ class Lease:
     #: (a gap: :func:`pipeline.runtime.shard_consumer.head_trimmed`). None: reading from the trim
     #: horizon is what was asked for (an ``AT_TIMESTAMP:`` checkpoint still checks its time).
     starting_sequence_number: str | None = field(default=None, compare=False)
+    #: ``retainedSince`` (epoch s): with ``starting_sequence_number``, for a shard listed at the first
+    #: sync of its stream (a child of a shard listed with it): only its records created at or after
+    #: this time had to be delivered — the records retained when the worker first started, less a
+    #: margin (:func:`pipeline.runtime.leases.first_sync_retained_since`); the head check counts them
+    #: as it counts an ``AT_TIMESTAMP:`` time. None: every record from its StartingSequenceNumber on.
+    retained_since: int | None = field(default=None, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

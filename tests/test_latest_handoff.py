@@ -255,3 +255,87 @@ def test_an_exported_concrete_latest_checkpoint_imports_back():
     assert [new_move(checkpoint, "t").checkpoint for checkpoint in forms] == forms
     with pytest.raises(Exception, match="malformed"):
         parse_snapshot({**snapshot, "leases": [{**snapshot["leases"][0], "checkpoint": AT_TIMESTAMP_PREFIX + "soon"}]})
+
+
+# -- a LATEST start on a quiet shard, handed off more than 24 h later (review 13, R3) --------------
+
+def _clocked(monkeypatch) -> list[float]:
+    """shard_consumer's wall clock made settable (``clock[0]``, epoch s), and its LATEST bound
+    moved at every caught-up pass (no 10 min wait)."""
+    import types
+
+    import pipeline.runtime.shard_consumer as sc
+
+    clock = [time.time()]
+    monkeypatch.setattr(sc, "time", types.SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic,
+                                                          sleep=time.sleep))
+    monkeypatch.setattr(sc, "LATEST_BOUND_INTERVAL_S", 0.0, raising=False)
+    return clock
+
+
+def test_a_quiet_latest_shard_handed_off_after_24_h_delivers_its_first_change_without_a_gap(tmp_path, monkeypatch):
+    """A LATEST start on an open shard that gets no write for 25 h: while its reader stays caught
+    up it moves the ``AT_TIMESTAMP:`` bound forward (to the caught-up time − 300 s). The next owner
+    reads from TRIM_HORIZON, the old record is trimmed, and the first change since the start is
+    delivered — no gap. Old code: the bound stayed at the start, 25 h old, and the new owner
+    stopped the shard with a gap under ``on_trimmed: fail`` (exit 1)."""
+    from tests.stacks import Running
+
+    clock = _clocked(monkeypatch)
+    fake = FakeStreams()
+    shard = fake.open_shard(created_ms=int((clock[0] - 3600) * 1000))
+    fake.put(shard, make_stream_record(keys={"pk": "old"}, new_image={"pk": "old"}, created=clock[0] - 3600))
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    store.ensure_table()
+
+    def bound() -> float | None:
+        leases = store.list_leases()
+        cp = leases[0].checkpoint if leases else ""
+        return float(cp[len(AT_TIMESTAMP_PREFIX):]) if cp.startswith(AT_TIMESTAMP_PREFIX) else None
+
+    first = Running(make_worker(fake, tmp_path, RecordingSink(), store=store, on_trimmed="fail",
+                                start_position=LATEST, logger=structlog.get_logger()))
+    wait_until(lambda: bound() is not None, "LATEST made concrete")
+    clock[0] += 25 * 3600  # a day passes, nothing is written
+    wait_until(lambda: bound() >= clock[0] - 3600, "the bound moved while caught up")  # 300 s before the jump's time
+    assert first.stop() == 0
+    fake.trim_head(shard, 1)
+    fake.put(shard, make_stream_record(keys={"pk": "new"}, new_image={"pk": "new"}, created=clock[0] + 1))
+    sink = RecordingSink()
+    second = Running(make_worker(fake, tmp_path, sink, store=store, on_trimmed="fail", start_position=LATEST,
+                                 logger=structlog.get_logger()))
+    wait_until(lambda: [e.keys["pk"] for e in sink.written] == ["new"], "the first change since the start")
+    assert second.stop() == 0
+    assert store.list_gaps() == []
+
+
+def test_latest_start_checkpoints_keep_the_version_floor(tmp_path):
+    """The ``AT_TIMESTAMP:`` checkpoint of a LATEST start (and the bound moves and the
+    ``AT_SEQUENCE_NUMBER:`` pin) store the shard's version floor, as every checkpoint does: the
+    parent lease may be deleted once the child checkpointed past its start, and a later reader
+    then takes the floor from the child's lease. Old code wrote them without it: a later reader
+    found no floor and no parent, computed 0, and its versions fell below the parent's."""
+    from pipeline.checkpoint import Lease, lease_key_for
+    from pipeline.codec import child_version_floor
+    from pipeline.events import SHARD_END
+    from tests.stacks import Running
+
+    fake = FakeStreams()
+    parent = fake.open_shard()
+    fake.shards[parent].closed = True
+    child = fake.open_shard(parent=parent)
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    store.ensure_table()
+    key = lambda shard: lease_key_for("orders", STREAM_ARN, shard)  # noqa: E731
+    store.create_lease_if_absent(Lease(lease_key=key(parent), table="orders", stream_arn=STREAM_ARN, shard_id=parent,
+                                       checkpoint=SHARD_END, version_floor=3, version_high=7))
+    store.create_lease_if_absent(Lease(lease_key=key(child), table="orders", stream_arn=STREAM_ARN, shard_id=child,
+                                       checkpoint=LATEST, parent_shard_ids=(parent,)))
+    running = Running(make_worker(fake, tmp_path, RecordingSink(), store=store, logger=structlog.get_logger()))
+    wait_until(lambda: store.get_lease(key(child)).checkpoint.startswith(AT_TIMESTAMP_PREFIX), "LATEST made concrete")
+    assert store.get_lease(key(child)).version_floor == child_version_floor([(3, 7)]) == 8
+    fake.put(child, make_stream_record(keys={"pk": "a"}, new_image={"pk": "a"}))
+    wait_until(lambda: not store.get_lease(key(child)).checkpoint.startswith(AT_TIMESTAMP_PREFIX),
+               "first record pinned")
+    assert running.stop() == 0
+    assert store.get_lease(key(child)).version_floor == 8

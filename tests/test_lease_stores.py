@@ -791,3 +791,39 @@ def test_sqlite_two_processes_never_share_a_lease_counter(tmp_path: Path):
     assert final.counter == len(history) and final.owner is None
     # Both processes really competed for the lease.
     assert all(s["takes"] > 0 for s in stats.values()), stats
+
+
+def test_head_check_fields_are_cleared_by_trim_horizon_moves_and_checkpoints_past_the_start(case: StoreCase):
+    """``startingSequenceNumber`` / ``retainedSince`` (the head check) survive LATEST and
+    ``AT_TIMESTAMP:`` writes and are cleared by every other checkpoint write: a set or move to
+    TRIM_HORIZON ("the oldest record retained": nothing older is asked for) and the first checkpoint
+    past the start (the head was read and checked). Old code kept them, and a rewind to
+    TRIM_HORIZON of a shard read long ago stopped it with a false gap (review 13, R1)."""
+    from pipeline.checkpoint import MoveRequest
+
+    head = dict(starting_sequence_number=SEQ_1, retained_since=1_700_000_000)
+
+    def stored(lease: Lease) -> tuple:
+        got = case.store.get_lease(lease.lease_key)
+        return got.starting_sequence_number, got.retained_since
+
+    lease = create(case, **head)
+    assert stored(lease) == (SEQ_1, 1_700_000_000)
+    lease = case.store.set_checkpoint(lease, TRIM_HORIZON)  # a free lease: `checkpoints set --to TRIM_HORIZON`
+    assert stored(lease) == (None, None)
+
+    lease = create(case, shard_id="shardId-00000002", **head)
+    owned = case.store.take_lease(lease, "w1")
+    owned = case.store.checkpoint(owned, "AT_TIMESTAMP:1700000000")
+    assert stored(owned) == (SEQ_1, 1_700_000_000), "an AT_TIMESTAMP: checkpoint is still read from TRIM_HORIZON"
+    move = MoveRequest(checkpoint=TRIM_HORIZON, request_id="r1", requested_by="ops", requested_at="now")
+    case.store.request_move(owned.lease_key, move)
+    owned = case.store.apply_move(owned, move)  # the owner applies the move
+    assert stored(owned) == (None, None) and owned.starting_sequence_number is None
+
+    lease = create(case, shard_id="shardId-00000003", **head)
+    owned = case.store.take_lease(lease, "w1")
+    owned = case.store.checkpoint(owned, SEQ_2)
+    assert stored(owned) == (None, None) and owned.starting_sequence_number is None
+    owned = case.store.renew_lease(owned)
+    assert stored(owned) == (None, None)

@@ -214,11 +214,10 @@ def test_a_child_whose_head_was_trimmed_before_it_was_read_is_a_recorded_gap(tmp
     parent = fake.open_shard()
     for i in range(3):
         fake.put(parent, change("INSERT", f"p{i}", 1, T0))
-    child = fake.split(parent)[0]
-    child_seqs = [fake.put(child, change("INSERT", f"c{i}", 1, T0 + 1)) for i in range(5)]
     path = tmp_path / "leases.sqlite"
-    # the child is found while the parent is still being read: park the parent with a failure
-    # until the child's head has been trimmed (the worker is ~24 h behind on the parent)
+    # the child is found (after the first sync: every record of it is asked for) while the parent
+    # is still being read: park the parent with a failure until the child's head has been trimmed
+    # (the worker is ~24 h behind on the parent)
     fake.fail_get_records(parent, 0, "ProvisionedThroughputExceededException", times=None)
     sink = RecordingSink()
     worker = make_worker(fake, path, [sink], on_trimmed=policy)
@@ -226,6 +225,9 @@ def test_a_child_whose_head_was_trimmed_before_it_was_read_is_a_recorded_gap(tmp
     thread.start()
     try:
         store = SQLiteLeaseStore(path)
+        wait_until(lambda: len(store.list_leases()) == 1, "the parent's lease created")
+        child = fake.split(parent)[0]
+        child_seqs = [fake.put(child, change("INSERT", f"c{i}", 1, T0 + 1)) for i in range(5)]
         wait_until(lambda: len(store.list_leases()) == 2, "both leases created")
         child_lease = next(lease for lease in store.list_leases() if lease.shard_id == child)
         assert child_lease.starting_sequence_number == child_seqs[0]

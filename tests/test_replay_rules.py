@@ -296,3 +296,30 @@ def test_trim_horizon_start_over_a_trimmed_head_is_what_was_asked(tmp_path):
     fake.trim_head("shardId-P", 5)
     report, _, _ = run_replay(tmp_path, fake, StartSpec("trim-horizon"), until=None)
     assert report.ok, report
+
+
+def test_time_start_after_a_parent_closed_is_no_gap_for_it(tmp_path):
+    """`--from time T` over a parent P closed (27 h ago: its child C's id carries its creation time,
+    the close of P) before T (26 h ago), whose records are all trimmed: P holds no record created
+    at or after T, nothing was asked of it — the row ends shard_end, the replay and its dry run are
+    ok. Old code: head_trimmed knew only P's creation time, P ended ``gap`` (exit 1)."""
+    import time as _time
+
+    now = _time.time()
+    fake = FakeStreams()
+    parent = fake.open_shard(created_ms=int((now - 40 * 3600) * 1000))
+    for i in range(3):
+        fake.put(parent, make_stream_record(keys={"pk": f"p{i}"}, new_image={"pk": "p"}, created=now - 39 * 3600 + i * 3600))
+    fake.shards[parent].closed = True
+    fake.trim_head(parent, 3)
+    child = fake.open_shard(parent=parent, created_ms=int((now - 27 * 3600) * 1000))
+    for i in range(3):
+        fake.put(child, make_stream_record(keys={"pk": f"c{i}"}, new_image={"pk": "c"}, created=now - 20 * 3600 + i * 60))
+    since = datetime.fromtimestamp(now - 26 * 3600, tz=timezone.utc)
+    dry = dry_run([DynamoDBStreamSource(AwsConfig(), stream_arn=STREAM_ARN, streams=fake)],
+                  StartSpec("time", since=since), None, idle_reads=2)
+    assert {r.shard_id: r.ended for r in dry.shards} == {parent: "shard_end", child: "caught_up"} and dry.ok, dry
+    report, sink, _ = run_replay(tmp_path, fake, StartSpec("time", since=since), until=None)
+    assert report.ok, report
+    assert {r.shard_id: r.ended for r in report.shards}[parent] == "shard_end"
+    assert sorted(e.keys["pk"] for e in sink.flushed) == ["c0", "c1", "c2"]

@@ -157,11 +157,23 @@ def lineage_with_trimmed_child(*, trimmed: int) -> FakeStreams:
     return fake
 
 
+def first_start_hours_ago(monkeypatch, hours: float) -> None:
+    """Make the first sync's ``retainedSince`` that of a worker that first started ``hours`` ago
+    (the catch-up of a parent took that long)."""
+    import pipeline.runtime.leases as leases_module
+
+    real = leases_module.first_sync_retained_since
+    monkeypatch.setattr(leases_module, "first_sync_retained_since", lambda now_s: real(now_s - hours * 3600))
+
+
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_a_closed_child_whose_records_were_all_trimmed_is_a_recorded_gap(tmp_path, policy):
+def test_a_closed_child_whose_records_were_all_trimmed_is_a_recorded_gap(tmp_path, policy, monkeypatch):
     """TRIM_HORIZON of a closed shard whose every record was trimmed returns no record and SHARD_END:
     no first record to compare with StartingSequenceNumber. Reaching SHARD_END having read nothing
-    of a shard that may be trimmed is the gap (old code: C ended silently, exit 0 under ``fail``)."""
+    of a shard that may be trimmed is the gap (old code: C ended silently, exit 0 under ``fail``).
+    The worker first started 3 h ago (its first catch-up took that long): records retained then
+    were lost."""
+    first_start_hours_ago(monkeypatch, 3)
     store = SQLiteLeaseStore(tmp_path / "l.sqlite")
     store.ensure_table()
     worker, sink = run_worker(lineage_with_trimmed_child(trimmed=3), store, tmp_path, policy)
@@ -200,7 +212,8 @@ def test_a_young_empty_closed_child_is_no_gap(tmp_path):
     assert store.list_gaps() == []
     assert {lease.shard_id: lease.checkpoint for lease in store.list_leases()} == {parent: SHARD_END,
                                                                                    child: SHARD_END}
-    assert next(lease for lease in store.list_leases() if lease.shard_id == child).starting_sequence_number
+    # read and checked: the head check's StartingSequenceNumber is cleared with the SHARD_END checkpoint
+    assert next(lease for lease in store.list_leases() if lease.shard_id == child).starting_sequence_number is None
 
 
 T_OLD = 1_700_000_000.0  # 2023-11-14: long past the 24 h retention
@@ -295,3 +308,134 @@ def test_a_latest_lease_records_its_shards_starting_sequence_number(tmp_path):
                                    logger=structlog.get_logger())
     (lease,) = coordinator.sync_shards("orders", STREAM_ARN, [ShardInfo("shardId-A", None, seq(1, 0), None)], LATEST)
     assert (lease.checkpoint, store.get_lease(lease.lease_key).starting_sequence_number) == (LATEST, seq(1, 0))
+
+
+# -- false gaps (review 13): nothing was lost, the shard must not stop ------------------------------
+
+H = 3600
+
+
+def child_stream(*, closed: bool = True) -> tuple[FakeStreams, str]:
+    """P (31 h old, 1 record, closed) → C (30 h old, 4 records c0..c3, closed or open)."""
+    import time as _time
+
+    now = _time.time()
+    fake = FakeStreams()
+    parent = fake.open_shard(created_ms=int((now - 31 * H) * 1000))
+    fake.put(parent, make_stream_record(keys={"pk": "p0"}, new_image={"pk": "p0"}, created=now - 31 * H))
+    fake.shards[parent].closed = True
+    child = fake.open_shard(parent=parent, created_ms=int((now - 30 * H) * 1000))
+    for i in range(4):
+        fake.put(child, make_stream_record(keys={"pk": f"c{i}"}, new_image={"pk": f"c{i}"},
+                                           created=now - 30 * H + i * H))
+    fake.shards[child].closed = closed
+    return fake, child
+
+
+def read_child_whose_head_is_trimmed_later(store, tmp_path) -> tuple[FakeStreams, str]:
+    """:func:`child_stream`, read completely by a worker (under ``fail``); then C's two oldest
+    records are trimmed (24 h later, as it were)."""
+    fake, child = child_stream()
+    worker, sink = run_worker(fake, store, tmp_path, "fail")
+    assert worker.run() == 0 and [e.keys["pk"] for e in sink.written] == ["p0", "c0", "c1", "c2", "c3"]
+    fake.trim_head(child, 2)
+    return fake, child
+
+
+def test_a_rewind_to_trim_horizon_of_a_child_read_before_is_no_gap(tmp_path):
+    """`checkpoints set --to TRIM_HORIZON` of a child shard whose head was read (and checked) and
+    trimmed since: TRIM_HORIZON asks for the oldest record retained, nothing was lost. Old code:
+    the lease kept its startingSequenceNumber, the new reader checked the head again and stopped
+    the shard with a gap (exit 1 under ``on_trimmed: fail``)."""
+    from pipeline.ops.checkpoint_moves import move_lease
+
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    store.ensure_table()
+    fake, child = read_child_whose_head_is_trimmed_later(store, tmp_path)
+    lease = next(lease for lease in store.list_leases() if lease.shard_id == child)
+    assert move_lease(store, lease, "TRIM_HORIZON", requested_by="ops").how == "direct"
+    worker, sink = run_worker(fake, store, tmp_path, "fail")
+    assert worker.run() == 0
+    assert store.list_gaps() == []
+    assert [e.keys["pk"] for e in sink.written] == ["c2", "c3"]
+
+
+def test_a_move_to_trim_horizon_applied_by_the_owner_is_no_gap(tmp_path):
+    """The same rewind asked of an owned lease of an open child (a move request its owner applies
+    at a batch boundary): no gap either (old code: the shard stopped, exit 1)."""
+    from pipeline.events import TRIM_HORIZON
+    from pipeline.ops.checkpoint_moves import move_lease
+    from tests.helpers import wait_until
+    from tests.stacks import Running
+
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    store.ensure_table()
+    fake, child = child_stream(closed=False)
+    worker, sink = run_worker(fake, store, tmp_path, "fail", exit_when_idle=False)
+    running = Running(worker)
+    pks = lambda: [e.keys["pk"] for e in sink.written]  # noqa: E731
+    lease_of_child = lambda: next(lease for lease in store.list_leases() if lease.shard_id == child)  # noqa: E731
+    wait_until(lambda: pks() == ["p0", "c0", "c1", "c2", "c3"] and lease_of_child().checkpoint == fake.shards[child].seq_at(3),
+               "C read and checkpointed")
+    fake.trim_head(child, 2)
+    lease = lease_of_child()
+    assert lease.owner and move_lease(store, lease, TRIM_HORIZON, requested_by="ops").how == "requested"
+    wait_until(lambda: pks()[5:] == ["c2", "c3"], "C read again from TRIM_HORIZON")
+    assert running.stop() == 0
+    assert store.list_gaps() == []
+
+
+def test_a_childs_head_trimmed_before_the_first_start_is_no_gap(tmp_path):
+    """First start (no lease yet, start_position TRIM_HORIZON): the child C of a listed parent lost
+    its two oldest records to the 24 h retention long before this worker existed. Nothing was
+    promised then: C's lease counts only records created after ``retainedSince`` (first sync − 24 h
+    + 1 h). Old code: C was checked from its StartingSequenceNumber — a gap, exit 1 under ``fail``."""
+    import time as _time
+
+    now = _time.time()
+    fake = FakeStreams()
+    parent = fake.open_shard(created_ms=int((now - 29 * H) * 1000))
+    fake.put(parent, make_stream_record(keys={"pk": "p0"}, new_image={"pk": "p0"}, created=now - 29 * H))
+    fake.shards[parent].closed = True
+    child = fake.open_shard(parent=parent, created_ms=int((now - 26 * H) * 1000))
+    for i in range(4):
+        fake.put(child, make_stream_record(keys={"pk": f"c{i}"}, new_image={"pk": f"c{i}"},
+                                           created=now - 26 * H + i * H))  # c2: 24 h old, c3: 23 h
+    fake.trim_head(parent, 1)
+    fake.trim_head(child, 2)
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    store.ensure_table()
+    worker, sink = run_worker(fake, store, tmp_path, "fail", exit_when_idle=False)
+    from tests.stacks import Running
+    from tests.helpers import wait_until
+
+    running = Running(worker)
+    wait_until(lambda: [e.keys["pk"] for e in sink.written] == ["c2", "c3"], "C's retained records delivered")
+    assert running.stop() == 0
+    assert store.list_gaps() == []
+
+
+def test_a_childs_head_trimmed_during_the_first_catch_up_is_a_gap(tmp_path, monkeypatch):
+    """The other side of ``retainedSince``: the worker first started 3 h ago (its first sync's
+    time, simulated) and C's oldest record — 25 h old now, 22 h old then: retained — was trimmed
+    before the worker got to it: a gap, as before."""
+    import time as _time
+
+    first_start_hours_ago(monkeypatch, 3)
+    now = _time.time()
+    fake = FakeStreams()
+    parent = fake.open_shard(created_ms=int((now - 27 * H) * 1000))
+    fake.put(parent, make_stream_record(keys={"pk": "p0"}, new_image={"pk": "p0"}, created=now - 27 * H))
+    fake.shards[parent].closed = True
+    child = fake.open_shard(parent=parent, created_ms=int((now - 25 * H) * 1000))
+    for i in range(3):
+        fake.put(child, make_stream_record(keys={"pk": f"c{i}"}, new_image={"pk": f"c{i}"},
+                                           created=now - 25 * H + i * 1800))
+    fake.shards[child].closed = True
+    fake.trim_head(child, 1)
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    store.ensure_table()
+    worker, sink = run_worker(fake, store, tmp_path, "fail")
+    assert worker.run() == 1
+    (gap,) = store.list_gaps()
+    assert gap.shard_id == child and gap.first_position_after == fake.shards[child].seq_at(1)

@@ -13,6 +13,9 @@ One item per shard, hash key ``leaseKey`` (S)::
     millisBehindLatest            (ours: the owner's lag in ms)
     moveCheckpoint, moveRequestId, moveRequestedBy, moveRequestedAt
                                   (ours: a checkpoint move waiting for the owner; see pipeline.checkpoint)
+    versionFloor, versionHigh     (ours: N, see pipeline.codec.record_version)
+    startingSequenceNumber, retainedSince
+                                  (ours: S / N, the head check; see pipeline.checkpoint.Lease)
 
 A store with a ``namespace`` (a replay) prefixes every key it writes with ``{namespace}#`` and
 sees only those; the store without one never sees prefixed keys.
@@ -31,7 +34,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from connectors.aws import make_client
 from pipeline.awsconfig import AwsConfig
-from pipeline.checkpoint import NAMESPACE_SEPARATOR, Gap, Lease, MoveRequest, WorkerInfo
+from pipeline.checkpoint import NAMESPACE_SEPARATOR, Gap, Lease, MoveRequest, WorkerInfo, keeps_head_check
 from connectors.dynamodb_streams.errors import store_error
 from pipeline.errors import CheckpointStoreError, LeaseLostError, LeaseNotFoundError
 
@@ -45,6 +48,8 @@ def _s(value: str) -> dict[str, str]:
 
 
 _MOVE_ATTRIBUTES = ("moveCheckpoint", "moveRequestId", "moveRequestedBy", "moveRequestedAt")
+#: what the head check of a lease needs (cleared by checkpoint writes: pipeline.checkpoint.keeps_head_check)
+_HEAD_ATTRIBUTES = ("startingSequenceNumber", "retainedSince")
 
 
 def move_from_item(item: dict[str, Any]) -> MoveRequest | None:
@@ -83,6 +88,8 @@ def lease_to_item(lease: Lease, key_prefix: str = "") -> dict[str, Any]:
         item["versionHigh"] = _n(lease.version_high)
     if lease.starting_sequence_number is not None:
         item["startingSequenceNumber"] = _s(lease.starting_sequence_number)
+    if lease.retained_since is not None:
+        item["retainedSince"] = _n(lease.retained_since)
     return item
 
 
@@ -110,6 +117,7 @@ def item_to_lease(item: dict[str, Any], key_prefix: str = "") -> Lease:
         version_floor=int(item["versionFloor"]["N"]) if "versionFloor" in item else None,
         version_high=int(item["versionHigh"]["N"]) if "versionHigh" in item else None,
         starting_sequence_number=s("startingSequenceNumber"),
+        retained_since=int(item["retainedSince"]["N"]) if "retainedSince" in item else None,
     )
 
 
@@ -247,6 +255,9 @@ class DynamoDBLeaseStore:
         if lease.version_high is not None:
             update += ", versionHigh = :high"
             values[":high"] = _n(lease.version_high)
+        if not keeps_head_check(checkpoint):  # the head was read and checked (pipeline.checkpoint)
+            update += " REMOVE " + ", ".join(_HEAD_ATTRIBUTES)
+            new = new.with_(starting_sequence_number=None, retained_since=None)
         return self._update(lease, new, update, values, operation="checkpoint")
 
     def release_lease(self, lease: Lease) -> Lease:
@@ -285,8 +296,12 @@ class DynamoDBLeaseStore:
         with ``request_id`` on that request still being the stored one)."""
         new = lease.with_(counter=lease.counter + 1, checkpoint=checkpoint, sub_sequence_number=0,
                           owner_switches_since_checkpoint=0, move=None)
+        removed = _MOVE_ATTRIBUTES
+        if not keeps_head_check(checkpoint):  # e.g. TRIM_HORIZON: "the oldest retained" (pipeline.checkpoint)
+            removed += _HEAD_ATTRIBUTES
+            new = new.with_(starting_sequence_number=None, retained_since=None)
         update = ("SET leaseCounter = :next, checkpoint = :cp, checkpointSubSequenceNumber = :zero, "
-                  "ownerSwitchesSinceCheckpoint = :zero REMOVE " + ", ".join(_MOVE_ATTRIBUTES))
+                  "ownerSwitchesSinceCheckpoint = :zero REMOVE " + ", ".join(removed))
         values = {":cp": _s(checkpoint), ":zero": _n(0)}
         if request_id is None:
             return self._update(lease, new, update, values, operation="checkpoint")

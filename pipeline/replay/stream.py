@@ -289,6 +289,7 @@ def dry_run(sources: Sequence[StreamSource], spec: StartSpec, until: datetime | 
             on_tick: Callable[[int, int, int], None] | None = None) -> ReplayReport:
     """Count per shard what a replay would deliver (and its time range); sends nothing, writes
     no lease. Reads the stream exactly as the replay would (same window rules)."""
+    from pipeline.runtime.shard_consumer import shard_closed_epoch
     from pipeline.source import IteratorExpiredError
 
     started = time.monotonic()
@@ -297,10 +298,15 @@ def dry_run(sources: Sequence[StreamSource], spec: StartSpec, until: datetime | 
     for source in sources:
         shards = _topological(source.list_shards())
         positions = start_positions(spec, source, shards)
-        plan.extend((source, shard, positions[shard.shard_id]) for shard in shards)
-    asked = sum(1 for _, _, start in plan if start != SHARD_END)
+        children: dict[str, list[str]] = {}
+        for shard in shards:
+            if shard.parent_shard_id:
+                children.setdefault(shard.parent_shard_id, []).append(shard.shard_id)
+        plan.extend((source, shard, positions[shard.shard_id], shard_closed_epoch(children.get(shard.shard_id, ())))
+                    for shard in shards)
+    asked = sum(1 for _, _, start, _ in plan if start != SHARD_END)
     done = delivered = 0
-    for source, shard, start in plan:
+    for source, shard, start, closed_at in plan:
         row = ShardReplay(table=source.table, stream_arn=source.stream_arn, shard_id=shard.shard_id,
                           parent_shard_id=shard.parent_shard_id)
         report.shards.append(row)
@@ -310,7 +316,7 @@ def dry_run(sources: Sequence[StreamSource], spec: StartSpec, until: datetime | 
         try:
             row.ended = _count_shard(source, shard, start, spec.since, until, row, max_records_per_call, idle_reads,
                                      starting_sequence_number=shard.starting_sequence_number
-                                     if checks_head(spec, start) else None)
+                                     if checks_head(spec, start) else None, closed_at=closed_at)
         except TrimmedDataError as exc:
             row.ended, row.error = "gap", str(exc)[:300]
         except IteratorExpiredError as exc:  # pragma: no cover - a dry run reads continuously
@@ -325,10 +331,11 @@ def dry_run(sources: Sequence[StreamSource], spec: StartSpec, until: datetime | 
 
 def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: datetime | None,
                  until: datetime | None, row: ShardReplay, limit: int, idle_reads: int, *,
-                 starting_sequence_number: str | None = None) -> str:
+                 starting_sequence_number: str | None = None, closed_at: float | None = None) -> str:
     """Count one shard for :func:`dry_run`; returns how it ended. With ``starting_sequence_number``
     (:func:`checks_head`) the head check runs as in the replay's reader: a trimmed head ends the
-    row as ``gap`` (raises TrimmedDataError)."""
+    row as ``gap`` (raises TrimmedDataError). ``closed_at``: when the shard closed (epoch s, from its
+    children's ids: :func:`pipeline.runtime.shard_consumer.shard_closed_epoch`), None if unknown."""
     from pipeline.events import LATEST
     from pipeline.runtime.shard_consumer import head_trimmed
 
@@ -360,7 +367,8 @@ def _count_shard(source: StreamSource, shard: ShardInfo, start: str, since: date
         if head_trimmed(shard.shard_id, first_sequence_number=first,
                         first_created=created.timestamp() if created is not None else None,
                         starting_sequence_number=starting_sequence_number,
-                        since=since.timestamp() if since is not None else None, now_s=time.time()):
+                        since=since.timestamp() if since is not None else None, now_s=time.time(),
+                        closed_at=closed_at):
             raise TrimmedDataError(f"shard {shard.shard_id}: records asked for were trimmed before they were "
                                    f"read (its first readable record: {first or 'none'})")
 

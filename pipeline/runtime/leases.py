@@ -44,6 +44,25 @@ from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.source import ShardInfo
 
 
+#: Seconds subtracted from the retention at the first sync of a stream (see
+#: :func:`first_sync_retained_since`): a record older than ``24 h - this`` when the worker first starts
+#: may be trimmed before the first catch-up reaches it, and its loss is not counted.
+FIRST_SYNC_HEAD_MARGIN_S = 3600
+
+
+def first_sync_retained_since(now_s: float) -> int:
+    """``retainedSince`` of a shard listed at the first sync of its stream (``Lease.retained_since``;
+    epoch s): ``floor(now_s) - 24 h + FIRST_SYNC_HEAD_MARGIN_S``. Nothing was promised before the
+    worker existed: a record created earlier than 24 h before its first start may already have been
+    trimmed then (DynamoDB Streams keeps records 24 hours — DynamoDB developer guide, "Change data
+    capture for DynamoDB Streams"), so only records created after this time count for the head
+    check. Such a record is younger than ``24 h - margin`` at the first start, so it is still
+    retained for ``margin`` seconds: a head check within that time after the first start never
+    reports a gap, one later does when a record created after this time was trimmed before it
+    was read (the first catch-up was too slow)."""
+    return math.floor(now_s) - metrics.STREAM_RETENTION_S + FIRST_SYNC_HEAD_MARGIN_S
+
+
 class LeaseCoordinator:
     """Owns this worker's view of the lease table, for every stream in ``stream_arns``.
 
@@ -85,8 +104,10 @@ class LeaseCoordinator:
         with LATEST, closed shards are created as SHARD_END (their data is older than "now").
         Shards found later always start at TRIM_HORIZON, so a child never loses records; such a
         shard (and a child of a shard listed with it) also records its StartingSequenceNumber,
-        so that a head trimmed before it was read is seen as a gap (``ShardConsumer``); so does a
-        LATEST lease, whose ``AT_TIMESTAMP:`` checkpoint (below) a later owner reads from
+        so that a head trimmed before it was read is seen as a gap (``ShardConsumer``) — for a
+        child listed at the first sync only records created after ``retainedSince``
+        (:func:`first_sync_retained_since`) count: what was trimmed before the worker existed is
+        no gap; so does a LATEST lease, whose ``AT_TIMESTAMP:`` checkpoint (below) a later owner reads from
         TRIM_HORIZON (a first record that is the shard's first is then no gap).
         A LATEST lease is made concrete by the first reader that takes it, before it delivers
         anything (``AT_TIMESTAMP:`` then ``AT_SEQUENCE_NUMBER:`` checkpoints; see
@@ -98,6 +119,7 @@ class LeaseCoordinator:
         shards = list(shards)
         existing = {lease.shard_id for lease in self.store.list_leases() if lease.stream_arn == stream_arn}
         first_sync = not existing
+        retained_since = first_sync_retained_since(time.time()) if first_sync and not whole_stream else None
         known = existing | {shard.shard_id for shard in shards}
         created = []
         for shard in shards:
@@ -120,6 +142,7 @@ class LeaseCoordinator:
                 parent_shard_ids=(shard.parent_shard_id,) if shard.parent_shard_id else (),
                 starting_sequence_number=(shard.starting_sequence_number
                                           if from_start or checkpoint == LATEST else None),
+                retained_since=retained_since if from_start else None,
             )
             if self.store.create_lease_if_absent(lease):
                 created.append(lease)
@@ -148,6 +171,12 @@ class LeaseCoordinator:
             if parent is not None:
                 parents.append((parent.version_floor, parent.version_high))
         return child_version_floor(parents)
+
+    def child_shard_ids(self, stream_arn: str, shard_id: str) -> list[str]:
+        """The shard ids of the leases of ``stream_arn`` whose parent is ``shard_id`` (its children
+        as far as this lease table knows them). Raises what ``list_leases`` raises."""
+        return [lease.shard_id for lease in self.store.list_leases()
+                if lease.stream_arn == stream_arn and shard_id in lease.parent_shard_ids]
 
     def remove_finished_parents(self, stream_arn: str, shards_in_stream: Iterable[str]) -> list[Lease]:
         """Delete finished leases of shards that have left the stream and whose children all started.

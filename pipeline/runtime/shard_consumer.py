@@ -59,6 +59,23 @@ from pipeline.checkpoint import AT_SEQUENCE_PREFIX, AT_TIMESTAMP_PREFIX  # noqa:
 #: (at-least-once), it never loses one.
 LATEST_CLOCK_MARGIN_S = 60
 
+#: A reader that made a LATEST start concrete (checkpoint ``AT_TIMESTAMP:<bound>``) and has read
+#: nothing since moves the bound forward while it stays caught up (see
+#: :meth:`ShardConsumer._advance_latest_bound`): at most once per this many seconds (and per
+#: ``checkpoint_interval_s``), to ``floor(t) - LATEST_CAUGHT_UP_MARGIN_S``, where ``t`` is when the
+#: first of the last :data:`LATEST_CAUGHT_UP_READS` empty GetRecords calls (all empty) was sent.
+LATEST_BOUND_INTERVAL_S = 600.0
+#: empty GetRecords calls in a row that count as "caught up" for :data:`LATEST_BOUND_INTERVAL_S`:
+#: "it might take multiple calls to get to a portion of the shard that contains stream records"
+#: (GetRecords API reference), so one empty page is not taken as proof
+LATEST_CAUGHT_UP_READS = 3
+#: seconds before the caught-up time ``t`` that a moved bound keeps: :data:`LATEST_CLOCK_MARGIN_S`
+#: (rounding of ApproximateCreationDateTime, clock difference) plus 240 s for a record to become
+#: readable in the stream after its write. DynamoDB Streams writes stream records "in near-real
+#: time" (DynamoDB developer guide, "Change data capture for DynamoDB Streams") and states no
+#: bound: that a record is readable within 240 s of its write is an assumption of this project.
+LATEST_CAUGHT_UP_MARGIN_S = LATEST_CLOCK_MARGIN_S + 240
+
 #: With a bounded read budget, a shard whose last page had fewer records than this (it was caught
 #: up) asks GetRecords for at most this many records next — and so reserves only that much of the
 #: budget for the call: the polls of caught-up shards hold little and many can be in flight at once
@@ -246,9 +263,15 @@ class ShardConsumer(threading.Thread):
         since = [window.since.timestamp()] if window is not None and window.since is not None else []
         if lease.checkpoint.startswith(AT_TIMESTAMP_PREFIX):
             since.append(float(lease.checkpoint[len(AT_TIMESTAMP_PREFIX):]))
+        if lease.retained_since is not None and lease.starting_sequence_number is not None:
+            since.append(float(lease.retained_since))  # listed at the first sync: see Lease.retained_since
         self._expected_start: str | None = lease.starting_sequence_number if from_oldest else None
         self._head_since: float | None = max(since) if from_oldest and since else None
         self._head_pending = self._expected_start is not None or self._head_since is not None
+        #: wall-clock send times (epoch s) of the empty GetRecords calls in a row, the last
+        #: LATEST_CAUGHT_UP_READS of them, and clock() of the last move of a LATEST bound
+        self._empty_sent_at: list[float] = []
+        self._bound_moved_at: float | None = None
 
     # -- thread entry --------------------------------------------------------------------------
 
@@ -337,6 +360,7 @@ class ShardConsumer(threading.Thread):
                 if moved:
                     return moved
                 continue
+            sent_at = time.time()  # before the call: see _advance_latest_bound
             try:
                 try:
                     fetched = self._get_records(iterator)
@@ -381,6 +405,7 @@ class ShardConsumer(threading.Thread):
                 window_end = False
                 if result.records:
                     self._empty_reads = 0
+                    self._empty_sent_at.clear()
                     window_end = self._process(result.records, shard_end=next_iterator is None)
             finally:
                 # the page was delivered to every sink (or failed): give its share back and keep
@@ -395,7 +420,10 @@ class ShardConsumer(threading.Thread):
                 return ShardOutcome.UNTIL
             if had_no_records:
                 self._empty_reads += 1
+                self._empty_sent_at = (self._empty_sent_at + [sent_at])[-LATEST_CAUGHT_UP_READS:]
                 self.coordinator.report_behind(self.lease_key, 0)  # caught up
+                if self.window is None and next_iterator is not None:
+                    self._advance_latest_bound()
                 if (self.window is not None and self.window.finish_when_caught_up and next_iterator is not None
                         and self._empty_reads >= self.window.idle_reads):
                     if self._head_pending and self.stats.records_read == 0:
@@ -475,7 +503,8 @@ class ShardConsumer(threading.Thread):
         self._head_pending = False
         expected, since = self._expected_start, self._head_since
         if not head_trimmed(self.shard_id, first_sequence_number=first, first_created=created,
-                            starting_sequence_number=expected, since=since, now_s=time.time()):
+                            starting_sequence_number=expected, since=since, now_s=time.time(),
+                            closed_at=self._closed_at() if since is not None else None):
             return
         asked = (f"records created from {datetime.fromtimestamp(since, tz=timezone.utc).isoformat()} on"
                  if since is not None else f"records from its StartingSequenceNumber {expected} on")
@@ -494,6 +523,67 @@ class ShardConsumer(threading.Thread):
                                starting_sequence_number=expected, since=since)
         if gap.policy != "skip":
             raise exc
+
+    def _closed_at(self) -> float | None:
+        """When this shard closed (epoch s; :func:`shard_closed_epoch` of its children's leases), or
+        None when no child is known (an open shard) or the lease table cannot tell now."""
+        try:
+            children = self.coordinator.child_shard_ids(self.source.stream_arn, self.shard_id)
+        except TransientError as exc:
+            self.log.warning("shard_close_time_unknown", error=str(exc))
+            return None
+        return shard_closed_epoch(children)
+
+    def _advance_latest_bound(self) -> None:
+        """While a reader that holds an ``AT_TIMESTAMP:<bound>`` checkpoint has read nothing at all
+        and stays caught up, move the bound forward (a conditional checkpoint write, with the
+        shard's version floor), so that a hand-off more than 24 h after the start does not take a
+        quiet shard's first change for a trimmed head (issue 13; :func:`head_trimmed`).
+
+        New bound: ``floor(t) - LATEST_CAUGHT_UP_MARGIN_S``, ``t`` the send time of the first of the
+        last :data:`LATEST_CAUGHT_UP_READS` GetRecords calls, all of which came back empty; written
+        only when :data:`LATEST_BOUND_INTERVAL_S` and ``checkpoint_interval_s`` passed since the
+        last move, and only forward. Why no record is skipped: this reader's iterator starts at the
+        LATEST position (its own start) or at TRIM_HORIZON (an earlier owner's bound) and it read
+        no record, so every record it had to deliver still lies ahead of its iterator. A record
+        created before the new bound was written at least ``LATEST_CAUGHT_UP_MARGIN_S - 60`` s
+        before ``t`` (60 s: rounding and clock difference, see :data:`LATEST_CLOCK_MARGIN_S`), so it
+        was readable at ``t`` (the assumption stated at :data:`LATEST_CAUGHT_UP_MARGIN_S`) and one of
+        the empty calls since ``t`` would have returned it. So none exists: a later owner that skips
+        records created before the new bound skips none it had to deliver.
+
+        A reader from TRIM_HORIZON whose head check is still pending (it found no record) moves
+        the bound only once :func:`head_trimmed` says nothing asked can have been trimmed (every
+        time asked is younger than 24 h); otherwise the check stays pending for the first record,
+        as before. Raises LeaseLostError."""
+        if (not self._checkpointed.startswith(AT_TIMESTAMP_PREFIX) or self.stats.records_read
+                or self._done_position is not None or len(self._empty_sent_at) < LATEST_CAUGHT_UP_READS):
+            return
+        interval = max(LATEST_BOUND_INTERVAL_S, self.settings.checkpoint_interval_s)
+        if self._bound_moved_at is not None and self.clock() - self._bound_moved_at < interval:
+            return
+        if self._head_pending:
+            if head_trimmed(self.shard_id, first_sequence_number=None, first_created=None,
+                            starting_sequence_number=self._expected_start, since=self._head_since,
+                            now_s=time.time()):
+                return  # cannot tell yet: the first record read decides (see _check_head)
+            self._head_pending = False
+        bound = math.floor(self._empty_sent_at[0]) - LATEST_CAUGHT_UP_MARGIN_S
+        if bound <= float(self._checkpointed[len(AT_TIMESTAMP_PREFIX):]):
+            return
+        self._bound_moved_at = self.clock()
+        moved = f"{AT_TIMESTAMP_PREFIX}{bound}"
+        self._write_at_checkpoint(moved)
+        self.log.info("latest_bound_moved", checkpoint=moved, empty_reads=self._empty_reads)
+
+    def _write_at_checkpoint(self, checkpoint: str) -> None:
+        """Write an ``AT_TIMESTAMP:`` / ``AT_SEQUENCE_NUMBER:`` checkpoint of a LATEST start (a
+        conditional write; raises LeaseLostError) with the shard's version floor, as every
+        checkpoint stores it: a parent lease is deleted once its children checkpointed past their
+        start (``remove_finished_parents``), and a later reader then takes the floor from here."""
+        self.coordinator.checkpoint(self.lease_key, checkpoint, token=self.token,
+                                    version_floor=self.version_floor, version_high=self._version_high)
+        self._checkpointed = checkpoint
 
     def _get_records(self, iterator: str) -> tuple[Any, Reservation] | None:
         """GetRecords (counting failures by kind), with throttling retried under jittered
@@ -814,8 +904,7 @@ class ShardConsumer(threading.Thread):
         """
         bound = math.floor(time.time()) - LATEST_CLOCK_MARGIN_S
         resolved = f"{AT_TIMESTAMP_PREFIX}{bound}"
-        self.coordinator.checkpoint(self.lease_key, resolved, token=self.token)
-        self._checkpointed = resolved
+        self._write_at_checkpoint(resolved)
         self._pin_pending = True
         iterator = self.source.get_iterator(self.shard_id, LATEST)
         # logged once the LATEST iterator exists: records written after this line are read
@@ -834,8 +923,7 @@ class ShardConsumer(threading.Thread):
         if first is None or not (first.isascii() and first.isdigit()):
             return  # not a usable position (a hostile record): the AT_TIMESTAMP checkpoint stays, still safe
         pinned = AT_SEQUENCE_PREFIX + first
-        self.coordinator.checkpoint(self.lease_key, pinned, token=self.token)
-        self._checkpointed = pinned
+        self._write_at_checkpoint(pinned)
         self.log.info("latest_pinned", checkpoint=pinned)
 
     def _iterator_for(self, position: str) -> str:
@@ -869,6 +957,22 @@ def shard_created_epoch(shard_id: str) -> float | None:
     return None
 
 
+#: Seconds by which a shard's close time (its children's creation, :func:`shard_closed_epoch`) must
+#: lie before ``since`` for :func:`head_trimmed` to conclude that it holds no record created at or
+#: after ``since``. The API reference does not say how the parent's last write and the children's
+#: creation are ordered; 60 s of tolerance is this project's assumption.
+SHARD_CLOSE_TOLERANCE_S = 60
+
+
+def shard_closed_epoch(child_shard_ids) -> float | None:
+    """When a closed shard closed, epoch s: the earliest creation time of its children (their ids,
+    :func:`shard_created_epoch`) — a split closes the parent and creates its children ("the parent
+    shard … closed, and its child shards are created" — DynamoDB Streams API reference, Shard /
+    DescribeStream). None when no child id carries a time (no child known: the shard may be open)."""
+    times = [t for t in (shard_created_epoch(c) for c in child_shard_ids) if t is not None]
+    return min(times) if times else None
+
+
 def shard_may_be_trimmed(shard_id: str, now_s: float) -> bool:
     """False only when the shard id proves the shard is younger than the 24 h retention (then no
     record of it was trimmed yet); True otherwise, also when the id has another form."""
@@ -877,7 +981,8 @@ def shard_may_be_trimmed(shard_id: str, now_s: float) -> bool:
 
 
 def head_trimmed(shard_id: str, *, first_sequence_number: str | None, first_created: float | None,
-                 starting_sequence_number: str | None, since: float | None, now_s: float) -> bool:
+                 starting_sequence_number: str | None, since: float | None, now_s: float,
+                 closed_at: float | None = None) -> bool:
     """The one head-check rule (worker, replay, dry run): True when records a reader that starts at
     TRIM_HORIZON had to deliver may have been trimmed before it read them — a gap, since
     TRIM_HORIZON never raises TrimmedDataAccessException.
@@ -893,7 +998,10 @@ def head_trimmed(shard_id: str, *, first_sequence_number: str | None, first_crea
     Not trimmed (False) when: (1) nothing was asked of the head (``since`` None and no usable
     ``starting_sequence_number``); (2) the first record read is the shard's first (its number is
     not above ``starting_sequence_number``); (3) it was created before ``since``: records are
-    trimmed oldest first, so everything from ``since`` on is still readable; (4) the records that
+    trimmed oldest first, so everything from ``since`` on is still readable; (3b) the shard closed
+    (``closed_at``, epoch s: :func:`shard_closed_epoch`; None: unknown or open) at least
+    :data:`SHARD_CLOSE_TOLERANCE_S` before ``since``: it holds no record created at or after
+    ``since``, nothing was asked of it; (4) the records that
     had to be delivered are all younger than the 24 h retention (:data:`STREAM_RETENTION_S`):
     the shard's creation time (its id, :func:`shard_created_epoch`) or ``since``, the later of
     the two, is less than 24 h before ``now_s``. Otherwise True, also when the service cannot tell:
@@ -910,6 +1018,8 @@ def head_trimmed(shard_id: str, *, first_sequence_number: str | None, first_crea
             and int(first_sequence_number) <= int(usable):
         return False
     if since is not None and first_created is not None and first_created < since:
+        return False
+    if since is not None and closed_at is not None and closed_at + SHARD_CLOSE_TOLERANCE_S <= since:
         return False
     oldest_asked = max((t for t in (shard_created_epoch(shard_id), since) if t is not None), default=None)
     if oldest_asked is not None and now_s - oldest_asked < STREAM_RETENTION_S:
