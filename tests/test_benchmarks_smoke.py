@@ -39,8 +39,8 @@ def _walk(value, depth=0):
 def test_inputs_are_deterministic():
     assert _digest(inputs.make_records(300)) == _digest(inputs.make_records(300))
     assert _digest(inputs.make_records(300)) != _digest(inputs.make_records(300, seed=inputs.SEED + 1))
-    a = inputs.recorded_stream("t", shards=2, records_per_shard=1500, pool_size=1000)
-    b = inputs.recorded_stream("t", shards=2, records_per_shard=1500, pool_size=1000)
+    a = inputs.recorded_stream("t", shards=2, records_per_shard=300, pool_size=200)
+    b = inputs.recorded_stream("t", shards=2, records_per_shard=300, pool_size=200)
     assert [s.bodies for s in a.shards] == [s.bodies for s in b.shards]
     assert inputs.decode_bodies(1) == inputs.decode_bodies(1)
 
@@ -107,7 +107,7 @@ def test_recorded_bodies_decode_on_both_paths():
 def test_quick_benchmark_runs_and_prints_ratios(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--sections", "decode,pipeline",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--repetitions", "1", "--sections", "decode,pipeline",
                            "--json", str(out_json)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout

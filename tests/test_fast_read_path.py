@@ -68,7 +68,7 @@ def _events(response: dict) -> list:
     return [decode_record(r, table="orders", stream_arn=ARN, shard_id="shardId-1") for r in response["Records"]]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(records, max_size=6), st.one_of(st.none(), st.just("iterator-token-abc")))
 def test_fast_path_decodes_exactly_what_the_boto3_path_decodes(recs, next_iterator):
     body = orjson.dumps({"Records": recs, **({"NextShardIterator": next_iterator} if next_iterator else {})})

@@ -140,7 +140,7 @@ def _from_raw(image):
     return orjson.dumps(canon), plain_json_bytes(typed_item_from_av(canon))
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(wire_items)
 @example({"deep": nested(33)})
 @example({"deep": nested(34)})

@@ -226,3 +226,38 @@ def test_a_clean_shutdown_closes_every_sink_once_and_releases_the_lease(tmp_path
     assert not log.named("sinks_fenced") and not log.named("sink_close_deferred")
     (lease,) = SQLiteLeaseStore(tmp_path / "l.sqlite").list_leases()
     assert not lease.owner and lease.checkpoint == seq(1, 3)
+
+
+def test_leases_are_renewed_while_a_shutdown_drains_so_no_other_worker_takes_them_as_expired(tmp_path):
+    """SIGTERM drains every lane (a flush may take longer than failover_time_s) before the final
+    checkpoint and the release. Until then the worker still owns its leases and keeps renewing
+    them: a second worker must not take them as expired meanwhile (it would read the shard while
+    the first one still writes and flushes it, and the final checkpoint would be refused)."""
+    fake = FakeStreams()
+    fake.add_shard(SHARD, recs(1, 4), closed=False)
+    slow = GuardedSink("slow")
+    log = RecordingLogger()
+    worker = guarded_worker(fake, tmp_path, [slow], log, shutdown_grace_s=10.0)
+    running = Running(worker)
+    wait_until(lambda: len(slow.flushed) == 4, "all four records flushed")
+    slow.block_on = ("flush", slow._calls["flush"] + 1)  # the next flush is held until released
+    fake.append(SHARD, recs(1, 2, start=4))
+    other_log = RecordingLogger()
+    other = stacks.make_worker(fake, tmp_path, [RecordingSink("other")], worker_id="w2", logger=other_log,
+                               failover_time_s=0.3, shutdown_grace_s=5.0)
+    other_running = Running(other)
+    wait_until(lambda: other_log.named("worker_started"), "the second worker started")
+    assert slow.entered.wait(10), "the flush of the two new records began"
+    stopping = threading.Thread(target=running.stop, daemon=True)
+    stopping.start()  # the shutdown drains the lane, so it waits for the held flush
+    wait_until(lambda: worker.stop_event.is_set(), "the shutdown began")
+    threading.Event().wait(1.2)  # 4 x failover_time_s with the flush held
+    slow.release.set()
+    stopping.join(15)
+    assert running.code == 0
+    taken = other_log.named("lease_taken")
+    assert not [t for t in taken if t.get("reason") == "expired"], f"taken as expired during the drain: {taken}"
+    assert log.named("lease_released"), "the first worker released its lease after its final checkpoint"
+    other_running.stop()
+    (lease,) = SQLiteLeaseStore(tmp_path / "l.sqlite").list_leases()
+    assert lease.checkpoint == seq(1, 5) and slow.flushed[-2:] == [seq(1, 4), seq(1, 5)]

@@ -155,7 +155,7 @@ def test_wire_images_are_read_only_mappings_that_pickle_as_dicts():
 
 # -- the pieces -----------------------------------------------------------------------------------
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.one_of(number_texts, st.text("0123456789.-+eE", max_size=42)))
 def test_the_number_regex_is_the_plain_text_rule(text):
     data = orjson.dumps({"N": text})
@@ -164,7 +164,7 @@ def test_the_number_regex_is_the_plain_text_rule(text):
     assert (avwire._NOT_PLAIN_NUMBER.search(data) is None) == _plain_number_text(text)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.one_of(st.text("AQgw+/=Z9a \n-_", max_size=10), st.binary(max_size=10).map(lambda b: base64.b64encode(b).decode())))
 def test_the_base64_regex_finds_every_text_that_is_not_canonical(text):
     data = orjson.dumps({"B": text})
@@ -179,7 +179,7 @@ def test_the_base64_regex_finds_every_text_that_is_not_canonical(text):
     assert (_canonical_base64(text) is not None) == (canonical == text)  # the same rule, for BS members
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(wire_values)
 def test_the_name_check_finds_every_name_to_escape(value):
     from pipeline.avjson import canonical_item
@@ -210,7 +210,7 @@ named_values = st.recursive(st.builds(lambda s: {"S": s}, st.sampled_from(["x", 
                             max_leaves=6)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.dictionaries(names, named_values, max_size=4))
 def test_the_name_check_agrees_with_escaping_every_name(image):
     data = orjson.dumps(image)

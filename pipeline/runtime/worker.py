@@ -683,7 +683,9 @@ class Worker:
         1. ``stop_event`` is set: consumers stop reading, wait until every sink's lane of their
            shard is written and flushed (:meth:`~pipeline.runtime.lanes.ShardLanes.drain`), and
            checkpoint; the sink threads keep working meanwhile.
-        2. Each consumer is joined until ``shutdown_grace_s`` after the stop (one deadline for all).
+        2. Each consumer is joined until ``shutdown_grace_s`` after the stop (one deadline for all);
+           meanwhile the held leases are renewed every ``failover_time_s / 3``, so no other worker
+           takes them as expired while a drain (a slow flush) is still writing their shards.
         3. The sinks are fenced (:meth:`FanOut.fence`): from now on a shard thread that reaches a
            sink gets :class:`~pipeline.runtime.fanout.SinkFenced` (a :class:`DeliveryAborted`), so a
            straggler cannot write to or flush a sink, nor checkpoint a batch that did not reach
@@ -702,8 +704,17 @@ class Worker:
         deadline = self.clock() + self.shutdown_grace_s
         clean = True
         stragglers = []
+        renew_every = self.failover_time_s / 3.0
+        next_renewal = self.clock() + renew_every
         for consumer in list(self.consumers.values()):
-            consumer.join(max(0.0, deadline - self.clock()))
+            # the leases are still this worker's until released: renew them while the consumers
+            # drain (a flush may take longer than failover_time_s), or another worker would take
+            # them as expired and read the shards while they are still written here
+            while consumer.is_alive() and self.clock() < deadline:
+                consumer.join(max(0.01, min(deadline, next_renewal) - self.clock()))
+                if consumer.is_alive() and self.clock() >= next_renewal:
+                    self._renew_while_stopping()
+                    next_renewal = self.clock() + renew_every
             if self.on_consumer_done is not None and not consumer.is_alive():
                 self.on_consumer_done(consumer)
             if consumer.is_alive():
@@ -736,6 +747,14 @@ class Worker:
                                  hint="a straggling shard thread is still inside this sink's write/flush; "
                                       "the sink is closed when that call returns, not before")
         return clean
+
+    def _renew_while_stopping(self) -> None:
+        """Renew the held leases during the shutdown's drain (no acquiring, no balancing); a lease
+        found lost is dropped, so its consumer's final checkpoint is refused. Errors are logged."""
+        try:
+            self.coordinator.renew()
+        except CdcError as exc:
+            self.log.warning("lease_renewal_failed", error=str(exc), during="shutdown")
 
     def _close_sink(self, sink: Any) -> None:
         """Close one sink; an error is logged (``sink_close_failed``), never raised."""
