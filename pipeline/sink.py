@@ -14,7 +14,8 @@ call               rule
                    state keyed by ``batch.shard_id``. Events are frozen: do not mutate them.
 ``flush()``        before every checkpoint; returning means everything written before the call is
                    durable. The checkpoint never passes an event some sink has not flushed.
-``reset_shard``    optional: a new reader of the shard starts from its checkpoint; drop what you
+``reset_shard``    optional: a new reader of the shard starts from its checkpoint, or this
+                   worker's reader of it ended (lease lost, SHARD_END, shutdown); drop what you
                    buffered for it and have not made durable.
 ``discard_...``    ``discard_unflushed()``, optional: the fan-out dead-lettered your unflushed
                    events after ``retry_budget_s``; drop your buffer. Must not raise.
@@ -40,7 +41,9 @@ and ``close()`` at shutdown.
 ``reset_shard(table, shard_id)`` (optional; the base class's is a no-op): a new reader of that shard
 is about to start — this worker took the shard's lease (or took it back after losing it), a
 checkpoint move was applied, or the shard's reader restarted — and it reads again from the
-shard's checkpoint. A sink that buffers per shard must drop what it holds for that shard and has not
+shard's checkpoint; it is also called when this worker's reader of the shard ends (its lease was
+lost, or SHARD_END / shutdown after the last flush, when nothing is left to drop), before any
+later call, so a flush asked for by another shard never makes the lost shard's buffer durable. A sink that buffers per shard must drop what it holds for that shard and has not
 made durable yet: those events are after the checkpoint (a checkpoint never passes an event some
 sink has not flushed), so they are either sent again by the new reader or were made durable by the
 worker that checkpointed past them. Keeping them would mix two ownership periods, with a hole
@@ -203,8 +206,9 @@ class Sink:
         Must not raise. The default does nothing: right for sinks that buffer nothing."""
 
     def reset_shard(self, table: str, shard_id: str) -> None:
-        """A new reader of ``(table, shard_id)`` starts from the shard's checkpoint: drop
-        per-shard state not yet made durable (see the module doc). No-op by default."""
+        """A new reader of ``(table, shard_id)`` starts from the shard's checkpoint, or this
+        worker's reader of it ended: drop per-shard state not yet made durable (see the module
+        doc). No-op by default."""
 
     def close(self) -> None:
         """Release connections. Called once, after the last flush."""

@@ -493,3 +493,45 @@ def test_the_old_readers_late_detach_does_not_forget_the_new_readers_unflushed_e
         assert new.drain() == seq(1, 1)
     finally:
         lanes.stop()
+
+
+def test_a_detached_shards_buffered_events_are_dropped_by_the_sink_before_another_shards_flush(tmp_path):
+    """A buffering sink holds unflushed events of shards X and Y; Y's lease is lost and its reader
+    detaches. X's next flush must not make Y's buffered events durable: the old owner would write
+    them after the new owner started on Y. The detach makes the sink thread call the sink's
+    ``reset_shard`` for Y before anything else."""
+    import structlog as _structlog
+
+    from pipeline.runtime.fanout import FanOut, SinkRunner
+    from pipeline.runtime.lanes import Lanes
+    from pipeline.testing import make_batch, make_stream_record
+
+    class Buffering(RecordingSink):
+        def reset_shard(self, table, shard_id):
+            with self._lock:
+                self._pending = [e for e in self._pending if e.source.shard_id != shard_id]
+
+    def one(shard_id: str, i: int) -> Batch:
+        return make_batch([make_stream_record(keys={"pk": f"{shard_id}-{i}"}, new_image={"pk": f"{shard_id}-{i}"},
+                                              sequence_number=seq(1, i))], shard_id=shard_id)
+
+    sink = Buffering("buffering")
+    runner = SinkRunner(sink, FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01))
+    fanout = FanOut([runner], DirectoryDeadLetterQueue(tmp_path / "dlq"), stop_event=threading.Event(),
+                    logger=_structlog.get_logger("test_lanes"))
+    lanes = Lanes(fanout)
+    try:
+        y_owned = threading.Event()
+        y_owned.set()
+        x = lanes.attach("demo-table", "shardId-X", owns=lambda: True)
+        y = lanes.attach("demo-table", "shardId-Y", owns=y_owned.is_set)
+        y.put(one("shardId-Y", 1), seq(1, 1))
+        x.put(one("shardId-X", 2), seq(1, 2))
+        wait_until(lambda: len(sink.written) == 2, "both batches written, neither flushed")
+        y_owned.clear()  # Y's lease is lost; its reader ends and detaches its lanes
+        y.detach()
+        assert x.drain() == seq(1, 2)
+        assert [e.source.shard_id for e in sink.flushed] == ["shardId-X"], \
+            "shard Y's buffered events were made durable after Y's lease was lost"
+    finally:
+        lanes.stop()

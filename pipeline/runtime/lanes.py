@@ -44,7 +44,10 @@ lanes share the batch objects, so a shard's lanes cost what its slowest sink's l
 
 A new reader of a shard (:meth:`Lanes.attach`) drops what the previous reader of that shard left
 in the lanes (:meth:`ShardLanes.detach`), and each sink thread calls the sink's ``reset_shard``
-before the first batch of the new reader — in the sink's own thread, so never during a write.
+before the first batch of the new reader — in the sink's own thread, so never during a write. A
+reader that ends (lease lost, SHARD_END, shutdown) detaches too, and each sink thread calls
+``reset_shard`` for that shard before its next call, so a flush asked for by another shard never
+makes the lost shard's buffered events durable (after a clean end nothing is left to drop).
 """
 
 from __future__ import annotations
@@ -203,6 +206,8 @@ class SinkLane(threading.Thread):
         self.members: list[Lane] = []
         self.flush_requested = False
         self.stopping = False
+        #: (table, shard_id) of detached shards whose ``reset_shard`` this sink thread owes
+        self.resets: list[tuple[str, str]] = []
         self._next = 0
 
     # -- thread --------------------------------------------------------------------------------
@@ -225,10 +230,17 @@ class SinkLane(threading.Thread):
                 while True:
                     if self.stopping:
                         return
+                    resets, self.resets = self.resets, []
+                    if resets:
+                        break
                     work = self._take()
                     if work is not None or self._flush_due():
                         break
                     self.cond.wait(_POLL_S)
+            for table, shard_id in resets:
+                # a detached shard: the sink drops what it still buffers of it before any later
+                # flush (of another shard) could make it durable after the lease was lost
+                self._reset(table, shard_id)
             if work is not None:
                 self._write(*work)
             if self._flush_due():
@@ -256,6 +268,13 @@ class SinkLane(threading.Thread):
             reset, lane.reset_pending = lane.reset_pending, False
             return lane, items, reset
         return None
+
+    def _reset(self, table: str, shard_id: str) -> None:
+        """The sink's ``reset_shard`` for a detached shard (its failures are logged by reset_one)."""
+        try:
+            self.lanes.fanout.reset_one(self.runner, table, shard_id)
+        except DeliveryAborted:
+            pass  # fenced by the shutdown: no further sink call, nothing is flushed any more
 
     def _write(self, lane: Lane, items: list[_Item], reset: bool) -> None:
         shard = lane.shard
@@ -462,6 +481,10 @@ class ShardLanes:
             self._detached = True
             for lane in self.members:
                 lane.sink.runner.unflushed.forget_shard(self.table, self.shard_id)
+                # and the sink drops what it buffers of the shard, in its own thread, before any
+                # later call: a flush for another shard must not make it durable after a lease loss
+                lane.sink.resets.append((self.table, self.shard_id))
+                lane.sink.cond.notify_all()
             shares = [item.share for item in self._held if item.share is not None]
             for item in self._held:
                 item.share = None
