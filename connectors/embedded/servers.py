@@ -637,11 +637,19 @@ def _find_java(java: str | None) -> str:
     return path
 
 
+#: JVM options DynamoDB Local runs with unless ``java_opts`` is given: the C1 compiler only and the
+#: serial collector. Measured on this project's 2-core machine (3,000 PutItem + stream read + scan):
+#: 8.2 s of JVM CPU against 20.4 s with the defaults (C2's compile threads), wall 15.0 s against
+#: 18.6 s; at 12,000 PutItem 26.5 s against 37.3 s, so the steady state costs the same.
+DYNAMODB_LOCAL_JAVA_OPTS = ("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+
+
 class DynamoDBLocal(_Base):
     """Amazon DynamoDB Local (DynamoDB + DynamoDB Streams on one port) in a child JVM.
 
     ``DynamoDBLocal(install_dir=None, port=None)`` finds the jar (:func:`find_dynamodb_local`),
-    runs it from its folder with ``-inMemory -port N -disableTelemetry`` (and ``-sharedDb`` unless
+    runs it from its folder with ``-inMemory -port N -disableTelemetry`` and the JVM options
+    ``java_opts`` (default :data:`DYNAMODB_LOCAL_JAVA_OPTS`) (and ``-sharedDb`` unless
     ``shared_db=False``: one database whatever the credentials/region, so tests can't miss each
     other's tables), bound to 127.0.0.1 only, and returns once ``ListTables`` succeeds.
 
@@ -665,7 +673,7 @@ class DynamoDBLocal(_Base):
         *,
         shared_db: bool = True,
         java: str | None = None,
-        java_opts: Sequence[str] = (),
+        java_opts: Sequence[str] = DYNAMODB_LOCAL_JAVA_OPTS,
         startup_timeout: float = 90.0,
     ):
         self.jar_dir = find_dynamodb_local(install_dir)
