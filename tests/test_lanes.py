@@ -416,17 +416,45 @@ def test_an_idle_shard_polls_less_and_still_delivers_new_records(tmp_path):
     assert running.stop() == 0
 
 
+def _one_event_batch(shard_id: str, i: int) -> Batch:
+    """A batch of one INSERT of item ``{shard_id}-{i}`` at sequence number seq(1, i) of ``shard_id``."""
+    from pipeline.testing import make_batch, make_stream_record
+
+    return make_batch([make_stream_record(keys={"pk": f"{shard_id}-{i}"}, new_image={"pk": f"{shard_id}-{i}"},
+                                          sequence_number=seq(1, i))], shard_id=shard_id)
+
+
+def _x_and_y_written_then_y_lost(tmp_path, sink):
+    """Real FanOut + Lanes over one ``sink``: shards X and Y each get one batch, written (not
+    flushed); then Y's lease is lost and its reader detaches. Returns (lanes, x, runner); the
+    caller stops ``lanes``."""
+    import structlog as _structlog
+
+    from pipeline.runtime.fanout import FanOut, SinkRunner
+    from pipeline.runtime.lanes import Lanes
+
+    runner = SinkRunner(sink, FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01))
+    fanout = FanOut([runner], DirectoryDeadLetterQueue(tmp_path / "dlq"), stop_event=threading.Event(),
+                    logger=_structlog.get_logger("test_lanes"))
+    lanes = Lanes(fanout)
+    y_owned = threading.Event()
+    y_owned.set()
+    x = lanes.attach("demo-table", "shardId-X", owns=lambda: True)
+    y = lanes.attach("demo-table", "shardId-Y", owns=y_owned.is_set)
+    y.put(_one_event_batch("shardId-Y", 1), seq(1, 1))
+    x.put(_one_event_batch("shardId-X", 2), seq(1, 2))
+    wait_until(lambda: len(sink.written) == 2, "both batches written, neither flushed")
+    y_owned.clear()  # Y's lease is lost; its reader ends and detaches its lanes
+    y.detach()
+    return lanes, x, runner
+
+
 def test_a_partial_flush_asked_for_by_one_shard_writes_nothing_of_a_detached_shard(tmp_path):
     """Review 13, R2: a sink holds unflushed events of shards X and Y; Y's lease is lost and its
     reader detaches its lanes; X asks for its checkpoint flush and the sink names a Y event
     retriable. The fan-out must leave Y's events out (the new owner reads them again from Y's
     checkpoint), not write them under X's ownership; the runner's record drops Y at the detach."""
-    import structlog as _structlog
-
     from pipeline.errors import PartialSinkError
-    from pipeline.runtime.fanout import FanOut, SinkRunner
-    from pipeline.runtime.lanes import Lanes
-    from pipeline.testing import make_batch, make_stream_record
 
     class DropsY(RecordingSink):
         failed_once = False
@@ -441,25 +469,9 @@ def test_a_partial_flush_asked_for_by_one_shard_writes_nothing_of_a_detached_sha
                     raise PartialSinkError("y dropped", retriable=[(ys[0], "throttled")])
             super().flush()
 
-    def one(shard_id: str, i: int) -> Batch:
-        return make_batch([make_stream_record(keys={"pk": f"{shard_id}-{i}"}, new_image={"pk": f"{shard_id}-{i}"},
-                                              sequence_number=seq(1, i))], shard_id=shard_id)
-
     sink = DropsY("buffering")
-    runner = SinkRunner(sink, FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01))
-    fanout = FanOut([runner], DirectoryDeadLetterQueue(tmp_path / "dlq"), stop_event=threading.Event(),
-                    logger=_structlog.get_logger("test_lanes"))
-    lanes = Lanes(fanout)
+    lanes, x, runner = _x_and_y_written_then_y_lost(tmp_path, sink)
     try:
-        y_owned = threading.Event()
-        y_owned.set()
-        x = lanes.attach("demo-table", "shardId-X", owns=lambda: True)
-        y = lanes.attach("demo-table", "shardId-Y", owns=y_owned.is_set)
-        y.put(one("shardId-Y", 1), seq(1, 1))
-        x.put(one("shardId-X", 2), seq(1, 2))
-        wait_until(lambda: len(sink.written) == 2, "both batches written")
-        y_owned.clear()  # Y's lease is lost; its reader ends and detaches its lanes
-        y.detach()
         assert [e.source.shard_id for e in runner.unflushed.snapshot()[1]] == ["shardId-X"]
         assert x.drain() == seq(1, 2)
         assert sorted(e.source.shard_id for e in sink.written) == ["shardId-X", "shardId-Y"], \
@@ -500,36 +512,14 @@ def test_a_detached_shards_buffered_events_are_dropped_by_the_sink_before_anothe
     detaches. X's next flush must not make Y's buffered events durable: the old owner would write
     them after the new owner started on Y. The detach makes the sink thread call the sink's
     ``reset_shard`` for Y before anything else."""
-    import structlog as _structlog
-
-    from pipeline.runtime.fanout import FanOut, SinkRunner
-    from pipeline.runtime.lanes import Lanes
-    from pipeline.testing import make_batch, make_stream_record
-
     class Buffering(RecordingSink):
         def reset_shard(self, table, shard_id):
             with self._lock:
                 self._pending = [e for e in self._pending if e.source.shard_id != shard_id]
 
-    def one(shard_id: str, i: int) -> Batch:
-        return make_batch([make_stream_record(keys={"pk": f"{shard_id}-{i}"}, new_image={"pk": f"{shard_id}-{i}"},
-                                              sequence_number=seq(1, i))], shard_id=shard_id)
-
     sink = Buffering("buffering")
-    runner = SinkRunner(sink, FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01))
-    fanout = FanOut([runner], DirectoryDeadLetterQueue(tmp_path / "dlq"), stop_event=threading.Event(),
-                    logger=_structlog.get_logger("test_lanes"))
-    lanes = Lanes(fanout)
+    lanes, x, _ = _x_and_y_written_then_y_lost(tmp_path, sink)
     try:
-        y_owned = threading.Event()
-        y_owned.set()
-        x = lanes.attach("demo-table", "shardId-X", owns=lambda: True)
-        y = lanes.attach("demo-table", "shardId-Y", owns=y_owned.is_set)
-        y.put(one("shardId-Y", 1), seq(1, 1))
-        x.put(one("shardId-X", 2), seq(1, 2))
-        wait_until(lambda: len(sink.written) == 2, "both batches written, neither flushed")
-        y_owned.clear()  # Y's lease is lost; its reader ends and detaches its lanes
-        y.detach()
         assert x.drain() == seq(1, 2)
         assert [e.source.shard_id for e in sink.flushed] == ["shardId-X"], \
             "shard Y's buffered events were made durable after Y's lease was lost"

@@ -315,19 +315,20 @@ def test_a_latest_lease_records_its_shards_starting_sequence_number(tmp_path):
 H = 3600
 
 
-def child_stream(*, closed: bool = True) -> tuple[FakeStreams, str]:
-    """P (31 h old, 1 record, closed) → C (30 h old, 4 records c0..c3, closed or open)."""
+def child_stream(*, closed: bool = True, parent_age_h: int = 31, child_age_h: int = 30) -> tuple[FakeStreams, str]:
+    """P (``parent_age_h`` old, 1 record, closed) → C (``child_age_h`` old, 4 records c0..c3 one
+    hour apart, closed or open)."""
     import time as _time
 
     now = _time.time()
     fake = FakeStreams()
-    parent = fake.open_shard(created_ms=int((now - 31 * H) * 1000))
-    fake.put(parent, make_stream_record(keys={"pk": "p0"}, new_image={"pk": "p0"}, created=now - 31 * H))
+    parent = fake.open_shard(created_ms=int((now - parent_age_h * H) * 1000))
+    fake.put(parent, make_stream_record(keys={"pk": "p0"}, new_image={"pk": "p0"}, created=now - parent_age_h * H))
     fake.shards[parent].closed = True
-    child = fake.open_shard(parent=parent, created_ms=int((now - 30 * H) * 1000))
+    child = fake.open_shard(parent=parent, created_ms=int((now - child_age_h * H) * 1000))
     for i in range(4):
         fake.put(child, make_stream_record(keys={"pk": f"c{i}"}, new_image={"pk": f"c{i}"},
-                                           created=now - 30 * H + i * H))
+                                           created=now - child_age_h * H + i * H))
     fake.shards[child].closed = closed
     return fake, child
 
@@ -390,18 +391,8 @@ def test_a_childs_head_trimmed_before_the_first_start_is_no_gap(tmp_path):
     its two oldest records to the 24 h retention long before this worker existed. Nothing was
     promised then: C's lease counts only records created after ``retainedSince`` (first sync − 24 h
     + 1 h). Old code: C was checked from its StartingSequenceNumber — a gap, exit 1 under ``fail``."""
-    import time as _time
-
-    now = _time.time()
-    fake = FakeStreams()
-    parent = fake.open_shard(created_ms=int((now - 29 * H) * 1000))
-    fake.put(parent, make_stream_record(keys={"pk": "p0"}, new_image={"pk": "p0"}, created=now - 29 * H))
-    fake.shards[parent].closed = True
-    child = fake.open_shard(parent=parent, created_ms=int((now - 26 * H) * 1000))
-    for i in range(4):
-        fake.put(child, make_stream_record(keys={"pk": f"c{i}"}, new_image={"pk": f"c{i}"},
-                                           created=now - 26 * H + i * H))  # c2: 24 h old, c3: 23 h
-    fake.trim_head(parent, 1)
+    fake, child = child_stream(closed=False, parent_age_h=29, child_age_h=26)  # c2: 24 h old, c3: 23 h
+    fake.trim_head(fake.shards[child].parent_shard_id, 1)
     fake.trim_head(child, 2)
     store = SQLiteLeaseStore(tmp_path / "l.sqlite")
     store.ensure_table()
