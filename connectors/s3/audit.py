@@ -410,8 +410,9 @@ class S3AuditSink(Sink):
 
     def reset_shard(self, table: str, shard_id: str) -> None:
         """A new reader of the shard starts from its checkpoint (lease taken or taken back, a
-        checkpoint move, a restart; :mod:`pipeline.sink`): drop the shard's buffered, not yet
-        uploaded events, and log how many (``s3_audit.shard_reset``).
+        checkpoint move, a restart), or this worker's reader of it ended (lease lost, SHARD_END,
+        shutdown; :mod:`pipeline.sink`): drop the shard's buffered, not yet uploaded events, and
+        log how many (``s3_audit.shard_reset``; nothing is left after a clean end).
 
         Why dropping is safe: the worker checkpoints only after ``flush`` uploaded every buffer,
         so no checkpoint of this worker passed a buffered event; if another worker's checkpoint
