@@ -42,8 +42,9 @@ and ``close()`` at shutdown.
 is about to start — this worker took the shard's lease (or took it back after losing it), a
 checkpoint move was applied, or the shard's reader restarted — and it reads again from the
 shard's checkpoint; it is also called when this worker's reader of the shard ends (its lease was
-lost, or SHARD_END / shutdown after the last flush, when nothing is left to drop), before any
-later call, so a flush asked for by another shard never makes the lost shard's buffer durable. A sink that buffers per shard must drop what it holds for that shard and has not
+lost; after SHARD_END or at shutdown it may be, when nothing is left to drop), and before every
+flush for a shard whose lease is lost, so a flush asked for by another shard does not make the lost
+shard's buffer durable (an upload already running when the loss is noticed still completes). A sink that buffers per shard must drop what it holds for that shard and has not
 made durable yet: those events are after the checkpoint (a checkpoint never passes an event some
 sink has not flushed), so they are either sent again by the new reader or were made durable by the
 worker that checkpointed past them. Keeping them would mix two ownership periods, with a hole

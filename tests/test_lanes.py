@@ -525,3 +525,50 @@ def test_a_detached_shards_buffered_events_are_dropped_by_the_sink_before_anothe
             "shard Y's buffered events were made durable after Y's lease was lost"
     finally:
         lanes.stop()
+
+
+def test_a_flush_right_after_a_write_resets_a_shard_detached_during_that_write(tmp_path):
+    """The sink thread is inside shard X's write when Y's reader detaches (lease lost); X's flush
+    comes right after that write, before the thread's next pass. That flush must drop Y's
+    buffered events first (review of 3ba0045: the reset ran only at the top of the next pass)."""
+    import structlog as _structlog
+
+    from pipeline.runtime.fanout import FanOut, SinkRunner
+    from pipeline.runtime.lanes import Lanes
+
+    class Buffering(RecordingSink):
+        def __init__(self, name):
+            super().__init__(name)
+            self.in_x, self.go = threading.Event(), threading.Event()
+
+        def write(self, batch):
+            if batch.shard_id == "shardId-X":
+                self.in_x.set()
+                assert self.go.wait(10)
+            super().write(batch)
+
+        def reset_shard(self, table, shard_id):
+            with self._lock:
+                self._pending = [e for e in self._pending if e.source.shard_id != shard_id]
+
+    sink = Buffering("buffering")
+    runner = SinkRunner(sink, FailurePolicy(initial_backoff_s=0.001, max_backoff_s=0.01))
+    fanout = FanOut([runner], DirectoryDeadLetterQueue(tmp_path / "dlq"), stop_event=threading.Event(),
+                    logger=_structlog.get_logger("test_lanes"))
+    lanes = Lanes(fanout)
+    try:
+        x = lanes.attach("demo-table", "shardId-X", owns=lambda: True)
+        y = lanes.attach("demo-table", "shardId-Y", owns=lambda: True)
+        y.put(_one_event_batch("shardId-Y", 1), seq(1, 1))
+        wait_until(lambda: len(sink.written) == 1, "Y's batch written, not flushed")
+        x.put(_one_event_batch("shardId-X", 2), seq(1, 2))
+        assert sink.in_x.wait(10), "the sink thread is inside X's write"
+        y.detach()  # Y's lease was lost meanwhile
+        with lanes.lock:
+            lanes.sinks[0].request_flush()  # a flush is due (a checkpoint tick) while the write runs
+        sink.go.set()
+        assert x.drain() == seq(1, 2)
+        assert [e.source.shard_id for e in sink.flushed] == ["shardId-X"], \
+            "shard Y's buffered events were made durable by X's flush after Y's lease was lost"
+    finally:
+        lanes.stop()

@@ -46,8 +46,10 @@ A new reader of a shard (:meth:`Lanes.attach`) drops what the previous reader of
 in the lanes (:meth:`ShardLanes.detach`), and each sink thread calls the sink's ``reset_shard``
 before the first batch of the new reader — in the sink's own thread, so never during a write. A
 reader that ends (lease lost, SHARD_END, shutdown) detaches too, and each sink thread calls
-``reset_shard`` for that shard before its next call, so a flush asked for by another shard never
-makes the lost shard's buffered events durable (after a clean end nothing is left to drop).
+``reset_shard`` for that shard before its next call (a shutdown may fence the sinks first; after a
+clean end nothing is left to drop anyway). Every flush first resets the detached shards and those
+whose lease is already lost, so a flush asked for by another shard does not make a lost shard's
+buffered events durable; an upload already running when the loss is noticed still completes.
 """
 
 from __future__ import annotations
@@ -317,8 +319,16 @@ class SinkLane(threading.Thread):
     def _flush(self) -> None:
         with self.cond:
             self.flush_requested = False
+            # first the resets owed to detached shards, and to shards whose lease is already lost
+            # while their reader has not detached yet: a flush asked for by another shard must not
+            # make what the sink buffers of them durable after the loss
+            resets, self.resets = self.resets, []
+            resets += [(lane.shard.table, lane.shard.shard_id) for lane in self.members
+                       if not lane.closed and not lane.shard.owns()]
             snapshot = [(lane, lane.written, lane.written_records) for lane in self.members
                         if not lane.closed and lane.error is None and lane.written > lane.durable]
+        for table, shard_id in dict.fromkeys(resets):
+            self._reset(table, shard_id)
         if not snapshot:
             return
         lanes = [lane for lane, _, _ in snapshot]

@@ -712,7 +712,7 @@ class Worker:
             # them as expired and read the shards while they are still written here
             while consumer.is_alive() and self.clock() < deadline:
                 consumer.join(max(0.01, min(deadline, next_renewal) - self.clock()))
-                if consumer.is_alive() and self.clock() >= next_renewal:
+                if consumer.is_alive() and next_renewal <= self.clock() < deadline:
                     self._renew_while_stopping()
                     next_renewal = self.clock() + renew_every
             if self.on_consumer_done is not None and not consumer.is_alive():
