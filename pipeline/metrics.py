@@ -33,8 +33,7 @@ import orjson
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 
-#: DynamoDB Streams' retention (24 hours), in seconds.
-STREAM_RETENTION_S = 24 * 3600
+from pipeline.source import STREAM_RETENTION_S  # noqa: E402,F401 - DynamoDB Streams' 24 h, defined once
 
 # -- per shard ----------------------------------------------------------------------------------
 RECORDS_READ = Counter("ddb_cdc_records_read_total", "Stream records read", ["table", "shard"])

@@ -18,6 +18,12 @@ from typing import Any, Protocol, Sequence
 
 from pipeline.errors import IteratorExpiredError, TrimmedDataError, ThrottledError, ShardNotFoundError, ShardVanishedError  # noqa: F401 (defined in the one error tree)
 
+#: DynamoDB Streams keeps records 24 hours (DynamoDB developer guide, "Change data capture for
+#: DynamoDB Streams"), in seconds: older records may be trimmed at any time, and a shard created
+#: less than this long ago cannot have lost its head. The one definition the worker, the metrics
+#: and the snapshot's retention watchdog use.
+STREAM_RETENTION_S = 24 * 3600
+
 
 @dataclass(frozen=True)
 class ShardInfo:

@@ -41,7 +41,7 @@ from pipeline.checkpoint import Lease, LeaseStore, MoveRequest, lease_key_for
 from pipeline.codec import child_version_floor
 from pipeline.errors import LeaseLostError, TransientError
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
-from pipeline.source import ShardInfo
+from pipeline.source import STREAM_RETENTION_S, ShardInfo
 
 
 #: Seconds subtracted from the retention at the first sync of a stream (see
@@ -60,7 +60,7 @@ def first_sync_retained_since(now_s: float) -> int:
     retained for ``margin`` seconds: a head check within that time after the first start never
     reports a gap, one later does when a record created after this time was trimmed before it
     was read (the first catch-up was too slow)."""
-    return math.floor(now_s) - metrics.STREAM_RETENTION_S + FIRST_SYNC_HEAD_MARGIN_S
+    return math.floor(now_s) - STREAM_RETENTION_S + FIRST_SYNC_HEAD_MARGIN_S
 
 
 class LeaseCoordinator:

@@ -862,8 +862,8 @@ class ShardConsumer(threading.Thread):
         if oldest is None and not self.caught_up:
             oldest = self.last_read_created
         if oldest is None:
-            return float(metrics.STREAM_RETENTION_S)
-        return metrics.STREAM_RETENTION_S - max(0.0, (now or time.time()) - oldest)
+            return float(STREAM_RETENTION_S)
+        return STREAM_RETENTION_S - max(0.0, (now or time.time()) - oldest)
 
     def _resume_position(self) -> str:
         return self._done_position or self._checkpointed
@@ -942,9 +942,7 @@ class ShardConsumer(threading.Thread):
                                      f"(checkpoint {position}): {exc}") from exc
 
 
-#: DynamoDB Streams keeps records 24 hours (DynamoDB developer guide, "Change data capture for
-#: DynamoDB Streams"), so a shard created less than this long ago cannot have lost its head.
-STREAM_RETENTION_S = 24 * 3600
+from pipeline.source import STREAM_RETENTION_S  # noqa: E402 - the 24 h retention, defined once
 
 
 def shard_created_epoch(shard_id: str) -> float | None:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: DynamoDB Streams keeps records for 24 hours.
-STREAM_RETENTION_S = 24 * 3600.0
+from pipeline.source import STREAM_RETENTION_S  # noqa: E402 - DynamoDB Streams' 24 h, defined once
 WARN_RATIO = 0.25
 ALARM_RATIO = 0.5
 
