@@ -167,3 +167,92 @@ class LeasePoller(threading.Thread):
         """End the polling and join the thread (10 s)."""
         self._stop_event.set()
         self.join(10)
+
+
+class SinksStack:
+    """The end-to-end tests' common stack: a DynamoDB Local table with a stream (``table``,
+    ``stream_arn``), its lease table name, an S3 bucket, and a worker configuration with the three
+    built-in sinks — ``search`` (OpenSearch at ``os_url``, index ``index``), ``audit`` (S3 audit log
+    under ``audit/``, 2 s buffer age) and ``cache`` (Redis invalidation by the workload's key
+    templates) — written to ``tmp_path/config.yaml``. ``search_options`` / ``cache_options`` merge
+    into those sinks' options, ``cache_policy`` into the cache sink's entry (``on_failure`` …),
+    ``extra_sinks`` follow the three, ``worker`` is the ``worker:`` section. ``self.config`` holds
+    the dict; :meth:`save_config` writes it again after a test changed it."""
+
+    def __init__(self, tmp_path: Path, *, dynamodb_endpoint: str, s3_endpoint: str, os_url: str, redis_url: str,
+                 table: str, bucket: str, index: str, search_options: dict[str, Any] | None = None,
+                 cache_options: dict[str, Any] | None = None, cache_policy: dict[str, Any] | None = None,
+                 extra_sinks: tuple[dict[str, Any], ...] = (), worker: dict[str, Any] | None = None):
+        import boto3
+
+        from connectors.embedded.workload import CACHE_KEY_TEMPLATES, create_table
+        from pipeline.awsconfig import AwsConfig
+
+        creds = {"region_name": TEST_AWS_ENV["AWS_DEFAULT_REGION"],
+                 "aws_access_key_id": TEST_AWS_ENV["AWS_ACCESS_KEY_ID"],
+                 "aws_secret_access_key": TEST_AWS_ENV["AWS_SECRET_ACCESS_KEY"]}
+        self.tmp = tmp_path
+        self.endpoint = dynamodb_endpoint
+        self.ddb = boto3.client("dynamodb", endpoint_url=dynamodb_endpoint, **creds)
+        self.streams = boto3.client("dynamodbstreams", endpoint_url=dynamodb_endpoint, **creds)
+        self.s3 = boto3.client("s3", endpoint_url=s3_endpoint, **creds)
+        self.table = table
+        self.lease_table = f"{table}-leases"
+        self.stream_arn = create_table(self.ddb, table)
+        self.bucket = bucket
+        self.s3.create_bucket(Bucket=bucket)
+        self.os_url = os_url
+        self.redis_url = redis_url
+        self.index = index
+        self.dead_letter = tmp_path / "dead-letter"
+        self.aws = AwsConfig(region=creds["region_name"], dynamodb_endpoint_url=dynamodb_endpoint,
+                             s3_endpoint_url=s3_endpoint)
+        cache = {"name": "cache", "type": "redis_cache",
+                 "options": {"url": redis_url, "key_templates": CACHE_KEY_TEMPLATES, **(cache_options or {})}}
+        cache.update(cache_policy or {})
+        self.config: dict[str, Any] = {
+            "source": {"table": table, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
+                       "discovery_interval_s": 5},
+            "aws": {"region": creds["region_name"], "dynamodb_endpoint_url": dynamodb_endpoint,
+                    "s3_endpoint_url": s3_endpoint},
+            "checkpoints": {"store": "dynamodb", "table_name": self.lease_table, "failover_time_s": 3},
+            "dead_letter": {"directory": str(self.dead_letter)},
+            "log": {"format": "json"},
+            "sinks": [
+                {"name": "search", "type": "opensearch",
+                 "options": {"hosts": [os_url], "index": index, **(search_options or {})}},
+                {"name": "audit", "type": "s3_audit",
+                 "options": {"bucket": bucket, "prefix": "audit", "max_buffer_age_s": 2}},
+                cache,
+                *extra_sinks,
+            ],
+        }
+        if worker:
+            self.config["worker"] = dict(worker)
+        self.config_path = tmp_path / "config.yaml"
+        self.save_config()
+
+    def save_config(self) -> Path:
+        """Write ``self.config`` to ``self.config_path`` and return the path."""
+        return write_config(self.config_path, self.config)
+
+    def store(self, namespace: str = "") -> Any:
+        """The worker's lease table as a DynamoDBLeaseStore (``namespace``: a replay's)."""
+        from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
+
+        return DynamoDBLeaseStore(self.aws, self.lease_table, client=self.ddb, namespace=namespace)
+
+    def checkpoint(self) -> str | None:
+        """The first lease's checkpoint; None before the worker created its lease table or a lease."""
+        leases = poll_leases(self.store())
+        return leases[0].checkpoint if leases else None
+
+    def stream(self) -> list[Any]:
+        """Every change event of the table's stream, in order (read from TRIM_HORIZON)."""
+        from connectors.embedded.verify import read_stream_events
+
+        return read_stream_events(self.streams, self.stream_arn, self.table)
+
+    def last_seq(self) -> str:
+        """The sequence number of the stream's last record."""
+        return self.stream()[-1].sequence_number

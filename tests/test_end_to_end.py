@@ -11,19 +11,16 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-import boto3
 import pytest
 import redis
-import yaml
 
-from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.s3.audit import read_audit_objects
 from connectors.redis_cache import RedisCacheSink
 from connectors.embedded.verify import check_opensearch, check_redis, check_s3_audit, read_stream_events
-from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, create_table, scan_items
-from pipeline.awsconfig import AwsConfig
+from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, scan_items
 from pipeline.codec import key_id
 from pipeline.events import Operation
+from tests.process_stack import SinksStack
 
 pytestmark = pytest.mark.e2e
 
@@ -33,47 +30,19 @@ BUCKET = "audit-e2e"
 SECRET = "e2e-secret-must-never-be-logged"
 
 
-class Stack:
-    """Servers, clients and the worker's config for one test."""
+class Stack(SinksStack):
+    """The three built-in sinks plus the example plugin ``files`` (jsonl_file), for one test."""
 
     def __init__(self, tmp_path, dynamodb_local, moto_server, opensearch_url, redis_server, name):
-        creds = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
-        self.ddb = boto3.client("dynamodb", endpoint_url=dynamodb_local.endpoint, **creds)
-        self.streams = boto3.client("dynamodbstreams", endpoint_url=dynamodb_local.endpoint, **creds)
-        self.s3 = boto3.client("s3", endpoint_url=moto_server.endpoint, **creds)
-        self.table = f"{name}-{os.urandom(4).hex()}"
-        self.lease_table = f"{self.table}-leases"
-        self.stream_arn = create_table(self.ddb, self.table)
-        self.bucket = f"{BUCKET}-{os.urandom(3).hex()}"
-        self.s3.create_bucket(Bucket=self.bucket)
-        self.os_url = opensearch_url
-        self.redis_url = redis_server.url
-        self.redis = redis.Redis.from_url(redis_server.url)
-        self.dead_letter = tmp_path / "dead-letter"
-        self.aws = AwsConfig(region="us-east-1", dynamodb_endpoint_url=dynamodb_local.endpoint,
-                             s3_endpoint_url=moto_server.endpoint)
-        self.config_path = tmp_path / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump({
-            "source": {"table": self.table, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
-                       "discovery_interval_s": 5},
-            "aws": {"region": "us-east-1", "dynamodb_endpoint_url": dynamodb_local.endpoint,
-                    "s3_endpoint_url": moto_server.endpoint},
-            "checkpoints": {"store": "dynamodb", "table_name": self.lease_table, "failover_time_s": 3},
-            "dead_letter": {"directory": str(self.dead_letter)},
-            "worker": {"shutdown_grace_s": 30},
-            "log": {"format": "json"},
-            "sinks": [
-                {"name": "search", "type": "opensearch", "options": {"hosts": [opensearch_url], "index": INDEX}},
-                {"name": "audit", "type": "s3_audit",
-                 "options": {"bucket": self.bucket, "prefix": "audit", "max_buffer_age_s": 2}},
-                {"name": "cache", "type": "redis_cache",
-                 "options": {"url": redis_server.url, "key_templates": CACHE_KEY_TEMPLATES}},
-                # the example plugin, installed from examples/custom_sink, selected by its entry point
-                {"name": "files", "type": "jsonl_file", "options": {"directory": str(tmp_path / "jsonl")}},
-            ],
-        }))
-        self.logs: list[Path] = []
         self.jsonl_dir = tmp_path / "jsonl"
+        # the example plugin, installed from examples/custom_sink, selected by its entry point
+        files = {"name": "files", "type": "jsonl_file", "options": {"directory": str(self.jsonl_dir)}}
+        super().__init__(tmp_path, dynamodb_endpoint=dynamodb_local.endpoint, s3_endpoint=moto_server.endpoint,
+                         os_url=opensearch_url, redis_url=redis_server.url, table=f"{name}-{os.urandom(4).hex()}",
+                         bucket=f"{BUCKET}-{os.urandom(3).hex()}", index=INDEX, extra_sinks=(files,),
+                         worker={"shutdown_grace_s": 30})
+        self.redis = redis.Redis.from_url(redis_server.url)
+        self.logs: list[Path] = []
 
     def start_worker(self) -> subprocess.Popen:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIAE2ETESTKEY", "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -95,16 +64,8 @@ class Stack:
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
-    def checkpoint(self) -> str | None:
-        store = DynamoDBLeaseStore(self.aws, self.lease_table, client=self.ddb)
-        try:
-            leases = store.list_leases()
-        except Exception:
-            return None
-        return leases[0].checkpoint if leases else None
-
     def wait_caught_up(self, proc: subprocess.Popen, timeout: float = 240) -> list:
-        events = read_stream_events(self.streams, self.stream_arn, self.table)
+        events = self.stream()
         last = events[-1].sequence_number
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -48,15 +48,15 @@ from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.embedded.servers import free_port
 from connectors.redis_cache import RedisCacheSink
 from connectors.s3.audit import read_audit_objects
-from connectors.embedded.verify import check_opensearch, check_redis, check_s3_audit, read_stream_events
-from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, create_table, scan_items
+from connectors.embedded.verify import check_opensearch, check_redis, check_s3_audit
+from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, apply_change, scan_items
 from pipeline.awsconfig import AwsConfig
 from pipeline.codec import encode_item, key_id
 from pipeline.deadletter import DirectoryDeadLetterQueue
 from pipeline.events import LATEST, SHARD_END, TRIM_HORIZON
 from pipeline.render import event_to_record_dict
 from tests.helpers import wait_until
-from tests.process_stack import ROOT, LeasePoller, WorkerProcess, poll_leases, start_worker, worker_env, write_config
+from tests.process_stack import ROOT, LeasePoller, SinksStack, WorkerProcess, start_worker, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -240,57 +240,27 @@ class WorkloadThread(threading.Thread):
 Worker = WorkerProcess  # one ``python -m connectors.app.cli run`` process with its own log file
 
 
-class Stack:
+class Stack(SinksStack):
     """A table with a stream, a bucket, an index, a lease table, a dead-letter directory and a
     worker configuration (search → OpenSearch at ``worker_os_url``, audit → S3, cache → Redis)."""
 
     def __init__(self, tmp_path: Path, dynamodb_endpoint: str, moto_endpoint: str, os_url: str, redis_url: str,
                  name: str, *, worker_os_url: str | None = None, cache_policy: dict[str, Any] | None = None,
                  worker_id: str | None = None, items: int = 60):
-        self.tmp = tmp_path
-        self.endpoint = dynamodb_endpoint
-        self.ddb = boto3.client("dynamodb", endpoint_url=dynamodb_endpoint, **CREDS)
-        self.streams = boto3.client("dynamodbstreams", endpoint_url=dynamodb_endpoint, **CREDS)
-        self.s3 = boto3.client("s3", endpoint_url=moto_endpoint, **CREDS)
         suffix = os.urandom(4).hex()
-        self.table = f"fail-{name}-{suffix}"
-        self.index = f"fail-{name}-{suffix}"
-        self.lease_table = f"{self.table}-leases"
-        self.stream_arn = create_table(self.ddb, self.table)
-        self.bucket = f"fail-audit-{suffix}"
-        self.s3.create_bucket(Bucket=self.bucket)
-        self.os_url = os_url
-        self.redis_url = redis_url
+        # mapping: dynamic — the poison-document test needs OpenSearch to refuse a type change
+        super().__init__(tmp_path, dynamodb_endpoint=dynamodb_endpoint, s3_endpoint=moto_endpoint,
+                         os_url=worker_os_url or os_url, redis_url=redis_url, table=f"fail-{name}-{suffix}",
+                         bucket=f"fail-audit-{suffix}", index=f"fail-{name}-{suffix}",
+                         search_options={"timeout_s": 10, "mapping": "dynamic"},
+                         cache_options={"socket_timeout_s": 2}, cache_policy=cache_policy,
+                         worker={"shutdown_grace_s": 20})
+        self.os_url = os_url  # the real one (the worker's may be a proxy)
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5)
-        self.dead_letter = tmp_path / "dead-letter"
         self.items = items
         self.workload = Workload(seed=random.Random(name).randrange(10**6), items=items)
         self.changes = self.workload.changes(10**9)
-        self.aws = AwsConfig(region="us-east-1", dynamodb_endpoint_url=dynamodb_endpoint,
-                             s3_endpoint_url=moto_endpoint)
         self.worker_id = worker_id
-        cache = {"name": "cache", "type": "redis_cache",
-                 "options": {"url": redis_url, "key_templates": CACHE_KEY_TEMPLATES, "socket_timeout_s": 2}}
-        cache.update(cache_policy or {})
-        self.config_path = write_config(tmp_path / "config.yaml", {
-            "source": {"table": self.table, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
-                       "discovery_interval_s": 5},
-            "aws": {"region": "us-east-1", "dynamodb_endpoint_url": dynamodb_endpoint,
-                    "s3_endpoint_url": moto_endpoint},
-            "checkpoints": {"store": "dynamodb", "table_name": self.lease_table, "failover_time_s": 3},
-            "dead_letter": {"directory": str(self.dead_letter)},
-            "worker": {"shutdown_grace_s": 20},
-            "log": {"format": "json"},
-            "sinks": [
-                # mapping: dynamic — the poison-document test needs OpenSearch to refuse a type change
-                {"name": "search", "type": "opensearch",
-                 "options": {"hosts": [worker_os_url or os_url], "index": self.index, "timeout_s": 10,
-                             "mapping": "dynamic"}},
-                {"name": "audit", "type": "s3_audit",
-                 "options": {"bucket": self.bucket, "prefix": "audit", "max_buffer_age_s": 2}},
-                cache,
-            ],
-        })
         self.workers: list[Worker] = []
         self.history = CheckpointHistory(self.aws, self.lease_table, dynamodb_endpoint)
         self.history.start()
@@ -335,16 +305,6 @@ class Stack:
             apply_change(self.ddb, self.table, next(self.changes))
 
     # -- state -------------------------------------------------------------------------------
-
-    def stream(self) -> list:
-        return read_stream_events(self.streams, self.stream_arn, self.table)
-
-    def last_seq(self) -> str:
-        return self.stream()[-1].sequence_number
-
-    def checkpoint(self) -> str | None:
-        leases = poll_leases(DynamoDBLeaseStore(self.aws, self.lease_table, client=self.ddb))
-        return leases[0].checkpoint if leases else None
 
     def wait_checkpoint_at_least(self, seq: str, worker: Worker, timeout: float, what: str) -> float:
         started = time.monotonic()
@@ -660,15 +620,6 @@ class DlqRun:
     seconds: float
 
 
-def _redrive_available() -> bool:
-    if not (ROOT / "pipeline" / "redrive.py").exists():
-        return False
-    proc = subprocess.run([sys.executable, "-m", "connectors.app.cli", "dlq", "redrive", "--help"], cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return proc.returncode == 0 and "--sink" in proc.stdout
-
-
 @pytest.fixture(scope="module")
 def dlq_run(tmp_path_factory, dynamodb_local, moto_server, opensearch_server, _redis_session):
     redis_srv = _redis_session
@@ -744,8 +695,6 @@ def test_redis_outage_with_dead_letter_goes_on_and_dead_letters_full_events(dlq_
 
 
 def test_dlq_redrive_delivers_the_dead_lettered_cache_invalidations(dlq_run):
-    if not _redrive_available():
-        pytest.xfail("dlq redrive not yet available (no pipeline/ops/redrive.py or `ddb-cdc dlq redrive --sink`)")
     run, stack = dlq_run, dlq_run.stack
     by_seq = {ev.sequence_number: ev for ev in run.events}
     redrive = [by_seq[e.sequence_number] for e in run.entries if e.sink == "cache"]

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from connectors.opensearch.sink import document_id
 from connectors.embedded.verify import check_opensearch, read_stream_events
 from connectors.embedded.workload import Workload, apply_change, scan_items, write_changes
 from pipeline.codec import encode_item, key_id
 from tests.helpers import json_log_events, wait_until
+from tests.process_stack import write_config
 from tests.test_replay import ROOT, ReplayStack
 
 pytestmark = pytest.mark.e2e
@@ -40,14 +40,12 @@ class ReindexStack(ReplayStack):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        config = yaml.safe_load(self.config_path.read_text())
         search = {"name": "search", "type": "opensearch", "options": {"hosts": [self.os_url], "index": INDEX}}
-        config["sinks"] = [search]
-        self.config_path.write_text(yaml.safe_dump(config))
-        explicit = json.loads(json.dumps(config))
+        self.config["sinks"] = [search]
+        self.save_config()
+        explicit = json.loads(json.dumps(self.config))
         explicit["sinks"][0]["options"].update({"mapping": "explicit", "fields": EXPLICIT_FIELDS})
-        self.explicit_config_path = self.tmp / "config-explicit.yaml"
-        self.explicit_config_path.write_text(yaml.safe_dump(explicit))
+        self.explicit_config_path = write_config(self.tmp / "config-explicit.yaml", explicit)
 
     def reindex_cmd(self, *args: str, config: Path | None = None) -> list[str]:
         return [sys.executable, "-m", "connectors.app.cli", "opensearch", "reindex", "--sink", "search", *args,

@@ -15,14 +15,11 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import boto3
 import pytest
-import yaml
 
-from connectors.dynamodb_streams.lease_table import DynamoDBLeaseStore
 from connectors.embedded.verify import check_opensearch, read_stream_events
-from connectors.embedded.workload import CACHE_KEY_TEMPLATES, Workload, create_table, scan_items, write_changes
-from pipeline.awsconfig import AwsConfig
+from connectors.embedded.workload import Workload, scan_items, write_changes
+from tests.process_stack import SinksStack, worker_env
 from pipeline.codec import key_id
 
 pytestmark = pytest.mark.e2e
@@ -31,42 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 INDEX = "orders-replay"
 
 
-class ReplayStack:
+class ReplayStack(SinksStack):
     """A table with a stream, the three built-in sinks, a config file, and the live worker."""
 
     def __init__(self, tmp_path: Path, dynamodb_local, moto_server, opensearch_url, redis_server, name: str):
-        creds = dict(region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
-        self.ddb = boto3.client("dynamodb", endpoint_url=dynamodb_local.endpoint, **creds)
-        self.streams = boto3.client("dynamodbstreams", endpoint_url=dynamodb_local.endpoint, **creds)
-        s3 = boto3.client("s3", endpoint_url=moto_server.endpoint, **creds)
-        self.table = f"{name}-{os.urandom(4).hex()}"
-        self.lease_table = f"{self.table}-leases"
-        self.stream_arn = create_table(self.ddb, self.table)
-        self.bucket = f"replay-{os.urandom(3).hex()}"
-        s3.create_bucket(Bucket=self.bucket)
-        self.os_url = opensearch_url
-        self.aws = AwsConfig(region="us-east-1", dynamodb_endpoint_url=dynamodb_local.endpoint,
-                             s3_endpoint_url=moto_server.endpoint)
-        self.tmp = tmp_path
-        self.config_path = tmp_path / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump({
-            "source": {"table": self.table, "checkpoint_interval_s": 0.5, "idle_interval_ms": 100,
-                       "discovery_interval_s": 5},
-            "aws": {"region": "us-east-1", "dynamodb_endpoint_url": dynamodb_local.endpoint,
-                    "s3_endpoint_url": moto_server.endpoint},
-            "checkpoints": {"store": "dynamodb", "table_name": self.lease_table, "failover_time_s": 3},
-            "dead_letter": {"directory": str(tmp_path / "dead-letter")},
-            "log": {"format": "json"},
-            "sinks": [
-                {"name": "search", "type": "opensearch", "options": {"hosts": [opensearch_url], "index": INDEX}},
-                {"name": "audit", "type": "s3_audit",
-                 "options": {"bucket": self.bucket, "prefix": "audit", "max_buffer_age_s": 2}},
-                {"name": "cache", "type": "redis_cache",
-                 "options": {"url": redis_server.url, "key_templates": CACHE_KEY_TEMPLATES}},
-            ],
-        }))
-        self.env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT)}
+        super().__init__(tmp_path, dynamodb_endpoint=dynamodb_local.endpoint, s3_endpoint=moto_server.endpoint,
+                         os_url=opensearch_url, redis_url=redis_server.url, table=f"{name}-{os.urandom(4).hex()}",
+                         bucket=f"replay-{os.urandom(3).hex()}", index=INDEX)
+        self.env = worker_env(faulthandler=False)
         self.worker_log = tmp_path / "worker.log"
 
     def start_worker(self) -> subprocess.Popen:
@@ -78,20 +47,8 @@ class ReplayStack:
         return subprocess.run([sys.executable, "-m", "connectors.app.cli", *args, "--config", str(self.config_path)],
                               capture_output=True, text=True, env=self.env, cwd=str(ROOT), timeout=timeout)
 
-    def store(self, namespace: str = "") -> DynamoDBLeaseStore:
-        return DynamoDBLeaseStore(self.aws, self.lease_table, client=self.ddb, namespace=namespace)
-
-    def checkpoint(self) -> str | None:
-        from pipeline.errors import CheckpointStoreError
-
-        try:
-            leases = self.store().list_leases()
-        except CheckpointStoreError:  # the worker has not created its lease table yet
-            return None
-        return leases[0].checkpoint if leases else None
-
     def wait_caught_up(self, proc: subprocess.Popen, timeout: float = 120) -> None:
-        last = read_stream_events(self.streams, self.stream_arn, self.table)[-1].sequence_number
+        last = self.last_seq()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"worker exited early: {self.worker_log.read_text()[-3000:]}"
