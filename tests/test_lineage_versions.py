@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timezone
@@ -226,7 +227,8 @@ def test_a_child_whose_head_was_trimmed_before_it_was_read_is_a_recorded_gap(tmp
     try:
         store = SQLiteLeaseStore(path)
         wait_until(lambda: len(store.list_leases()) == 1, "the parent's lease created")
-        child = fake.split(parent)[0]
+        # a head is trimmed only once it is older than the 24 h retention: a child made 25 h ago
+        child = fake.split(parent, created_ms=int((time.time() - 25 * 3600) * 1000))[0]
         child_seqs = [fake.put(child, change("INSERT", f"c{i}", 1, T0 + 1)) for i in range(5)]
         wait_until(lambda: len(store.list_leases()) == 2, "both leases created")
         child_lease = next(lease for lease in store.list_leases() if lease.shard_id == child)

@@ -216,6 +216,32 @@ def test_a_young_empty_closed_child_is_no_gap(tmp_path):
     assert next(lease for lease in store.list_leases() if lease.shard_id == child).starting_sequence_number is None
 
 
+def test_a_child_split_again_before_any_write_is_no_gap(tmp_path):
+    """The double's own splits make shards as a live stream does, created now: a child that is
+    split again before a change reached it (a split within a second of the last one) is read
+    to SHARD_END with nothing in it and is no gap. On the double that dated every shard it opened
+    to 2014 this was a false trimmed-data stop under ``fail`` (the chaos test's flake)."""
+    fake = FakeStreams()
+    fake.add_shard("shardId-R", recs(1, 0, 1), closed=True)
+    store = SQLiteLeaseStore(tmp_path / "l.sqlite")
+    store.ensure_table()
+    first, first_sink = run_worker(fake, store, tmp_path, "fail")
+    assert first.run() == 0  # the first sync; what follows is found later, read from its first record
+    parent = fake.open_shard()
+    fake.put(parent, make_stream_record(event_name="INSERT", keys={"pk": "p"}, new_image={"pk": "p"}))
+    (child,) = fake.split(parent)
+    (grandchild,) = fake.split(child)  # the child closes empty
+    fake.put(grandchild, make_stream_record(event_name="MODIFY", keys={"pk": "p"}, new_image={"pk": "p"},
+                                            old_image={"pk": "p"}))
+    fake.shards[grandchild].closed = True
+    worker, sink = run_worker(fake, store, tmp_path, "fail")
+    assert worker.run() == 0
+    assert store.list_gaps() == []
+    assert {lease.shard_id: lease.checkpoint for lease in store.list_leases()} == {
+        "shardId-R": SHARD_END, parent: SHARD_END, child: SHARD_END, grandchild: SHARD_END}
+    assert [e.source.shard_id for e in first_sink.written + sink.written] == ["shardId-R", parent, grandchild]
+
+
 T_OLD = 1_700_000_000.0  # 2023-11-14: long past the 24 h retention
 
 

@@ -26,7 +26,10 @@ Sequence numbers and splits as DynamoDB Streams makes them (``open_shard``, ``pu
   rises from a parent to its child in a way a 32-bit remainder would keep (the DescribeStream
   example: ``205|00000000000000910398`` → child ``8204|00000000000001192334`` → child
   ``16837|00000000000001135967``); :func:`real_seq` builds them;
-- shard ids are ``shardId-<20-digit creation time in ms>-<8 hex>`` (same example);
+- shard ids are ``shardId-<20-digit creation time in ms>-<8 hex>`` (same example); a shard
+  opened without ``created_ms`` is created now (wall clock, each id's time above the last), so
+  it is younger than the 24 h retention as a shard a live stream splits off is — pass
+  ``created_ms`` for an older one;
 - a split closes the parent (EndingSequenceNumber set) and opens children listed with
   ``ParentShardId``; it may happen within the same second as changes in the parent, so a change in
   the parent and the next change of the same item in the child carry the same
@@ -46,6 +49,7 @@ import copy
 import itertools
 import random
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -118,6 +122,7 @@ class FakeStreams:
         self.listings = 0
         self._iterators: dict[str, tuple[str, int]] = {}
         self._ids = itertools.count(1)
+        self._last_created_ms = 0
         self._failures: list[_Failure] = []
         self._lock = threading.RLock()
         self._random = random.Random(seed)
@@ -156,7 +161,9 @@ class FakeStreams:
                 prefix = base + rnd.randrange(100, 9000)
             if counter is None:
                 counter = rnd.randrange(1, 3_000_000)
-            created_ms = created_ms if created_ms is not None else 1_414_562_045_508 + next(self._ids) * 1000
+            if created_ms is None:  # now, and after every shard opened before
+                created_ms = max(int(time.time() * 1000), self._last_created_ms + 1)
+            self._last_created_ms = max(self._last_created_ms, created_ms)
             shard_id = f"shardId-{created_ms:020d}-{rnd.getrandbits(32):08x}"
             self.shards[shard_id] = FakeShard(shard_id, parent, [], False, prefix=prefix, counter=counter)
             return shard_id
@@ -175,12 +182,14 @@ class FakeStreams:
             shard.records.append(out)
             return sequence
 
-    def split(self, shard_id: str, *, children: int = 1) -> list[str]:
+    def split(self, shard_id: str, *, children: int = 1, created_ms: int | None = None) -> list[str]:
         """Close ``shard_id`` and open ``children`` child shards (a roll-over is one child, a
-        partition split two); returns their ids."""
+        partition split two); returns their ids. ``created_ms`` (epoch ms): when the children
+        were created (default now; see :meth:`open_shard`)."""
         with self._lock:
             self.shards[shard_id].closed = True
-            return [self.open_shard(parent=shard_id) for _ in range(children)]
+            return [self.open_shard(parent=shard_id, created_ms=None if created_ms is None else created_ms + n)
+                    for n in range(children)]
 
     def trim_head(self, shard_id: str, count: int) -> None:
         """Drop the ``count`` oldest records still in ``shard_id`` (older than 24 h)."""
