@@ -36,8 +36,18 @@ call), ``decode`` (end of the call → ``probe_first``) and ``sinks`` (``probe_f
 
 Phases: a warm-up at the lowest rate (``warmup_s``; JIT of DynamoDB Local, index creation in
 OpenSearch; not reported), then each rate for ``duration_s`` in order. After each phase the
-benchmark waits until every written change reached ``probe`` (``drain_timeout_s``). Targets at
-200 changes/s: p50 ≤ 250 ms, p99 ≤ 1 s.
+benchmark waits until every written change reached ``probe`` and every sink (``drain_timeout_s``).
+Targets at 200 changes/s: p50 ≤ 250 ms, p99 ≤ 1 s, for the probe and for Redis and S3 (``cache``,
+``audit``) while OpenSearch (or an injected ``--slow-sink-s`` sink) lags.
+
+**Drain and osmem's floor** (issue 15 item 6). Each phase reports per sink whether it drained
+(``per_sink_drained``) and which sinks took changes in at under 95 % of the achieved write rate
+(``slower_than_offered``); the drain target holds when every sink drained except at most one such
+sink. Every bulk body the OpenSearch sink sent is kept (:class:`_BulkRecorder`); after the worker
+stopped, the same bodies are posted again in the same order, one at a time, with opensearch-py
+into a fresh copy of the index (:func:`_opensearch_floor`), and each phase reports the sink's
+documents/s (its actions over its busy span) next to that floor (target for a sink slower than
+the load: ≥ 0.9 × floor).
 """
 
 from __future__ import annotations
@@ -80,6 +90,10 @@ _SECRET_KEY = "latency"  # static fake credentials: every server here accepts an
 SEED = 20260107
 #: The built-in sinks, in the order the fan-out calls them.
 SINK_TYPES = ("opensearch", "s3_audit", "redis_cache")
+#: The sinks that must hold the latency target while slower ones lag (issue 15 item 6), and the
+#: share of osmem's own rate a backlogged OpenSearch sink must reach (same bodies posted directly).
+FAST_SINKS = ("cache", "audit")
+FLOOR_SHARE = 0.9
 #: Share of puts that overwrite an item already written in the phase (MODIFY records).
 OVERWRITE_SHARE = 0.4
 
@@ -154,6 +168,84 @@ class _WriteTimer:
     def count(self, phase: str) -> int:
         with self._lock:
             return len(self.arrivals.get(phase, {}))
+
+
+class _BulkRecorder:
+    """Wraps an OpenSearch sink instance's ``_send`` (one bulk request) to keep every request
+    body it sent, in send order: ``bodies`` = [(start ns, end ns, body bytes, actions)]. The
+    floor (:func:`_opensearch_floor`) posts the same bodies to the same server directly."""
+
+    def __init__(self, sink: Any):
+        self.inner = sink._send
+        self.bodies: list[tuple[int, int, bytes, int]] = []
+        self._lock = threading.Lock()
+        sink._send = self
+
+    def __call__(self, client: Any, chunk: list) -> Any:
+        start = time.time_ns()
+        try:
+            return self.inner(client, chunk)
+        finally:
+            end = time.time_ns()
+            with self._lock:
+                self.bodies.append((start, end, b"".join(a.lines for a in chunk), len(chunk)))
+
+
+def _opensearch_floor(url: str, index: str, bodies: Sequence[tuple[int, int, bytes, int]],
+                      windows: Sequence[tuple[str, int, int]]) -> dict[str, dict[str, Any]]:
+    """The server's own rate for the sink's work: every bulk body the sink sent (``bodies`` from
+    :class:`_BulkRecorder`, in send order), posted again one at a time with opensearch-py
+    ``bulk`` into a fresh copy of the sink's index (same mappings, behind an alias, ``_index``
+    rewritten), so each request meets the same documents the sink's did. ``windows`` =
+    [(phase, first ns, end ns)]: the bodies the sink *started* in a window are timed as that
+    phase; the rest (warm-up) are posted untimed first. Returns per phase ``{"actions",
+    "requests", "seconds", "docs_per_s", "refused"}`` for the floor (``refused``: actions the
+    server refused other than a 409 version conflict; non-zero makes the floor suspect) and ``"sink_docs_per_s"`` (the same
+    actions over the sink's busy span: first send start → last send end). Raises what
+    opensearch-py raises when the server refuses the copy."""
+    import re
+
+    from opensearchpy import OpenSearch
+
+    client = OpenSearch(hosts=[url], timeout=120)
+    source = client.indices.get(index=index)
+    concrete, spec = next(iter(source.items()))
+    floor = f"{index}-floor"
+    client.indices.create(index=f"{floor}-000001", body={"mappings": spec.get("mappings", {}),
+                                                         "aliases": {floor: {}}})
+    target = f'"_index":"{floor}"'.encode()
+    pattern = re.compile(rb'"_index":"[^"]*"')
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for start, end, body, actions in sorted(bodies, key=lambda b: b[0]):
+            phase = next((name for name, lo, hi in windows if lo <= start < hi), None)
+            t0 = time.perf_counter()
+            response = client.bulk(body=pattern.sub(target, body))
+            took = time.perf_counter() - t0
+            # a refused action would make the floor look fast; a 409 is a re-sent version, as for the sink
+            refused = sum(1 for item in response.get("items", []) for result in item.values()
+                          if result.get("status", 200) >= 300 and result.get("status") != 409)
+            if phase is None:
+                continue
+            f = out.setdefault(phase, {"actions": 0, "requests": 0, "seconds": 0.0, "refused": 0,
+                                       "sink_first_ns": start, "sink_last_ns": end})
+            f["refused"] += refused
+            f["actions"] += actions
+            f["requests"] += 1
+            f["seconds"] += took
+            f["sink_last_ns"] = max(f["sink_last_ns"], end)
+    finally:
+        with contextlib.suppress(Exception):
+            client.indices.delete(index=f"{floor}-000001")
+        with contextlib.suppress(Exception):
+            client.close()
+    for f in out.values():
+        span = (f.pop("sink_last_ns") - f.pop("sink_first_ns")) / 1e9
+        f["seconds"] = round(f["seconds"], 2)
+        f["docs_per_s"] = round(f["actions"] / f["seconds"], 1) if f["seconds"] > 0 else 0.0
+        f["sink_docs_per_s"] = round(f["actions"] / span, 1) if span > 0 else 0.0
+        f["sink_vs_floor"] = round(f["sink_docs_per_s"] / f["docs_per_s"], 2) if f["docs_per_s"] else None
+    return out
 
 
 def _bench_ids(batch: Batch) -> list[tuple[str, int, int]]:
@@ -574,6 +666,8 @@ class _Run:
         self.thread: threading.Thread | None = None
         self.exit_codes: list[int] = []
         self.worker_error: list[BaseException] = []
+        self.bulks: dict[str, _BulkRecorder] = {}
+        self.windows: list[tuple[str, int, int]] = []  # (phase, first write ns, end of its drain ns)
 
     def run(self) -> dict[str, Any]:
         from connectors.embedded.workload import create_table
@@ -596,6 +690,7 @@ class _Run:
                 self.say(f"phase {n + 1}/{len(self.rates)}: {rate} changes/s for {self.duration_s:g} s")
                 writer = self._phase(f"p{n}r{rate}", rate, self.duration_s, probe)
                 phases.append(self._figures(f"p{n}r{rate}", rate, writer, probe, timer))
+                self.windows.append((f"p{n}r{rate}", writer["first_send_ns"], time.time_ns()))
         except BaseException:
             with contextlib.suppress(Exception):  # the first error is the one to report
                 self._stop_worker()
@@ -603,6 +698,7 @@ class _Run:
             raise
         try:
             code = self._stop_worker()
+            self._floor(phases)
         finally:
             self._cleanup(ddb, s3)
         source = self.worker.sources[0] if self.worker is not None else None
@@ -665,6 +761,9 @@ class _Run:
         timer = _ReadTimer(self.worker.sources[0])
         mark.timer = timer
         self.sink_timers = {sink.name: _WriteTimer(sink) for sink in sinks}
+        from connectors.opensearch.sink import OpenSearchSink
+
+        self.bulks = {sink.name: _BulkRecorder(sink) for sink in sinks if isinstance(sink, OpenSearchSink)}
         self.mark = mark
 
         def target() -> None:
@@ -793,7 +892,25 @@ class _Run:
             arrived[name] = len(got)
             span = (max((a for _, a in got.values()), default=0) - writer["first_send_ns"]) / 1e9
             rate[name] = round(len(got) / span, 1) if got and span > 0 else 0.0
-        return {"per_sink_latency_ms": latency, "per_sink_arrived": arrived, "per_sink_rate": rate}
+        drained = {name: arrived[name] == len(ok) for name in arrived}
+        # a sink that took changes in at under 95 % of the offered (achieved) rate: slower than the load
+        slower = sorted(name for name in arrived if rate[name] < 0.95 * writer["achieved_rate"] and not drained[name])
+        return {"per_sink_latency_ms": latency, "per_sink_arrived": arrived, "per_sink_rate": rate,
+                "per_sink_drained": drained, "slower_than_offered": slower}
+
+    def _floor(self, phases: list[dict[str, Any]]) -> None:
+        """Per phase, the OpenSearch sink's throughput next to osmem's own floor for the same bulk
+        bodies (:func:`_opensearch_floor`; issue 15 item 6: sink ≥ 0.9 × floor), measured after
+        the worker stopped so that nothing else uses the server: ``phases[i]["opensearch_floor"]``."""
+        for name, recorder in self.bulks.items():
+            if not recorder.bodies:
+                continue
+            self.say(f"floor: posting the {len(recorder.bodies)} bulk bodies of sink {name!r} to "
+                     f"osmem-server directly …")
+            figures = _opensearch_floor(self.servers.opensearch, self.index, recorder.bodies, self.windows)
+            for p in phases:
+                if p["phase"] in figures:
+                    p.setdefault("opensearch_floor", {})[name] = figures[p["phase"]]
 
     def _notes(self, phases: list[dict[str, Any]], code: int | None) -> list[str]:
         notes = []
@@ -846,8 +963,19 @@ class _Run:
 
 
 def _targets(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latency targets at :data:`TARGET_RATE` (probe and :data:`FAST_SINKS`) and, for every
+    phase, the drain target (every sink drained but at most one slower than the offered rate,
+    and that one at ≥ :data:`FLOOR_SHARE` × osmem's floor when it is OpenSearch)."""
+    out: dict[str, Any] = {"rate": TARGET_RATE, "p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS, "drain": {}}
+    for p in phases:
+        slower = p.get("slower_than_offered", [])
+        undrained = [n for n, ok in p.get("per_sink_drained", {}).items() if not ok]
+        floor = {n: f.get("sink_vs_floor") for n, f in p.get("opensearch_floor", {}).items() if n in slower}
+        out["drain"][str(p["target_rate"])] = {
+            "undrained": undrained, "slower_than_offered": slower, "sink_vs_floor": floor,
+            "met": set(undrained) <= set(slower) and len(slower) <= 1
+            and all(v is not None and v >= FLOOR_SHARE for v in floor.values())}
     at = [p for p in phases if p["target_rate"] == TARGET_RATE]
-    out: dict[str, Any] = {"rate": TARGET_RATE, "p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS}
     if not at:
         out["met"] = None
         out["note"] = f"no phase at {TARGET_RATE} changes/s"
@@ -856,6 +984,12 @@ def _targets(phases: list[dict[str, Any]]) -> dict[str, Any]:
     out["p50_met"] = latency.get("p50", math.inf) <= TARGET_P50_MS
     out["p99_met"] = latency.get("p99", math.inf) <= TARGET_P99_MS
     out["met"] = out["p50_met"] and out["p99_met"] and at[0]["all_arrived"]
+    # issue 15 item 6: the fast sinks (Redis, S3) hold the target while the others lag
+    per = at[0].get("per_sink_latency_ms", {})
+    out["fast_sinks"] = {name: {"p50": per[name].get("p50"), "p99": per[name].get("p99"),
+                                "met": per[name].get("p50", math.inf) <= TARGET_P50_MS
+                                and per[name].get("p99", math.inf) <= TARGET_P99_MS}
+                         for name in FAST_SINKS if name in per}
     return out
 
 
@@ -920,7 +1054,26 @@ def print_report(result: dict[str, Any], console: Any) -> None:
             f"{lat[n].get('p99', float('nan')):.0f}; {p['per_sink_arrived'][n]}/{p['written']}; "
             f"{p['per_sink_rate'][n]:.0f}" for n in names))
     console.print(per)
+    floors = [(p, n, f) for p in result["phases"] for n, f in p.get("opensearch_floor", {}).items()]
+    if floors:
+        ft = Table(title="OpenSearch sink vs osmem's floor: the sink's bulk bodies posted again, one at a time, "
+                         "with opensearch-py (docs/s)", title_justify="left")
+        for column in ("rate /s", "sink", "actions", "bulks", "sink docs/s", "floor docs/s", "sink / floor",
+                       "drained"):
+            ft.add_column(column, justify="right")
+        for p, n, f in floors:
+            ft.add_row(str(p["target_rate"]), n, str(f["actions"]), str(f["requests"]), f"{f['sink_docs_per_s']:.0f}",
+                       f"{f['docs_per_s']:.0f}", f"{f['sink_vs_floor']:.2f}" if f["sink_vs_floor"] else "-",
+                       "yes" if p.get("per_sink_drained", {}).get(n) else "no")
+        console.print(ft)
     t = result["targets"]
+    for rate, d in t.get("drain", {}).items():
+        console.print(f"drain at {rate}/s: not drained {d['undrained'] or 'none'}; slower than offered "
+                      f"{d['slower_than_offered'] or 'none'}; sink/floor {d['sink_vs_floor'] or '-'} → "
+                      f"{'met' if d['met'] else 'MISSED'}", highlight=False)
+    for name, f in t.get("fast_sinks", {}).items():
+        console.print(f"{name} at {TARGET_RATE}/s: p50 {f['p50'] or float('nan'):.0f} ms, p99 "
+                      f"{f['p99'] or float('nan'):.0f} ms → {'met' if f['met'] else 'MISSED'}", highlight=False)
     if t.get("met") is None:
         console.print(f"targets: {t.get('note')}")
     else:

@@ -38,3 +38,11 @@ def test_latency_benchmark_short_run(dynamodb_local, moto_server, opensearch_ser
     assert result["settings"]["idle_interval_ms"] == 250  # the user's default, not a tuned value
     assert result["settings"]["sinks"] == ["probe_first", "search", "audit", "cache", "probe"]
     assert result["targets"]["met"] is None  # no 200/s phase in this run
+    # every sink drained; osmem's floor: the OpenSearch sink's bulk bodies of this phase posted again
+    assert phase["per_sink_drained"] == {"search": True, "audit": True, "cache": True}
+    assert phase["slower_than_offered"] == []
+    floor = phase["opensearch_floor"]["search"]
+    assert floor["refused"] == 0, "the copy of the sink's index accepted every action"
+    assert floor["actions"] >= phase["written"] and floor["requests"] >= 1
+    assert floor["docs_per_s"] > 0 and floor["sink_docs_per_s"] > 0
+    assert result["targets"]["drain"]["50"]["met"] is True
