@@ -45,4 +45,6 @@ def test_latency_benchmark_short_run(dynamodb_local, moto_server, opensearch_ser
     assert floor["refused"] == 0, "the copy of the sink's index accepted every action"
     assert floor["actions"] >= phase["written"] and floor["requests"] >= 1
     assert floor["docs_per_s"] > 0 and floor["sink_docs_per_s"] > 0
+    alone = floor["alone"]  # bodies sent after the last write and the other sinks' last change
+    assert alone is None or (0 < alone["actions"] <= floor["actions"] and alone["requests"] <= floor["requests"])
     assert result["targets"]["drain"]["50"]["met"] is True
