@@ -261,8 +261,8 @@ def _opensearch_floor(url: str, index: str, bodies: Sequence[tuple[int, int, byt
             if part is None:
                 continue
             span = (part.pop("sink_last_ns") - part.pop("sink_first_ns")) / 1e9
-            part["seconds"] = round(part["seconds"], 2)
             part["docs_per_s"] = round(part["actions"] / part["seconds"], 1) if part["seconds"] > 0 else 0.0
+            part["seconds"] = round(part["seconds"], 3)
             part["sink_docs_per_s"] = round(part["actions"] / span, 1) if span > 0 else 0.0
             part["sink_vs_floor"] = (round(part["sink_docs_per_s"] / part["docs_per_s"], 2)
                                      if part["docs_per_s"] else None)

@@ -252,8 +252,10 @@ def child(params: dict[str, Any]) -> int:
                     dead_letter=DirectoryDeadLetterQueue(str(out / f"{wid}-dlq")), worker_id=wid,
                     logger=structlog.get_logger("scale"),
                     shard_settings=ShardSettings(max_records_per_call=1000, idle_interval_ms=params["idle_ms"],
+                                                 max_idle_interval_ms=max(params["idle_ms"], params["max_idle_ms"]),
                                                  checkpoint_interval_s=1.0),
                     discovery_interval_s=params["discovery_s"], failover_time_s=params["failover_s"],
+                    max_leases_to_steal=params["max_steal"],
                     shutdown_grace_s=20.0, iterator_age_warning_s=1e12, iterator_age_error_s=1e12)
     signal.signal(signal.SIGTERM, lambda signum, _frame: worker.stop_from_signal(signum))
     started = time.time()
@@ -338,7 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"shards": args.shards, "splits": args.splits, "processes": args.processes,
                               "failover_time_s": args.failover, "rate_per_shard": args.rate,
-                              "idle_interval_ms": args.idle_ms}
+                              "idle_interval_ms": args.idle_ms, "max_idle_interval_ms": args.max_idle_ms,
+                              "max_leases_to_steal": args.max_steal}
     out = Path(tempfile.mkdtemp(prefix="ddb-cdc-scale-"))
     server = DynamoDBLocal()
     procs: dict[str, subprocess.Popen] = {}
@@ -361,7 +364,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         base = {"endpoint": server.endpoint, "t0": t0, "shards": args.shards, "splits": args.splits,
                 "control": str(control), "rate": args.rate, "failover_s": args.failover,
-                "discovery_s": args.discovery, "idle_ms": args.idle_ms, "out": str(out)}
+                "discovery_s": args.discovery, "idle_ms": args.idle_ms, "max_idle_ms": args.max_idle_ms,
+                "max_steal": args.max_steal, "out": str(out)}
 
         def start(name: str) -> None:
             log = open(out / f"{name}.log", "wb")
@@ -492,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failover", type=float, default=6.0, help="checkpoints.failover_time_s")
     parser.add_argument("--discovery", type=float, default=3.0, help="source.discovery_interval_s")
     parser.add_argument("--idle-ms", type=int, default=250, help="source.idle_interval_ms (poll interval when caught up)")
+    parser.add_argument("--max-idle-ms", type=int, default=2000,
+                        help="source.max_idle_interval_ms (the idle wait of a shard that stays empty grows to this)")
+    parser.add_argument("--max-steal", type=int, default=1,
+                        help="checkpoints.max_leases_to_steal (leases a worker below its share steals per renewal)")
     parser.add_argument("--phase-timeout", type=float, default=300.0,
                         help="s to wait for balance in each phase before going on (the result then says null)")
     parser.add_argument("--json", help="write the result here too")

@@ -111,13 +111,21 @@ class CheckpointConfig(_Strict):
     ``store: dynamodb`` (default) uses the DynamoDB table ``table_name`` (created on first start,
     on-demand billing, KCL's attribute names); ``store: sqlite`` uses the file ``sqlite_path`` for
     single-machine runs without AWS. ``failover_time_s``: a lease not renewed for this long is
-    taken over by another worker (renewal every failover_time_s / 3).
+    taken over by another worker (renewal every failover_time_s / 3). ``max_leases_to_steal``
+    (default 1, KCL's ``maxLeasesToStealAtOneTime`` default — KCL configuration reference): a
+    worker below its fair share takes at most this many leases per renewal from the most loaded
+    worker, so a newcomer reaches its share ⌈N/P⌉ after about ⌈N/P⌉ / max_leases_to_steal
+    renewals. Larger values balance faster; with several newcomers stealing from one worker in the
+    same renewal, that worker can drop up to (newcomers × this) below its share for a renewal or
+    two before it takes leases back (each steal stops a reader; its uncheckpointed records are
+    delivered again by the new owner).
     """
 
     store: Literal["dynamodb", "sqlite"] = "dynamodb"
     table_name: str = "ddb-cdc-leases"
     sqlite_path: str = "ddb-cdc-checkpoints.sqlite"
     failover_time_s: float = Field(10.0, gt=0)
+    max_leases_to_steal: int = Field(1, ge=1, le=10_000)
 
 
 class DeadLetterConfig(_Strict, S3Encryption):

@@ -97,6 +97,7 @@ def build_worker(settings: Settings, *, logger: Any, where: str = "config", sink
                                      on_trimmed=src.on_trimmed),
         discovery_interval_s=src.discovery_interval_s,
         failover_time_s=settings.checkpoints.failover_time_s,
+        max_leases_to_steal=settings.checkpoints.max_leases_to_steal,
         shutdown_grace_s=settings.worker.shutdown_grace_s,
         policies=policies,
         aws=settings.aws,

@@ -280,7 +280,8 @@ class LeaseCoordinator:
             victim, count = owners.most_common(1)[0]
             if count <= target and count <= len(held_keys) + len(taken) + 1:
                 break  # counts already differ by at most one
-            theirs = sorted((lease for lease in active if lease.owner == victim and lease.lease_key not in held_keys),
+            mine = held_keys | {lease.lease_key for lease in taken}  # `active` still shows taken ones as theirs
+            theirs = sorted((lease for lease in active if lease.owner == victim and lease.lease_key not in mine),
                             key=lambda lease: lease.lease_key)
             if not theirs or not take(theirs[0], "balance"):
                 break

@@ -131,7 +131,7 @@ class Worker:
                  lease_store: LeaseStore, sinks: Sequence[Any],
                  dead_letter: DeadLetterQueue, worker_id: str, logger: Any,
                  start_position: str = "TRIM_HORIZON", shard_settings: ShardSettings | None = None,
-                 discovery_interval_s: float = 30.0, failover_time_s: float = 10.0,
+                 discovery_interval_s: float = 30.0, failover_time_s: float = 10.0, max_leases_to_steal: int = 1,
                  shutdown_grace_s: float = 30.0, policies: dict[str, FailurePolicy] | None = None,
                  aws: Any = None, clock: Callable[[], float] = time.monotonic,
                  exit_when_idle: bool = False, read_window: ReadWindow | None = None,
@@ -178,7 +178,7 @@ class Worker:
         self._workers_seen: tuple[float, dict[str, WorkerInfo]] | None = None
         self.coordinator = LeaseCoordinator(
             self.lease_store, worker_id=worker_id, stream_arns=list(self.by_arn),
-            failover_time_s=failover_time_s, logger=self.log, clock=clock,
+            failover_time_s=failover_time_s, logger=self.log, clock=clock, max_steal=max_leases_to_steal,
             reclaimable=self._dead_predecessor if worker_name else None)
         self.consumers: dict[str, ShardConsumer] = {}
         self.read_budget = ReadBudget(max_pages_in_flight, self.shard_settings.max_records_per_call)

@@ -1,0 +1,95 @@
+"""``checkpoints.max_leases_to_steal`` (issue 18 item 3: balance time at large shard counts).
+
+A worker below its fair share steals at most ``max_steal`` leases per ``acquire`` (one renewal)
+from the most loaded worker and never takes one that would leave the counts further apart than
+one. Real SQLite lease store; the coordinators' clocks are not needed (no lease expires here).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import structlog
+
+from connectors.sqlite_store import SQLiteLeaseStore
+from pipeline.config import CheckpointConfig
+from pipeline.events import TRIM_HORIZON
+from pipeline.runtime.leases import LeaseCoordinator
+from pipeline.source import ShardInfo
+
+ARN = "arn:aws:dynamodb:us-east-1:123456789012:table/t/stream/2026-01-01T00:00:00.000"
+LOG = structlog.wrap_logger(structlog.testing.CapturingLogger(), processors=[])
+
+
+def _coordinator(store, name: str, max_steal: int = 1) -> LeaseCoordinator:
+    return LeaseCoordinator(store, worker_id=name, stream_arns=[ARN], failover_time_s=30.0, logger=LOG,
+                            max_steal=max_steal)
+
+
+def _owners(store) -> Counter:
+    return Counter(lease.owner for lease in store.list_leases())
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = SQLiteLeaseStore(tmp_path / "leases.sqlite")
+    store.ensure_table()
+    first = _coordinator(store, "a")
+    shards = [ShardInfo(f"shardId-{i:04d}", None, str(100 + i), None) for i in range(40)]
+    first.sync_shards("t", ARN, shards, TRIM_HORIZON)
+    assert len(first.acquire()) == 40  # alone: every free lease
+    return store
+
+
+def test_a_newcomer_steals_up_to_max_steal_per_renewal_and_stops_at_its_share(store):
+    newcomer = _coordinator(store, "b", max_steal=8)
+    steps = [len(newcomer.acquire()) for _ in range(4)]
+    assert steps == [8, 8, 4, 0]  # share 20 of 40: 8 + 8 + 4, then balanced
+    assert _owners(store) == Counter({"a": 20, "b": 20})
+
+
+def test_the_default_steals_one_lease_per_renewal(store):
+    newcomer = _coordinator(store, "b")
+    assert [len(newcomer.acquire()) for _ in range(3)] == [1, 1, 1]
+    assert _owners(store) == Counter({"a": 37, "b": 3})
+
+
+def test_two_newcomers_stealing_many_at_once_end_within_one_of_each_other(store):
+    b, c = _coordinator(store, "b", max_steal=100), _coordinator(store, "c", max_steal=100)
+    b.acquire()  # sees a (40) and itself: share 20, takes 20
+    assert _owners(store) == Counter({"a": 20, "b": 20})
+    c.acquire()  # share ceil(40 / 3) = 14: takes from the most loaded, one at a time, until within one
+    counts = _owners(store)
+    assert sum(counts.values()) == 40 and max(counts.values()) - min(counts.values()) <= 1, counts
+    assert not b.acquire() and not c.acquire()  # balanced: nothing more moves
+
+
+def test_the_setting_defaults_to_kcls_one_and_refuses_zero():
+    assert CheckpointConfig().max_leases_to_steal == 1  # KCL's maxLeasesToStealAtOneTime default
+    assert CheckpointConfig.model_validate({"max_leases_to_steal": 25}).max_leases_to_steal == 25
+    with pytest.raises(ValueError):
+        CheckpointConfig.model_validate({"max_leases_to_steal": 0})
+
+
+def test_build_worker_passes_max_leases_to_steal_to_the_coordinator(tmp_path):
+    from connectors.app.wiring import build_worker
+    from pipeline.config import Settings
+    from pipeline.testing import RecordingSink
+
+    settings = Settings.model_validate({
+        "source": {"table": "t"}, "checkpoints": {"store": "sqlite", "sqlite_path": str(tmp_path / "c.sqlite"),
+                                                  "max_leases_to_steal": 7},
+        "dead_letter": {"directory": str(tmp_path / "dl")}, "sinks": [{"name": "rec", "type": "x"}]})
+    worker = build_worker(settings, logger=LOG, sinks=[RecordingSink()], sources=[_NoStream()])
+    assert worker.coordinator.max_steal == 7
+
+
+class _NoStream:
+    """The least a source needs for build_worker (the worker is built, never run)."""
+
+    table = "t"
+    stream_arn = ARN
+
+    def list_shards(self):  # pragma: no cover - not called
+        return []
