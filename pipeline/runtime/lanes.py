@@ -35,12 +35,14 @@ reader detached) ends with :class:`~pipeline.errors.LeaseLostError` (the reader'
 a shard another worker reads now; it goes on with the other shards' lanes.
 
 Memory bound, combined with ``worker.max_pages_in_flight`` (:mod:`pipeline.runtime.read_budget`):
-the read budget bounds pages between GetRecords and the hand-off to the lanes (decoding included);
-a page's share is given back once the page is in every lane. Lanes bound what waits behind a
-sink. A worker process therefore holds at most ``max_pages_in_flight × max_records_per_call``
-records being read, plus, per shard, the largest lane of that shard — at most
-``max(lane_max_records)`` records / ``max(lane_max_bytes)`` bytes (plus one batch, see above):
-lanes share the batch objects, so a shard's lanes cost what its slowest sink's lane holds.
+a page keeps its share of the read budget from GetRecords until *every* sink has written it (or
+the lanes dropped it: :class:`_Item`), so across the process at most ``max_pages_in_flight ×
+max_records_per_call`` records are fetched and not yet delivered to every sink, whatever the lanes
+hold. The lane bounds apply per shard on top of it: at most ``max(lane_max_records)`` records /
+``max(lane_max_bytes)`` bytes (plus one batch, see above) — lanes share the batch objects, so a
+shard's lanes cost what its slowest sink's lane holds. Whichever bound is reached first makes the
+readers wait; with the defaults it is the read budget (``max_pages_in_flight`` 0 = unbounded
+leaves only the lanes).
 
 A new reader of a shard (:meth:`Lanes.attach`) drops what the previous reader of that shard left
 in the lanes (:meth:`ShardLanes.detach`), and each sink thread calls the sink's ``reset_shard``
