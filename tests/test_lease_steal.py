@@ -93,3 +93,26 @@ class _NoStream:
 
     def list_shards(self):  # pragma: no cover - not called
         return []
+
+
+class _RenewedAfterScan:
+    """The lease store as a steal sees it under load: right after each scan, the victim's owner
+    renews its lease with the lowest key (the counter the scan showed is then stale)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def list_leases(self):
+        leases = self.store.list_leases()
+        lowest = min((lease for lease in leases if lease.owner == "a"), key=lambda lease: lease.lease_key)
+        self.store.renew_lease(lowest)
+        return leases
+
+
+def test_a_steal_that_loses_its_conditional_write_tries_another_lease(store):
+    newcomer = _coordinator(_RenewedAfterScan(store), "b", max_steal=1)
+    assert [len(newcomer.acquire()) for _ in range(5)] == [1, 1, 1, 1, 1]
+    assert _owners(store)["b"] == 5

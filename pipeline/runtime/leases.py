@@ -10,8 +10,11 @@ checkpoint (:class:`pipeline.errors.LeaseLostError`).
 Load balancing (KCL's algorithm): the live workers are this one plus the owners of leases that
 are not expired; the fair share is ``ceil(unfinished leases / live workers)``. A worker below its
 share takes free and expired leases first; if still below, it steals from the most loaded worker,
-at most ``max_steal`` lease per renewal interval and only while that worker holds more than the
-share, so counts converge to differ by at most one.
+at most ``max_steal`` lease per renewal interval (``checkpoints.max_leases_to_steal``) and only
+while that worker holds more than the share, so counts converge to differ by at most one. The
+lease to steal is picked at random among the victim's (as KCL's ``LeaseTaker``); a steal that
+loses its conditional write (the owner renewed it since the scan, or another worker took it)
+tries another, up to :data:`STEAL_MISSES_PER_RENEWAL` misses per renewal.
 
 All methods are thread-safe: shard threads checkpoint while the main loop renews.
 
@@ -28,6 +31,7 @@ step, that write did land and the lease is kept.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections import Counter
@@ -63,6 +67,11 @@ def first_sync_retained_since(now_s: float) -> int:
     return math.floor(now_s) - STREAM_RETENTION_S + FIRST_SYNC_HEAD_MARGIN_S
 
 
+#: failed steal attempts (the lease was renewed or taken since the scan) after which a worker stops
+#: stealing until its next renewal
+STEAL_MISSES_PER_RENEWAL = 3
+
+
 class LeaseCoordinator:
     """Owns this worker's view of the lease table, for every stream in ``stream_arns``.
 
@@ -70,12 +79,14 @@ class LeaseCoordinator:
     other workers per :meth:`acquire` call (default 1). ``reclaimable(owner) -> bool``: True for
     another owner name known to be an earlier, dead process of this worker (see
     :meth:`pipeline.runtime.worker.Worker._dead_predecessor`); its leases are taken at once, like this
-    worker's own (``reason: own``), instead of after ``failover_time_s``.
+    worker's own (``reason: own``), instead of after ``failover_time_s``. ``rng``: picks the
+    lease to steal among the victim's (``choice``; default a fresh :class:`random.Random`).
     """
 
     def __init__(self, store: LeaseStore, *, worker_id: str, stream_arns: Iterable[str],
                  failover_time_s: float, logger: Any, clock: Callable[[], float] = time.monotonic,
-                 max_steal: int = 1, reclaimable: Callable[[str], bool] | None = None):
+                 max_steal: int = 1, reclaimable: Callable[[str], bool] | None = None,
+                 rng: random.Random | None = None):
         self.store = store
         self.worker_id = worker_id
         self.stream_arns = set(stream_arns)
@@ -83,6 +94,7 @@ class LeaseCoordinator:
         self.log = logger
         self.clock = clock
         self.max_steal = max_steal
+        self._random = rng or random.Random()
         self.reclaimable = reclaimable
         self._lock = threading.RLock()
         self._held: dict[str, Lease] = {}
@@ -275,18 +287,28 @@ class LeaseCoordinator:
             if len(held_keys) + len(taken) >= target:
                 break
             take(lease, "free" if lease.owner is None else "own" if own(lease.owner) else "expired")
-        stolen = 0
+        stolen = missed = 0
+        tried: set[str] = set()
         while len(held_keys) + len(taken) < target and stolen < self.max_steal and owners:
             victim, count = owners.most_common(1)[0]
             if count <= target and count <= len(held_keys) + len(taken) + 1:
                 break  # counts already differ by at most one
             mine = held_keys | {lease.lease_key for lease in taken}  # `active` still shows taken ones as theirs
-            theirs = sorted((lease for lease in active if lease.owner == victim and lease.lease_key not in mine),
-                            key=lambda lease: lease.lease_key)
-            if not theirs or not take(theirs[0], "balance"):
+            theirs = [lease for lease in active
+                      if lease.owner == victim and lease.lease_key not in mine and lease.lease_key not in tried]
+            if not theirs:
                 break
-            owners[victim] -= 1
-            stolen += 1
+            # a random one of the victim's leases (KCL's LeaseTaker does the same): workers stealing
+            # from one victim in the same renewal then rarely race for the same lease
+            lease = self._random.choice(theirs)
+            tried.add(lease.lease_key)
+            if take(lease, "balance"):
+                owners[victim] -= 1
+                stolen += 1
+            else:  # renewed by its owner or taken by another worker since the scan: try another
+                missed += 1
+                if missed >= STEAL_MISSES_PER_RENEWAL:
+                    break
         return taken
 
     def renew(self) -> list[Lease]:
