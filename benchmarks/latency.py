@@ -318,7 +318,9 @@ class MarkSink(Sink):
 
 
 class ProbeSink(Sink):
-    """Last sink: records, per change, when the fan-out handed it over (after every other sink).
+    """Probe sink: records, per change, when its lane handed it over. Since lanes (issue 15) it has
+    a lane of its own, so this is read + decode + hand-off, not "after every other sink"; the
+    per-sink figures come from ``_WriteTimer``.
 
     ``arrivals[phase][i] = (write ns, arrival ns, batch key)`` for the first arrival of change
     ``PHASE:i`` (from the new image's ``bench_id`` / ``bench_t_ns``); later arrivals
@@ -1050,7 +1052,7 @@ def print_report(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     s = result["settings"]
-    table = Table(title="change-to-sink latency (ms): write → last sink handed the change", title_justify="left")
+    table = Table(title="change-to-sink latency (ms): write → the probe sink (a lane of its own, no I/O) had the change", title_justify="left")
     for column in ("rate /s", "achieved /s", "written", "arrived", "dup", "p50", "p95", "p99", "max", "put p50"):
         table.add_column(column, justify="right")
     for p in result["phases"]:
