@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -259,10 +259,25 @@ def child(params: dict[str, Any]) -> int:
                     shutdown_grace_s=20.0, iterator_age_warning_s=1e12, iterator_age_error_s=1e12)
     signal.signal(signal.SIGTERM, lambda signum, _frame: worker.stop_from_signal(signum))
     started = time.time()
+    # every acquire (one per renewal interval): [wall time, s it took, leases held after, taken, misses]
+    acquires: deque = deque(maxlen=400)
+    plain_acquire = worker.coordinator.acquire
+
+    def timed_acquire() -> list:
+        begun, misses = time.time(), worker.coordinator.steal_misses
+        taken = plain_acquire()
+        acquires.append([round(begun, 3), round(time.time() - begun, 3), len(worker.coordinator.held()),
+                         len(taken), worker.coordinator.steal_misses - misses])
+        return taken
+
+    worker.coordinator.acquire = timed_acquire
 
     def report() -> None:
         elapsed = time.time() - started
-        stats = {"worker_id": wid, "elapsed_s": elapsed, "calls": dict(calls), "scanned_items": scanned[0]}
+        coordinator = worker.coordinator
+        stats = {"worker_id": wid, "elapsed_s": elapsed, "calls": dict(calls), "scanned_items": scanned[0],
+                 "steals": coordinator.steals, "steal_misses": coordinator.steal_misses,
+                 "acquires": list(acquires)}
         tmp = out / f"{wid}.stats.tmp"
         tmp.write_text(json.dumps(stats))
         tmp.replace(out / f"{wid}.stats")
@@ -331,6 +346,23 @@ def wait_balanced(monitor: Monitor, live: set[str], since: float, timeout: float
     return None
 
 
+def timeline(monitor: Monitor, live: set[str], since: float, who: str | None = None,
+             step_s: float = 5.0) -> list[list[Any]]:
+    """Every ``step_s`` of the monitor's samples after ``since``: ``[s since, fewest, most]``
+    unfinished leases held by a live worker (``who``'s count in place of the fewest when given)."""
+    rows: list[list[Any]] = []
+    next_t = since
+    for at, leases in list(monitor.samples):
+        if at < next_t:
+            continue
+        next_t = at + step_s
+        owners = Counter(next((w for w in live if lease.owner and lease.owner.startswith(w)), None)
+                         for lease in leases if lease.checkpoint != "SHARD_END")
+        counts = [owners.get(w, 0) for w in live]
+        rows.append([round(at - since, 1), owners.get(who, 0) if who else min(counts), max(counts)])
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import boto3
 
@@ -379,6 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start(name)
         monitor = Monitor(store)
         result["start_balanced_s"] = wait_balanced(monitor, live, t0, args.phase_timeout, expected=args.shards)
+        result["start_timeline"] = timeline(monitor, live, t0)
         # the split: parents close, children appear; balance again
         split_t = announce("split_t")
         while time.time() < split_t:
@@ -391,6 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start(joined)
         live.add(joined)
         result["after_join_balanced_s"] = wait_balanced(monitor, live, join_t, args.phase_timeout)
+        result["join_timeline"] = timeline(monitor, live, join_t, joined)
         # one leaves: kill -9
         victim = "w0"
         held = [l.lease_key for l in monitor.latest() if l.owner and l.owner.startswith(victim)
@@ -482,7 +516,8 @@ def lease_table_rates(out: Path, workers: list[str]) -> dict[str, Any]:
         writes = sum(v for k, v in stats["calls"].items() if k in WRITES)
         per_worker[name] = {"reads_per_s": round(reads / elapsed, 2), "writes_per_s": round(writes / elapsed, 2),
                             "items_scanned_per_s": round(stats["scanned_items"] / elapsed, 1),
-                            "calls": stats["calls"], "elapsed_s": round(elapsed, 1)}
+                            "calls": stats["calls"], "elapsed_s": round(elapsed, 1),
+                            "steals": stats.get("steals"), "steal_misses": stats.get("steal_misses")}
     return {"lease_table": per_worker}
 
 

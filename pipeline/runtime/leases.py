@@ -102,7 +102,9 @@ class LeaseCoordinator:
         self._behind: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
         self._next_token = 0
-        self.takeovers = 0
+        self.takeovers = 0  # leases taken from another owner (expired or stolen), since start
+        self.steals = 0  # of which stolen to balance (their owner was live)
+        self.steal_misses = 0  # steals whose conditional write lost (renewed or taken since the scan)
         self._confirmed: dict[str, float] = {}  # lease key -> send time of its last successful write
         self._failing: set[str] = set()  # lease keys whose last write failed transiently
 
@@ -305,8 +307,10 @@ class LeaseCoordinator:
             if take(lease, "balance"):
                 owners[victim] -= 1
                 stolen += 1
+                self.steals += 1
             else:  # renewed by its owner or taken by another worker since the scan: try another
                 missed += 1
+                self.steal_misses += 1
                 if missed >= STEAL_MISSES_PER_RENEWAL:
                     break
         return taken
