@@ -116,3 +116,42 @@ def test_a_steal_that_loses_its_conditional_write_tries_another_lease(store):
     newcomer = _coordinator(_RenewedAfterScan(store), "b", max_steal=1)
     assert [len(newcomer.acquire()) for _ in range(5)] == [1, 1, 1, 1, 1]
     assert _owners(store)["b"] == 5
+
+
+class _AllRenewedAfterScan(_RenewedAfterScan):
+    """Under load with hundreds of leases per worker: by the time the steals are written, the
+    victim has renewed every lease the scan showed (each lease's counter moved once)."""
+
+    def list_leases(self):
+        leases = self.store.list_leases()
+        for lease in leases:
+            if lease.owner == "a":
+                self.store.renew_lease(lease)
+        return leases
+
+
+def test_a_steal_of_a_lease_renewed_since_the_scan_reads_it_again_and_takes_it(store):
+    """Before the fix the first three steals lost their conditional write and the newcomer stole
+    nothing all renewal: the join's balance time was twice its bound at 1,000 shards."""
+    newcomer = _coordinator(_AllRenewedAfterScan(store), "b", max_steal=8)
+    assert [len(newcomer.acquire()) for _ in range(3)] == [8, 8, 4]
+    assert _owners(store) == Counter({"a": 20, "b": 20})
+    assert newcomer.steals == 20 and newcomer.steal_misses == 20  # each first write lost, each re-read won
+
+
+class _TakenByAnotherAfterScan(_RenewedAfterScan):
+    """Another newcomer ``c`` steals every lease of ``a`` right after this worker's scan."""
+
+    def list_leases(self):
+        leases = self.store.list_leases()
+        for lease in leases:
+            if lease.owner == "a":
+                self.store.take_lease(lease, "c")
+        return leases
+
+
+def test_a_lease_another_worker_took_since_the_scan_is_not_taken_from_it(store):
+    newcomer = _coordinator(_TakenByAnotherAfterScan(store), "b", max_steal=8)
+    assert newcomer.acquire() == []  # three misses, then it waits for the next renewal
+    assert _owners(store) == Counter({"c": 40})
+    assert newcomer.steals == 0 and newcomer.steal_misses == 3

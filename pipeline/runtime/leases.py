@@ -12,9 +12,12 @@ are not expired; the fair share is ``ceil(unfinished leases / live workers)``. A
 share takes free and expired leases first; if still below, it steals from the most loaded worker,
 at most ``max_steal`` lease per renewal interval (``checkpoints.max_leases_to_steal``) and only
 while that worker holds more than the share, so counts converge to differ by at most one. The
-lease to steal is picked at random among the victim's (as KCL's ``LeaseTaker``); a steal that
-loses its conditional write (the owner renewed it since the scan, or another worker took it)
-tries another, up to :data:`STEAL_MISSES_PER_RENEWAL` misses per renewal.
+lease to steal is picked at random among the victim's (as KCL's ``LeaseTaker``). A steal whose
+conditional write loses reads the lease again: when the victim only renewed it since the scan
+(an owner renews each lease every ``failover_time_s / 3``, so with hundreds of leases per worker
+a good part of a scan is stale by the time the steals are written), it is taken at its current
+counter; when another worker took it, the steal tries another lease, up to
+:data:`STEAL_MISSES_PER_RENEWAL` such misses per renewal.
 
 All methods are thread-safe: shard threads checkpoint while the main loop renews.
 
@@ -67,8 +70,8 @@ def first_sync_retained_since(now_s: float) -> int:
     return math.floor(now_s) - STREAM_RETENTION_S + FIRST_SYNC_HEAD_MARGIN_S
 
 
-#: failed steal attempts (the lease was renewed or taken since the scan) after which a worker stops
-#: stealing until its next renewal
+#: failed steals (the lease was taken by another worker since the scan, or could not be read
+#: again) after which a worker stops stealing until its next renewal
 STEAL_MISSES_PER_RENEWAL = 3
 
 
@@ -104,7 +107,7 @@ class LeaseCoordinator:
         self._next_token = 0
         self.takeovers = 0  # leases taken from another owner (expired or stolen), since start
         self.steals = 0  # of which stolen to balance (their owner was live)
-        self.steal_misses = 0  # steals whose conditional write lost (renewed or taken since the scan)
+        self.steal_misses = 0  # steal writes that lost (the lease was renewed or taken since it was read)
         self._confirmed: dict[str, float] = {}  # lease key -> send time of its last successful write
         self._failing: set[str] = set()  # lease keys whose last write failed transiently
 
@@ -304,16 +307,32 @@ class LeaseCoordinator:
             # from one victim in the same renewal then rarely race for the same lease
             lease = self._random.choice(theirs)
             tried.add(lease.lease_key)
-            if take(lease, "balance"):
+            if take(lease, "balance") or self._steal_renewed(lease, victim, take):
                 owners[victim] -= 1
                 stolen += 1
                 self.steals += 1
-            else:  # renewed by its owner or taken by another worker since the scan: try another
+            else:  # taken by another worker since the scan (or no longer readable): try another
                 missed += 1
-                self.steal_misses += 1
                 if missed >= STEAL_MISSES_PER_RENEWAL:
                     break
         return taken
+
+    def _steal_renewed(self, lease: Lease, victim: str, take: Callable[[Lease, str], bool]) -> bool:
+        """After a steal of ``lease`` lost its conditional write: read the lease again (one
+        GetItem) and, when ``victim`` still holds it and it still needs a reader (its owner only
+        renewed it since the scan, the usual cause: an owner renews each lease every
+        ``failover_time_s / 3``), take it at its current counter. True when that take landed."""
+        self.steal_misses += 1
+        try:
+            current = self.store.get_lease(lease.lease_key)
+        except TransientError:
+            return False
+        if current is None or current.owner != victim or not current.needs_reader:
+            return False
+        if take(current, "balance"):
+            return True
+        self.steal_misses += 1
+        return False
 
     def renew(self) -> list[Lease]:
         """Renew every held lease; returns those lost (someone else wrote them, or their renewals
