@@ -322,17 +322,21 @@ class Monitor:
         return self.samples[-1][1] if self.samples else []
 
 
+def live_owners(leases: list[Any], live: set[str]) -> Counter:
+    """Unfinished leases per live worker (a worker's owner name starts with its name); leases
+    with no live owner count under ``None``."""
+    return Counter(next((w for w in live if lease.owner and lease.owner.startswith(w)), None)
+                   for lease in leases if lease.checkpoint != "SHARD_END")
+
+
 def balanced(leases: list[Any], live: set[str], *, expected: int | None = None) -> bool:
     """Every unfinished lease owned by a live worker, per-worker counts within ±1 (a live worker
     with none counts as 0), and at least ``expected`` unfinished leases known."""
-    unfinished = [l for l in leases if l.checkpoint != "SHARD_END"]
-    if expected is not None and len(unfinished) < expected:
+    owners = live_owners(leases, live)
+    if expected is not None and sum(owners.values()) < expected:
         return False
-    owners = Counter()
-    for lease in unfinished:
-        if lease.owner is None or not any(lease.owner.startswith(w) for w in live):
-            return False
-        owners[next(w for w in live if lease.owner.startswith(w))] += 1
+    if owners.get(None):
+        return False
     counts = [owners.get(w, 0) for w in live]
     return bool(counts) and max(counts) - min(counts) <= 1
 
@@ -356,8 +360,7 @@ def timeline(monitor: Monitor, live: set[str], since: float, who: str | None = N
         if at < next_t:
             continue
         next_t = at + step_s
-        owners = Counter(next((w for w in live if lease.owner and lease.owner.startswith(w)), None)
-                         for lease in leases if lease.checkpoint != "SHARD_END")
+        owners = live_owners(leases, live)
         counts = [owners.get(w, 0) for w in live]
         rows.append([round(at - since, 1), owners.get(who, 0) if who else min(counts), max(counts)])
     return rows

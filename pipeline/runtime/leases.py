@@ -268,6 +268,8 @@ class LeaseCoordinator:
             try:
                 new = self.store.take_lease(lease, self.worker_id)
             except LeaseLostError:
+                if why == "balance":
+                    self.steal_misses += 1
                 return False
             with self._lock:
                 self._held[new.lease_key] = new
@@ -322,17 +324,12 @@ class LeaseCoordinator:
         GetItem) and, when ``victim`` still holds it and it still needs a reader (its owner only
         renewed it since the scan, the usual cause: an owner renews each lease every
         ``failover_time_s / 3``), take it at its current counter. True when that take landed."""
-        self.steal_misses += 1
         try:
             current = self.store.get_lease(lease.lease_key)
         except TransientError:
             return False
-        if current is None or current.owner != victim or not current.needs_reader:
-            return False
-        if take(current, "balance"):
-            return True
-        self.steal_misses += 1
-        return False
+        return (current is not None and current.owner == victim and current.needs_reader
+                and take(current, "balance"))
 
     def renew(self) -> list[Lease]:
         """Renew every held lease; returns those lost (someone else wrote them, or their renewals
