@@ -150,8 +150,41 @@ class _TakenByAnotherAfterScan(_RenewedAfterScan):
         return leases
 
 
-def test_a_lease_another_worker_took_since_the_scan_is_not_taken_from_it(store):
-    newcomer = _coordinator(_TakenByAnotherAfterScan(store), "b", max_steal=8)
-    assert newcomer.acquire() == []  # three misses, then it waits for the next renewal
+@pytest.mark.parametrize("max_steal, misses", [(8, 8), (1, 3)])
+def test_a_lease_another_worker_took_since_the_scan_is_not_taken_from_it(store, max_steal, misses):
+    newcomer = _coordinator(_TakenByAnotherAfterScan(store), "b", max_steal=max_steal)
+    assert newcomer.acquire() == []  # max(3, max_steal) misses, then it waits for the next renewal
     assert _owners(store) == Counter({"c": 40})
-    assert newcomer.steals == 0 and newcomer.steal_misses == 3
+    assert newcomer.steals == 0 and newcomer.steal_misses == misses
+
+
+class _FirstPicksTakenByAnother(_RenewedAfterScan):
+    """Several newcomers stealing from one victim in the same renewal: right after this worker's
+    scan another newcomer ``c`` takes ``a``'s five lowest keys, the ones this worker's picker
+    (lowest key first, see below) tries first. With seven stealers at 1,000 shards, about a fifth
+    of a scan's leases of the victim were gone by the time the steals were written."""
+
+    def list_leases(self):
+        leases = self.store.list_leases()
+        for lease in sorted((lease for lease in leases if lease.owner == "a"), key=lambda lease: lease.lease_key)[:5]:
+            self.store.take_lease(lease, "c")
+        return leases
+
+
+class _LowestFirst:
+    """A picker in place of the random one: the lowest key first (deterministic)."""
+
+    @staticmethod
+    def choice(leases):
+        return min(leases, key=lambda lease: lease.lease_key)
+
+
+def test_misses_to_other_stealers_do_not_end_a_renewal_before_max_steal_tries(store):
+    """Before the fix a renewal's stealing ended after three such misses whatever max_steal was:
+    at 1,000 shards × 8 workers with max_steal 25, rounds of 7-20 steals instead of 25 stretched
+    the start's balance from the 5 renewals of its bound to 7."""
+    newcomer = LeaseCoordinator(_FirstPicksTakenByAnother(store), worker_id="b", stream_arns=[ARN],
+                                failover_time_s=30.0, logger=LOG, max_steal=10, rng=_LowestFirst())
+    assert len(newcomer.acquire()) == 10  # five misses (c took them), then ten steals
+    assert newcomer.steal_misses == 5 and newcomer.steals == 10
+    assert _owners(store) == Counter({"a": 25, "b": 10, "c": 5})

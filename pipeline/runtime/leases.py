@@ -17,7 +17,10 @@ conditional write loses reads the lease again: when the victim only renewed it s
 (an owner renews each lease every ``failover_time_s / 3``, so with hundreds of leases per worker
 a good part of a scan is stale by the time the steals are written), it is taken at its current
 counter; when another worker took it, the steal tries another lease, up to
-:data:`STEAL_MISSES_PER_RENEWAL` such misses per renewal.
+``max(STEAL_MISSES_PER_RENEWAL, max_steal)`` such misses per renewal (:data:`STEAL_MISSES_PER_RENEWAL`):
+with several newcomers stealing from one worker in the same renewal, a fifth of a scan's leases of
+the victim can be gone by the time the steals are written, and each miss costs only one
+conditional write and one GetItem.
 
 All methods are thread-safe: shard threads checkpoint while the main loop renews.
 
@@ -71,7 +74,9 @@ def first_sync_retained_since(now_s: float) -> int:
 
 
 #: failed steals (the lease was taken by another worker since the scan, or could not be read
-#: again) after which a worker stops stealing until its next renewal
+#: again) after which a worker stops stealing until its next renewal, at the least: the limit is
+#: ``max(STEAL_MISSES_PER_RENEWAL, max_steal)``, so one renewal writes at most about
+#: ``2 × max_steal`` steals
 STEAL_MISSES_PER_RENEWAL = 3
 
 
@@ -315,7 +320,7 @@ class LeaseCoordinator:
                 self.steals += 1
             else:  # taken by another worker since the scan (or no longer readable): try another
                 missed += 1
-                if missed >= STEAL_MISSES_PER_RENEWAL:
+                if missed >= max(STEAL_MISSES_PER_RENEWAL, self.max_steal):
                     break
         return taken
 
