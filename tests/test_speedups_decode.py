@@ -7,7 +7,8 @@ values (canonical, not canonical and invalid), hostile records and hand-picked e
 
 When the extension is not installed (``pip wheel ./speedups`` + ``pip install``, see
 speedups/README.md), this module builds it first with the machine's C compiler into a temporary
-directory (``setup.py build_ext``, a few seconds); skipped only where there is no C compiler.
+directory (``setup.py build_ext``, a few seconds: tests/speedups_build.py); skipped only where there
+is no C compiler.
 """
 
 from __future__ import annotations
@@ -22,32 +23,9 @@ from boto3.dynamodb.types import TypeSerializer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests.speedups_build import build_speedups
 
-
-def _build_speedups() -> None:
-    """Make ``ddb_cdc_speedups`` importable: installed, or built here from ``speedups/``."""
-    import importlib.util
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    if importlib.util.find_spec("ddb_cdc_speedups") is not None:
-        return
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler to build speedups/ (the experimental C decoder)", allow_module_level=True)
-    source = Path(__file__).resolve().parents[1] / "speedups"
-    build = Path(tempfile.mkdtemp(prefix="ddb-cdc-speedups-"))
-    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(build),
-                           "--build-temp", str(build / "tmp")], cwd=source, capture_output=True, text=True)
-    assert done.returncode == 0, f"building speedups/ failed:\n{done.stdout}\n{done.stderr}"
-    for py in (source / "src" / "ddb_cdc_speedups").glob("*.py"):
-        shutil.copy(py, build / "ddb_cdc_speedups" / py.name)
-    sys.path.insert(0, str(build))
-
-
-_build_speedups()
+build_speedups("_decode")
 import ddb_cdc_speedups._decode as _decode  # noqa: E402
 
 import ddb_cdc_speedups  # noqa: E402
