@@ -162,6 +162,8 @@ HOSTILE = [
     {"a": {"N": 5}}, {"a": {"N": 1.5}}, {"a": {"N": "NaN"}}, {"a": {"N": "sNaN"}}, {"a": {"N": "-Infinity"}},
     {"a": {"N": "1e400"}}, {"a": {"N": "1" * 39}}, {"a": {"N": "1" + "0" * 125}}, {"a": {"N": "1" + "0" * 126}},
     {"a": {"N": "1e-200"}}, {"a": {"N": "0e-200"}}, {"a": {"N": "1e-130"}}, {"a": {"N": "1e-128"}},
+    {"a": {"N": "1e-129"}}, {"a": {"N": "1e-165"}}, {"a": {"N": "1e-166"}}, {"a": {"N": "1.5e-165"}},
+    {"a": {"N": "123e-167"}}, {"a": {"N": "-1.5e-168"}}, {"a": {"N": "0e-166"}},
     {"a": {"N": "1e126"}}, {"a": {"N": "1e127"}}, {"a": {"N": "0e126"}}, {"a": {"N": "0e127"}}, {"a": {"N": "0e-165"}},
     {"a": {"N": " 7 "}}, {"a": {"N": "1_000"}}, {"a": {"N": "١٢٣"}}, {"a": {"N": "²"}}, {"a": {"N": ""}},
     {"a": {"N": "-"}}, {"a": {"N": "."}}, {"a": {"N": "1e"}}, {"a": {"N": "1e+"}}, {"a": {"N": "e5"}},
@@ -173,6 +175,8 @@ HOSTILE = [
     {"a": {"Q": "x"}}, {"a": {"s": "x"}}, {"a": {"": "x"}}, {"a": {"SSS": []}}, {"a": {"BOOLEAN": True}},
     {"a": {"S": "a", "N": "1"}}, {"a": {"M": {}, "L": []}},
     {"a": {"B": "Q==="}}, {"a": {"B": "QQ"}}, {"a": {"B": "QR=="}}, {"a": {"B": "QUJ="}}, {"a": {"B": "QQ==QQ=="}},
+    {"a": {"B": "QY=="}}, {"a": {"B": "QI=="}}, {"a": {"B": "Qo=="}}, {"a": {"B": "Q4=="}}, {"a": {"B": "QUK="}},
+    {"a": {"B": "QUL="}}, {"a": {"B": "QUJ="}}, {"a": {"BS": ["QY==", "QQ=="]}}, {"a": {"BS": ["QUK="]}},
     {"a": {"B": "=QQ="}}, {"a": {"B": "QUI=\n"}}, {"a": {"B": "é"}}, {"a": {"B": "QU-_"}}, {"a": {"B": 5}},
     {"a": {"B": b"raw"}}, {"a": {"B": bytearray(b"x")}}, {"a": {"B": memoryview(b"x")}}, {"a": {"B": ""}},
     {"a": {"SS": ["a", 1]}}, {"a": {"SS": "a"}}, {"a": {"SS": ("a",)}}, {"a": {"SS": ["b", "a"]}},
@@ -274,6 +278,8 @@ edge_numbers = st.builds(
 @example("99999999999999999999999999999999999999e89")
 @example("1e-128")
 @example("1e-129")
+@example("1e-166")
+@example("1.5e-165")
 def test_number_texts_give_none_or_the_same_bytes(text):
     full, basic, expected = check({"n": {"N": text}})
     check({"ns": {"NS": [text, "1"]}})
@@ -293,8 +299,12 @@ def test_number_sets_give_none_or_the_same_bytes(members):
         assert full == expected is not None  # plain members: always in C, however ordered
 
 
+B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 b64_members = st.one_of(st.binary(max_size=10).map(lambda b: base64.b64encode(b).decode()),
-                        st.sampled_from(["QQ==", "QR==", "AA==", "/w==", "+/+/", "", "QQ", "!!"]))
+                        st.sampled_from(["QQ==", "QR==", "AA==", "/w==", "+/+/", "", "QQ", "!!"]),
+                        # padded texts with any last character: canonical or not (trailing bits set)
+                        st.text(B64_ALPHABET, min_size=2, max_size=2).map(lambda t: t + "=="),
+                        st.text(B64_ALPHABET, min_size=3, max_size=3).map(lambda t: t + "="))
 
 
 @settings(max_examples=300, deadline=None)
