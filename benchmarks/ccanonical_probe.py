@@ -35,8 +35,6 @@ parts (Keys, OldImage, NewImage) the C writer took or handed back are counted.
 from __future__ import annotations
 
 import argparse
-import gc
-import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -166,15 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                             TYPED_C: render_way(typed=True, writer=full)}
     for way in ways.values():  # warm up (imports, caches) and check every way sees every record
         assert way(bodies[:1]) == inputs.RECORDS_PER_PAGE
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    walls: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(args.repetitions):
-        for name, way in ways.items():
-            gc.collect()
-            start, cpu = time.perf_counter(), time.thread_time()
-            way(bodies)
-            times[name].append(time.thread_time() - cpu)
-            walls[name].append(time.perf_counter() - start)
+    times, walls = decode.measure_interleaved(ways, bodies, args.repetitions)
     med = {name: median(ts) for name, ts in times.items()}
     wall = {name: median(ts) for name, ts in walls.items()}
     floor = med[ORJSON]

@@ -29,8 +29,6 @@ Before measuring, the C decode of every image is checked equal to the codec's (v
 from __future__ import annotations
 
 import argparse
-import gc
-import time
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, Callable, Iterator
@@ -133,15 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ways[BENCH_C] = patched(decode.full_decode_path(), c_decode_item)
     for way in ways.values():
         assert way(bodies[:1]) == inputs.RECORDS_PER_PAGE
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    walls: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(args.repetitions):
-        for name, way in ways.items():
-            gc.collect()
-            start, cpu = time.perf_counter(), time.thread_time()
-            way(bodies)
-            times[name].append(time.thread_time() - cpu)
-            walls[name].append(time.perf_counter() - start)
+    times, walls = decode.measure_interleaved(ways, bodies, args.repetitions)
     med = {name: median(ts) for name, ts in times.items()}
     wall = {name: median(ts) for name, ts in walls.items()}
 

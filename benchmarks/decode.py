@@ -243,6 +243,24 @@ def fast_client_path(bodies: list[bytes]) -> Callable[[list[bytes]], int] | None
     return run
 
 
+def measure_interleaved(ways: dict[str, Callable[[list[bytes]], int]], bodies: list[bytes],
+                        repetitions: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each repetition runs every way once over all ``bodies``, in order (interleaved, so a
+    change in the machine's load touches every way alike), after a ``gc.collect()``. Returns
+    (CPU seconds of this thread, wall-clock seconds): one list per way name, one entry per
+    repetition."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    walls: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repetitions):
+        for name, way in ways.items():
+            gc.collect()
+            start, cpu = time.perf_counter(), time.thread_time()
+            way(bodies)
+            times[name].append(time.thread_time() - cpu)
+            walls[name].append(time.perf_counter() - start)
+    return times, walls
+
+
 def run_decode(*, pages: int = 3, repetitions: int = 7, profile: bool = True) -> dict[str, Any]:
     bodies = inputs.decode_bodies(pages)
     inputs.release_pool()
@@ -263,15 +281,7 @@ def run_decode(*, pages: int = 3, repetitions: int = 7, profile: bool = True) ->
     ways["diagnostic: bare orjson.loads with the garbage collector off"] = gc_off(orjson_path())
     for way in ways.values():  # warm up (imports, caches) and check every way sees every record
         assert way(bodies[:1]) == inputs.RECORDS_PER_PAGE
-    times: dict[str, list[float]] = {name: [] for name in ways}  # CPU seconds of this thread
-    walls: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(repetitions):
-        for name, way in ways.items():
-            gc.collect()
-            start, cpu = time.perf_counter(), time.thread_time()
-            way(bodies)
-            times[name].append(time.thread_time() - cpu)
-            walls[name].append(time.perf_counter() - start)
+    times, walls = measure_interleaved(ways, bodies, repetitions)
     rates = {name: records / median(ts) for name, ts in times.items()}
     wall_rates = {name: records / median(ts) for name, ts in walls.items()}
     boto3_rate, orjson_rate = rates[BOTO3], rates[ORJSON]
