@@ -119,6 +119,27 @@ def nested(levels, kind="M"):
     return value
 
 
+#: Wire items at the edges the C extensions of ``speedups/`` must hand back or match exactly:
+#: nesting at and past ``MAX_NESTING_DEPTH``, names to escape, ``NULL: false``, ``{}``, unsorted
+#: and duplicate sets, non-canonical base64, two tags, a map named like a tag.
+EDGE_WIRE_ITEMS = [
+    {"deep": nested(32)}, {"deep": nested(33)}, {"deep": nested(34)}, {"deep": nested(34, "L")},
+    {"m": {"M": {"x.y": {"N": "1.50"}, "_id": {"NULL": False}}}},
+    {"e": {}, "ss": {"SS": ["b", "a", "b"]}, "ns": {"NS": ["2", "1.0", "1"]}},
+    {"bs": {"BS": ["QQ==", "QR==", "AA=="]}, "b": {"B": "QUJ="}},
+    {"two": {"S": "a", "N": "1"}, "ml": {"M": {}, "L": []}, "S": {"M": {"N": {"S": "x"}}}},
+]
+
+
+def with_edge_wire_items(test):
+    """Hypothesis ``@example`` of every :data:`EDGE_WIRE_ITEMS` item on a ``@given(wire_items)`` test."""
+    from hypothesis import example
+
+    for item in reversed(EDGE_WIRE_ITEMS):
+        test = example(item)(test)
+    return test
+
+
 def _reference(image):
     """(old rendering bytes, old typed OpenSearch bytes) of an image, or the DecodeError type."""
     try:

@@ -34,7 +34,7 @@ import ddb_cdc_speedups  # noqa: E402
 from benchmarks import inputs  # noqa: E402
 from pipeline import codec  # noqa: E402
 from pipeline.avjson import _canonical_base64, _plain_number_text, canonical_item  # noqa: E402
-from tests.test_lazy_events import nested, number_texts, wire_items, wire_values  # noqa: E402
+from tests.test_lazy_events import nested, number_texts, wire_items, wire_values, with_edge_wire_items  # noqa: E402
 
 FULL, BASIC = _canonical.canonical_json, _canonical.canonical_json_basic
 WRITERS = (FULL, BASIC)
@@ -238,14 +238,7 @@ def test_no_reference_is_kept_or_lost():
 
 @settings(max_examples=400, deadline=None)
 @given(wire_items)
-@example({"deep": nested(32)})
-@example({"deep": nested(33)})
-@example({"deep": nested(34)})
-@example({"deep": nested(34, "L")})
-@example({"m": {"M": {"x.y": {"N": "1.50"}, "_id": {"NULL": False}}}})
-@example({"e": {}, "ss": {"SS": ["b", "a", "b"]}, "ns": {"NS": ["2", "1.0", "1"]}})
-@example({"bs": {"BS": ["QQ==", "QR==", "AA=="]}, "b": {"B": "QUJ="}})
-@example({"two": {"S": "a", "N": "1"}, "ml": {"M": {}, "L": []}, "S": {"M": {"N": {"S": "x"}}}})
+@with_edge_wire_items
 def test_generated_wire_items_give_none_or_the_same_bytes(image):
     check(image)
 

@@ -20,7 +20,7 @@ from decimal import Decimal
 import orjson
 import pytest
 from boto3.dynamodb.types import TypeSerializer
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.speedups_build import build_speedups
@@ -33,7 +33,7 @@ from benchmarks import inputs  # noqa: E402
 from pipeline import codec  # noqa: E402
 from pipeline.errors import DecodeError  # noqa: E402
 from tests.test_codec import _to_base64_form, items  # noqa: E402
-from tests.test_lazy_events import nested, number_texts, wire_items, wire_values  # noqa: E402
+from tests.test_lazy_events import nested, number_texts, wire_items, wire_values, with_edge_wire_items  # noqa: E402
 
 c_decode_item = ddb_cdc_speedups.bind(codec)
 SER = TypeSerializer()
@@ -103,14 +103,7 @@ def test_s_values_are_the_same_objects_and_numbers_are_decimals_of_the_codec_con
 
 @settings(max_examples=500, deadline=None)
 @given(wire_items)
-@example({"deep": nested(32)})
-@example({"deep": nested(33)})
-@example({"deep": nested(34)})
-@example({"deep": nested(34, "L")})
-@example({"m": {"M": {"x.y": {"N": "1.50"}, "_id": {"NULL": False}}}})
-@example({"e": {}, "ss": {"SS": ["b", "a", "b"]}, "ns": {"NS": ["2", "1.0", "1"]}})
-@example({"bs": {"BS": ["QQ==", "QR==", "AA=="]}, "b": {"B": "QUJ="}})
-@example({"two": {"S": "a", "N": "1"}, "ml": {"M": {}, "L": []}, "S": {"M": {"N": {"S": "x"}}}})
+@with_edge_wire_items
 def test_generated_wire_items_decode_or_fail_alike(image):
     assert_same_outcome(image)
 
